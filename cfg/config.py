@@ -1,0 +1,280 @@
+"""The typed schema of params.yaml: the one place that knows every key, its type, default and allowed range.
+
+`load_params` reads the YAML file, rejects unknown keys, checks every value and returns a `Params`
+tree of dataclasses. Errors name the key, the offending value and what is allowed, e.g.
+``params.yaml: train.p_uncond[1] = 1.5 is out of range: allowed 0 <= value <= 1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SAMPLER_NAMES = ("ancestral", "ddim")
+DATASET_NAMES = ("digits", "fashion_mnist", "cifar10", "image_folder")
+EXTRACTOR_NAMES = ("classifier", "inception")
+DEVICE_NAMES = ("auto", "cpu", "cuda")
+
+
+class ParamsError(ValueError):
+    """A parameter is unknown, of the wrong type or out of range."""
+
+
+def _p(default: Any, help: str, **rules: Any) -> Any:
+    """A schema field: default, one-line help, and rules (ge, gt, le, lt, choices, nonempty)."""
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass
+class DataParams:
+    name: str = _p("digits", "data set", choices=DATASET_NAMES)
+    root: str | None = _p(None, "local directory of the data (fashion_mnist, cifar10, image_folder)")
+    image_size: int | None = _p(
+        16, "resize images to this many pixels a side; null keeps the native size", ge=8
+    )
+    download: bool = _p(False, "allow torchvision to download a data set that is not under root")
+    max_train: int | None = _p(None, "use only the first N training images (tests, quick runs)", ge=1)
+    max_test: int | None = _p(None, "use only the first N test images", ge=1)
+
+
+@dataclass
+class ClassifierParams:
+    width: int = _p(32, "base channels of the evaluation classifier", ge=4)
+    feature_dim: int = _p(128, "penultimate feature size used by FID / KID / precision-recall", ge=2)
+    epochs: int = _p(15, "training epochs", ge=1)
+    batch_size: int = _p(128, "images per step", ge=1)
+    lr: float = _p(1e-3, "Adam learning rate", gt=0)
+    seed: int = _p(0, "seed of initialisation and data order")
+
+
+@dataclass
+class ModelParams:
+    base_width: int = _p(32, "U-Net channels at the first level", ge=8)
+    channel_mult: list[int] = _p([1, 2], "width multiplier per U-Net level", nonempty=True, ge=1)
+    blocks_per_level: int = _p(1, "residual blocks per level", ge=1)
+    attention_resolutions: list[int] = _p([8], "feature-map sizes with self-attention", ge=1)
+    dropout: float = _p(0.1, "dropout in residual blocks", ge=0, lt=1)
+    head_channels: int = _p(32, "channels per attention head", ge=1)
+
+
+@dataclass
+class TrainParams:
+    p_uncond: list[float] = _p(
+        [0.1, 0.2, 0.5], "label-dropout probabilities: one model each", nonempty=True, ge=0, le=1
+    )
+    steps: int = _p(3000, "optimiser steps", ge=1)
+    batch_size: int = _p(128, "images per step", ge=1)
+    lr: float = _p(2e-3, "Adam learning rate", gt=0)
+    warmup_steps: int = _p(100, "linear learning-rate warm-up steps", ge=0)
+    ema_decay: float = _p(0.999, "EMA decay of the sampled weights", ge=0, lt=1)
+    grad_clip: float | None = _p(1.0, "clip the gradient norm to this; null disables", gt=0)
+    lambda_min: float = _p(-20.0, "log-SNR at the noisy end (paper: -20)")
+    lambda_max: float = _p(20.0, "log-SNR at the clean end (paper: 20)")
+    seed: int = _p(0, "seed of initialisation, data order, λ and label dropout")
+    log_every: int = _p(50, "steps between logged loss values", ge=1)
+    device: str = _p("auto", "auto (CUDA when present), cpu or cuda", choices=DEVICE_NAMES)
+    bf16: bool = _p(True, "bf16 autocast on CUDA (ignored on CPU)")
+    compile: bool = _p(False, "torch.compile the model on CUDA")
+
+
+@dataclass
+class SampleParams:
+    w: list[float] = _p(
+        [-1.0, 0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0],
+        "guidance strengths (paper's w; -1 = unconditional)",
+        nonempty=True,
+        ge=-1,
+    )
+    sampler: str = _p("ancestral", "sampler name", choices=SAMPLER_NAMES)
+    steps: int = _p(64, "sampling steps T", ge=2)
+    v: float = _p(0.3, "ancestral sampler's variance interpolation (paper: 0.3)", ge=0, le=1)
+    clip_denoised: float | None = _p(1.0, "clip x̂ to [-c, c] at every step; null disables", gt=0)
+    n_samples: int = _p(1000, "generated images per (p_uncond, w) cell, classes balanced", ge=1)
+    batch_size: int = _p(2000, "images per sampler batch (all w of an example share a batch)", ge=1)
+    seed: int = _p(1, "seed of the sampling noise (the same noise for every w)")
+    grid_per_class: int = _p(1, "rows per class in the sample-grid image", ge=1)
+
+
+@dataclass
+class EvaluateParams:
+    extractor: str = _p("classifier", "feature extractor for FID/KID/PR", choices=EXTRACTOR_NAMES)
+    inception_weights: str | None = _p(None, "local path of pt_inception-2015-12-05 weights (inception only)")
+    seed_ranges: int = _p(
+        1, "split each cell's samples into this many independent seed ranges for a spread", ge=1
+    )
+    kid_subsets: int = _p(50, "KID subsets", ge=1)
+    kid_subset_size: int = _p(500, "KID subset size (clipped to the sample count)", ge=2)
+    pr_k: int = _p(3, "k of the k-NN manifolds of precision / recall", ge=1)
+    per_class_w: float | None = _p(0.0, "w of the cell that gets per-class FID; null disables")
+    batch_size: int = _p(500, "images per feature-extractor batch", ge=1)
+
+
+@dataclass
+class TrackingParams:
+    uri: str | None = _p(None, "MLflow tracking URI; null = sqlite mlflow.db at the project root")
+    experiment: str = _p("cfg-lab", "MLflow experiment name", nonempty=True)
+
+
+@dataclass
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    classifier: ClassifierParams = field(default_factory=ClassifierParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    sample: SampleParams = field(default_factory=SampleParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+    # free-form sections validated by their own modules (e.g. cfg.search), kept as dicts here
+    search: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Short sha256 of the named sections (all when none are named): ties a result to its settings."""
+        d = self.to_dict()
+        picked = {k: d[k] for k in (sections or d)}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _describe(rules: dict) -> str:
+    parts = []
+    for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if key in rules:
+            parts.append(f"value {op} {rules[key]}")
+    return " and ".join(parts)
+
+
+def _check_scalar(where: str, value: Any, typ: Any, rules: dict) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        (typ,) = [a for a in args if a is not type(None)]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{where} = {value!r} must be true or false")
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{where} = {value!r} must be an integer")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ParamsError(f"{where} = {value!r} must be a number")
+        value = float(value)
+    elif typ is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{where} = {value!r} must be a string")
+        if rules.get("nonempty") and not value:
+            raise ParamsError(f"{where} must not be empty")
+    if "choices" in rules and value not in rules["choices"]:
+        raise ParamsError(f"{where} = {value!r} is not allowed; choose one of {list(rules['choices'])}")
+    bounds = {"ge": value.__ge__, "gt": value.__gt__, "le": value.__le__, "lt": value.__lt__}
+    for key, test in bounds.items():
+        if key in rules and not test(rules[key]):
+            raise ParamsError(f"{where} = {value!r} is out of range: allowed {_describe(rules)}")
+    return value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where or 'params'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ParamsError(
+            f"unknown key {prefix}{unknown[0]}; allowed keys{' of ' + where if where else ''}: {sorted(known)}"
+        )
+    values = {}
+    for name, f in known.items():
+        key = f"{where}.{name}" if where else name
+        typ = hints[name]
+        if name not in raw:
+            continue
+        value = raw[name]
+        if dataclasses.is_dataclass(typ):
+            values[name] = _build(typ, value, key)
+        elif typ is dict:
+            if not isinstance(value, dict | type(None)):
+                raise ParamsError(f"{key} must be a mapping, got {value!r}")
+            values[name] = value or {}
+        elif typing.get_origin(typ) is list:
+            (item_type,) = typing.get_args(typ)
+            if not isinstance(value, list):
+                raise ParamsError(f"{key} = {value!r} must be a list")
+            if f.metadata.get("nonempty") and not value:
+                raise ParamsError(f"{key} is an empty list; give at least one value")
+            item_rules = {k: v for k, v in f.metadata.items() if k not in ("help", "nonempty")}
+            values[name] = [
+                _check_scalar(f"{key}[{i}]", v, item_type, item_rules) for i, v in enumerate(value)
+            ]
+            if len(set(values[name])) != len(values[name]):
+                raise ParamsError(f"{key} = {value!r} has repeated values")
+        else:
+            values[name] = _check_scalar(key, value, typ, dict(f.metadata))
+    return cls(**values)
+
+
+def params_from_dict(raw: dict) -> Params:
+    """Validate a params mapping (as read from YAML) into `Params`; raises `ParamsError`."""
+    params = _build(Params, raw, "")
+    if params.train.lambda_min >= params.train.lambda_max:
+        raise ParamsError(
+            f"train.lambda_min = {params.train.lambda_min} must be below train.lambda_max = {params.train.lambda_max}"
+        )
+    if params.evaluate.extractor == "inception" and params.evaluate.inception_weights:
+        path = Path(params.evaluate.inception_weights)
+        if not path.is_file():
+            raise ParamsError(
+                f"evaluate.inception_weights = {str(path)!r} does not exist; give the path of "
+                "pt_inception-2015-12-05-6726825d.pth, or null to download it on a machine with internet"
+            )
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; every error names the file, key, value and what is allowed."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"parameter file {str(path)!r} not found") from None
+    try:
+        return params_from_dict(raw or {})
+    except ParamsError as e:
+        raise ParamsError(f"{path.name}: {e}") from None
+
+
+def describe_schema() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every key: the README's parameter table is generated from it."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            typ = hints[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(typ):
+                walk(typ, key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append(
+                (key, str(typ).replace("typing.", ""), json.dumps(default), f.metadata.get("help", ""))
+            )
+
+    walk(Params, "")
+    return rows

@@ -1,0 +1,37 @@
+"""Device choice and mixed precision: CUDA when present (bf16 autocast where safe), CPU otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA GPU; use 'auto' or 'cpu'")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda'")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA for the network's matmuls and convolutions; a no-op on CPU.
+
+    Only the network runs under it: the diffusion arithmetic (α, σ, x̂, the sampler update) stays float32
+    or float64, where bf16's 8-bit mantissa would visibly bias samples at high log-SNR.
+    """
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def configure_cuda() -> None:
+    """TF32 matmuls and cuDNN autotuning: free speed on Ampere/Hopper with no effect on CPU."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True

@@ -1,0 +1,97 @@
+"""Generate images for a whole grid of guidance strengths with one batch and one noise draw per example.
+
+Example i of a cell is conditioned on class i mod K and starts from the same noise for every w, so columns
+of the grid differ only by w (and the ancestral sampler's per-step noise is shared across w as well).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from cfg.data import to_uint8
+from cfg.device import autocast
+from cfg.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
+from cfg.guidance import guided_denoiser
+from cfg.samplers import get_sampler
+
+# called after every batch with {"images", "total_images", "elapsed_s", "eta_s"}
+ProgressCallback = Callable[[dict], None]
+
+
+def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu") -> Tensor:
+    """Labels 0, 1, …, K−1, 0, 1, …: class-balanced conditioning for a cell of n samples."""
+    return torch.arange(n, device=device) % num_classes
+
+
+@torch.no_grad()
+def generate_w_grid(
+    model: torch.nn.Module,  # ε_θ(z, λ, c) with a `config.null_label`
+    w_values: Sequence[float],  # guidance strengths, the paper's w
+    n_samples: int,  # images per w
+    *,
+    num_classes: int,
+    image_shape: tuple[int, int, int],  # (C, H, W)
+    sampler: str = "ancestral",
+    steps: int = 64,  # sampling steps T
+    sampler_options: dict | None = None,  # e.g. {"v": 0.3, "clip_denoised": 1.0}
+    lambda_min: float = LAMBDA_MIN,
+    lambda_max: float = LAMBDA_MAX,
+    seed: int = 0,  # seeds the initial noise and the sampler's noise
+    batch_size: int = 1024,  # network batch (before the cond/uncond doubling); a multiple of len(w_values) is used
+    device: torch.device | str = "cpu",
+    bf16: bool = True,
+    first_index: int = 0,  # generate examples first_index … first_index + n_samples − 1 (seed ranges)
+    progress: ProgressCallback | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sample every w for examples [first_index, first_index + n_samples).
+
+    Returns (images uint8 (W, N, C, H, W) on CPU, labels (N,)). Each batch draws its noise from a generator
+    seeded by (seed, its first example), so disjoint example ranges give independent samples and the same
+    call gives the same images.
+    """
+    device = torch.device(device)
+    w_list = [float(w) for w in w_values]
+    n_w = len(w_list)
+    per_batch = max(1, batch_size // n_w)  # examples per batch; each is repeated once per w
+    sample_fn = get_sampler(sampler)
+    options = dict(sampler_options or {})
+    if sampler == "ancestral":
+        options["noise_copies"] = n_w
+    lambdas = sampling_lambdas(steps, lambda_min=lambda_min, lambda_max=lambda_max, device=device)
+    labels_all = balanced_labels(first_index + n_samples, num_classes)[first_index:]
+    out = torch.empty((n_w, n_samples, *image_shape), dtype=torch.uint8)
+    null_label = model.config.null_label
+    w_col = torch.tensor(w_list, device=device)
+
+    def net(z: Tensor, lam: Tensor, c: Tensor) -> Tensor:
+        with autocast(device, bf16):
+            return model(z, lam.float(), c).float()
+
+    t0 = time.perf_counter()
+    done = 0
+    for start in range(0, n_samples, per_batch):
+        k = min(per_batch, n_samples - start)
+        # one generator per batch, seeded by (seed, first example): slices of examples reproduce on their own
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + first_index + start)
+        z = torch.randn((k, *image_shape), generator=gen, device=device)  # (k, C, H, W)
+        z = z.repeat(n_w, 1, 1, 1)  # (W·k, C, H, W), w-major
+        labels = labels_all[start : start + k].to(device).repeat(n_w)
+        w = w_col.repeat_interleave(k)  # (W·k,)
+        x = sample_fn(guided_denoiser(net, labels, w, null_label), z, lambdas, generator=gen, **options)
+        out[:, start : start + k] = to_uint8(x).view(n_w, k, *image_shape).cpu()
+        done += k
+        if progress is not None:
+            elapsed = time.perf_counter() - t0
+            progress(
+                {
+                    "images": done * n_w,
+                    "total_images": n_samples * n_w,
+                    "elapsed_s": elapsed,
+                    "eta_s": elapsed / done * (n_samples - done),
+                }
+            )
+    return out, labels_all

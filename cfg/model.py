@@ -1,0 +1,213 @@
+"""ADM-style U-Net ε_θ(z_λ, λ, c) (Dhariwal & Nichol 2021) and an EMA of its weights.
+
+Residual blocks with GroupNorm and SiLU, the embedding added as a scale and shift after the first norm,
+self-attention at chosen resolutions, a sinusoidal embedding of the log-SNR λ and a learned class embedding
+with one extra index (``num_classes``) reserved for the null label of classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 16  # input height = width, pixels
+    in_channels: int = 1  # image channels
+    num_classes: int = 10  # conditioning classes; index num_classes is the null label
+    base_width: int = 32  # channels at the first level
+    channel_mult: tuple[int, ...] = (1, 2)  # width multiplier per level; len = number of levels
+    blocks_per_level: int = 1  # residual blocks per level
+    attention_resolutions: tuple[int, ...] = (8,)  # feature-map sizes with self-attention
+    dropout: float = 0.1  # dropout in residual blocks
+    head_channels: int = 32  # channels per attention head
+    lambda_scale: float = 25.0  # λ ∈ [−20, 20] is embedded as sinusoids of λ·lambda_scale
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        if self.image_size % (2 ** (len(self.channel_mult) - 1)):
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by 2^(levels-1) = "
+                f"{2 ** (len(self.channel_mult) - 1)} for channel_mult {self.channel_mult}"
+            )
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    groups = math.gcd(32, ch) if ch >= 32 else max(1, ch // 4)
+    return nn.GroupNorm(groups, ch)
+
+
+def sinusoidal_embedding(x: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Transformer-style sinusoids of a scalar per example: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = x.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch_in: int, ch_out: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = _norm(ch_in)
+        self.conv1 = nn.Conv2d(ch_in, ch_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * ch_out)
+        self.norm2 = _norm(ch_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(ch_out, ch_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(ch_in, ch_out, 1) if ch_in != ch_out else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, ch: int, head_channels: int):
+        super().__init__()
+        self.heads = max(1, ch // head_channels)
+        self.norm = _norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))  # (B, heads, HW, C/heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """ε_θ(z, λ, c): (B, C, H, W), (B,), (B,) -> (B, C, H, W)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        ch = config.base_width
+        emb_dim = 4 * ch
+        self.lambda_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)
+        self.stem = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips = [ch]
+        res = config.image_size
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.blocks_per_level):
+                block = nn.ModuleList([ResBlock(ch, config.base_width * mult, emb_dim, config.dropout)])
+                ch = config.base_width * mult
+                if res in config.attention_resolutions:
+                    block.append(AttentionBlock(ch, config.head_channels))
+                self.down.append(block)
+                skips.append(ch)
+            if level < len(config.channel_mult) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                skips.append(ch)
+                res //= 2
+
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(ch, ch, emb_dim, config.dropout),
+                AttentionBlock(ch, config.head_channels),
+                ResBlock(ch, ch, emb_dim, config.dropout),
+            ]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.channel_mult))):
+            for i in range(config.blocks_per_level + 1):
+                block = nn.ModuleList(
+                    [ResBlock(ch + skips.pop(), config.base_width * mult, emb_dim, config.dropout)]
+                )
+                ch = config.base_width * mult
+                if res in config.attention_resolutions:
+                    block.append(AttentionBlock(ch, config.head_channels))
+                if level > 0 and i == config.blocks_per_level:
+                    block.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                    block.append(nn.Conv2d(ch, ch, 3, padding=1))
+                    res *= 2
+                self.up.append(block)
+
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, config.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def _run(self, block: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
+        for layer in block:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, z: Tensor, lam: Tensor, labels: Tensor) -> Tensor:
+        emb = self.lambda_embed(sinusoidal_embedding(lam * self.config.lambda_scale, self.config.base_width))
+        emb = emb + self.class_embed(labels)  # (B, emb_dim)
+        h = self.stem(z)
+        hs = [h]
+        for block in self.down:
+            h = self._run(block, h, emb)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for block in self.up:
+            h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a model's weights: θ_ema ← decay·θ_ema + (1 − decay)·θ."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_p = list(self.model.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_checkpoint(path, model: nn.Module, meta: dict) -> None:
+    """Write the model's weights with the configuration it was built from and `meta` (training settings)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"config": model.config.to_dict(), "state_dict": state, "meta": meta}, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> tuple[UNet, dict]:
+    """Rebuild the U-Net from the configuration stored in the checkpoint; returns (model in eval mode, meta)."""
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    model = UNet(UNetConfig(**blob["config"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), blob["meta"]

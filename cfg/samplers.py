@@ -1,0 +1,124 @@
+"""Samplers as pure functions: no files, no logging, randomness only from the passed generator.
+
+Every sampler has the signature ``sampler(denoise, z, lambdas, *, generator, callback=None, **options)``:
+    denoise    (z, λ) -> ε̃, e.g. `cfg.guidance.guided_denoiser` (λ a scalar tensor)
+    z          initial noise at λ_1 = lambdas[0], (B, C, H, W)
+    lambdas    increasing log-SNRs λ_1 < … < λ_T (`cfg.diffusion.sampling_lambdas`)
+    generator  torch.Generator on z's device, the only source of randomness
+    callback   optional callback(step, total_steps, z, x_hat) for progress
+and returns x̂ at λ_T, the last step's data prediction (Ho & Salimans 2022, Alg. 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from cfg.diffusion import alpha_sigma
+from cfg.guidance import Denoiser
+
+Callback = Callable[[int, int, Tensor, Tensor], None]
+
+
+def _x_hat(z: Tensor, eps: Tensor, lam: Tensor, clip_denoised: float | None) -> Tensor:
+    # x̂ = (z − σ_λ ε̃) / α_λ (Alg. 2, line 4), optionally clipped to the data range
+    alpha, sigma = alpha_sigma(lam)
+    x = (z - sigma.to(z.dtype) * eps) / alpha.to(z.dtype)
+    return x.clamp(-clip_denoised, clip_denoised) if clip_denoised is not None else x
+
+
+def _check_lambdas(lambdas: Tensor) -> None:
+    if lambdas.dim() != 1 or lambdas.numel() < 2:
+        raise ValueError(f"lambdas must be a 1-D schedule of >= 2 log-SNRs, got shape {tuple(lambdas.shape)}")
+    if not bool((lambdas[1:] > lambdas[:-1]).all()):
+        raise ValueError("lambdas must increase strictly (noisy -> clean)")
+
+
+@torch.no_grad()
+def sample_ancestral(
+    denoise: Denoiser,
+    z: Tensor,
+    lambdas: Tensor,
+    *,
+    generator: torch.Generator | None,
+    v: float = 0.3,  # interpolation of the reverse variance between σ̃² (v = 0) and σ² (v = 1)
+    clip_denoised: float | None = None,  # clip x̂ to [−c, c] at every step; None for unbounded data
+    noise_copies: int = 1,  # the batch is this many copies of the same examples: share their step noise
+    callback: Callback | None = None,
+) -> Tensor:
+    """The paper's ancestral sampler (Alg. 2): z' ~ N(μ̃_{λ'|λ}(z, x̂), (σ̃²_{λ'|λ})^(1−v) (σ²_{λ|λ'})^v).
+
+    With r = e^(λ−λ'): μ̃ = r (α_λ'/α_λ) z + (1 − r) α_λ' x̂, σ̃² = (1 − r) σ²_λ', σ²_{λ|λ'} = (1 − r) σ²_λ.
+    """
+    _check_lambdas(lambdas)
+    if z.shape[0] % noise_copies:
+        raise ValueError(f"batch of {z.shape[0]} is not a whole number of noise_copies = {noise_copies}")
+    lambdas = lambdas.to(device=z.device, dtype=torch.float64)
+    total = lambdas.numel()
+    x_hat = z
+    for i in range(total):
+        lam = lambdas[i]
+        x_hat = _x_hat(z, denoise(z, lam), lam, clip_denoised)
+        if i == total - 1:
+            if callback is not None:
+                callback(i, total, z, x_hat)
+            break
+        lam_next = lambdas[i + 1]
+        alpha, sigma = alpha_sigma(lam)
+        alpha_n, sigma_n = alpha_sigma(lam_next)
+        one_minus_r = -torch.expm1(lam - lam_next)  # 1 − e^(λ−λ'), exact for close λ
+        r = 1 - one_minus_r
+        mean = (r * alpha_n / alpha).to(z.dtype) * z + (one_minus_r * alpha_n).to(z.dtype) * x_hat
+        var = (one_minus_r * sigma_n**2) ** (1 - v) * (one_minus_r * sigma**2) ** v
+        noise = torch.randn(
+            (z.shape[0] // noise_copies, *z.shape[1:]), generator=generator, device=z.device, dtype=z.dtype
+        ).repeat(noise_copies, *([1] * (z.dim() - 1)))  # (B, C, H, W); copy j of example i gets i's noise
+        z = mean + var.sqrt().to(z.dtype) * noise
+        if callback is not None:
+            callback(i, total, z, x_hat)
+    return x_hat
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoise: Denoiser,
+    z: Tensor,
+    lambdas: Tensor,
+    *,
+    generator: torch.Generator | None = None,  # unused: DDIM is deterministic given z
+    clip_denoised: float | None = None,  # clip x̂ to [−c, c] at every step; None for unbounded data
+    callback: Callback | None = None,
+) -> Tensor:
+    """Deterministic DDIM (Song et al. 2021, η = 0) on the same λ schedule: z' = α_λ' x̂ + σ_λ' ε̂."""
+    _check_lambdas(lambdas)
+    lambdas = lambdas.to(device=z.device, dtype=torch.float64)
+    total = lambdas.numel()
+    x_hat = z
+    for i in range(total):
+        lam = lambdas[i]
+        eps = denoise(z, lam)
+        x_hat = _x_hat(z, eps, lam, clip_denoised)
+        if i < total - 1:
+            alpha, sigma = alpha_sigma(lam)
+            if clip_denoised is not None:  # keep ε consistent with the clipped x̂
+                eps = (z - alpha.to(z.dtype) * x_hat) / sigma.to(z.dtype)
+            alpha_n, sigma_n = alpha_sigma(lambdas[i + 1])
+            z = alpha_n.to(z.dtype) * x_hat + sigma_n.to(z.dtype) * eps
+        if callback is not None:
+            callback(i, total, z, x_hat)
+    return x_hat
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ancestral": sample_ancestral,
+    "ddim": sample_ddim,
+}
+
+
+def get_sampler(name: str) -> Callable[..., Tensor]:
+    """Look a sampler up by name in `SAMPLERS`."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; available: {sorted(SAMPLERS)}")
+    return SAMPLERS[name]

@@ -1,0 +1,67 @@
+"""Guidance identities (Ho & Salimans Eq. 6) with a stub network."""
+
+import torch
+
+from cfg.guidance import guidance_scale_to_w, guided_eps, w_to_guidance_scale
+
+NULL = 5
+
+
+def stub_model(z, lam, labels):
+    # a per-example function whose conditional and unconditional outputs clearly differ
+    shift = torch.where(labels == NULL, torch.full_like(lam, -0.7), labels.to(z.dtype) + 0.3)
+    return torch.tanh(z) * (1 + lam[:, None, None, None] / 10) + shift[:, None, None, None]
+
+
+def _inputs(b=6):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(b, 1, 4, 4, generator=g)
+    lam = torch.randn(b, generator=g) * 5
+    labels = torch.arange(b) % NULL
+    return z, lam, labels
+
+
+def test_w_zero_is_conditional():
+    z, lam, labels = _inputs()
+    out = guided_eps(stub_model, z, lam, labels, torch.zeros(6), NULL)
+    torch.testing.assert_close(out, stub_model(z, lam, labels), rtol=0, atol=0)
+
+
+def test_w_minus_one_is_unconditional():
+    z, lam, labels = _inputs()
+    out = guided_eps(stub_model, z, lam, labels, torch.full((6,), -1.0), NULL)
+    torch.testing.assert_close(out, stub_model(z, lam, torch.full_like(labels, NULL)))
+
+
+def test_eq6_for_positive_w():
+    z, lam, labels = _inputs()
+    w = 2.5
+    expected = (1 + w) * stub_model(z, lam, labels) - w * stub_model(z, lam, torch.full_like(labels, NULL))
+    torch.testing.assert_close(guided_eps(stub_model, z, lam, labels, torch.tensor(w), NULL), expected)
+
+
+def test_mixed_w_batch_equals_separate_batches():
+    z, lam, labels = _inputs()
+    w = torch.tensor([-1.0, 0.0, 0.1, 0.5, 2.0, 4.0])
+    mixed = guided_eps(stub_model, z, lam, labels, w, NULL)
+    for i in range(6):
+        single = guided_eps(stub_model, z[i : i + 1], lam[i : i + 1], labels[i : i + 1], w[i : i + 1], NULL)
+        torch.testing.assert_close(mixed[i : i + 1], single)
+
+
+def test_one_forward_pass_on_doubled_batch():
+    calls = []
+
+    def counting(z, lam, labels):
+        calls.append(z.shape[0])
+        return stub_model(z, lam, labels)
+
+    z, lam, labels = _inputs()
+    guided_eps(counting, z, lam, labels, torch.ones(6), NULL)
+    assert calls == [12]
+
+
+def test_guidance_scale_conversion():
+    assert w_to_guidance_scale(0.3) == 1.3
+    assert guidance_scale_to_w(7.5) == 6.5
+    assert guidance_scale_to_w(w_to_guidance_scale(-1.0)) == -1.0
