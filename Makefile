@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PORT  ?= 5000
 
-.PHONY: env repro test test-slow lint ui bench clean-results
+.PHONY: env repro test test-slow lint ui bench preset notebook screenshot
 
 env: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 # the whole pipeline on params.yaml (digits, CPU or GPU), then the trade-off table
 repro: $(STAMP)
-	$(VENV)/bin/dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 	@cat results/report.md 2>/dev/null | sed -n '1,40p' || true
 
 test: $(STAMP)
@@ -32,12 +32,49 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cfg pipelines analysis tests benchmarks
-	$(VENV)/bin/ruff format --check cfg pipelines analysis tests benchmarks
+	$(VENV)/bin/ruff check cfg pipelines analysis tests benchmarks scripts
+	$(VENV)/bin/ruff format --check cfg pipelines analysis tests benchmarks scripts
 
 # the MLflow UI on localhost against the project's store (or MLFLOW_TRACKING_URI)
 ui: $(STAMP)
 	$(PY) -m cfg.tracking ui --port $(PORT)
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_sampling.py
+	$(PY) benchmarks/bench_throughput.py
+
+# apply a preset through DVC experiments, e.g. `make preset PRESET=presets/fashion_mnist_gpu.yaml`
+PRESET ?= presets/fashion_mnist_gpu.yaml
+preset: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" python -m cfg.presets $(PRESET) --run
+
+# Optuna search over params.yaml's search.space (not a DVC stage). `make search` makes the inputs and runs one
+# worker; on more machines `make search-worker STORAGE=postgresql://user:pw@host/db` (same params.yaml, the
+# same inputs via `dvc pull`) joins the study. Then `make search-apply` reproduces the best trial with DVC.
+SEARCH_OUT ?= results/search
+SEARCH_ARGS = --data data/prepared.pt --classifier models/classifier.pt --reference data/reference.pt \
+	--out-dir $(SEARCH_OUT) $(if $(STORAGE),--storage $(STORAGE))
+DASHBOARD_PORT ?= 8080
+.PHONY: search search-worker search-apply dashboard
+
+search: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro prepare classifier reference
+	$(MAKE) search-worker
+
+search-worker: $(STAMP)
+	$(PY) pipelines/search.py run $(SEARCH_ARGS)
+
+search-apply: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" python pipelines/search.py apply $(SEARCH_OUT)/best_params.yaml --run
+
+# optuna-dashboard on the study's storage (pip install -e '.[dashboard]')
+dashboard: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" python pipelines/search.py dashboard --port $(DASHBOARD_PORT) \
+		$(if $(STORAGE),--storage $(STORAGE))
+
+# the trade-off notebook, run headless on this project's store, outputs saved in place
+notebook: $(STAMP)
+	$(PY) -m analysis.notebook
+
+# docs/mlflow_compare.png: the MLflow compare view of the workspace's cell runs (needs chromium)
+screenshot: $(STAMP)
+	$(PY) scripts/screenshot_mlflow.py

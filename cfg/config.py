@@ -40,7 +40,7 @@ class DataParams:
     name: str = _p("digits", "data set", choices=DATASET_NAMES)
     root: str | None = _p(None, "local directory of the data (fashion_mnist, cifar10, image_folder)")
     image_size: int | None = _p(
-        16, "resize images to this many pixels a side; null keeps the native size", ge=8
+        None, "resize to this many pixels a side; null = the data set's own (digits 16, 32x32 else, folders native)", ge=4
     )
     download: bool = _p(False, "allow torchvision to download a data set that is not under root")
     max_train: int | None = _p(None, "use only the first N training images (tests, quick runs)", ge=1)
@@ -70,7 +70,7 @@ class ModelParams:
 @dataclass
 class TrainParams:
     p_uncond: list[float] = _p(
-        [0.1, 0.2, 0.5], "label-dropout probabilities: one model each", nonempty=True, ge=0, le=1
+        [0.1, 0.2, 0.5], "label-dropout probabilities: one model each", nonempty=True, unique=True, ge=0, le=1
     )
     steps: int = _p(3000, "optimiser steps", ge=1)
     batch_size: int = _p(128, "images per step", ge=1)
@@ -93,6 +93,7 @@ class SampleParams:
         [-1.0, 0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0],
         "guidance strengths (paper's w; -1 = unconditional)",
         nonempty=True,
+        unique=True,
         ge=-1,
     )
     sampler: str = _p("ancestral", "sampler name", choices=SAMPLER_NAMES)
@@ -103,6 +104,7 @@ class SampleParams:
     batch_size: int = _p(2000, "images per sampler batch (all w of an example share a batch)", ge=1)
     seed: int = _p(1, "seed of the sampling noise (the same noise for every w)")
     grid_per_class: int = _p(1, "rows per class in the sample-grid image", ge=1)
+    compile: bool = _p(False, "torch.compile the network for sampling on CUDA")
 
 
 @dataclass
@@ -125,6 +127,68 @@ class TrackingParams:
     experiment: str = _p("cfg-lab", "MLflow experiment name", nonempty=True)
 
 
+SEARCH_OBJECTIVES = ("fid", "fid_is")
+SEARCH_SAMPLERS = ("tpe", "random", "nsgaii", "gp")
+SEARCH_PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "none")
+SEARCH_PROMOTE = ("nondominated", "all")
+
+
+@dataclass
+class SearchParams:
+    """`pipelines/search.py` (not a DVC stage); `space` is checked by cfg.search against this schema."""
+
+    study_name: str = _p(
+        "cfg-search", "Optuna study; workers with the same name and storage share it", nonempty=True
+    )
+    storage: str | None = _p(
+        None,
+        "SQLAlchemy URL of the study, e.g. postgresql://host/db; null = sqlite optuna.db at the project root",
+    )
+    objective: str = _p(
+        "fid", "fid: lowest FID; fid_is: FID down and IS up (the Pareto front)", choices=SEARCH_OBJECTIVES
+    )
+    n_trials: int = _p(12, "trials of the whole study, shared by all its workers", ge=1)
+    sampler: str = _p("tpe", "Optuna sampler", choices=SEARCH_SAMPLERS)
+    sampler_options: dict = field(
+        default_factory=dict,
+        metadata={"help": "keyword arguments of the sampler, e.g. {n_startup_trials: 5}"},
+    )
+    seed: int | None = _p(0, "sampler seed (the k-th worker to join a study uses seed + k); null = random")
+    pruner: str = _p(
+        "median",
+        "pruner of fid trials on intermediate FIDs (fid_is trials use promote)",
+        choices=SEARCH_PRUNERS,
+    )
+    pruner_options: dict = field(
+        default_factory=dict, metadata={"help": "keyword arguments of the pruner, e.g. {n_startup_trials: 3}"}
+    )
+    w: list[float] = _p(
+        [0.0, 0.3, 1.0],
+        "guidance strengths scored per trial, FID taken at the best; unused when sample.w is in space",
+        nonempty=True,
+        unique=True,
+        ge=-1,
+    )
+    eval_every: int = _p(200, "training steps between intermediate FIDs (fid: pruning)", ge=1)
+    n_samples_cheap: int = _p(
+        100, "samples per w of intermediate FIDs and cheap passes (the full count is sample.n_samples)", ge=2
+    )
+    promote: str = _p(
+        "nondominated",
+        "fid_is: trials whose cheap pass gets the full count: not dominated by a completed trial's, or all",
+        choices=SEARCH_PROMOTE,
+    )
+    heartbeat_interval: int = _p(30, "seconds between heartbeats of a running trial", ge=1)
+    grace_period: int = _p(
+        120, "seconds without a heartbeat after which a trial is failed (worker crashed)", ge=2
+    )
+    max_retry: int = _p(1, "times a crashed worker's trial is run again", ge=0)
+    space: dict = field(
+        default_factory=dict,
+        metadata={"help": "params.yaml key -> {low, high[, log][, step]} or {choices: [...]}"},
+    )
+
+
 @dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
@@ -134,8 +198,7 @@ class Params:
     sample: SampleParams = field(default_factory=SampleParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
-    # free-form sections validated by their own modules (e.g. cfg.search), kept as dicts here
-    search: dict = field(default_factory=dict)
+    search: SearchParams = field(default_factory=SearchParams)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -218,11 +281,11 @@ def _build(cls: type, raw: Any, where: str) -> Any:
                 raise ParamsError(f"{key} = {value!r} must be a list")
             if f.metadata.get("nonempty") and not value:
                 raise ParamsError(f"{key} is an empty list; give at least one value")
-            item_rules = {k: v for k, v in f.metadata.items() if k not in ("help", "nonempty")}
+            item_rules = {k: v for k, v in f.metadata.items() if k not in ("help", "nonempty", "unique")}
             values[name] = [
                 _check_scalar(f"{key}[{i}]", v, item_type, item_rules) for i, v in enumerate(value)
             ]
-            if len(set(values[name])) != len(values[name]):
+            if f.metadata.get("unique") and len(set(values[name])) != len(values[name]):
                 raise ParamsError(f"{key} = {value!r} has repeated values")
         else:
             values[name] = _check_scalar(key, value, typ, dict(f.metadata))
@@ -272,9 +335,8 @@ def describe_schema() -> list[tuple[str, str, str, str]]:
                 walk(typ, key + ".")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append(
-                (key, str(typ).replace("typing.", ""), json.dumps(default), f.metadata.get("help", ""))
-            )
+            name = typ.__name__ if isinstance(typ, type) else str(typ).replace("typing.", "")
+            rows.append((key, name, json.dumps(default), f.metadata.get("help", "")))
 
     walk(Params, "")
     return rows

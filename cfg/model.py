@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -202,6 +203,7 @@ def count_parameters(model: nn.Module) -> int:
 def save_checkpoint(path, model: nn.Module, meta: dict) -> None:
     """Write the model's weights with the configuration it was built from and `meta` (training settings)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"config": model.config.to_dict(), "state_dict": state, "meta": meta}, path)
 
 

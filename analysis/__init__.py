@@ -1,0 +1,1 @@
+"""Analysis of CFG studies in notebooks: load runs from MLflow and DVC, frontiers, paper comparison."""

@@ -1,0 +1,166 @@
+"""Trade-off figures, each a function drawing on a given matplotlib Axes (used by the report and notebooks)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed; notebooks still render inline
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+
+
+def _palette(df: pd.DataFrame) -> dict:
+    ps = sorted(df["p_uncond"].unique())
+    return dict(zip(ps, sns.color_palette("viridis", len(ps)), strict=True))
+
+
+def metric_vs_w(
+    ax: Axes, df: pd.DataFrame, metric: str, err: str | None = None, label: str | None = None
+) -> Axes:
+    """One line per p_uncond of `metric` against w; `err` names a column drawn as ±1 error bars."""
+    colors = _palette(df)
+    for p, g in df.sort_values("w").groupby("p_uncond"):
+        ax.plot(g["w"], g[metric], "o-", color=colors[p], label=f"p_uncond={p:g}", ms=4)
+        if err and err in g and g[err].notna().any():
+            ax.errorbar(g["w"], g[metric], yerr=g[err], fmt="none", ecolor=colors[p], capsize=3, alpha=0.7)
+    ax.set_xlabel("guidance strength w")
+    ax.set_ylabel(label or metric.upper())
+    ax.axvline(0, color="0.7", lw=0.8, ls="--")
+    ax.legend(frameon=False)
+    return ax
+
+
+def fid_vs_is(ax: Axes, df: pd.DataFrame, annotate_w: bool = True) -> Axes:
+    """FID against IS, one curve per p_uncond, points labelled with w (as Figure 4 of Ho & Salimans)."""
+    colors = _palette(df)
+    for p, g in df.sort_values("w").groupby("p_uncond"):
+        ax.plot(g["is"], g["fid"], "o-", color=colors[p], label=f"p_uncond={p:g}", ms=4)
+        if annotate_w:
+            _annotate_w(ax, g, colors[p])
+    ax.set_xlabel("IS (higher: more fidelity)")
+    ax.set_ylabel("FID (lower: closer to data)")
+    ax.legend(frameon=False)
+    return ax
+
+
+def _annotate_w(ax: Axes, g: pd.DataFrame, color) -> None:
+    """Label each (IS, FID) point of `g` with its w."""
+    for _, r in g.iterrows():
+        ax.annotate(
+            f"{r['w']:g}",
+            (r["is"], r["fid"]),
+            textcoords="offset points",
+            xytext=(3, 3),
+            fontsize=7,
+            color=color,
+        )
+
+
+def sample_grid(ax: Axes, image: np.ndarray, w_values: list[float], title: str = "") -> Axes:
+    """A class-by-w sample grid image, columns labelled with their w."""
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
+    n = len(w_values)
+    width = image.shape[1]
+    ax.set_xticks([(i + 0.5) * width / n for i in range(n)], [f"{w:g}" for w in w_values], fontsize=7)
+    ax.set_yticks([])
+    ax.set_xlabel("w")
+    ax.set_title(title)
+    return ax
+
+
+def tradeoff_figure(df: pd.DataFrame) -> plt.Figure:
+    """The report's three panels: FID vs w, IS vs w, FID vs IS."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    err = "fid_range_std" if "fid_range_std" in df and df["fid_range_std"].notna().any() else None
+    metric_vs_w(axes[0], df, "fid", err=err, label="FID")
+    metric_vs_w(axes[1], df, "is", err="is_std", label="IS")
+    fid_vs_is(axes[2], df)
+    fig.tight_layout()
+    return fig
+
+
+# metric -> (column holding its ±1 standard deviation, what the deviation is over)
+UNCERTAINTY = {
+    "fid": ("fid_range_std", "sd of FID over disjoint seed ranges"),
+    "fid_range_mean": ("fid_range_std", "sd over disjoint seed ranges"),
+    "is": ("is_std", "sd over IS splits"),
+    "kid": ("kid_std", "sd over KID subsets"),
+}
+
+
+def metric_with_uncertainty(ax: Axes, df: pd.DataFrame, metric: str) -> Axes:
+    """`metric` against w, one line per p_uncond, with ±1 sd error bars and a shaded band (UNCERTAINTY)."""
+    if metric not in UNCERTAINTY:
+        raise ValueError(f"no uncertainty column known for {metric!r}; known: {sorted(UNCERTAINTY)}")
+    err, what = UNCERTAINTY[metric]
+    metric_vs_w(ax, df, metric, err=err, label=f"{metric.upper()} ± 1 sd")
+    if err in df and df[err].notna().any():
+        colors = _palette(df)
+        for p, g in df.sort_values("w").groupby("p_uncond"):
+            lo, hi = g[metric] - g[err].fillna(0), g[metric] + g[err].fillna(0)
+            ax.fill_between(g["w"], lo, hi, color=colors[p], alpha=0.15, lw=0)
+    recorded = err in df and df[err].notna().any()
+    zero = recorded and (df[err].fillna(0) == 0).all()
+    ax.set_title(
+        f"{what}: not recorded" if not recorded else f"{what}: all zero" if zero else what, fontsize=9
+    )
+    return ax
+
+
+def uncertainty_figure(df: pd.DataFrame, metrics: tuple[str, ...] = ("fid", "is", "kid")) -> plt.Figure:
+    """One panel per metric against w with its ±1 sd (metric_with_uncertainty)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        metric_with_uncertainty(ax, df, metric)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_frontier(ax: Axes, df: pd.DataFrame, pareto: str = "pareto") -> Axes:
+    """FID against IS per p_uncond: every cell hollow and labelled with w, the cells where the boolean column
+    `pareto` is true (the FID-vs-IS Pareto front) filled and joined in IS order."""
+    colors = _palette(df)
+    for p, g in df.sort_values("w").groupby("p_uncond"):
+        c = colors[p]
+        ax.plot(g["is"], g["fid"], "o", mfc="none", color=c, ms=6, alpha=0.6)
+        front = g[g[pareto].astype(bool)].sort_values("is")
+        ax.plot(front["is"], front["fid"], "o-", color=c, ms=6, lw=1.5, label=f"p_uncond={p:g}")
+        _annotate_w(ax, g, c)
+    ax.set_xlabel("IS (higher: more fidelity)")
+    ax.set_ylabel("FID (lower: closer to data)")
+    ax.set_title("Pareto fronts (filled), points labelled with w", fontsize=9)
+    ax.legend(frameon=False)
+    return ax
+
+
+def normalised_metric_vs_w(
+    ax: Axes,
+    df: pd.DataFrame,
+    metric: str = "fid",
+    reference: pd.DataFrame | None = None,
+    reference_label: str = "paper",
+) -> Axes:
+    """`metric` rescaled to [0, 1] per p_uncond curve (min to max) against w, so curves of different data sets
+    compare on shape: ours solid, `reference` (same columns, e.g. the paper's Table 1) dashed."""
+    both = (
+        df
+        if reference is None
+        else pd.concat([df[["p_uncond", "w", metric]], reference[["p_uncond", "w", metric]]])
+    )
+    colors = _palette(both)
+    for frame, style, who in ((df, "o-", "ours"), (reference, "s--", reference_label)):
+        if frame is None:
+            continue
+        for p, g in frame.sort_values("w").groupby("p_uncond"):
+            span = g[metric].max() - g[metric].min()
+            y = (g[metric] - g[metric].min()) / span if span > 0 else g[metric] * 0
+            ax.plot(g["w"], y, style, color=colors[p], ms=3, label=f"{who} p_uncond={p:g}", alpha=0.9)
+    ax.set_xlabel("guidance strength w")
+    ax.set_ylabel(f"{metric.upper()} (min-max normalised per curve)")
+    ax.axvline(0, color="0.7", lw=0.8, ls="--")
+    ax.legend(frameon=False, fontsize=7)
+    return ax

@@ -1,0 +1,80 @@
+"""Stage `classifier`: train the evaluation network (the default FID / IS feature extractor)."""
+
+import argparse
+
+from cfg.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
+from cfg.data import load_prepared
+from cfg.device import resolve_device
+from cfg.pipeline import progress_printer, stage_params, write_json
+from cfg.tracking import client_for, flatten, log_flat, provenance_tags
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", required=True, help="prepared data file")
+    ap.add_argument("--out", required=True, help="classifier checkpoint")
+    ap.add_argument("--metrics", required=True, help="JSON with the test accuracy")
+    args = ap.parse_args()
+    params = stage_params()
+    p = params.classifier
+    device = resolve_device(params.train.device)
+
+    ds = load_prepared(args.data)
+    config = ClassifierConfig(
+        in_channels=ds.channels,
+        num_classes=ds.num_classes,
+        image_size=ds.image_size,
+        width=p.width,
+        feature_dim=p.feature_dim,
+    )
+    show = progress_printer("classifier", "epochs", every_s=0)
+    model, history = train_classifier(
+        ds.train_x,
+        ds.train_y,
+        config,
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        seed=p.seed,
+        device=device,
+        progress=lambda h: show(
+            {"done": h["epoch"], "total": p.epochs, "loss": h["loss"], "acc": h["train_acc"]}
+        ),
+    )
+    test_acc = accuracy(model, ds.test_x, ds.test_y, device=device)
+    meta = {
+        "data_fingerprint": ds.fingerprint(),
+        "test_accuracy": test_acc,
+        "params": params.to_dict()["classifier"],
+    }
+    save_classifier(args.out, model, meta)
+    write_json(args.metrics, {"test_accuracy": test_acc, "n_test": len(ds.test_y)})
+    print(f"[classifier] test accuracy {test_acc:.4f} on {len(ds.test_y)} images")
+
+    client, exp_id = client_for(params.tracking.uri, params.tracking.experiment)
+    run = client.create_run(
+        exp_id,
+        run_name="classifier",
+        tags=provenance_tags(
+            "classifier", params.section_hash("data", "classifier"), {"run_kind": "classifier"}
+        ),
+    )
+    log_flat(
+        client,
+        run.info.run_id,
+        params=flatten(params.to_dict()["classifier"], "classifier."),
+        metrics={"test_accuracy": test_acc},
+    )
+    for h in history:
+        log_flat(
+            client,
+            run.info.run_id,
+            metrics={"train_loss": h["loss"], "train_acc": h["train_acc"]},
+            step=h["epoch"],
+        )
+    client.log_artifact(run.info.run_id, args.out)
+    client.set_terminated(run.info.run_id)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The params.yaml schema: the shipped file validates, and every bad value stops with a message naming it."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cfg.config import Params, ParamsError, describe_schema, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _raw():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_shipped_params_validate():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.data.name == "digits"
+    assert params.train.p_uncond == [0.1, 0.2, 0.5]
+    assert -1.0 in params.sample.w and 0.0 in params.sample.w and max(params.sample.w) == 4.0
+
+
+def test_fashion_preset_only_lists_differences_and_validates():
+    preset = yaml.safe_load((ROOT / "presets" / "fashion_mnist_gpu.yaml").read_text())
+    defaults = _raw()
+    for section, values in preset.items():
+        for key, value in values.items():
+            assert defaults[section][key] != value, f"{section}.{key} repeats the default"
+    merged = {s: {**defaults.get(s, {}), **preset.get(s, {})} for s in set(defaults) | set(preset)}
+    params = params_from_dict(merged)
+    assert params.data.name == "fashion_mnist" and params.sample.n_samples >= 10_000
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        (
+            "train",
+            "p_uncond",
+            [0.1, 1.5],
+            r"train\.p_uncond\[1\] = 1\.5 is out of range: allowed value >= 0 and value <= 1",
+        ),
+        ("train", "p_uncond", [], r"train\.p_uncond is an empty list"),
+        ("sample", "w", [], r"sample\.w is an empty list"),
+        ("sample", "w", [-2.0, 0.0], r"sample\.w\[0\] = -2\.0 is out of range"),
+        (
+            "sample",
+            "sampler",
+            "euler",
+            r"sample\.sampler = 'euler' is not allowed; choose one of \['ancestral', 'ddim'\]",
+        ),
+        ("data", "name", "imagenet", r"data\.name = 'imagenet' is not allowed"),
+        ("sample", "steps", 0, r"sample\.steps = 0 is out of range: allowed value >= 2"),
+        ("train", "steps", -5, r"train\.steps = -5 is out of range: allowed value >= 1"),
+        ("train", "lr", "fast", r"train\.lr = 'fast' must be a number"),
+        ("train", "steps", 1.5, r"train\.steps = 1\.5 must be an integer"),
+        ("train", "bf16", "yes", r"train\.bf16 = 'yes' must be true or false"),
+        ("train", "ema_decay", 1.0, r"train\.ema_decay = 1\.0 is out of range"),
+    ],
+)
+def test_bad_values_name_key_value_and_range(section, key, value, message):
+    raw = _raw()
+    raw[section][key] = value
+    with pytest.raises(ParamsError, match=message):
+        params_from_dict(raw)
+
+
+def test_unknown_keys_are_rejected():
+    raw = _raw()
+    raw["train"]["learning_rate"] = 0.1
+    with pytest.raises(ParamsError, match=r"unknown key train\.learning_rate; allowed keys of train: \["):
+        params_from_dict(raw)
+    raw = _raw()
+    raw["trian"] = {}
+    with pytest.raises(ParamsError, match="unknown key trian"):
+        params_from_dict(raw)
+
+
+def test_lambda_range_and_missing_file(tmp_path):
+    raw = _raw()
+    raw["train"]["lambda_min"] = 5.0
+    raw["train"]["lambda_max"] = 1.0
+    with pytest.raises(ParamsError, match="lambda_min = 5.0 must be below train.lambda_max = 1.0"):
+        params_from_dict(raw)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_file_name_is_part_of_the_message(tmp_path):
+    raw = _raw()
+    raw["train"]["p_uncond"] = [2]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"^params\.yaml: train\.p_uncond\[0\] = 2"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_section_hash_tracks_only_named_sections():
+    a = params_from_dict(_raw())
+    raw = _raw()
+    raw["sample"]["w"] = [0.0, 1.0]
+    b = params_from_dict(raw)
+    assert a.section_hash("train") == b.section_hash("train")
+    assert a.section_hash("sample") != b.section_hash("sample")
+
+
+def test_schema_table_covers_every_key():
+    keys = {row[0] for row in describe_schema()}
+    raw = _raw()
+    for section, values in raw.items():
+        if isinstance(values, dict) and section != "search":
+            for key in values:
+                assert f"{section}.{key}" in keys
