@@ -40,7 +40,9 @@ class DataParams:
     name: str = _p("digits", "data set", choices=DATASET_NAMES)
     root: str | None = _p(None, "local directory of the data (fashion_mnist, cifar10, image_folder)")
     image_size: int | None = _p(
-        None, "resize to this many pixels a side; null = the data set's own (digits 16, 32x32 else, folders native)", ge=4
+        None,
+        "resize to this many pixels a side; null = the data set's own (digits 16, 32x32 else, folders native)",
+        ge=4,
     )
     download: bool = _p(False, "allow torchvision to download a data set that is not under root")
     max_train: int | None = _p(None, "use only the first N training images (tests, quick runs)", ge=1)

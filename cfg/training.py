@@ -14,7 +14,7 @@ from cfg.device import autocast, configure_cuda
 from cfg.diffusion import LAMBDA_MAX, LAMBDA_MIN, diffusion_loss
 from cfg.model import EMA, UNet, UNetConfig
 
-# called every log_every steps with {"step", "loss", "lr", "images_per_s", "eta_s"}; may raise to stop training
+# called every log_every steps with {"step", "loss", "lr", "images_per_s", "eta_s", "ema"}; may raise to stop training
 StepCallback = Callable[[dict], None]
 
 
@@ -112,7 +112,7 @@ def train_diffusion(
             }
             history.append(entry)
             if callback is not None:
-                callback(entry)
+                callback({**entry, "ema": ema.model})  # the weights a checkpoint evaluation samples
             running, n_running, t_last = 0.0, 0, now
     model.eval()
     return TrainResult(

@@ -47,7 +47,16 @@ def project(tmp_path: Path) -> Path:
     """A git + DVC copy of the project (tracked and untracked, not ignored, files) with tiny params."""
     dest = tmp_path / "cfg-lab"
     files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout.split()
-    outputs = ("data/", "models/", "samples/", "results/", "mlartifacts/", "dvc.lock", "mlflow.db", "optuna.db")
+    outputs = (
+        "data/",
+        "models/",
+        "samples/",
+        "results/",
+        "mlartifacts/",
+        "dvc.lock",
+        "mlflow.db",
+        "optuna.db",
+    )
     for rel in files:
         if rel.startswith(outputs):  # pipeline outputs of the workspace, not part of the project
             continue

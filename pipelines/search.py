@@ -1,0 +1,185 @@
+"""Hyper-parameter search with Optuna over params.yaml keys (not a DVC stage: `dvc repro` never runs it).
+
+run        join (or create) the study in search.storage and run trials until it has search.n_trials; start the
+           same command on more machines to share the study (PostgreSQL storage); then write the results
+best       write the results of the study as it stands (best_params.yaml, summary.json, trials.csv)
+apply      print (or --run) the `dvc exp run -S key=value ...` that reproduces a best_params.yaml
+dashboard  optuna-dashboard on the study's storage (pip install -e '.[dashboard]')
+"""
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+
+from cfg.config import ParamsError
+from cfg.data import load_prepared
+from cfg.device import resolve_device
+from cfg.metrics import load_reference_stats
+from cfg.pipeline import atomic_write_text, make_extractor, write_json
+from cfg.presets import exp_run_command, flat_overrides
+from cfg.search import (
+    SearchError,
+    SearchInputs,
+    best_params_yaml,
+    best_trials,
+    check_search,
+    masked,
+    run_worker,
+    storage_url,
+    summary,
+)
+from cfg.tracking import client_for, log_flat
+
+
+def _spec(path: str):
+    """The validated params file and search section, or exit(2) with the one-line error."""
+    try:
+        return check_search(yaml.safe_load(Path(path).read_text()) or {})
+    except FileNotFoundError:
+        raise SystemExit(f"error: parameter file {path!r} not found") from None
+    except (ParamsError, SearchError) as e:
+        raise SystemExit(f"error: {Path(path).name}: {e}") from None
+
+
+def write_results(study: optuna.Study, out_dir: Path, params, trial_number: int | None = None) -> None:
+    """best_params.yaml (the best trial, the front's lowest FID, or --trial), summary.json, trials.csv."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summ = summary(study)
+    write_json(out_dir / "summary.json", summ)
+    study.trials_dataframe().to_csv(out_dir / "trials.csv", index=False)
+    files = [out_dir / "summary.json", out_dir / "trials.csv"]
+    if trial_number is not None:
+        chosen = study.trials[trial_number]
+        if chosen.state != optuna.trial.TrialState.COMPLETE:
+            raise SystemExit(f"error: trial {trial_number} is {chosen.state.name}, not COMPLETE")
+    else:
+        best = best_trials(study)
+        chosen = best[0] if best else None
+    if chosen is not None:
+        atomic_write_text(out_dir / "best_params.yaml", best_params_yaml(study, chosen))
+        files.append(out_dir / "best_params.yaml")
+    run_id = study.user_attrs.get("mlflow_run_id")
+    if run_id:
+        client, _ = client_for(params.tracking.uri, params.tracking.experiment)
+        states = summ["states"]
+        log_flat(
+            client,
+            run_id,
+            metrics={
+                "trials": summ["trials"],
+                **{f"trials_{k}": states[k] for k in ("complete", "pruned", "fail")},
+                **({"best_fid": chosen.values[0]} if chosen is not None else {}),
+            },
+        )
+        for f in files:
+            client.log_artifact(run_id, str(f))
+        client.set_terminated(run_id)
+    line = f"[search] study {study.study_name!r}: {summ['trials']} trials ("
+    line += ", ".join(f"{n} {k}" for k, n in summ["states"].items() if n) + ")"
+    if chosen is not None:
+        values = ", ".join(f"{n} {v:.4g}" for n, v in zip(("FID", "IS"), chosen.values, strict=False))
+        line += f"; trial {chosen.number}: {values} -> {out_dir / 'best_params.yaml'}"
+    print(line)
+
+
+def cmd_run(args) -> None:
+    spec = _spec(args.params)
+    device = resolve_device(spec.params.train.device)
+    e = spec.params.evaluate
+    inputs = SearchInputs(
+        data=load_prepared(args.data),
+        extractor=make_extractor(e.extractor, args.classifier, e.inception_weights, device),
+        reference=load_reference_stats(args.reference),
+        device=device,
+    )
+    t0 = time.perf_counter()
+    try:
+        study = run_worker(spec, inputs, storage=args.storage)
+    except SearchError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"[search] worker done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    write_results(study, Path(args.out_dir), spec.params)
+
+
+def _load_study(args, spec) -> optuna.Study:
+    url = storage_url(args.storage or spec.search.storage)
+    try:
+        return optuna.load_study(study_name=spec.search.study_name, storage=url)
+    except KeyError:
+        raise SystemExit(f"error: no study {spec.search.study_name!r} in {masked(url)}") from None
+
+
+def cmd_best(args) -> None:
+    spec = _spec(args.params)
+    write_results(_load_study(args, spec), Path(args.out_dir), spec.params, args.trial)
+
+
+def cmd_apply(args) -> None:
+    overrides = flat_overrides(yaml.safe_load(Path(args.file).read_text()) or {})
+    try:
+        cmd = exp_run_command(overrides, params_file=args.params, name=args.name, extra=args.dvc_args)
+    except ParamsError as e:
+        raise SystemExit(f"error: {args.file}: {e}") from None
+    print(shlex.join(cmd))
+    if args.run:
+        raise SystemExit(subprocess.call(cmd))
+
+
+def cmd_dashboard(args) -> None:
+    spec = _spec(args.params)
+    url = storage_url(args.storage or spec.search.storage)
+    print(f"optuna-dashboard on http://{args.host}:{args.port} (storage {masked(url)})", flush=True)
+    cmd = ["optuna-dashboard", url, "--host", args.host, "--port", str(args.port)]
+    try:
+        os.execvp(cmd[0], cmd)
+    except FileNotFoundError:
+        raise SystemExit("error: optuna-dashboard is not installed; pip install -e '.[dashboard]'") from None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="parameter file with a search section")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a worker of the study, then write the results")
+    run.add_argument("--data", required=True, help="prepared data file (stage prepare)")
+    run.add_argument("--classifier", required=True, help="evaluation classifier (stage classifier)")
+    run.add_argument("--reference", required=True, help="reference statistics (stage reference)")
+    run.add_argument("--out-dir", required=True, help="folder for best_params.yaml, summary.json, trials.csv")
+    run.add_argument("--storage", help="SQLAlchemy URL of the study; overrides search.storage")
+    run.set_defaults(func=cmd_run)
+
+    best = sub.add_parser("best", help="write the results of the study as it stands")
+    best.add_argument(
+        "--out-dir", required=True, help="folder for best_params.yaml, summary.json, trials.csv"
+    )
+    best.add_argument("--trial", type=int, help="write this trial's parameters instead of the best's")
+    best.add_argument("--storage", help="SQLAlchemy URL of the study; overrides search.storage")
+    best.set_defaults(func=cmd_best)
+
+    apply = sub.add_parser("apply", help="dvc exp run with a best_params.yaml")
+    apply.add_argument("file", help="YAML of dotted overrides, e.g. results/search/best_params.yaml")
+    apply.add_argument("--run", action="store_true", help="run the command, not only print it")
+    apply.add_argument("--name", help="experiment name")
+    apply.add_argument("dvc_args", nargs="*", help="more `dvc exp run` arguments, after --, e.g. -- --temp")
+    apply.set_defaults(func=cmd_apply)
+
+    dash = sub.add_parser("dashboard", help="optuna-dashboard on the study's storage")
+    dash.add_argument("--storage", help="SQLAlchemy URL of the study; overrides search.storage")
+    dash.add_argument("--host", default="127.0.0.1")
+    dash.add_argument("--port", type=int, default=8080)
+    dash.set_defaults(func=cmd_dashboard)
+
+    args = ap.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
