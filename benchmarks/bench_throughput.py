@@ -125,17 +125,7 @@ def main() -> None:
     m, t = params.model, params.train
     size = params.data.image_size or {"digits": 16}.get(params.data.name, 32)
     channels = 3 if params.data.name in ("cifar10", "image_folder") else 1
-    config = UNetConfig(
-        image_size=size,
-        in_channels=channels,
-        num_classes=10,
-        base_width=m.base_width,
-        channel_mult=tuple(m.channel_mult),
-        blocks_per_level=m.blocks_per_level,
-        attention_resolutions=tuple(m.attention_resolutions),
-        dropout=m.dropout,
-        head_channels=m.head_channels,
-    )
+    config = m.unet_config(image_size=size, in_channels=channels, num_classes=10)
     peak = matmul_rate(device, args.seconds)
     batch = args.batch or t.batch_size
     rows = []

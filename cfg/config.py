@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+if typing.TYPE_CHECKING:
+    from cfg.model import UNetConfig
+
 SAMPLER_NAMES = ("ancestral", "ddim")
 DATASET_NAMES = ("digits", "fashion_mnist", "cifar10", "image_folder")
 EXTRACTOR_NAMES = ("classifier", "inception")
@@ -67,6 +70,22 @@ class ModelParams:
     attention_resolutions: list[int] = _p([8], "feature-map sizes with self-attention", ge=1)
     dropout: float = _p(0.1, "dropout in residual blocks", ge=0, lt=1)
     head_channels: int = _p(32, "channels per attention head", ge=1)
+
+    def unet_config(self, *, image_size: int, in_channels: int, num_classes: int) -> UNetConfig:
+        """The U-Net this section describes, for images of the given size, channels and classes."""
+        from cfg.model import UNetConfig
+
+        return UNetConfig(
+            image_size=image_size,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            base_width=self.base_width,
+            channel_mult=tuple(self.channel_mult),
+            blocks_per_level=self.blocks_per_level,
+            attention_resolutions=tuple(self.attention_resolutions),
+            dropout=self.dropout,
+            head_channels=self.head_channels,
+        )
 
 
 @dataclass

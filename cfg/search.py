@@ -55,7 +55,6 @@ from cfg.config import (
 from cfg.data import ImageDataset, from_uint8
 from cfg.generate import generate_w_grid
 from cfg.metrics import FeatureExtractor, ReferenceStats, extract_features, fid, inception_score
-from cfg.model import UNetConfig
 from cfg.pipeline import progress_printer
 from cfg.presets import merged_params
 from cfg.tracking import client_for, flatten, log_flat, project_root, provenance_tags
@@ -462,21 +461,6 @@ class SearchInputs:
         return f"data {self.data.fingerprint()[:16]} reference {self.reference.hash}"
 
 
-def unet_config(model: ModelParams, data: ImageDataset) -> UNetConfig:
-    """The U-Net of params.yaml's model section for this data set (as the train stage builds it)."""
-    return UNetConfig(
-        image_size=data.image_size,
-        in_channels=data.channels,
-        num_classes=data.num_classes,
-        base_width=model.base_width,
-        channel_mult=tuple(model.channel_mult),
-        blocks_per_level=model.blocks_per_level,
-        attention_resolutions=tuple(model.attention_resolutions),
-        dropout=model.dropout,
-        head_channels=model.head_channels,
-    )
-
-
 def score_w_grid(
     model: torch.nn.Module,
     p: Params,
@@ -615,7 +599,11 @@ class _Objective:
                 )
 
         result = train_diffusion(
-            unet_config(p.model, inputs.data),
+            p.model.unet_config(
+                image_size=inputs.data.image_size,
+                in_channels=inputs.data.channels,
+                num_classes=inputs.data.num_classes,
+            ),
             inputs.data.train_x,
             inputs.data.train_y,
             p_uncond=t.p_uncond[0],

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cfg.data import load_prepared
 from cfg.device import resolve_device
-from cfg.model import UNetConfig, count_parameters, save_checkpoint
+from cfg.model import count_parameters, save_checkpoint
 from cfg.pipeline import progress_printer, stage_params, write_json
 from cfg.tracking import client_for, flatten, log_flat, provenance_tags
 from cfg.training import train_diffusion
@@ -27,17 +27,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     ds = load_prepared(args.data)
-    config = UNetConfig(
-        image_size=ds.image_size,
-        in_channels=ds.channels,
-        num_classes=ds.num_classes,
-        base_width=m.base_width,
-        channel_mult=tuple(m.channel_mult),
-        blocks_per_level=m.blocks_per_level,
-        attention_resolutions=tuple(m.attention_resolutions),
-        dropout=m.dropout,
-        head_channels=m.head_channels,
-    )
+    config = m.unet_config(image_size=ds.image_size, in_channels=ds.channels, num_classes=ds.num_classes)
     train_params = {k: v for k, v in params.to_dict()["train"].items() if k != "p_uncond"}
     params_hash = params.section_hash("data", "model", "train")
 

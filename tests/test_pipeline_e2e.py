@@ -86,9 +86,9 @@ def test_repro_no_op_w_grid_mlflow_and_invalid_params(project):
     cells = runs[runs["tags.run_kind"] == "cell"]
     assert sorted(train["params.p_uncond"].astype(float)) == [0.1, 0.5]
     assert len(cells) == 6
-    parents = train.set_index("params.p_uncond")
+    parents = {row["params.p_uncond"]: run_id for run_id, row in train.iterrows()}  # p_uncond -> train run
     for _, cell in cells.iterrows():
-        assert cell["tags.mlflow.parentRunId"] == parents.loc[cell["params.p_uncond"]].name
+        assert cell["tags.mlflow.parentRunId"] == parents[cell["params.p_uncond"]]
         assert cell["latest_metrics.fid"] >= 0 and cell["latest_metrics.is"] >= 1
         assert len(cell["tags.git_commit"]) >= 40 and cell["tags.dvc_stage"] == "evaluate"
         assert cell["tags.params_hash"]
