@@ -29,26 +29,64 @@ def guidance_scale_to_w(guidance_scale: float) -> float:
     return guidance_scale - 1.0
 
 
-def guided_eps(model: EpsModel, z: Tensor, lam: Tensor, labels: Tensor, w: Tensor, null_label: int) -> Tensor:
-    """Guided ε̃ of Eq. 6 with per-example w; both passes run as one forward pass on a doubled batch.
+def needed_passes(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of a per-example w (B,) that need the conditional pass (w != −1) and the unconditional pass (w != 0).
 
-    z: (B, C, H, W); lam: (B,) or scalar; labels: (B,) integer; w: (B,) or scalar.
+    Eq. 6 weighs ε(z, c) by 1 + w and ε(z) by w, so a row with w = 0 (conditional sampling) never needs ε(z)
+    and a row with w = −1 (unconditional sampling) never needs ε(z, c). Returns (cond_rows, uncond_rows) as
+    int64 index tensors on w's device; computed once per batch, so the network's batch size stays fixed.
+    """
+    w = w.reshape(-1)
+    return torch.nonzero(w != -1).view(-1), torch.nonzero(w != 0).view(-1)
+
+
+def guided_eps(
+    model: EpsModel,
+    z: Tensor,
+    lam: Tensor,
+    labels: Tensor,
+    w: Tensor,
+    null_label: int,
+    *,
+    passes: tuple[Tensor, Tensor] | None = None,  # `needed_passes(w)`: skip the passes whose weight is 0
+) -> Tensor:
+    """Guided ε̃ of Eq. 6 with per-example w; both passes run as one forward pass on one concatenated batch.
+
+    z: (B, C, H, W); lam: (B,) or scalar; labels: (B,) integer; w: (B,) or scalar. Without `passes` every row
+    gets both passes (a doubled batch); with them the network sees only the rows whose pass has a non-zero
+    weight, and the skipped ε are exact zeros that Eq. 6 multiplies by 0.
     """
     b = z.shape[0]
     lam = lam.expand(b) if lam.dim() == 0 else lam
     w = torch.as_tensor(w, dtype=z.dtype, device=z.device)
     w = (w.expand(b) if w.dim() == 0 else w).view(b, *([1] * (z.dim() - 1)))  # (B, 1, 1, 1)
     null = torch.full_like(labels, null_label)
-    eps = model(torch.cat([z, z]), torch.cat([lam, lam]), torch.cat([labels, null]))  # (2B, C, H, W)
-    eps_c, eps_u = eps.to(z.dtype).chunk(2)
+    if passes is None:
+        eps = model(torch.cat([z, z]), torch.cat([lam, lam]), torch.cat([labels, null]))  # (2B, C, H, W)
+        eps_c, eps_u = eps.to(z.dtype).chunk(2)
+        return (1 + w) * eps_c - w * eps_u
+    cond, uncond = passes
+    n_c = cond.numel()
+    eps = model(
+        torch.cat([z[cond], z[uncond]]),
+        torch.cat([lam[cond], lam[uncond]]),
+        torch.cat([labels[cond], null[uncond]]),
+    ).to(z.dtype)
+    eps_c = torch.zeros_like(z).index_copy_(0, cond, eps[:n_c])
+    eps_u = torch.zeros_like(z).index_copy_(0, uncond, eps[n_c:])
     return (1 + w) * eps_c - w * eps_u
 
 
 def guided_denoiser(model: EpsModel, labels: Tensor, w: Tensor, null_label: int) -> Denoiser:
-    """Bind labels and per-example w so that a sampler sees a plain (z, λ) -> ε̃ function."""
+    """Bind labels and per-example w so that a sampler sees a plain (z, λ) -> ε̃ function.
+
+    Rows with w = 0 or w = −1 run only the pass they use (`needed_passes`), decided once here.
+    """
+    w = torch.as_tensor(w)
+    passes = needed_passes(w.expand(labels.shape[0]).to(labels.device)) if w.dim() <= 1 else None
 
     def denoise(z: Tensor, lam: Tensor) -> Tensor:
         lam_b = lam.to(device=z.device, dtype=z.dtype).expand(z.shape[0])
-        return guided_eps(model, z, lam_b, labels, w, null_label)
+        return guided_eps(model, z, lam_b, labels, w, null_label, passes=passes)
 
     return denoise

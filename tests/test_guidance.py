@@ -2,7 +2,7 @@
 
 import torch
 
-from cfg.guidance import guidance_scale_to_w, guided_eps, w_to_guidance_scale
+from cfg.guidance import guidance_scale_to_w, guided_denoiser, guided_eps, needed_passes, w_to_guidance_scale
 
 NULL = 5
 
@@ -59,6 +59,29 @@ def test_one_forward_pass_on_doubled_batch():
     z, lam, labels = _inputs()
     guided_eps(counting, z, lam, labels, torch.ones(6), NULL)
     assert calls == [12]
+
+
+def test_skipped_passes_change_nothing_and_shrink_the_batch():
+    # w = 0 rows need no unconditional pass, w = -1 rows no conditional pass; the result is that of both passes
+    calls = []
+
+    def counting(z, lam, labels):
+        calls.append((z.shape[0], int((labels == NULL).sum())))
+        return stub_model(z, lam, labels)
+
+    z, lam, labels = _inputs()
+    w = torch.tensor([-1.0, 0.0, 0.1, 0.0, -1.0, 4.0])
+    full = guided_eps(stub_model, z, lam, labels, w, NULL)
+    cond, uncond = needed_passes(w)
+    assert cond.tolist() == [1, 2, 3, 5] and uncond.tolist() == [0, 2, 4, 5]
+    lean = guided_eps(counting, z, lam, labels, w, NULL, passes=(cond, uncond))
+    torch.testing.assert_close(lean, full, rtol=0, atol=1e-6)
+    assert calls == [(8, 4)]  # 4 conditional + 4 unconditional rows instead of 6 + 6
+
+    calls.clear()
+    denoised = guided_denoiser(counting, labels, w, NULL)(z, lam[0])
+    torch.testing.assert_close(denoised, guided_eps(stub_model, z, lam[0].expand(6), labels, w, NULL))
+    assert calls == [(8, 4)]
 
 
 def test_guidance_scale_conversion():
