@@ -107,11 +107,28 @@ class TrainParams:
     bf16: bool = _p(True, "bf16 autocast on CUDA (ignored on CPU)")
     compile: bool = _p(False, "torch.compile the model on CUDA")
 
+    def train_kwargs(self) -> dict:
+        """`cfg.training.train_diffusion`'s keyword arguments from this section, less p_uncond (one per model),
+        device (resolved by the caller) and the logging cadence."""
+        return {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "warmup_steps": self.warmup_steps,
+            "ema_decay": self.ema_decay,
+            "grad_clip": self.grad_clip,
+            "lambda_min": self.lambda_min,
+            "lambda_max": self.lambda_max,
+            "seed": self.seed,
+            "bf16": self.bf16,
+            "compile": self.compile,
+        }
+
 
 @dataclass
 class SampleParams:
     w: list[float] = _p(
-        [-1.0, 0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0],
+        [-1.0, 0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 4.0],
         "guidance strengths (paper's w; -1 = unconditional)",
         nonempty=True,
         unique=True,
@@ -126,6 +143,10 @@ class SampleParams:
     seed: int = _p(1, "seed of the sampling noise (the same noise for every w)")
     grid_per_class: int = _p(1, "rows per class in the sample-grid image", ge=1)
     compile: bool = _p(False, "torch.compile the network for sampling on CUDA")
+
+    def sampler_options(self) -> dict:
+        """The options this section gives `cfg.samplers.get_sampler(self.sampler)` (v only for ancestral)."""
+        return {"clip_denoised": self.clip_denoised} | ({"v": self.v} if self.sampler == "ancestral" else {})
 
 
 @dataclass

@@ -30,6 +30,22 @@ from torch import Tensor, nn
 
 from cfg.classifier import Classifier
 
+# the numeric metrics of one (p_uncond, w) cell: its MLflow metrics and the metric columns of tradeoff.csv
+CELL_METRICS = (
+    "fid",
+    "is",
+    "is_std",
+    "kid",
+    "kid_std",
+    "precision",
+    "recall",
+    "class_acc",
+    "fid_range_mean",
+    "fid_range_std",
+    "is_range_mean",
+    "is_range_std",
+)
+
 # ---------------------------------------------------------------------------------------------------------
 # Step 1: features from images
 

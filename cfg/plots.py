@@ -75,19 +75,24 @@ def sample_grid(ax: Axes, image: np.ndarray, w_values: list[float], title: str =
 def tradeoff_figure(df: pd.DataFrame) -> plt.Figure:
     """The report's three panels: FID vs w, IS vs w, FID vs IS."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    err = "fid_range_std" if "fid_range_std" in df and df["fid_range_std"].notna().any() else None
-    metric_vs_w(axes[0], df, "fid", err=err, label="FID")
-    metric_vs_w(axes[1], df, "is", err="is_std", label="IS")
+    metric_vs_w(axes[0], df, "fid", err=_spread(df, "fid_range_std"), label="FID")
+    metric_vs_w(axes[1], df, "is", err=_spread(df, "is_range_std", "is_std"), label="IS")
     fid_vs_is(axes[2], df)
     fig.tight_layout()
     return fig
+
+
+def _spread(df: pd.DataFrame, *columns: str) -> str | None:
+    """The first of `columns` that df has with a value: the error bars of a panel (None: no bars)."""
+    return next((c for c in columns if c in df and df[c].notna().any()), None)
 
 
 # metric -> (column holding its ±1 standard deviation, what the deviation is over)
 UNCERTAINTY = {
     "fid": ("fid_range_std", "sd of FID over disjoint seed ranges"),
     "fid_range_mean": ("fid_range_std", "sd over disjoint seed ranges"),
-    "is": ("is_std", "sd over IS splits"),
+    "is": ("is_range_std", "sd of IS over disjoint seed ranges"),
+    "is_range_mean": ("is_range_std", "sd over disjoint seed ranges"),
     "kid": ("kid_std", "sd over KID subsets"),
 }
 

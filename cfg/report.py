@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import pandas as pd
 
-from cfg.metrics import check_comparable
+from cfg.metrics import CELL_METRICS, check_comparable
 
 # leading columns of results/tradeoff.csv, in order; other record fields follow
 TABLE_COLUMNS = [
     "p_uncond",
     "w",
-    "fid",
-    "is",
-    "is_std",
-    "kid",
-    "kid_std",
-    "precision",
-    "recall",
-    "class_acc",
+    *CELL_METRICS,
     "n_samples",
-    "fid_range_mean",
-    "fid_range_std",
     "n_per_range",
     "sampler",
     "steps",
@@ -40,7 +31,11 @@ def cells_frame(records: list[dict]) -> pd.DataFrame:
     check_comparable([r["fingerprint_detail"] for r in records])
     df = pd.DataFrame(
         [
-            {k: v for k, v in r.items() if k not in ("fingerprint_detail", "fid_ranges", "per_class_fid")}
+            {
+                k: v
+                for k, v in r.items()
+                if k not in ("fingerprint_detail", "fid_ranges", "is_ranges", "per_class_fid")
+            }
             for r in records
         ]
     )

@@ -12,11 +12,13 @@ from cfg.data import from_uint8, to_uint8
 from cfg.device import resolve_device
 from cfg.images import class_by_w_tiles, save_grid
 from cfg.metrics import (
+    CELL_METRICS,
     classifier_extractor,
     evaluate_cell,
     extract_features,
     fid,
     fingerprint,
+    inception_score,
     load_reference_stats,
     per_class_fid,
 )
@@ -68,14 +70,21 @@ def main() -> None:
                 seed=blob["seed"],
                 device=device,
             )
-            if e.seed_ranges > 1:  # FID of disjoint example ranges: independent noise, n / R samples each
-                ranges = torch.arange(len(labels)).chunk(e.seed_ranges)
-                fids = [fid(gen.select(torch.isin(torch.arange(len(labels)), r)), ref) for r in ranges]
+            if (
+                e.seed_ranges > 1
+            ):  # FID and IS of disjoint example ranges: independent noise, n / R samples each
+                index = torch.arange(len(labels))
+                parts = [gen.select(torch.isin(index, r)) for r in index.chunk(e.seed_ranges)]
+                fids = [fid(part, ref) for part in parts]
+                iss = [inception_score(part)[0] for part in parts]
                 m |= {
                     "fid_ranges": fids,
                     "fid_range_mean": statistics.mean(fids),
                     "fid_range_std": statistics.stdev(fids),
-                    "n_per_range": len(ranges[0]),
+                    "is_ranges": iss,
+                    "is_range_mean": statistics.mean(iss),
+                    "is_range_std": statistics.stdev(iss),
+                    "n_per_range": len(parts[0]),
                 }
             if e.per_class_w is not None and abs(w - e.per_class_w) < 1e-9:
                 m["per_class_fid"] = {
@@ -123,25 +132,13 @@ def _log_cell(
     )
     run = client.create_run(exp_id, run_name=f"cell p_uncond={rec['p_uncond']} w={rec['w']:g}", tags=tags)
     rid = run.info.run_id
-    metric_keys = (
-        "fid",
-        "is",
-        "is_std",
-        "kid",
-        "kid_std",
-        "precision",
-        "recall",
-        "class_acc",
-        "fid_range_mean",
-        "fid_range_std",
-    )
     log_flat(
         client,
         rid,
         params={
             k: rec[k] for k in ("p_uncond", "w", "sampler", "steps", "v", "seed", "extractor", "n_samples")
         },
-        metrics={k: rec[k] for k in metric_keys if rec.get(k) is not None},
+        metrics={k: rec[k] for k in CELL_METRICS if rec.get(k) is not None},
     )
     if "per_class_fid" in rec:
         log_flat(client, rid, metrics={f"fid_class_{c}": v for c, v in rec["per_class_fid"].items()})

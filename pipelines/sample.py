@@ -27,7 +27,6 @@ def main() -> None:
 
     model, meta = load_checkpoint(args.checkpoint, map_location=device)
     cfg = model.config
-    options = {"clip_denoised": s.clip_denoised} | ({"v": s.v} if s.sampler == "ancestral" else {})
     show = progress_printer(f"sample p_uncond={meta['p_uncond']} on {device.type}", "images")
     t0 = time.perf_counter()
     images, labels = generate_w_grid(
@@ -38,7 +37,7 @@ def main() -> None:
         image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
         sampler=s.sampler,
         steps=s.steps,
-        sampler_options=options,
+        sampler_options=s.sampler_options(),
         lambda_min=params.train.lambda_min,
         lambda_max=params.train.lambda_max,
         seed=s.seed,

@@ -62,6 +62,7 @@ def test_repro_no_op_w_grid_mlflow_and_invalid_params(project):
         "checkpoint",
         "fingerprint",
         "fid_range_std",
+        "is_range_std",
     ):
         assert col in table and table[col].notna().all(), col
     assert (table.n_samples == 40).all() and (table.fid >= 0).all()
