@@ -125,7 +125,7 @@ def main() -> None:
     m, t = params.model, params.train
     size = params.data.image_size or {"digits": 16}.get(params.data.name, 32)
     channels = 3 if params.data.name in ("cifar10", "image_folder") else 1
-    config = m.unet_config(image_size=size, in_channels=channels, num_classes=10)
+    config = UNetConfig.from_params(m, image_size=size, in_channels=channels, num_classes=10)
     peak = matmul_rate(device, args.seconds)
     batch = args.batch or t.batch_size
     rows = []

@@ -18,9 +18,6 @@ from typing import Any
 
 import yaml
 
-if typing.TYPE_CHECKING:
-    from cfg.model import UNetConfig
-
 SAMPLER_NAMES = ("ancestral", "ddim")
 DATASET_NAMES = ("digits", "fashion_mnist", "cifar10", "image_folder")
 EXTRACTOR_NAMES = ("classifier", "inception")
@@ -71,22 +68,6 @@ class ModelParams:
     dropout: float = _p(0.1, "dropout in residual blocks", ge=0, lt=1)
     head_channels: int = _p(32, "channels per attention head", ge=1)
 
-    def unet_config(self, *, image_size: int, in_channels: int, num_classes: int) -> UNetConfig:
-        """The U-Net this section describes, for images of the given size, channels and classes."""
-        from cfg.model import UNetConfig
-
-        return UNetConfig(
-            image_size=image_size,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            base_width=self.base_width,
-            channel_mult=tuple(self.channel_mult),
-            blocks_per_level=self.blocks_per_level,
-            attention_resolutions=tuple(self.attention_resolutions),
-            dropout=self.dropout,
-            head_channels=self.head_channels,
-        )
-
 
 @dataclass
 class TrainParams:
@@ -107,23 +88,6 @@ class TrainParams:
     bf16: bool = _p(True, "bf16 autocast on CUDA (ignored on CPU)")
     compile: bool = _p(False, "torch.compile the model on CUDA")
 
-    def train_kwargs(self) -> dict:
-        """`cfg.training.train_diffusion`'s keyword arguments from this section, less p_uncond (one per model),
-        device (resolved by the caller) and the logging cadence."""
-        return {
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "warmup_steps": self.warmup_steps,
-            "ema_decay": self.ema_decay,
-            "grad_clip": self.grad_clip,
-            "lambda_min": self.lambda_min,
-            "lambda_max": self.lambda_max,
-            "seed": self.seed,
-            "bf16": self.bf16,
-            "compile": self.compile,
-        }
-
 
 @dataclass
 class SampleParams:
@@ -143,10 +107,6 @@ class SampleParams:
     seed: int = _p(1, "seed of the sampling noise (the same noise for every w)")
     grid_per_class: int = _p(1, "rows per class in the sample-grid image", ge=1)
     compile: bool = _p(False, "torch.compile the network for sampling on CUDA")
-
-    def sampler_options(self) -> dict:
-        """The options this section gives `cfg.samplers.get_sampler(self.sampler)` (v only for ancestral)."""
-        return {"clip_denoised": self.clip_denoised} | ({"v": self.v} if self.sampler == "ancestral" else {})
 
 
 @dataclass

@@ -22,6 +22,14 @@ from cfg.samplers import get_sampler
 ProgressCallback = Callable[[dict], None]
 
 
+def sampler_options(sample) -> dict:
+    """The options params.yaml's `sample` section (`cfg.config.SampleParams`) gives its sampler (v only for
+    the ancestral sampler)."""
+    return {"clip_denoised": sample.clip_denoised} | (
+        {"v": sample.v} if sample.sampler == "ancestral" else {}
+    )
+
+
 def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu") -> Tensor:
     """Labels 0, 1, …, K−1, 0, 1, …: class-balanced conditioning for a cell of n samples."""
     return torch.arange(n, device=device) % num_classes

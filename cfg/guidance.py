@@ -29,14 +29,18 @@ def guidance_scale_to_w(guidance_scale: float) -> float:
     return guidance_scale - 1.0
 
 
-def needed_passes(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows of a per-example w (B,) that need the conditional pass (w != −1) and the unconditional pass (w != 0).
+def needed_passes(w: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """Rows of a batch with guidance strength w (scalar or (batch,)) that need the conditional pass (w != −1)
+    and the unconditional pass (w != 0).
 
     Eq. 6 weighs ε(z, c) by 1 + w and ε(z) by w, so a row with w = 0 (conditional sampling) never needs ε(z)
     and a row with w = −1 (unconditional sampling) never needs ε(z, c). Returns (cond_rows, uncond_rows) as
     int64 index tensors on w's device; computed once per batch, so the network's batch size stays fixed.
     """
-    w = w.reshape(-1)
+    w = torch.as_tensor(w)
+    if w.dim() > 1 or (w.dim() == 1 and w.numel() != batch):
+        raise ValueError(f"w must be a scalar or have shape ({batch},), got shape {tuple(w.shape)}")
+    w = w.expand(batch)
     return torch.nonzero(w != -1).view(-1), torch.nonzero(w != 0).view(-1)
 
 
@@ -48,7 +52,7 @@ def guided_eps(
     w: Tensor,
     null_label: int,
     *,
-    passes: tuple[Tensor, Tensor] | None = None,  # `needed_passes(w)`: skip the passes whose weight is 0
+    passes: tuple[Tensor, Tensor] | None = None,  # `needed_passes(w, B)`: skip the passes whose weight is 0
 ) -> Tensor:
     """Guided ε̃ of Eq. 6 with per-example w; both passes run as one forward pass on one concatenated batch.
 
@@ -65,7 +69,7 @@ def guided_eps(
         eps = model(torch.cat([z, z]), torch.cat([lam, lam]), torch.cat([labels, null]))  # (2B, C, H, W)
         eps_c, eps_u = eps.to(z.dtype).chunk(2)
         return (1 + w) * eps_c - w * eps_u
-    cond, uncond = passes
+    cond, uncond = (rows.to(z.device) for rows in passes)
     n_c = cond.numel()
     eps = model(
         torch.cat([z[cond], z[uncond]]),
@@ -83,7 +87,7 @@ def guided_denoiser(model: EpsModel, labels: Tensor, w: Tensor, null_label: int)
     Rows with w = 0 or w = −1 run only the pass they use (`needed_passes`), decided once here.
     """
     w = torch.as_tensor(w)
-    passes = needed_passes(w.expand(labels.shape[0]).to(labels.device)) if w.dim() <= 1 else None
+    passes = needed_passes(w.to(labels.device), labels.shape[0])
 
     def denoise(z: Tensor, lam: Tensor) -> Tensor:
         lam_b = lam.to(device=z.device, dtype=z.dtype).expand(z.shape[0])

@@ -144,6 +144,21 @@ def classifier_extractor(model: Classifier) -> FeatureExtractor:
     )
 
 
+def extractor_by_name(
+    name: str,  # evaluate.extractor: "classifier" or "inception"
+    classifier_path: str | Path,
+    inception_weights: str | Path | None,  # a local weights file; None: torch-fidelity's download
+    device: torch.device | str = "cpu",
+) -> FeatureExtractor:
+    """The feature extractor named by evaluate.extractor: the pipeline's classifier or FID Inception-v3."""
+    if name == "inception":
+        return inception_extractor(inception_weights, device=device)
+    from cfg.classifier import load_classifier
+
+    model, _ = load_classifier(classifier_path, map_location=device)
+    return classifier_extractor(model)
+
+
 def inception_extractor(
     weights_path: str | Path | None, device: torch.device | str = "cpu"
 ) -> FeatureExtractor:

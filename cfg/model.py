@@ -43,6 +43,22 @@ class UNetConfig:
     def null_label(self) -> int:
         return self.num_classes
 
+    @classmethod
+    def from_params(cls, model, *, image_size: int, in_channels: int, num_classes: int) -> UNetConfig:
+        """The U-Net that params.yaml's `model` section (`cfg.config.ModelParams`) describes, for images of the
+        given size, channels and classes."""
+        return cls(
+            image_size=image_size,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            base_width=model.base_width,
+            channel_mult=tuple(model.channel_mult),
+            blocks_per_level=model.blocks_per_level,
+            attention_resolutions=tuple(model.attention_resolutions),
+            dropout=model.dropout,
+            head_channels=model.head_channels,
+        )
+
     def to_dict(self) -> dict:
         d = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

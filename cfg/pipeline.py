@@ -31,16 +31,23 @@ def data_root(root: str | None) -> str | None:
     return str((project_root() / root).resolve())
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any stage thread exists
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temporary file and rename, so a crash never leaves a half-written output."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, 0o666 & ~_UMASK)  # the mode open() would give, not mkstemp's owner-only 0600
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the mode open() would give, not mkstemp's owner-only 0600
     os.replace(tmp, path)
 
 
@@ -72,11 +79,7 @@ def progress_printer(label: str, unit: str, every_s: float = 5.0) -> Callable[[d
 
 
 def make_extractor(name: str, classifier_path: str | Path, inception_weights: str | None, device):
-    """The feature extractor named by evaluate.extractor: the pipeline's classifier or FID Inception-v3."""
-    from cfg.classifier import load_classifier
-    from cfg.metrics import classifier_extractor, inception_extractor
+    """`cfg.metrics.extractor_by_name` with a relative weights path taken from the project root."""
+    from cfg.metrics import extractor_by_name
 
-    if name == "inception":
-        return inception_extractor(data_root(inception_weights), device=device)
-    model, _ = load_classifier(classifier_path, map_location=device)
-    return classifier_extractor(model)
+    return extractor_by_name(name, classifier_path, data_root(inception_weights), device)

@@ -87,13 +87,13 @@ def _spread(df: pd.DataFrame, *columns: str) -> str | None:
     return next((c for c in columns if c in df and df[c].notna().any()), None)
 
 
-# metric -> (column holding its ±1 standard deviation, what the deviation is over)
+# metric -> (columns that may hold its ±1 standard deviation, the first present is drawn; what it is over)
 UNCERTAINTY = {
-    "fid": ("fid_range_std", "sd of FID over disjoint seed ranges"),
-    "fid_range_mean": ("fid_range_std", "sd over disjoint seed ranges"),
-    "is": ("is_range_std", "sd of IS over disjoint seed ranges"),
-    "is_range_mean": ("is_range_std", "sd over disjoint seed ranges"),
-    "kid": ("kid_std", "sd over KID subsets"),
+    "fid": (("fid_range_std",), "sd of FID over disjoint seed ranges"),
+    "fid_range_mean": (("fid_range_std",), "sd over disjoint seed ranges"),
+    "is": (("is_range_std", "is_std"), "sd of IS over disjoint seed ranges (or IS splits)"),
+    "is_range_mean": (("is_range_std",), "sd over disjoint seed ranges"),
+    "kid": (("kid_std",), "sd over KID subsets"),
 }
 
 
@@ -101,7 +101,8 @@ def metric_with_uncertainty(ax: Axes, df: pd.DataFrame, metric: str) -> Axes:
     """`metric` against w, one line per p_uncond, with ±1 sd error bars and a shaded band (UNCERTAINTY)."""
     if metric not in UNCERTAINTY:
         raise ValueError(f"no uncertainty column known for {metric!r}; known: {sorted(UNCERTAINTY)}")
-    err, what = UNCERTAINTY[metric]
+    columns, what = UNCERTAINTY[metric]
+    err = _spread(df, *columns) or columns[0]
     metric_vs_w(ax, df, metric, err=err, label=f"{metric.upper()} ± 1 sd")
     if err in df and df[err].notna().any():
         colors = _palette(df)

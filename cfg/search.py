@@ -53,12 +53,13 @@ from cfg.config import (
     params_from_dict,
 )
 from cfg.data import ImageDataset, from_uint8
-from cfg.generate import generate_w_grid
+from cfg.generate import generate_w_grid, sampler_options
 from cfg.metrics import FeatureExtractor, ReferenceStats, extract_features, fid, inception_score
+from cfg.model import UNetConfig
 from cfg.pipeline import progress_printer
 from cfg.presets import merged_params
 from cfg.tracking import client_for, flatten, log_flat, project_root, provenance_tags
-from cfg.training import train_diffusion
+from cfg.training import train_diffusion, train_kwargs
 
 # params.yaml sections a trial may change: the data, the evaluation network and the metric settings stay fixed
 _SEARCHABLE = {"model": ModelParams, "train": TrainParams, "sample": SampleParams}
@@ -478,7 +479,7 @@ def score_w_grid(
         image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
         sampler=s.sampler,
         steps=s.steps,
-        sampler_options=s.sampler_options(),
+        sampler_options=sampler_options(s),
         lambda_min=p.train.lambda_min,
         lambda_max=p.train.lambda_max,
         seed=s.seed,
@@ -599,7 +600,8 @@ class _Objective:
                 )
 
         result = train_diffusion(
-            p.model.unet_config(
+            UNetConfig.from_params(
+                p.model,
                 image_size=inputs.data.image_size,
                 in_channels=inputs.data.channels,
                 num_classes=inputs.data.num_classes,
@@ -608,7 +610,7 @@ class _Objective:
             inputs.data.train_y,
             p_uncond=t.p_uncond[0],
             device=inputs.device,
-            **t.train_kwargs(),
+            **train_kwargs(t),
             log_every=math.gcd(t.log_every, s.eval_every),  # only how often the callback runs
             callback=at_log,
         )

@@ -18,6 +18,22 @@ from cfg.model import EMA, UNet, UNetConfig
 StepCallback = Callable[[dict], None]
 
 
+def train_kwargs(train) -> dict:
+    """`train_diffusion`'s keyword arguments from params.yaml's `train` section (`cfg.config.TrainParams`), less
+    p_uncond (one per model), the device (resolved by the caller) and the logging cadence."""
+    names = (
+        "steps",
+        "batch_size",
+        "lr",
+        "warmup_steps",
+        "ema_decay",
+        "grad_clip",
+        "lambda_min",
+        "lambda_max",
+    )
+    return {k: getattr(train, k) for k in (*names, "seed", "bf16", "compile")}
+
+
 @dataclass
 class TrainResult:
     model: UNet  # the raw (non-averaged) weights after the last step

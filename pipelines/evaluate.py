@@ -70,9 +70,8 @@ def main() -> None:
                 seed=blob["seed"],
                 device=device,
             )
-            if (
-                e.seed_ranges > 1
-            ):  # FID and IS of disjoint example ranges: independent noise, n / R samples each
+            # FID and IS of disjoint example ranges: independent noise, n / R samples each
+            if e.seed_ranges > 1:
                 index = torch.arange(len(labels))
                 parts = [gen.select(torch.isin(index, r)) for r in index.chunk(e.seed_ranges)]
                 fids = [fid(part, ref) for part in parts]

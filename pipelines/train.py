@@ -6,10 +6,10 @@ from pathlib import Path
 
 from cfg.data import load_prepared
 from cfg.device import resolve_device
-from cfg.model import count_parameters, save_checkpoint
+from cfg.model import UNetConfig, count_parameters, save_checkpoint
 from cfg.pipeline import progress_printer, stage_params, write_json
 from cfg.tracking import client_for, flatten, log_flat, provenance_tags
-from cfg.training import train_diffusion
+from cfg.training import train_diffusion, train_kwargs
 
 
 def main() -> None:
@@ -27,7 +27,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     ds = load_prepared(args.data)
-    config = m.unet_config(image_size=ds.image_size, in_channels=ds.channels, num_classes=ds.num_classes)
+    config = UNetConfig.from_params(
+        m, image_size=ds.image_size, in_channels=ds.channels, num_classes=ds.num_classes
+    )
     train_params = {k: v for k, v in params.to_dict()["train"].items() if k != "p_uncond"}
     params_hash = params.section_hash("data", "model", "train")
 
@@ -72,7 +74,7 @@ def main() -> None:
             ds.train_y,
             p_uncond=args.p_uncond,
             device=device,
-            **t.train_kwargs(),
+            **train_kwargs(t),
             log_every=t.log_every,
             callback=on_log,
         )

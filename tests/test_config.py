@@ -112,18 +112,3 @@ def test_schema_table_covers_every_key():
         if isinstance(values, dict) and section != "search":
             for key in values:
                 assert f"{section}.{key}" in keys
-
-
-def test_stage_outputs_are_written_whole_with_the_usual_file_mode(tmp_path):
-    import os
-
-    from cfg.pipeline import write_json
-
-    out = tmp_path / "results" / "metrics.json"
-    write_json(out, {"fid": 1.5})
-    write_json(out, {"fid": 2.5})  # replaces, leaves no temporary file behind
-    umask = os.umask(0)
-    os.umask(umask)
-    assert out.read_text() == '{\n  "fid": 2.5\n}\n'
-    assert (out.stat().st_mode & 0o777) == 0o666 & ~umask, "not mkstemp's owner-only 0600"
-    assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]

@@ -1,5 +1,6 @@
 """Guidance identities (Ho & Salimans Eq. 6) with a stub network."""
 
+import pytest
 import torch
 
 from cfg.guidance import guidance_scale_to_w, guided_denoiser, guided_eps, needed_passes, w_to_guidance_scale
@@ -72,7 +73,7 @@ def test_skipped_passes_change_nothing_and_shrink_the_batch():
     z, lam, labels = _inputs()
     w = torch.tensor([-1.0, 0.0, 0.1, 0.0, -1.0, 4.0])
     full = guided_eps(stub_model, z, lam, labels, w, NULL)
-    cond, uncond = needed_passes(w)
+    cond, uncond = needed_passes(w, 6)
     assert cond.tolist() == [1, 2, 3, 5] and uncond.tolist() == [0, 2, 4, 5]
     lean = guided_eps(counting, z, lam, labels, w, NULL, passes=(cond, uncond))
     torch.testing.assert_close(lean, full, rtol=0, atol=1e-6)
@@ -82,6 +83,19 @@ def test_skipped_passes_change_nothing_and_shrink_the_batch():
     denoised = guided_denoiser(counting, labels, w, NULL)(z, lam[0])
     torch.testing.assert_close(denoised, guided_eps(stub_model, z, lam[0].expand(6), labels, w, NULL))
     assert calls == [(8, 4)]
+
+
+def test_skipped_passes_at_the_edges():
+    # a scalar w covers every row; all rows at -1 or at 0 leave one pass with no rows at all
+    z, lam, labels = _inputs()
+    for w in (torch.tensor(0.3), torch.full((6,), -1.0), torch.zeros(6)):
+        full = guided_eps(stub_model, z, lam, labels, w, NULL)
+        lean = guided_eps(stub_model, z, lam, labels, w, NULL, passes=needed_passes(w, 6))
+        torch.testing.assert_close(lean, full, rtol=0, atol=1e-6)
+    assert [r.numel() for r in needed_passes(torch.tensor(0.3), 6)] == [6, 6]
+    assert [r.numel() for r in needed_passes(torch.full((6,), -1.0), 6)] == [0, 6]
+    with pytest.raises(ValueError, match=r"w must be a scalar or have shape \(6,\), got shape \(4,\)"):
+        needed_passes(torch.zeros(4), 6)
 
 
 def test_guidance_scale_conversion():
