@@ -112,3 +112,18 @@ def test_schema_table_covers_every_key():
         if isinstance(values, dict) and section != "search":
             for key in values:
                 assert f"{section}.{key}" in keys
+
+
+def test_train_kwargs_hand_every_train_setting_to_train_diffusion():
+    # a train.* key added to the schema but not passed on would be validated, hashed and silently ignored
+    import dataclasses
+    import inspect
+
+    from cfg.training import train_diffusion, train_kwargs
+
+    t = load_params(ROOT / "params.yaml").train
+    kwargs = train_kwargs(t)
+    assert set(kwargs) <= set(inspect.signature(train_diffusion).parameters)
+    fields = {f.name for f in dataclasses.fields(t)}
+    assert set(kwargs) == fields - {"p_uncond", "device", "log_every"}
+    assert kwargs["steps"] == t.steps and kwargs["lr"] == t.lr
