@@ -14,7 +14,7 @@ from pathlib import Path
 from cfg.classifier import load_classifier
 from cfg.config import load_params
 from cfg.data import from_uint8
-from cfg.generate import generate_w_grid, sampler_options
+from cfg.generate import generate_w_grid, sampling_kwargs
 from cfg.metrics import classifier_extractor, extract_features, inception_score
 from cfg.model import load_checkpoint
 
@@ -46,13 +46,7 @@ def main() -> None:
                 n,
                 num_classes=model.config.num_classes,
                 image_shape=(model.config.in_channels, model.config.image_size, model.config.image_size),
-                sampler=s.sampler,
-                steps=s.steps,
-                sampler_options=sampler_options(s),
-                lambda_min=params.train.lambda_min,
-                lambda_max=params.train.lambda_max,
-                seed=seed,
-                batch_size=s.batch_size,
+                **(sampling_kwargs(params) | {"seed": seed}),
             )
             seconds = time.perf_counter() - t0
             scores = [

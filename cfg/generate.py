@@ -30,6 +30,24 @@ def sampler_options(sample) -> dict:
     )
 
 
+def sampling_kwargs(params) -> dict:
+    """`generate_w_grid`'s keyword arguments from params.yaml (`cfg.config.Params`): sampler, options, steps,
+    λ range, seed, batch and precision, as the sample stage uses them; the caller adds the model's classes and
+    image shape and the device."""
+    s, t = params.sample, params.train
+    return {
+        "sampler": s.sampler,
+        "steps": s.steps,
+        "sampler_options": sampler_options(s),
+        "lambda_min": t.lambda_min,
+        "lambda_max": t.lambda_max,
+        "seed": s.seed,
+        "batch_size": s.batch_size,
+        "bf16": t.bf16,
+        "compile": s.compile,
+    }
+
+
 def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu") -> Tensor:
     """Labels 0, 1, …, K−1, 0, 1, …: class-balanced conditioning for a cell of n samples."""
     return torch.arange(n, device=device) % num_classes

@@ -53,7 +53,7 @@ from cfg.config import (
     params_from_dict,
 )
 from cfg.data import ImageDataset, from_uint8
-from cfg.generate import generate_w_grid, sampler_options
+from cfg.generate import generate_w_grid, sampling_kwargs
 from cfg.metrics import FeatureExtractor, ReferenceStats, extract_features, fid, inception_score
 from cfg.model import UNetConfig
 from cfg.pipeline import progress_printer
@@ -470,23 +470,15 @@ def score_w_grid(
     inputs: SearchInputs,
 ) -> list[tuple[float, float]]:
     """(FID, IS) per w: samples drawn as the sample stage draws them, scored as the evaluate stage scores them."""
-    s, cfg = p.sample, model.config
+    cfg = model.config
     images, _ = generate_w_grid(
         model,
         w_values,
         n_samples,
         num_classes=cfg.num_classes,
         image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
-        sampler=s.sampler,
-        steps=s.steps,
-        sampler_options=sampler_options(s),
-        lambda_min=p.train.lambda_min,
-        lambda_max=p.train.lambda_max,
-        seed=s.seed,
-        batch_size=s.batch_size,
         device=inputs.device,
-        bf16=p.train.bf16,
-        compile=s.compile,
+        **sampling_kwargs(p),
     )  # (W, N, C, H, W) uint8
     scores = []
     for j in range(len(w_values)):

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from cfg.device import resolve_device
-from cfg.generate import generate_w_grid, sampler_options
+from cfg.generate import generate_w_grid, sampling_kwargs
 from cfg.images import class_by_w_tiles, save_grid
 from cfg.model import load_checkpoint
 from cfg.pipeline import progress_printer, stage_params, write_json
@@ -35,16 +35,8 @@ def main() -> None:
         s.n_samples,
         num_classes=cfg.num_classes,
         image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
-        sampler=s.sampler,
-        steps=s.steps,
-        sampler_options=sampler_options(s),
-        lambda_min=params.train.lambda_min,
-        lambda_max=params.train.lambda_max,
-        seed=s.seed,
-        batch_size=s.batch_size,
         device=device,
-        bf16=params.train.bf16,
-        compile=s.compile,
+        **sampling_kwargs(params),
         progress=lambda i: show(
             {
                 "done": i["images"],

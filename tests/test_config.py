@@ -127,3 +127,16 @@ def test_train_kwargs_hand_every_train_setting_to_train_diffusion():
     fields = {f.name for f in dataclasses.fields(t)}
     assert set(kwargs) == fields - {"p_uncond", "device", "log_every"}
     assert kwargs["steps"] == t.steps and kwargs["lr"] == t.lr
+
+
+def test_sampling_kwargs_hand_the_sample_settings_to_generate_w_grid():
+    import inspect
+
+    from cfg.generate import generate_w_grid, sampling_kwargs
+
+    p = load_params(ROOT / "params.yaml")
+    kwargs = sampling_kwargs(p)
+    assert set(kwargs) <= set(inspect.signature(generate_w_grid).parameters)
+    assert (kwargs["steps"], kwargs["seed"], kwargs["batch_size"]) == (p.sample.steps, p.sample.seed, 400)
+    assert kwargs["lambda_min"] == p.train.lambda_min and kwargs["bf16"] == p.train.bf16
+    assert kwargs["sampler_options"] == {"clip_denoised": 1.0, "v": 0.3}
