@@ -37,7 +37,7 @@ lint: $(STAMP)
 
 # the MLflow UI on localhost against the project's store (or MLFLOW_TRACKING_URI)
 ui: $(STAMP)
-	$(PY) -m cfg.tracking ui --port $(PORT)
+	$(PY) -m cfg.study.tracking ui --port $(PORT)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_throughput.py
@@ -45,7 +45,7 @@ bench: $(STAMP)
 # apply a preset through DVC experiments, e.g. `make preset PRESET=presets/fashion_mnist_gpu.yaml`
 PRESET ?= presets/fashion_mnist_gpu.yaml
 preset: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" python -m cfg.presets $(PRESET) --run
+	PATH="$(abspath $(VENV))/bin:$$PATH" python -m cfg.study.presets $(PRESET) --run
 
 # Optuna search over params.yaml's search.space (not a DVC stage). `make search` makes the inputs and runs one
 # worker; on more machines `make search-worker STORAGE=postgresql://user:pw@host/db` (same params.yaml, the

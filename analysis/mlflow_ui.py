@@ -1,6 +1,6 @@
 """A throw-away MLflow tracking server on localhost, and its REST API, for tests and screenshots.
 
-`python -m cfg.tracking ui` is the interactive way to open the UI; this module starts the same `mlflow server`
+`python -m cfg.study.tracking ui` is the interactive way to open the UI; this module starts the same `mlflow server`
 from Python, lean (one worker, no job runner), waits until it answers, and stops it with all its processes.
 """
 

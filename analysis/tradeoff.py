@@ -2,7 +2,7 @@
 
 Sources, joined on the MLflow run id of each cell:
 - the MLflow store: one `cell` run per (p_uncond, w), nested under the `train` run of its model
-  (`cfg/tracking.py`, `pipelines/evaluate.py`);
+  (`cfg/study/tracking.py`, `pipelines/evaluate.py`);
 - DVC: `dvc exp show --json` lists the workspace, its baseline commit and their experiments; each one's
   `results/tradeoff.csv` (a `cache: false` output, so committed with the experiment) names the MLflow cell run
   of every row (`mlflow_run_id`).
@@ -11,7 +11,7 @@ Comparability, the choice made here: loading *labels*, comparing *refuses*. Ever
 fingerprint key (`fingerprint`; its fields as `fingerprint.<field>` where known), so a store that holds runs made
 with several extractors or sample counts loads whole, and `fingerprint_groups` lists them. Every function that
 sets numbers of different rows side by side (frontiers, ranking, curve shapes, the narrative) first calls
-`require_comparable`, which raises `cfg.metrics.FingerprintMismatch` for mixed fingerprints: pick one with
+`require_comparable`, which raises `cfg.eval.metrics.FingerprintMismatch` for mixed fingerprints: pick one with
 `select(df, fingerprint=...)`, or loop over `df.groupby("fingerprint")`. The paper's Table 1 (ImageNet,
 Inception features) is compared on shape only (where the FID minimum falls, whether IS rises with w, how the
 p_uncond values rank), never on values.
@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cfg.metrics import Fingerprint, FingerprintMismatch, check_comparable
-from cfg.report import TABLE_COLUMNS
-from cfg.tracking import project_root, tracking_uri
+from cfg.eval.metrics import Fingerprint, FingerprintMismatch, check_comparable
+from cfg.study.report import TABLE_COLUMNS
+from cfg.study.tracking import project_root, tracking_uri
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -287,7 +287,8 @@ def order_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_runs(
-    uri: str | None = None,  # MLflow tracking URI; default: the project's store (cfg.tracking.tracking_uri)
+    uri: str
+    | None = None,  # MLflow tracking URI; default: the project's store (cfg.study.tracking.tracking_uri)
     project_dir: str | Path | None = None,  # the DVC project; default: the one around the working directory
     experiment: str = "cfg-lab",  # MLflow experiment name (params.yaml: tracking.experiment)
     *,
@@ -366,7 +367,7 @@ def sample_grid_image(
 
 
 def _grid_columns(image: np.ndarray) -> int:
-    """Tile columns of a cfg.images.tile_grid picture: runs of pixel columns between all-white separators."""
+    """Tile columns of a cfg.data.images.tile_grid picture: runs of pixel columns between all-white separators."""
     white = (image.reshape(image.shape[0], image.shape[1], -1) == 255).all(axis=(0, 2))
     return int(np.sum(~white[1:] & white[:-1]))
 

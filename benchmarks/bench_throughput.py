@@ -18,12 +18,12 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from cfg.config import params_from_dict
-from cfg.device import autocast, configure_cuda, resolve_device
-from cfg.diffusion import diffusion_loss
-from cfg.guidance import guided_eps
-from cfg.model import UNet, UNetConfig
-from cfg.presets import flat_overrides, merged_params
+from cfg.engine.device import autocast, configure_cuda, resolve_device
+from cfg.maths.diffusion import diffusion_loss
+from cfg.maths.guidance import guided_eps
+from cfg.nets.unet import UNet, UNetConfig
+from cfg.study.config import params_from_dict
+from cfg.study.presets import flat_overrides, merged_params
 
 
 def sync(device: torch.device) -> None:

@@ -11,12 +11,12 @@ import argparse
 import time
 from pathlib import Path
 
-from cfg.classifier import load_classifier
-from cfg.config import load_params
-from cfg.data import from_uint8
-from cfg.generate import generate_w_grid, sampling_kwargs
-from cfg.metrics import classifier_extractor, extract_features, inception_score
-from cfg.model import load_checkpoint
+from cfg.data.datasets import from_uint8
+from cfg.engine.generate import generate_w_grid, sampling_kwargs
+from cfg.eval.metrics import classifier_extractor, extract_features, inception_score
+from cfg.nets.classifier import load_classifier
+from cfg.nets.unet import load_checkpoint
+from cfg.study.config import load_params
 
 
 def main() -> None:

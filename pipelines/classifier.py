@@ -2,11 +2,11 @@
 
 import argparse
 
-from cfg.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
-from cfg.data import load_prepared
-from cfg.device import resolve_device
-from cfg.pipeline import progress_printer, stage_params, write_json
-from cfg.tracking import client_for, flatten, log_flat, provenance_tags
+from cfg.data.datasets import load_prepared
+from cfg.engine.device import resolve_device
+from cfg.nets.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
+from cfg.study.stage import progress_printer, stage_params, write_json
+from cfg.study.tracking import client_for, flatten, log_flat, provenance_tags
 
 
 def main() -> None:

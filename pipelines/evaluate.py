@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from cfg.classifier import load_classifier
-from cfg.data import from_uint8, to_uint8
-from cfg.device import resolve_device
-from cfg.images import class_by_w_tiles, save_grid
-from cfg.metrics import (
+from cfg.data.datasets import from_uint8, to_uint8
+from cfg.data.images import class_by_w_tiles, save_grid
+from cfg.engine.device import resolve_device
+from cfg.eval.metrics import (
     CELL_METRICS,
     classifier_extractor,
     evaluate_cell,
@@ -22,8 +21,9 @@ from cfg.metrics import (
     load_reference_stats,
     per_class_fid,
 )
-from cfg.pipeline import make_extractor, stage_params, write_json
-from cfg.tracking import client_for, log_flat, provenance_tags
+from cfg.nets.classifier import load_classifier
+from cfg.study.stage import make_extractor, stage_params, write_json
+from cfg.study.tracking import client_for, log_flat, provenance_tags
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
 import argparse
 
-from cfg.data import load_dataset, save_prepared
-from cfg.pipeline import data_root, stage_params, write_json
+from cfg.data.datasets import load_dataset, save_prepared
+from cfg.study.stage import data_root, stage_params, write_json
 
 
 def main() -> None:

@@ -2,10 +2,10 @@
 
 import argparse
 
-from cfg.data import load_prepared
-from cfg.device import resolve_device
-from cfg.metrics import extract_features, reference_stats, save_reference_stats
-from cfg.pipeline import make_extractor, stage_params
+from cfg.data.datasets import load_prepared
+from cfg.engine.device import resolve_device
+from cfg.eval.metrics import extract_features, reference_stats, save_reference_stats
+from cfg.study.stage import make_extractor, stage_params
 
 
 def main() -> None:

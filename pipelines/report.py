@@ -9,10 +9,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from cfg.pipeline import atomic_write_text, stage_params, write_json
-from cfg.plots import sample_grid, tradeoff_figure
-from cfg.report import cells_frame, markdown_table, summary
-from cfg.tracking import client_for, log_flat, provenance_tags
+from cfg.study.plots import sample_grid, tradeoff_figure
+from cfg.study.report import cells_frame, markdown_table, summary
+from cfg.study.stage import atomic_write_text, stage_params, write_json
+from cfg.study.tracking import client_for, log_flat, provenance_tags
 
 
 def main() -> None:

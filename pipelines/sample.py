@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from cfg.device import resolve_device
-from cfg.generate import generate_w_grid, sampling_kwargs
-from cfg.images import class_by_w_tiles, save_grid
-from cfg.model import load_checkpoint
-from cfg.pipeline import progress_printer, stage_params, write_json
-from cfg.tracking import client_for, log_flat
+from cfg.data.images import class_by_w_tiles, save_grid
+from cfg.engine.device import resolve_device
+from cfg.engine.generate import generate_w_grid, sampling_kwargs
+from cfg.nets.unet import load_checkpoint
+from cfg.study.stage import progress_printer, stage_params, write_json
+from cfg.study.tracking import client_for, log_flat
 
 
 def main() -> None:

@@ -18,12 +18,9 @@ from pathlib import Path
 import optuna
 import yaml
 
-from cfg.config import ParamsError
-from cfg.data import load_prepared
-from cfg.device import resolve_device
-from cfg.metrics import load_reference_stats
-from cfg.pipeline import atomic_write_text, make_extractor, write_json
-from cfg.presets import exp_run_command, flat_overrides
+from cfg.data.datasets import load_prepared
+from cfg.engine.device import resolve_device
+from cfg.eval.metrics import load_reference_stats
 from cfg.search import (
     SearchError,
     SearchInputs,
@@ -35,7 +32,10 @@ from cfg.search import (
     storage_url,
     summary,
 )
-from cfg.tracking import client_for, log_flat
+from cfg.study.config import ParamsError
+from cfg.study.presets import exp_run_command, flat_overrides
+from cfg.study.stage import atomic_write_text, make_extractor, write_json
+from cfg.study.tracking import client_for, log_flat
 
 
 def _spec(path: str):

@@ -4,12 +4,12 @@ import argparse
 import csv
 from pathlib import Path
 
-from cfg.data import load_prepared
-from cfg.device import resolve_device
-from cfg.model import UNetConfig, count_parameters, save_checkpoint
-from cfg.pipeline import progress_printer, stage_params, write_json
-from cfg.tracking import client_for, flatten, log_flat, provenance_tags
-from cfg.training import train_diffusion, train_kwargs
+from cfg.data.datasets import load_prepared
+from cfg.engine.device import resolve_device
+from cfg.engine.training import train_diffusion, train_kwargs
+from cfg.nets.unet import UNetConfig, count_parameters, save_checkpoint
+from cfg.study.stage import progress_printer, stage_params, write_json
+from cfg.study.tracking import client_for, flatten, log_flat, provenance_tags
 
 
 def main() -> None:

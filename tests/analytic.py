@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from cfg.diffusion import alpha_sigma
+from cfg.maths.diffusion import alpha_sigma
 
 
 class GaussianMixtureEps:

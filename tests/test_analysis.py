@@ -20,8 +20,8 @@ import pytest
 
 from analysis import tradeoff as T
 from analysis.notebook import NOTEBOOK, execute, inject_parameters, png_outputs
-from cfg import plots
-from cfg.metrics import FingerprintMismatch
+from cfg.eval.metrics import FingerprintMismatch
+from cfg.study import plots
 
 from .conftest import ROOT, TINY, run, shrink_params
 
@@ -319,7 +319,7 @@ def test_narrative_of_odd_studies(curves, expected):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Plots (cfg/plots.py) and the notebook's plumbing
+# Plots (cfg/study/plots.py) and the notebook's plumbing
 
 
 def test_plots_draw_every_panel():
@@ -345,7 +345,7 @@ def test_plots_draw_every_panel():
 def test_sample_grid_columns_are_counted_from_the_tile_borders():
     import torch
 
-    from cfg.images import tile_grid
+    from cfg.data.images import tile_grid
 
     for w_count in (1, 3, 8):
         tiles = torch.randint(0, 200, (10, w_count, 1, 8, 8), dtype=torch.uint8)

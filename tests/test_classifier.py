@@ -1,4 +1,4 @@
-"""Tests of cfg.classifier on real data: sklearn's 8x8 digits resized to 16x16."""
+"""Tests of cfg.nets.classifier on real data: sklearn's 8x8 digits resized to 16x16."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from cfg.classifier import (
+from cfg.nets.classifier import (
     Classifier,
     ClassifierConfig,
     accuracy,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cfg.config import Params, ParamsError, describe_schema, load_params, params_from_dict
+from cfg.study.config import Params, ParamsError, describe_schema, load_params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_train_kwargs_hand_every_train_setting_to_train_diffusion():
     import dataclasses
     import inspect
 
-    from cfg.training import train_diffusion, train_kwargs
+    from cfg.engine.training import train_diffusion, train_kwargs
 
     t = load_params(ROOT / "params.yaml").train
     kwargs = train_kwargs(t)
@@ -132,7 +132,7 @@ def test_train_kwargs_hand_every_train_setting_to_train_diffusion():
 def test_sampling_kwargs_hand_the_sample_settings_to_generate_w_grid():
     import inspect
 
-    from cfg.generate import generate_w_grid, sampling_kwargs
+    from cfg.engine.generate import generate_w_grid, sampling_kwargs
 
     p = load_params(ROOT / "params.yaml")
     kwargs = sampling_kwargs(p)

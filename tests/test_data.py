@@ -1,4 +1,4 @@
-"""Tests of cfg.data: loaders, the IDX reader, uint8 quantisation, prepared files and fingerprints."""
+"""Tests of cfg.data.datasets: loaders, the IDX reader, uint8 quantisation, prepared files and fingerprints."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cfg.data import (
+from cfg.data.datasets import (
     DATASETS,
     FASHION_MNIST_CLASSES,
     ImageDataset,

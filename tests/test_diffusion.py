@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-from cfg.diffusion import (
+from cfg.maths.diffusion import (
     LAMBDA_MAX,
     LAMBDA_MIN,
     alpha_sigma,

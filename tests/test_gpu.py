@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from cfg.data import load_dataset
-from cfg.diffusion import sampling_lambdas
-from cfg.generate import generate_w_grid
-from cfg.guidance import guided_eps, needed_passes
-from cfg.model import UNet, UNetConfig
-from cfg.samplers import get_sampler
-from cfg.training import train_diffusion
+from cfg.data.datasets import load_dataset
+from cfg.engine.generate import generate_w_grid
+from cfg.engine.training import train_diffusion
+from cfg.maths.diffusion import sampling_lambdas
+from cfg.maths.guidance import guided_eps, needed_passes
+from cfg.maths.samplers import get_sampler
+from cfg.nets.unet import UNet, UNetConfig
 
 from .analytic import GaussianMixtureEps
 from .test_samplers import MIX_COVS, MIX_MEANS

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from cfg.guidance import guidance_scale_to_w, guided_denoiser, guided_eps, needed_passes, w_to_guidance_scale
+from cfg.maths.guidance import (
+    guidance_scale_to_w,
+    guided_denoiser,
+    guided_eps,
+    needed_passes,
+    w_to_guidance_scale,
+)
 
 NULL = 5
 

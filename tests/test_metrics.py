@@ -1,4 +1,4 @@
-"""Tests of cfg.metrics and cfg.inception against closed forms, invariants and independent numpy code."""
+"""Tests of cfg.eval.metrics and cfg.nets.inception against closed forms, invariants and independent numpy code."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from cfg.classifier import Classifier, ClassifierConfig
-from cfg.inception import load_inception
-from cfg.metrics import (
+from cfg.eval.metrics import (
     Features,
     Fingerprint,
     FingerprintMismatch,
@@ -33,6 +31,8 @@ from cfg.metrics import (
     reference_stats,
     save_reference_stats,
 )
+from cfg.nets.classifier import Classifier, ClassifierConfig
+from cfg.nets.inception import load_inception
 
 
 def gaussian(n: int, d: int, seed: int, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:

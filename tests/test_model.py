@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from cfg.data import load_dataset
-from cfg.model import EMA, UNet, UNetConfig, load_checkpoint, save_checkpoint
-from cfg.training import train_diffusion
+from cfg.data.datasets import load_dataset
+from cfg.engine.training import train_diffusion
+from cfg.nets.unet import EMA, UNet, UNetConfig, load_checkpoint, save_checkpoint
 
 TINY = UNetConfig(
     image_size=8,

@@ -8,9 +8,9 @@ With 40,000 samples the Monte-Carlo standard error of a mean is ~0.005 and of a 
 import pytest
 import torch
 
-from cfg.diffusion import sampling_lambdas
-from cfg.guidance import guided_denoiser
-from cfg.samplers import SAMPLERS, get_sampler
+from cfg.maths.diffusion import sampling_lambdas
+from cfg.maths.guidance import guided_denoiser
+from cfg.maths.samplers import SAMPLERS, get_sampler
 
 from .analytic import GaussianMixtureEps
 

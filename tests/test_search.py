@@ -19,18 +19,16 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from cfg.classifier import ClassifierConfig, save_classifier, train_classifier
-from cfg.data import load_dataset, load_prepared, save_prepared
-from cfg.metrics import (
+from cfg.data.datasets import load_dataset, load_prepared, save_prepared
+from cfg.eval.metrics import (
     classifier_extractor,
     extract_features,
     load_reference_stats,
     reference_stats,
     save_reference_stats,
 )
-from cfg.model import load_checkpoint
-from cfg.pipeline import make_extractor
-from cfg.presets import exp_run_command
+from cfg.nets.classifier import ClassifierConfig, save_classifier, train_classifier
+from cfg.nets.unet import load_checkpoint
 from cfg.search import (
     SearchError,
     SearchInputs,
@@ -43,6 +41,8 @@ from cfg.search import (
     summary,
     trial_params,
 )
+from cfg.study.presets import exp_run_command
+from cfg.study.stage import make_extractor
 
 from . import postgres
 from .conftest import ROOT, TINY, VENV_BIN, run

@@ -212,10 +212,12 @@ def load_prepared(path: str | Path) -> ImageDataset:
     """Read a file written by `save_prepared`; images come back as float32 in [-1, 1]."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no prepared data set at {path}; write it with cfg.data.save_prepared")
+        raise FileNotFoundError(
+            f"no prepared data set at {path}; write it with cfg.data.datasets.save_prepared"
+        )
     d = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(d, dict) or d.get("format") != _PREPARED_FORMAT:
-        raise ValueError(f"{path} is not a prepared data set written by cfg.data.save_prepared")
+        raise ValueError(f"{path} is not a prepared data set written by cfg.data.datasets.save_prepared")
     ds = ImageDataset(
         name=d["name"],
         train_x=from_uint8(d["train_x"]),

@@ -45,7 +45,7 @@ class UNetConfig:
 
     @classmethod
     def from_params(cls, model, *, image_size: int, in_channels: int, num_classes: int) -> UNetConfig:
-        """The U-Net that params.yaml's `model` section (`cfg.config.ModelParams`) describes, for images of the
+        """The U-Net that params.yaml's `model` section (`cfg.study.config.ModelParams`) describes, for images of the
         given size, channels and classes."""
         return cls(
             image_size=image_size,

@@ -1,7 +1,7 @@
 """Presets and search results as `dvc exp run -S key=value` overrides of params.yaml.
 
 A preset (e.g. presets/fashion_mnist_gpu.yaml) lists only the keys that differ from params.yaml, nested by
-section. `python -m cfg.presets FILE` prints the `dvc exp run` command that applies it; `--run` runs it.
+section. `python -m cfg.study.presets FILE` prints the `dvc exp run` command that applies it; `--run` runs it.
 The overrides are validated against the schema merged onto params.yaml before anything runs.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from cfg.config import ParamsError, params_from_dict
+from cfg.study.config import ParamsError, params_from_dict
 
 
 def flat_overrides(preset: dict, prefix: str = "") -> dict[str, object]:
@@ -69,7 +69,7 @@ def exp_run_command(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m cfg.presets", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m cfg.study.presets", description=__doc__)
     ap.add_argument("preset", help="YAML file of overrides, nested by section")
     ap.add_argument("--run", action="store_true", help="run the command instead of printing it")
     ap.add_argument("--name", help="experiment name")

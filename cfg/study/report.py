@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from cfg.metrics import CELL_METRICS, check_comparable
+from cfg.eval.metrics import CELL_METRICS, check_comparable
 
 # leading columns of results/tradeoff.csv, in order; other record fields follow
 TABLE_COLUMNS = [

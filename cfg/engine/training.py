@@ -10,16 +10,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from cfg.device import autocast, configure_cuda
-from cfg.diffusion import LAMBDA_MAX, LAMBDA_MIN, diffusion_loss
-from cfg.model import EMA, UNet, UNetConfig
+from cfg.engine.device import autocast, configure_cuda
+from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, diffusion_loss
+from cfg.nets.unet import EMA, UNet, UNetConfig
 
 # called every log_every steps with {"step", "loss", "lr", "images_per_s", "eta_s", "ema"}; may raise to stop training
 StepCallback = Callable[[dict], None]
 
 
 def train_kwargs(train) -> dict:
-    """`train_diffusion`'s keyword arguments from params.yaml's `train` section (`cfg.config.TrainParams`), less
+    """`train_diffusion`'s keyword arguments from params.yaml's `train` section (`cfg.study.config.TrainParams`), less
     p_uncond (one per model), the device (resolved by the caller) and the logging cadence."""
     names = (
         "steps",

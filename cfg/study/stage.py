@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cfg.config import Params, ParamsError, load_params
-from cfg.tracking import project_root
+from cfg.study.config import Params, ParamsError, load_params
+from cfg.study.tracking import project_root
 
 
 def stage_params(path: str | Path = "params.yaml") -> Params:
@@ -79,7 +79,7 @@ def progress_printer(label: str, unit: str, every_s: float = 5.0) -> Callable[[d
 
 
 def make_extractor(name: str, classifier_path: str | Path, inception_weights: str | None, device):
-    """`cfg.metrics.extractor_by_name` with a relative weights path taken from the project root."""
-    from cfg.metrics import extractor_by_name
+    """`cfg.eval.metrics.extractor_by_name` with a relative weights path taken from the project root."""
+    from cfg.eval.metrics import extractor_by_name
 
     return extractor_by_name(name, classifier_path, data_root(inception_weights), device)

@@ -24,7 +24,7 @@ What torch-fidelity's forward does, read from its source:
 
 torchmetrics' own `FrechetInceptionDistance(feature=2048)` wraps the same network but by default
 (antialias=True) resizes with `F.interpolate(mode="bilinear", antialias=True)` instead, so its numbers differ
-slightly from TF / torch-fidelity FIDs; `cfg.metrics` therefore calls torch-fidelity's network directly.
+slightly from TF / torch-fidelity FIDs; `cfg.eval.metrics` therefore calls torch-fidelity's network directly.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Samplers as pure functions: no files, no logging, randomness only from the passed generator.
 
 Every sampler has the signature ``sampler(denoise, z, lambdas, *, generator, callback=None, **options)``:
-    denoise    (z, λ) -> ε̃, e.g. `cfg.guidance.guided_denoiser` (λ a scalar tensor)
+    denoise    (z, λ) -> ε̃, e.g. `cfg.maths.guidance.guided_denoiser` (λ a scalar tensor)
     z          initial noise at λ_1 = lambdas[0], (B, C, H, W)
-    lambdas    increasing log-SNRs λ_1 < … < λ_T (`cfg.diffusion.sampling_lambdas`)
+    lambdas    increasing log-SNRs λ_1 < … < λ_T (`cfg.maths.diffusion.sampling_lambdas`)
     generator  torch.Generator on z's device, the only source of randomness
     callback   optional callback(step, total_steps, z, x_hat) for progress
 and returns x̂ at λ_T, the last step's data prediction (Ho & Salimans 2022, Alg. 2).
@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from cfg.diffusion import alpha_sigma
-from cfg.guidance import Denoiser
+from cfg.maths.diffusion import alpha_sigma
+from cfg.maths.guidance import Denoiser
 
 Callback = Callable[[int, int, Tensor, Tensor], None]
 

@@ -1,8 +1,8 @@
 """Optuna search over training and sampling settings, at the edge of the library (the only module importing optuna).
 
 A trial applies its values to params.yaml as dotted keys (``train.lr``, ``model.base_width``, ``sample.w``, …),
-trains one model with `cfg.training.train_diffusion`, samples with `cfg.generate.generate_w_grid` and scores
-with `cfg.metrics` — the calls the train, sample and evaluate stages make — so ``dvc exp run -S key=value``
+trains one model with `cfg.engine.training.train_diffusion`, samples with `cfg.engine.generate.generate_w_grid` and scores
+with `cfg.eval.metrics` — the calls the train, sample and evaluate stages make — so ``dvc exp run -S key=value``
 with the best trial's values reproduces it through the pipeline.
 
 Objectives. ``fid``: the lowest FID, at a searched ``sample.w`` or at the best w of ``search.w``; trials report
@@ -43,7 +43,12 @@ import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from cfg.config import (
+from cfg.data.datasets import ImageDataset, from_uint8
+from cfg.engine.generate import generate_w_grid, sampling_kwargs
+from cfg.engine.training import train_diffusion, train_kwargs
+from cfg.eval.metrics import FeatureExtractor, ReferenceStats, extract_features, fid, inception_score
+from cfg.nets.unet import UNetConfig
+from cfg.study.config import (
     ModelParams,
     Params,
     ParamsError,
@@ -52,14 +57,9 @@ from cfg.config import (
     TrainParams,
     params_from_dict,
 )
-from cfg.data import ImageDataset, from_uint8
-from cfg.generate import generate_w_grid, sampling_kwargs
-from cfg.metrics import FeatureExtractor, ReferenceStats, extract_features, fid, inception_score
-from cfg.model import UNetConfig
-from cfg.pipeline import progress_printer
-from cfg.presets import merged_params
-from cfg.tracking import client_for, flatten, log_flat, project_root, provenance_tags
-from cfg.training import train_diffusion, train_kwargs
+from cfg.study.presets import merged_params
+from cfg.study.stage import progress_printer
+from cfg.study.tracking import client_for, flatten, log_flat, project_root, provenance_tags
 
 # params.yaml sections a trial may change: the data, the evaluation network and the metric settings stay fixed
 _SEARCHABLE = {"model": ModelParams, "train": TrainParams, "sample": SampleParams}
@@ -824,7 +824,7 @@ def summary(study: optuna.Study) -> dict:
 
 
 def best_params_yaml(study: optuna.Study, trial: FrozenTrial) -> str:
-    """A params file of dotted overrides reproducing `trial` through the pipeline (cfg.presets applies it)."""
+    """A params file of dotted overrides reproducing `trial` through the pipeline (cfg.study.presets applies it)."""
     values = ", ".join(f"{n} {v:.4g}" for n, v in zip(("FID", "IS"), trial.values, strict=False))
     header = (
         f"# Trial {trial.number} of Optuna study {study.study_name!r}: {values} at w = {trial.user_attrs['w']:g}.\n"

@@ -10,7 +10,7 @@
 
 The maths is torchmetrics' and torch-fidelity's wherever they implement it (each function names the routine);
 this module feeds them precomputed features in float64. Two extractors: the small evaluation `Classifier` at
-the data's native resolution (the default) and the standard FID Inception-v3 (`cfg.inception`). A
+the data's native resolution (the default) and the standard FID Inception-v3 (`cfg.nets.inception`). A
 `Fingerprint` (extractor, weights, reference set, sample count, resolution, resize) says which numbers may be
 compared; `check_comparable` refuses the rest.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cfg.classifier import Classifier
+from cfg.nets.classifier import Classifier
 
 # the numeric metrics of one (p_uncond, w) cell: its MLflow metrics and the metric columns of tradeoff.csv
 CELL_METRICS = (
@@ -153,7 +153,7 @@ def extractor_by_name(
     """The feature extractor named by evaluate.extractor: the pipeline's classifier or FID Inception-v3."""
     if name == "inception":
         return inception_extractor(inception_weights, device=device)
-    from cfg.classifier import load_classifier
+    from cfg.nets.classifier import load_classifier
 
     model, _ = load_classifier(classifier_path, map_location=device)
     return classifier_extractor(model)
@@ -162,8 +162,8 @@ def extractor_by_name(
 def inception_extractor(
     weights_path: str | Path | None, device: torch.device | str = "cpu"
 ) -> FeatureExtractor:
-    """The standard FID Inception-v3: pool3 features (2048) and bias-free IS logits (1008); see cfg.inception."""
-    from cfg.inception import load_inception
+    """The standard FID Inception-v3: pool3 features (2048) and bias-free IS logits (1008); see cfg.nets.inception."""
+    from cfg.nets.inception import load_inception
 
     return _InceptionExtractor(
         load_inception(weights_path, device),

@@ -148,8 +148,8 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m cfg.tracking ui`: the MLflow UI on localhost against the project's store."""
-    parser = argparse.ArgumentParser(prog="python -m cfg.tracking")
+    """`python -m cfg.study.tracking ui`: the MLflow UI on localhost against the project's store."""
+    parser = argparse.ArgumentParser(prog="python -m cfg.study.tracking")
     sub = parser.add_subparsers(dest="command", required=True)
     ui = sub.add_parser("ui", help="start the MLflow UI on localhost")
     ui.add_argument("--port", type=int, default=5000)

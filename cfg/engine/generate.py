@@ -12,18 +12,18 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from cfg.data import to_uint8
-from cfg.device import autocast, configure_cuda
-from cfg.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
-from cfg.guidance import guided_denoiser
-from cfg.samplers import get_sampler
+from cfg.data.datasets import to_uint8
+from cfg.engine.device import autocast, configure_cuda
+from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
+from cfg.maths.guidance import guided_denoiser
+from cfg.maths.samplers import get_sampler
 
 # called after every batch with {"images", "total_images", "elapsed_s", "eta_s"}
 ProgressCallback = Callable[[dict], None]
 
 
 def sampler_options(sample) -> dict:
-    """The options params.yaml's `sample` section (`cfg.config.SampleParams`) gives its sampler (v only for
+    """The options params.yaml's `sample` section (`cfg.study.config.SampleParams`) gives its sampler (v only for
     the ancestral sampler)."""
     return {"clip_denoised": sample.clip_denoised} | (
         {"v": sample.v} if sample.sampler == "ancestral" else {}
@@ -31,7 +31,7 @@ def sampler_options(sample) -> dict:
 
 
 def sampling_kwargs(params) -> dict:
-    """`generate_w_grid`'s keyword arguments from params.yaml (`cfg.config.Params`): sampler, options, steps,
+    """`generate_w_grid`'s keyword arguments from params.yaml (`cfg.study.config.Params`): sampler, options, steps,
     λ range, seed, batch and precision, as the sample stage uses them; the caller adds the model's classes and
     image shape and the device."""
     s, t = params.sample, params.train
