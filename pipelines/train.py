@@ -2,14 +2,15 @@
 
 import argparse
 import csv
+import shutil
 from pathlib import Path
 
 from cfg.data.datasets import load_prepared
 from cfg.engine.device import resolve_device
-from cfg.engine.training import train_diffusion, train_kwargs
+from cfg.engine.training import resume_state_path, train_diffusion, train_kwargs
 from cfg.nets.unet import UNetConfig, count_parameters, save_checkpoint
 from cfg.study.stage import progress_printer, stage_params, write_json
-from cfg.study.tracking import client_for, flatten, log_flat, provenance_tags
+from cfg.study.tracking import client_for, flatten, log_flat, project_root, provenance_tags
 
 
 def main() -> None:
@@ -30,15 +31,25 @@ def main() -> None:
     config = UNetConfig.from_params(
         m, image_size=ds.image_size, in_channels=ds.channels, num_classes=ds.num_classes
     )
+    fingerprint = ds.fingerprint()
     train_params = {k: v for k, v in params.to_dict()["train"].items() if k != "p_uncond"}
     params_hash = params.section_hash("data", "model", "train")
+    # outside the stage's outputs, which DVC deletes before the stage runs; named by the settings' hash
+    resume_path = resume_state_path(
+        project_root(),
+        p_uncond=args.p_uncond,
+        data_fingerprint=fingerprint,
+        model=params.to_dict()["model"],
+        train=params.to_dict()["train"],
+        device=device,
+    )
 
     client, exp_id = client_for(params.tracking.uri, params.tracking.experiment)
     run = client.create_run(
         exp_id,
         run_name=f"train p_uncond={args.p_uncond}",
         tags=provenance_tags(
-            f"train@{args.p_uncond}", params_hash, {"run_kind": "train", "data_fingerprint": ds.fingerprint()}
+            f"train@{args.p_uncond}", params_hash, {"run_kind": "train", "data_fingerprint": fingerprint}
         ),
     )
     run_id = run.info.run_id
@@ -77,15 +88,19 @@ def main() -> None:
             **train_kwargs(t),
             log_every=t.log_every,
             callback=on_log,
+            resume_path=resume_path,
+            checkpoint_every=t.checkpoint_every,
         )
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
+    if result.resumed_from:
+        print(f"[train p_uncond={args.p_uncond}] resumed from step {result.resumed_from}", flush=True)
 
     meta = {
         "p_uncond": args.p_uncond,
         "train": train_params,
-        "data_fingerprint": ds.fingerprint(),
+        "data_fingerprint": fingerprint,
         "data_name": ds.name,
         "classes": ds.classes,
         "mlflow_run_id": run_id,
@@ -100,10 +115,12 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(result.history)
     write_json(out / "train.json", {k: v for k, v in meta.items() if k != "classes"})
+    # the outputs are written: the resume state (and a temporary file a killed run left beside it) is done with
+    shutil.rmtree(resume_path.parent, ignore_errors=True)
     log_flat(
         client,
         run_id,
-        params={"n_parameters": count_parameters(result.ema)},
+        params={"n_parameters": count_parameters(result.ema), "resumed_from_step": result.resumed_from},
         metrics={"final_loss": meta["final_loss"], "train_images_per_s": result.images_per_s},
     )
     client.log_artifact(run_id, str(out / "checkpoint.pt"))

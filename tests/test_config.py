@@ -125,7 +125,7 @@ def test_train_kwargs_hand_every_train_setting_to_train_diffusion():
     kwargs = train_kwargs(t)
     assert set(kwargs) <= set(inspect.signature(train_diffusion).parameters)
     fields = {f.name for f in dataclasses.fields(t)}
-    assert set(kwargs) == fields - {"p_uncond", "device", "log_every"}
+    assert set(kwargs) == fields - {"p_uncond", "device", "log_every", "checkpoint_every"}
     assert kwargs["steps"] == t.steps and kwargs["lr"] == t.lr
 
 

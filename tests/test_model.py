@@ -63,6 +63,54 @@ def test_ema_update_rule():
         EMA(model, decay=1.0)
 
 
+def test_ema_warmup_follows_its_formula_then_the_configured_decay():
+    # one scalar weight set to a new value before each update: the EMA must follow the recursion exactly
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.99, warmup=True)
+    assert [ema.decay_at(t) for t in (0, 1, 10)] == [1 / 10, 2 / 11, 11 / 20]
+    assert ema.decay_at(890) == ema.decay_at(5000) == 0.99  # (1 + t) / (10 + t) reaches 0.99 at t = 890
+    expected = model.weight.detach().clone().double()
+    torch.manual_seed(0)
+    for t in range(1000):
+        model.weight.data.normal_()
+        d = min(0.99, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * model.weight.detach().double()
+        ema.update(model)
+    assert ema.num_updates == 1000
+    torch.testing.assert_close(ema.model.weight.double(), expected, rtol=1e-5, atol=1e-6)
+    # the update count is part of the state, so a resumed EMA continues the schedule
+    other = EMA(model, decay=0.99, warmup=True)
+    other.load_state_dict(ema.state_dict())
+    assert other.num_updates == 1000
+
+
+def test_warmed_up_ema_is_close_to_the_trained_weights_after_a_few_hundred_steps():
+    # a toy regression whose weights travel far from their initialisation in 300 Adam steps
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4)
+    init = torch.cat([p.detach().flatten() for p in model.parameters()])
+    x = torch.randn(512, 16)
+    y = x @ (torch.randn(16, 4) * 2) + 1.0
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    warm, plain = EMA(model, 0.999, warmup=True), EMA(model, 0.999)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        warm.update(model)
+        plain.update(model)
+
+    def flat(m):
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    trained = flat(model)
+    travel = (trained - init).norm()
+    assert travel > 5, "the toy weights must move"
+    # 0.999**300 = 0.74: without warm-up the average still holds three quarters of the initial weights
+    assert (flat(plain.model) - trained).norm() / travel > 0.6
+    assert (flat(warm.model) - trained).norm() / travel < 0.02
+
+
 def test_checkpoint_roundtrip(tmp_path):
     model = _perturbed(UNet(TINY))
     save_checkpoint(tmp_path / "ckpt.pt", model, {"p_uncond": 0.2})

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -20,18 +25,65 @@ StepCallback = Callable[[dict], None]
 
 def train_kwargs(train) -> dict:
     """`train_diffusion`'s keyword arguments from params.yaml's `train` section (`cfg.study.config.TrainParams`), less
-    p_uncond (one per model), the device (resolved by the caller) and the logging cadence."""
+    p_uncond (one per model), the device (resolved by the caller) and the logging and checkpointing cadence."""
     names = (
         "steps",
         "batch_size",
         "lr",
         "warmup_steps",
         "ema_decay",
+        "ema_warmup",
         "grad_clip",
         "lambda_min",
         "lambda_max",
     )
     return {k: getattr(train, k) for k in (*names, "seed", "bf16", "compile")}
+
+
+# train.* keys that do not change the trained weights or the loss curve
+RESUME_NEUTRAL_KEYS = ("p_uncond", "device", "checkpoint_every")
+
+
+def resume_state_path(
+    root: str | Path,  # project root; states live in <root>/.resume/
+    *,
+    p_uncond: float,
+    data_fingerprint: str,
+    model: dict,  # params.yaml's model section
+    train: dict,  # params.yaml's train section
+    device: torch.device,  # the resolved device: a CUDA state is not resumed on CPU
+) -> Path:
+    """Where a train run keeps its resume state: outside the stage's outputs (DVC deletes those before it runs),
+    named by a hash of everything that determines the result, so that a state of other settings is never resumed."""
+    settings = {
+        "p_uncond": p_uncond,
+        "data_fingerprint": data_fingerprint,
+        "model": model,
+        "train": {k: v for k, v in train.items() if k not in RESUME_NEUTRAL_KEYS},
+        "device": torch.device(device).type,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / ".resume" / f"train-p_uncond={p_uncond}-{digest}" / "state.pt"
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    """torch.save via a temporary file in the same folder, fsync and rename: a kill leaves the old state or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
 
 
 @dataclass
@@ -40,6 +92,7 @@ class TrainResult:
     ema: UNet  # the EMA weights, which are sampled
     history: list[dict] = field(default_factory=list)  # the logged loss curve
     images_per_s: float = 0.0  # training throughput over the whole run (after the first logged interval)
+    resumed_from: int = 0  # the step a resume state continued from; 0 when trained from scratch
 
 
 def train_diffusion(
@@ -53,6 +106,7 @@ def train_diffusion(
     lr: float = 2e-4,  # Adam learning rate after warm-up
     warmup_steps: int = 100,  # linear warm-up steps
     ema_decay: float = 0.999,  # EMA decay
+    ema_warmup: bool = True,  # EMA decay min(ema_decay, (1 + t) / (10 + t)) at update t
     grad_clip: float | None = 1.0,  # max gradient norm, None to disable
     lambda_min: float = LAMBDA_MIN,  # log-SNR range of training λ
     lambda_max: float = LAMBDA_MAX,
@@ -62,15 +116,52 @@ def train_diffusion(
     compile: bool = False,  # torch.compile the network on CUDA
     log_every: int = 50,  # steps between history entries / callback calls
     callback: StepCallback | None = None,
+    resume_path: str | Path | None = None,  # training state file: continued from if it exists, written below
+    checkpoint_every: int = 0,  # steps between writes of resume_path; 0 = never
 ) -> TrainResult:
-    """Train ε_θ(z_λ, λ, c) with the ε-MSE loss and label dropout p_uncond; returns model, EMA and loss curve."""
+    """Train ε_θ(z_λ, λ, c) with the ε-MSE loss and label dropout p_uncond; returns model, EMA and loss curve.
+
+    With `resume_path`, a state written there by an interrupted call with the same arguments is continued from;
+    on CPU the result is bitwise that of an uninterrupted run. The caller removes the file once its outputs are
+    safe. A state of other arguments raises ValueError (the caller's path should name the settings).
+    """
     if not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
+    if checkpoint_every < 0 or (checkpoint_every and resume_path is None):
+        raise ValueError(f"checkpoint_every = {checkpoint_every} needs a resume_path and must be >= 0")
     device = torch.device(device)
+    # the arguments that determine the result: a resume state must have been written with the same ones
+    settings = {
+        "config": config.to_dict(),
+        "train_x": list(train_x.shape),
+        "p_uncond": p_uncond,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup_steps": warmup_steps,
+        "ema_decay": ema_decay,
+        "ema_warmup": ema_warmup,
+        "grad_clip": grad_clip,
+        "lambda_min": lambda_min,
+        "lambda_max": lambda_max,
+        "seed": seed,
+        "device": device.type,
+        "bf16": bf16,
+        "log_every": log_every,
+    }
+    resume_path = Path(resume_path) if resume_path is not None else None
+    state = None
+    if resume_path is not None and resume_path.exists():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if state["settings"] != settings:
+            diff = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+            raise ValueError(
+                f"resume state {resume_path} was written with other settings ({diff}); remove it"
+            )
     configure_cuda()
     torch.manual_seed(seed)
     model = UNet(config).to(device)
-    ema = EMA(model, ema_decay)
+    ema = EMA(model, ema_decay, warmup=ema_warmup)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compile and device.type == "cuda" else model
@@ -81,11 +172,27 @@ def train_diffusion(
     x_all, y_all = train_x.to(device), train_y.to(device)
 
     history: list[dict] = []
-    running, n_running = 0.0, 0
+    running, n_running = torch.zeros((), device=device), 0  # loss sum since the last log
     t_start = t_last = time.perf_counter()
     timed_images, timed_s = 0, 0.0
+    start = 0
+    if state is not None:
+        start = state["step"]
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["cpu_rng"])  # dropout draws from the global generators
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        history = state["history"]
+        running, n_running = state["running"].to(device), state["n_running"]
+        timed_images, timed_s = state["timed_images"], state["timed_s"]
+        t_start, t_last = t_start - state["elapsed_s"], t_last - state["since_log_s"]
+    first_interval = True  # holds compilation and warm-up: not timed
     model.train()
-    for step in range(1, steps + 1):
+    for step in range(start + 1, steps + 1):
         idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen, device=device)
         x, y = x_all[idx], y_all[idx]
         if device.type == "cuda":
@@ -115,7 +222,7 @@ def train_diffusion(
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"training loss became {mean_loss} at step {step}; lower train.lr")
             now = time.perf_counter()
-            if history:  # the first interval holds compilation and warm-up
+            if not first_interval:
                 timed_images += n_running * batch_size
                 timed_s += now - t_last
             rate = timed_images / timed_s if timed_s else n_running * batch_size / max(now - t_last, 1e-9)
@@ -128,13 +235,37 @@ def train_diffusion(
                 "eta_s": (steps - step) * batch_size / rate,
             }
             history.append(entry)
+            running, n_running, t_last, first_interval = torch.zeros_like(running), 0, now, False
             if callback is not None:
                 callback({**entry, "ema": ema.model})  # the weights a checkpoint evaluation samples
-            running, n_running, t_last = 0.0, 0, now
+        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            now = time.perf_counter()
+            _atomic_save(
+                {
+                    "settings": settings,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(),
+                    "cpu_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "history": history,
+                    "running": running.cpu(),  # the loss accumulator: checkpoints need not fall on log steps
+                    "n_running": n_running,
+                    "timed_images": timed_images,
+                    "timed_s": timed_s,
+                    "elapsed_s": now - t_start,
+                    "since_log_s": now - t_last,
+                },
+                resume_path,
+            )
     model.eval()
     return TrainResult(
         model=model,
         ema=ema.model,
         history=history,
         images_per_s=timed_images / timed_s if timed_s else history[-1]["images_per_s"],
+        resumed_from=start,
     )

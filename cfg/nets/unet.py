@@ -192,21 +192,40 @@ class UNet(nn.Module):
 
 
 class EMA(nn.Module):
-    """Exponential moving average of a model's weights: θ_ema ← decay·θ_ema + (1 − decay)·θ."""
+    """Exponential moving average of a model's weights: θ_ema ← d_t·θ_ema + (1 − d_t)·θ.
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999):
+    d_t = decay, or with `warmup` d_t = min(decay, (1 + t) / (10 + t)) for the t-th update (t = 0, 1, …), so
+    the average forgets its initial weights within a few hundred updates instead of ~1/(1 − decay).
+    The update count is part of the state dict, so a resumed EMA continues the same schedule.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = False):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0  # t: updates so far
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay_at(self, t: int) -> float:
+        """d_t of the t-th update (t = 0 first)."""
+        return min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        weight = 1.0 - self.decay_at(self.num_updates)  # a Python float: no host sync
         ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], weight)
         for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
+        self.num_updates += 1
+
+    def get_extra_state(self) -> dict:
+        return {"num_updates": self.num_updates}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.num_updates = int(state["num_updates"])
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

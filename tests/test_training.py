@@ -1,0 +1,191 @@
+"""Resumable training: an interrupted run continued from its resume state ends bitwise where an uninterrupted one does."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from cfg.data.datasets import load_dataset
+from cfg.engine.training import _atomic_save, resume_state_path, train_diffusion
+from cfg.nets.unet import UNetConfig, load_checkpoint
+from tests.conftest import VENV_BIN, run, shrink_params
+
+# dropout > 0: the global RNG, not only the training generator, must be restored
+TINY = UNetConfig(
+    image_size=8,
+    in_channels=1,
+    num_classes=10,
+    base_width=8,
+    channel_mult=(1, 2),
+    attention_resolutions=(4,),
+    dropout=0.1,
+    head_channels=8,
+)
+KW = dict(
+    p_uncond=0.2, steps=30, batch_size=16, lr=2e-3, warmup_steps=5, ema_decay=0.999, seed=3, log_every=10
+)
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def callback(entry: dict) -> None:
+        if entry["step"] == step:
+            raise Stop
+
+    return callback
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    unequal = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not unequal, f"tensors differ: {unequal}"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = load_dataset("digits", image_size=8)
+    return ds.train_x[:300], ds.train_y[:300]
+
+
+def test_stopped_and_resumed_training_equals_an_uninterrupted_run_bitwise(digits, tmp_path):
+    whole = train_diffusion(TINY, *digits, **KW)
+    state = tmp_path / "state.pt"
+    # checkpoints at 8 and 16 (mid-interval: the loss accumulator travels in the state); stopped in the
+    # callback of step 20, which runs before the step-24 checkpoint, so the run goes back to step 16
+    with pytest.raises(Stop):
+        train_diffusion(TINY, *digits, **KW, resume_path=state, checkpoint_every=8, callback=_stop_at(20))
+    assert state.is_file() and [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+    assert torch.load(state, weights_only=True)["step"] == 16
+    resumed = train_diffusion(TINY, *digits, **KW, resume_path=state, checkpoint_every=8)
+    assert resumed.resumed_from == 16 and whole.resumed_from == 0
+    _assert_same_weights(resumed.model, whole.model)
+    _assert_same_weights(resumed.ema, whole.ema)
+    assert [(h["step"], h["loss"]) for h in resumed.history] == [
+        (h["step"], h["loss"]) for h in whole.history
+    ]
+
+
+def test_a_resume_state_of_other_settings_is_refused(digits, tmp_path):
+    state = tmp_path / "state.pt"
+    with pytest.raises(Stop):
+        train_diffusion(TINY, *digits, **KW, resume_path=state, checkpoint_every=5, callback=_stop_at(10))
+    with pytest.raises(ValueError, match=r"other settings \(\['seed'\]\)"):
+        train_diffusion(TINY, *digits, **{**KW, "seed": 4}, resume_path=state, checkpoint_every=5)
+    with pytest.raises(ValueError, match="needs a resume_path"):
+        train_diffusion(TINY, *digits, **KW, checkpoint_every=10)
+
+
+def test_resume_path_names_every_result_changing_setting(tmp_path):
+    base = dict(
+        p_uncond=0.1,
+        data_fingerprint="abc",
+        model={"base_width": 32},
+        train={"p_uncond": [0.1, 0.5], "lr": 2e-3, "checkpoint_every": 500, "device": "auto"},
+        device=torch.device("cpu"),
+    )
+    path = resume_state_path(tmp_path, **base)
+    assert path.parent.parent == tmp_path / ".resume" and path.name == "state.pt"
+    assert path.parent.name.startswith("train-p_uncond=0.1-")
+    # how often states are written, and the p_uncond list (not this model's), do not change the result
+    same = {"checkpoint_every": 100, "p_uncond": [0.1, 0.2], "device": "cpu"}
+    assert resume_state_path(tmp_path, **{**base, "train": {**base["train"], **same}}) == path
+    changed = [
+        {"p_uncond": 0.5},
+        {"data_fingerprint": "abd"},
+        {"model": {"base_width": 64}},
+        {"train": {**base["train"], "lr": 1e-3}},
+        {"device": torch.device("cuda")},
+    ]
+    for change in changed:
+        assert resume_state_path(tmp_path, **{**base, **change}) != path, change
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("unpicklable")  # fails the write after part of the file is out
+
+
+def test_a_failed_state_write_keeps_the_old_state_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "state.pt"
+    _atomic_save({"step": 1}, path)
+    with pytest.raises(RuntimeError, match="unpicklable"):
+        _atomic_save({"step": 2, "model": torch.zeros(1000), "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def _train_stage(project, out: str) -> list[str]:
+    return [
+        f"{VENV_BIN}/python",
+        "pipelines/train.py",
+        "--p-uncond",
+        "0.1",
+        "--data",
+        "data/prepared.pt",
+        "--out-dir",
+        out,
+    ]
+
+
+@pytest.mark.slow
+def test_killed_train_stage_resumes_and_ends_at_the_uninterrupted_weights(project):
+    settings = {"steps": 120, "batch_size": 32, "log_every": 10, "checkpoint_every": 20}
+    shrink_params(project / "params.yaml", {"train": settings})
+    run(
+        [
+            f"{VENV_BIN}/python",
+            "pipelines/prepare.py",
+            "--out",
+            "data/prepared.pt",
+            "--info",
+            "data/prep.json",
+        ],
+        project,
+    )
+    run(_train_stage(project, "models/whole"), project)
+    resume_root = project / ".resume"
+    assert not any(resume_root.glob("*/state.pt")), "a finished run removes its resume state"
+
+    env = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ["PATH"], "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        _train_stage(project, "models/killed"),
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not any(resume_root.glob("*/state.pt")):
+        assert proc.poll() is None, (
+            f"the run ended before its first checkpoint: {proc.stderr.read().decode()}"
+        )
+        assert time.monotonic() < deadline, "no resume state appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (project / "models" / "killed" / "checkpoint.pt").exists()
+    (state,) = resume_root.glob("*/state.pt")
+    killed_at = torch.load(state, weights_only=True)["step"]
+    assert 20 <= killed_at < 120
+
+    # the rerun resumes, also with another checkpoint_every (it does not change the result)
+    shrink_params(project / "params.yaml", {"train": {"checkpoint_every": 30}})
+    rerun = run(_train_stage(project, "models/killed"), project)
+    resumed_at = int(rerun.stdout.split("resumed from step ")[1].split()[0])
+    assert resumed_at == killed_at
+    assert not resume_root.exists() or not any(resume_root.iterdir())
+
+    whole, _ = load_checkpoint(project / "models" / "whole" / "checkpoint.pt")
+    killed, _ = load_checkpoint(project / "models" / "killed" / "checkpoint.pt")
+    _assert_same_weights(killed, whole)
+    loss = [(project / "models" / d / "loss.csv").read_text() for d in ("whole", "killed")]
+    assert loss[0] == loss[1]
