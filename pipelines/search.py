@@ -21,17 +21,11 @@ import yaml
 from cfg.data.datasets import load_prepared
 from cfg.engine.device import resolve_device
 from cfg.eval.metrics import load_reference_stats
-from cfg.search import (
-    SearchError,
-    SearchInputs,
-    best_params_yaml,
-    best_trials,
-    check_search,
-    masked,
-    run_worker,
-    storage_url,
-    summary,
-)
+from cfg.search.objective import SearchInputs
+from cfg.search.results import best_params_yaml, best_trials, summary
+from cfg.search.space import SearchError, check_search
+from cfg.search.storage import masked, storage_url
+from cfg.search.worker import run_worker
 from cfg.study.config import ParamsError
 from cfg.study.presets import exp_run_command, flat_overrides
 from cfg.study.stage import atomic_write_text, make_extractor, write_json

@@ -29,18 +29,11 @@ from cfg.eval.metrics import (
 )
 from cfg.nets.classifier import ClassifierConfig, save_classifier, train_classifier
 from cfg.nets.unet import load_checkpoint
-from cfg.search import (
-    SearchError,
-    SearchInputs,
-    best_params_yaml,
-    best_trials,
-    check_search,
-    retry_of,
-    run_worker,
-    storage_url,
-    summary,
-    trial_params,
-)
+from cfg.search.objective import SearchInputs
+from cfg.search.results import best_params_yaml, best_trials, summary
+from cfg.search.space import SearchError, check_search, trial_params
+from cfg.search.storage import retry_of, storage_url
+from cfg.search.worker import run_worker
 from cfg.study.presets import exp_run_command
 from cfg.study.stage import make_extractor
 
@@ -159,7 +152,10 @@ def originals(study: optuna.Study) -> list:
         ({"space": {"sample.n_samples": {"low": 10, "high": 20}}}, r"sample counts do not compare"),
         ({"space": {"train.lr": {"low": 0.001, "high": 0.01}}}, r"train\.p_uncond = \[0\.1, 0\.5\]: a trial"),
         ({"objective": "fid_is"}, r"search\.w = \[0\.0, 1\.0\]: objective fid_is scores one"),
-        ({"pruner": "percentile", "pruner_options": {}}, r"do not fit PercentilePruner"),
+        (
+            {"pruner": "percentile", "pruner_options": {}},
+            r"do not fit search\.pruner 'percentile': PercentilePruner",
+        ),
         ({"grace_period": 2, "heartbeat_interval": 2}, r"grace_period = 2 must exceed search\.heartbeat"),
         ({"n_samples_cheap": 100}, r"n_samples_cheap = 100 must not exceed sample\.n_samples = 40"),
     ],

@@ -1,0 +1,68 @@
+"""Results of a study: the best trial or the Pareto front, and the params.yaml overrides reproducing each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from cfg.search.storage import retry_of
+
+
+def trial_overrides(trial: FrozenTrial) -> dict[str, Any]:
+    """The params.yaml overrides that reproduce a trial, sample.w being the w values it was scored at.
+
+    The whole grid, not only its best w: the sample stage then draws the very batches and noise the trial drew
+    (generate_w_grid batches by the number of w), so the pipeline's cell at the best w has the trial's FID.
+    """
+    return {**trial.user_attrs["overrides"], "sample.w": trial.user_attrs["w_grid"]}
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best trial (fid) or the Pareto front sorted by FID (fid_is); empty before any trial completes."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        return []
+    if len(study.directions) == 1:
+        return [study.best_trial]
+    return sorted(study.best_trials, key=lambda t: t.values[0])
+
+
+def summary(study: optuna.Study) -> dict:
+    """Trial counts by state and the best trial or the Pareto front, each with the overrides reproducing it."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    names = ["fid"] if len(study.directions) == 1 else ["fid", "is"]
+    best = [
+        {
+            "number": t.number,
+            **dict(zip(names, t.values, strict=True)),
+            "w": t.user_attrs["w"],
+            "overrides": trial_overrides(t),
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+            "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
+        }
+        for t in best_trials(study)
+    ]
+    return {
+        "study_name": study.study_name,
+        "objective": "fid" if len(names) == 1 else "fid_is",
+        "trials": len(trials),
+        "states": counts,
+        "retried": sum(retry_of(t) is not None for t in trials),
+        "best" if len(names) == 1 else "pareto_front": best,
+        "mlflow_run_id": study.user_attrs.get("mlflow_run_id"),
+    }
+
+
+def best_params_yaml(study: optuna.Study, trial: FrozenTrial) -> str:
+    """A params file of dotted overrides reproducing `trial` through the pipeline (cfg.study.presets applies it)."""
+    values = ", ".join(f"{n} {v:.4g}" for n, v in zip(("FID", "IS"), trial.values, strict=False))
+    header = (
+        f"# Trial {trial.number} of Optuna study {study.study_name!r}: {values} at w = {trial.user_attrs['w']:g}.\n"
+        "# Reproduce it through the pipeline:  python pipelines/search.py apply <this file> --run\n"
+        "#                             (runs:  dvc exp run -S key=value ...)\n"
+    )
+    return header + yaml.safe_dump(trial_overrides(trial), sort_keys=False, default_flow_style=None)

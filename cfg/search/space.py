@@ -1,0 +1,258 @@
+"""The search space and the validated search section, checked before anything is trained.
+
+`parse_space` turns search.space into `Dimension`s, each a params.yaml key with its range or choices, checked
+against the params schema; `check_search` validates the whole params file into a `SearchSpec`; `trial_params`
+applies a trial's values to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from cfg.search.registry import PRUNERS, SAMPLERS
+from cfg.study.config import (
+    ModelParams,
+    Params,
+    ParamsError,
+    SampleParams,
+    SearchParams,
+    TrainParams,
+    params_from_dict,
+)
+from cfg.study.presets import merged_params
+
+if TYPE_CHECKING:
+    from optuna.pruners import BasePruner
+    from optuna.samplers import BaseSampler
+    from optuna.trial import Trial
+
+# params.yaml sections a trial may change: the data, the evaluation network and the metric settings stay fixed
+_SEARCHABLE = {"model": ModelParams, "train": TrainParams, "sample": SampleParams}
+# list-valued keys of which a trial uses one value (one model, one guidance strength)
+_ONE_VALUE_KEYS = ("train.p_uncond", "sample.w")
+# FIDs of different sample counts are not comparable
+_FIXED_KEYS = ("sample.n_samples",)
+_SPEC_FIELDS = {"low", "high", "log", "step", "choices"}
+
+
+class SearchError(ValueError):
+    """The search section is inconsistent, or a worker does not fit the study it joins."""
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched params.yaml key: categorical (choices) or a float / int range (low, high, log, step)."""
+
+    key: str  # dotted params.yaml key, e.g. "train.lr"
+    kind: str  # "categorical", "int" or "float"
+    low: float | None = None
+    high: float | None = None
+    log: bool = False  # sample uniformly in log space
+    step: float | None = None  # grid spacing; None = continuous (float) or 1 (int)
+    choices: tuple = ()
+
+    def suggest(self, trial: Trial) -> Any:
+        """The trial's value of this key (a retried trial gets its first attempt's value back)."""
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.key, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(
+                self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
+        value = trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+        return float(f"{value:.12g}")  # 0.15000000000000002 -> 0.15, the value params.yaml gets
+
+    def override(self, value: Any) -> Any:
+        """The params.yaml value of a suggestion: a one-element list for train.p_uncond and sample.w."""
+        return [value] if self.key in _ONE_VALUE_KEYS else value
+
+
+def _key_type(key: str, where: str) -> type:
+    """The scalar type the schema gives `key` (the item type for train.p_uncond / sample.w)."""
+    section, _, name = key.partition(".")
+    cls = _SEARCHABLE.get(section)
+    if cls is None:
+        raise SearchError(
+            f"{where}: only model.*, train.* and sample.* keys can be searched (data, classifier, evaluate and "
+            f"tracking stay fixed so that trials are comparable), got {key!r}"
+        )
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise SearchError(f"{where}: {key!r} is not a params.yaml key; {section} keys: {sorted(hints)}")
+    if key in _FIXED_KEYS:
+        raise SearchError(
+            f"{where}: {key} cannot be searched: FIDs of different sample counts do not compare"
+        )
+    typ = hints[name]
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        (typ,) = [a for a in typing.get_args(typ) if a is not type(None)]
+    if typing.get_origin(typ) is list:
+        if key not in _ONE_VALUE_KEYS:
+            raise SearchError(
+                f"{where}: {key} is a list; of the list keys only {' and '.join(_ONE_VALUE_KEYS)} can be searched "
+                "(a trial uses one value of them)"
+            )
+        (typ,) = typing.get_args(typ)
+    return typ
+
+
+def _dimension(key: str, spec: Any, typ: type, where: str) -> Dimension:
+    form = "{low, high[, log][, step]} or {choices: [...]}"
+    if not isinstance(spec, dict):
+        raise SearchError(f"{where} = {spec!r} must be a mapping: {form}")
+    unknown = sorted(set(spec) - _SPEC_FIELDS)
+    if unknown:
+        raise SearchError(f"{where}: unknown field {unknown[0]!r}; allowed: {form}")
+    if "choices" in spec:
+        choices = spec["choices"]
+        if set(spec) != {"choices"}:
+            raise SearchError(f"{where}: choices cannot be combined with low / high / log / step")
+        if not isinstance(choices, list) or not choices:
+            raise SearchError(f"{where}.choices = {choices!r} must be a non-empty list")
+        if any(isinstance(c, list | dict) for c in choices):
+            raise SearchError(f"{where}.choices = {choices!r}: choices must be numbers, strings or booleans")
+        return Dimension(key, "categorical", choices=tuple(choices))
+    if typ not in (int, float):
+        raise SearchError(f"{where}: {key} is a {typ.__name__}; search it with {{choices: [...]}}")
+    if "low" not in spec or "high" not in spec:
+        raise SearchError(f"{where} = {spec!r} needs low and high (or choices)")
+    low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
+    numbers = (int,) if typ is int else (int, float)
+    for name, value in (("low", low), ("high", high), ("step", step)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers)):
+            raise SearchError(
+                f"{where}.{name} = {value!r} must be {'an integer' if typ is int else 'a number'}"
+            )
+    if not isinstance(log, bool):
+        raise SearchError(f"{where}.log = {log!r} must be true or false")
+    if not low < high:
+        raise SearchError(f"{where}: low = {low} must be below high = {high}")
+    if log and low <= 0:
+        raise SearchError(f"{where}: a log range needs low > 0, got low = {low}")
+    if step is not None and (step <= 0 or log):
+        raise SearchError(f"{where}.step = {step} must be > 0 and cannot be combined with log: true")
+    return Dimension(key, typ.__name__, low=low, high=high, log=log, step=step)
+
+
+def parse_space(space: dict, raw_params: dict) -> list[Dimension]:
+    """search.space as dimensions, every bound and choice checked against the params schema."""
+    if not space:
+        raise SearchError(
+            "search.space is empty; give the params.yaml keys to search, e.g. "
+            "train.lr: {low: 0.0003, high: 0.01, log: true}"
+        )
+    dims = []
+    for key, spec in space.items():
+        where = f"search.space.{key}"
+        dim = _dimension(key, spec, _key_type(key, where), where)
+        for value in dim.choices or (dim.low, dim.high):
+            try:
+                params_from_dict(merged_params(raw_params, {key: dim.override(value)}))
+            except ParamsError as e:
+                raise SearchError(f"{where}: {e}") from None
+        dims.append(dim)
+    return dims
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A validated search: base params, search section, space
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """params.yaml (as read, and validated) with its checked search space."""
+
+    raw: dict  # params.yaml as read: each trial applies its values to it
+    params: Params  # the validated base parameters
+    space: list[Dimension]
+
+    @property
+    def search(self) -> SearchParams:
+        return self.params.search
+
+    @property
+    def multi(self) -> bool:
+        """FID and IS (Pareto front) rather than FID alone."""
+        return self.search.objective == "fid_is"
+
+    @property
+    def directions(self) -> list[str]:
+        return ["minimize", "maximize"] if self.multi else ["minimize"]
+
+    def settings_hash(self) -> str:
+        """What a trial's result depends on: params.yaml without tracking, device and the workers' own settings."""
+        d = self.params.to_dict()
+        del d["tracking"], d["train"]["device"]
+        for key in (
+            "study_name",
+            "storage",
+            "n_trials",
+            "seed",
+            "heartbeat_interval",
+            "grace_period",
+            "max_retry",
+        ):
+            del d["search"][key]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def make_sampler(s: SearchParams, seed_offset: int = 0) -> BaseSampler:
+    """search.sampler with search.sampler_options, seeded by search.seed + seed_offset."""
+    seed = None if s.seed is None else s.seed + seed_offset
+    try:
+        return SAMPLERS[s.sampler](s.sampler_options, seed)
+    except (TypeError, ValueError) as e:
+        raise SearchError(
+            f"search.sampler_options = {s.sampler_options} do not fit search.sampler {s.sampler!r}: {e}"
+        ) from None
+
+
+def make_pruner(s: SearchParams) -> BasePruner:
+    """search.pruner with search.pruner_options."""
+    try:
+        return PRUNERS[s.pruner](s.pruner_options)
+    except (TypeError, ValueError) as e:
+        raise SearchError(
+            f"search.pruner_options = {s.pruner_options} do not fit search.pruner {s.pruner!r}: {e}"
+        ) from None
+
+
+def check_search(raw: dict) -> SearchSpec:
+    """Validate params.yaml and its search section before anything is trained; raises ParamsError / SearchError."""
+    params = params_from_dict(raw)
+    s = params.search
+    space = parse_space(s.space, raw)
+    keys = {d.key for d in space}
+    if "train.p_uncond" not in keys and len(params.train.p_uncond) != 1:
+        raise SearchError(
+            f"train.p_uncond = {params.train.p_uncond}: a trial trains one model; put train.p_uncond in "
+            "search.space or give it one value"
+        )
+    if s.objective == "fid_is" and "sample.w" not in keys and len(s.w) != 1:
+        raise SearchError(
+            f"search.w = {s.w}: objective fid_is scores one (FID, IS) point per trial; put sample.w in "
+            "search.space or give search.w one value"
+        )
+    if s.grace_period <= s.heartbeat_interval:
+        raise SearchError(
+            f"search.grace_period = {s.grace_period} must exceed search.heartbeat_interval = "
+            f"{s.heartbeat_interval}, or live trials would be failed"
+        )
+    if s.n_samples_cheap > params.sample.n_samples:
+        raise SearchError(
+            f"search.n_samples_cheap = {s.n_samples_cheap} must not exceed sample.n_samples = "
+            f"{params.sample.n_samples} (the full count)"
+        )
+    make_sampler(s)
+    make_pruner(s)
+    return SearchSpec(raw=raw, params=params, space=space)
+
+
+def trial_params(spec: SearchSpec, overrides: dict[str, Any]) -> Params:
+    """The parameters a trial runs with: params.yaml with the trial's values applied."""
+    return params_from_dict(merged_params(spec.raw, overrides))

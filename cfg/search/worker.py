@@ -1,0 +1,149 @@
+"""Workers: join (or create) a study and run trials until it has search.n_trials and none is left running.
+
+Any number of processes on any machines share a study through its storage (SQLite by default, PostgreSQL for
+several machines); together they run exactly search.n_trials. Running trials send heartbeats; the trial of a
+worker that died is failed after search.grace_period and run again (search.max_retry), and the workers still
+alive finish the study.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial
+
+from cfg.search.objective import Log, Objective, SearchInputs, worker_id
+from cfg.search.space import SearchError, SearchSpec, make_pruner, make_sampler
+from cfg.search.storage import (
+    Budget,
+    StudyLock,
+    experimental_ok,
+    masked,
+    open_storage,
+    storage_url,
+    study_lock,
+)
+from cfg.study.config import SearchParams
+from cfg.study.tracking import client_for, flatten, log_flat, provenance_tags
+
+
+def _print(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _stale_trial_handler(client, max_retry: int, log: Log) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Called for a trial whose worker stopped sending heartbeats: its MLflow run fails, the trial is retried."""
+    with experimental_ok():
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def handle(study: optuna.Study, trial: FrozenTrial) -> None:
+        log(
+            f"[search] trial {trial.number} lost its worker {trial.user_attrs.get('worker')}: failed, retrying"
+        )
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            try:
+                log_flat(
+                    client, run_id, tags={"optuna.state": "FAIL", "failure": "worker lost (no heartbeat)"}
+                )
+                client.set_terminated(run_id, status="FAILED")
+            except Exception as e:  # the run lives in another machine's MLflow store
+                log(f"[search] could not mark MLflow run {run_id} failed: {e}")
+        retry(study, trial)
+
+    return handle
+
+
+def _join(study: optuna.Study, spec: SearchSpec, inputs: SearchInputs, url: str, client, exp_id: str) -> int:
+    """Check this worker against the study (or set the study up); returns how many workers joined before."""
+    attrs = study.user_attrs
+    mine = {"settings_hash": spec.settings_hash(), "inputs": inputs.fingerprint()}
+    if "mlflow_run_id" not in attrs:
+        s = spec.search
+        run = client.create_run(
+            exp_id,
+            run_name=f"search {s.study_name}",
+            tags=provenance_tags(
+                "search",
+                mine["settings_hash"],
+                {"run_kind": "search", "optuna.study_name": s.study_name, "optuna.storage": masked(url)},
+            ),
+        )
+        log_flat(client, run.info.run_id, params=flatten(spec.params.to_dict()["search"], "search."))
+        for key, value in {**mine, "mlflow_run_id": run.info.run_id}.items():
+            study.set_user_attr(key, value)
+    else:
+        for key, value in mine.items():
+            if attrs.get(key) != value:
+                raise SearchError(
+                    f"this worker's {key.replace('_', ' ')} {value!r} differs from study {study.study_name!r}'s "
+                    f"{attrs.get(key)!r}: its trials would not compare. Use the same params.yaml and the same "
+                    "data/classifier/reference files (dvc pull) on every worker, or another search.study_name"
+                )
+    if [d.name.lower() for d in study.directions] != spec.directions:
+        raise SearchError(
+            f"study {study.study_name!r} was created with directions {[d.name.lower() for d in study.directions]}, "
+            f"search.objective {spec.search.objective!r} needs {spec.directions}; use another search.study_name"
+        )
+    joined = attrs.get("workers_joined", 0)
+    study.set_user_attr("workers_joined", joined + 1)
+    return joined
+
+
+def run_worker(
+    spec: SearchSpec,
+    inputs: SearchInputs,
+    *,
+    storage: str | None = None,  # SQLAlchemy URL; overrides search.storage
+    log: Log = _print,
+) -> optuna.Study:
+    """Join (or create) the study and run trials until it has search.n_trials and none is left running.
+
+    Start it on as many machines as you like with the same params.yaml, inputs and storage: they share the
+    budget exactly. Returns the study once it is complete.
+    """
+    s = spec.search
+    url = storage_url(storage or s.storage)
+    lock = study_lock(url, s.study_name)
+    try:
+        lock.acquire()  # tables, study, MLflow store and study run are created once, by one worker
+        try:
+            client, exp_id = client_for(spec.params.tracking.uri, spec.params.tracking.experiment)
+            rdb = open_storage(url, s, _stale_trial_handler(client, s.max_retry, log))
+            study = optuna.create_study(
+                storage=rdb, study_name=s.study_name, directions=spec.directions, load_if_exists=True
+            )
+            joined = _join(study, spec, inputs, url, client, exp_id)
+        finally:
+            lock.release()
+        study = optuna.load_study(
+            study_name=s.study_name, storage=rdb, sampler=make_sampler(s, joined), pruner=make_pruner(s)
+        )
+        log(f"[search] worker {worker_id()} joined study {s.study_name!r} on {masked(url)} (worker {joined})")
+        _run_trials(study, Objective(spec, inputs, lock, client, exp_id, log), lock, s)
+    finally:
+        lock.close()
+    return study
+
+
+def _run_trials(study: optuna.Study, objective: Objective, lock: StudyLock, s: SearchParams):
+    """Start trials while the budget allows, then wait for the other workers' trials to end (or go stale)."""
+    while True:
+        lock.acquire()
+        try:
+            with experimental_ok():  # what optimize() also calls before each trial
+                optuna.storages.fail_stale_trials(study)
+            budget = Budget.of(study)
+            if budget.waiting or budget.used < s.n_trials:
+                # a queued retry is popped, else a trial created; the objective releases the lock once it exists
+                study.optimize(objective, n_trials=1, catch=(FloatingPointError,))
+                continue
+        finally:
+            lock.release()
+        if not budget.running:
+            return
+        time.sleep(s.heartbeat_interval)
