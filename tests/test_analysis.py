@@ -8,55 +8,108 @@ pipeline once per session (`tiny_study`, shared with tests/test_mlflow_server.py
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import shutil
 import sys
+from io import StringIO
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from analysis import tradeoff as T
+from analysis.loaders import _grid_columns
 from analysis.notebook import NOTEBOOK, execute, inject_parameters, png_outputs
-from cfg.eval.metrics import FingerprintMismatch
+from cfg.eval.fingerprint import Fingerprint, FingerprintMismatch
 from cfg.study import plots
+from cfg.study.records import CELL_KEY, CellRecord, options_json, p_uncond_name, write_cells
 
 from .conftest import ROOT, TINY, run, shrink_params
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-FP = {"extractor": "classifier", "weights_hash": "aa", "reference_hash": "rr", "n_samples": 40}
+FP = Fingerprint(
+    extractor="classifier", weights_hash="aa", reference_hash="rr", n_samples=40, resolution=28, resize="none"
+)
+SAMPLER_OPTIONS = {"v": 0.3, "clip_denoised": 1.0}
+
+
+def record(p_uncond: float, w: float, fid: float, is_: float, run_id: str | None, **kw) -> CellRecord:
+    """A cell record of the tiny study's settings with the metrics the analysis reads."""
+    metrics = {
+        "fid": fid,
+        "is": is_,
+        "is_std": 0.1,
+        "kid": fid / 100,
+        "kid_std": 0.001,
+        "fid_range_std": 0.05,
+    }
+    fields = dict(
+        p_uncond=p_uncond,
+        w=w,
+        guidance="cfg",
+        guidance_options={},
+        sampler="ancestral",
+        sampler_options=SAMPLER_OPTIONS,
+        steps=6,
+        seed=1,
+        n_samples=40,
+        extractor="classifier",
+        metrics=metrics,
+        fingerprint="fp1",
+        fingerprint_detail=FP.to_dict(),
+        checkpoint=f"models/{p_uncond_name(p_uncond)}/checkpoint.pt",
+        train_run_id="t1",
+        mlflow_run_id=run_id,
+    )
+    return CellRecord(**fields | kw)
+
+
+def table(records: list[CellRecord]) -> pd.DataFrame:
+    """results/tradeoff.csv of `records` as the report stage writes it (`CellRecord.row`) and pandas reads it."""
+    return pd.read_csv(StringIO(pd.DataFrame([r.row() for r in records]).to_csv(index=False)))
 
 
 def study(
     curves: dict[float, list[tuple[float, float, float]]], fingerprint: str = "fp1", **extra
 ) -> pd.DataFrame:
-    """A one-study frame from {p_uncond: [(w, fid, is), ...]} with the columns the analysis reads."""
-    rows = [
-        {
-            "run_id": f"{fingerprint}-{p}-{w}",
-            "p_uncond": p,
-            "w": w,
-            "fid": f,
-            "is": i,
-            "fingerprint": fingerprint,
-        }
+    """A one-study tidy frame from {p_uncond: [(w, fid, is), ...]}: the records' rows, typed as loaded."""
+    records = [
+        record(p, w, f, i, f"{fingerprint}-{p}-{w}", fingerprint=fingerprint)
         for p, pts in curves.items()
         for w, f, i in pts
     ]
-    df = pd.DataFrame(rows).assign(sampler="ancestral", steps=6, v=0.3, seed=1, n_samples=40, **extra)
+    df = T.type_cells(table(records).rename(columns={"mlflow_run_id": "run_id"})).assign(**extra)
     df["start_time"] = pd.Timestamp("2026-01-01") + pd.to_timedelta(np.arange(len(df)), unit="s")
-    for col, scale in (("fid_range_std", 0.05), ("is_std", 0.1), ("kid_std", 0.001)):
-        df[col] = scale
-    df["kid"] = df["fid"] / 100
     return df
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading
+
+
+def cell_run(rec: CellRecord) -> dict:
+    """A finished cell run as mlflow_frame returns it: what tracking.log_cell logs for `rec`, as text."""
+    return {
+        "run_id": rec.mlflow_run_id,
+        "run_name": rec.name,
+        "status": "FINISHED",
+        "start_time": pd.Timestamp("2026-01-01"),
+        "tags.run_kind": "cell",
+        "tags.mlflow.parentRunId": rec.train_run_id,
+        "tags.fingerprint": rec.fingerprint,
+        "tags.git_commit": "abc",
+        "tags.params_hash": "h1",
+        **{f"tags.fingerprint.{k}": str(v) for k, v in rec.fingerprint_detail.items()},
+        **{f"params.{k}": str(v) for k, v in rec.params().items()},
+        **{f"metrics.{k}": v for k, v in rec.metrics.items()},
+        **{f"metrics.fid_class_{c}": v for c, v in (rec.per_class_fid or {}).items()},
+    }
 
 
 def raw_mlflow() -> pd.DataFrame:
@@ -72,33 +125,12 @@ def raw_mlflow() -> pd.DataFrame:
         "params.model.channel_mult": "[1, 2]",
         "metrics.loss": 0.4,
     }
-    cell = base | {
-        "tags.run_kind": "cell",
-        "tags.mlflow.parentRunId": "t1",
-        "tags.fingerprint": "fp1",
-        "tags.git_commit": "abc",
-        "tags.params_hash": "h1",
-        "params.p_uncond": "0.1",
-        "params.sampler": "ancestral",
-        "params.steps": "6",
-        "params.v": "0.3",
-        "params.seed": "1",
-        "params.extractor": "classifier",
-        "params.n_samples": "40",
-    }
+    crashed = cell_run(record(0.1, 2.0, 5.0, 4.0, "c3")) | {"run_name": "crashed", "status": "RUNNING"}
+    crashed = {k: v for k, v in crashed.items() if not k.startswith("metrics.")}
     cells = [
-        cell
-        | {"run_id": "c1", "run_name": "cell w=0", "params.w": "0.0", "metrics.fid": 3.0, "metrics.is": 2.0},
-        cell
-        | {
-            "run_id": "c2",
-            "run_name": "cell w=1",
-            "params.w": "1.0",
-            "metrics.fid": 4.0,
-            "metrics.is": 3.0,
-            "metrics.fid_class_0": 9.0,
-        },
-        cell | {"run_id": "c3", "run_name": "crashed", "status": "RUNNING", "params.w": "2.0"},
+        cell_run(record(0.1, 0.0, 3.0, 2.0, "c1")),
+        cell_run(record(0.1, 1.0, 4.0, 3.0, "c2", per_class_fid={"0": 9.0})),
+        crashed,
     ]
     report = base | {"run_id": "r1", "run_name": "report", "tags.run_kind": "report", "metrics.best_fid": 3.0}
     return pd.DataFrame([train, *cells, report])
@@ -108,7 +140,24 @@ def test_tidy_mlflow_types_params_and_joins_the_train_run():
     df = T.tidy_mlflow(raw_mlflow())
     assert df["run_id"].tolist() == ["c1", "c2"], "only finished cell runs"
     assert df["w"].tolist() == [0.0, 1.0] and df["w"].dtype == float
-    assert df["steps"].dtype == "Int64" and df["seed"].tolist() == [1, 1] and df["v"].tolist() == [0.3, 0.3]
+    assert (
+        df["steps"].dtype == "Int64"
+        and df["seed"].tolist() == [1, 1]
+        and df["guidance"].tolist() == ["cfg"] * 2
+    )
+    # options: one canonical JSON string each (the key), and one typed column per option
+    assert df["sampler_options"].tolist() == ['{"clip_denoised": 1.0, "v": 0.3}'] * 2
+    assert (
+        df["sampler_options.v"].tolist() == [0.3, 0.3]
+        and df["sampler_options.clip_denoised"].tolist() == [1.0] * 2
+    )
+    assert (
+        df["guidance_options"].tolist() == ["{}"] * 2
+        and not df.columns.str.startswith("guidance_options.").any()
+    )
+    assert (
+        df["fingerprint.n_samples"].tolist() == [40, 40] and df["fingerprint.resize"].tolist() == ["none"] * 2
+    )
     assert df["fid"].tolist() == [3.0, 4.0] and df["fid_class_0"].isna().tolist() == [True, False]
     assert df["fingerprint"].tolist() == ["fp1", "fp1"] and df["train_run_id"].tolist() == ["t1", "t1"]
     # the train run's params, typed; other run kinds' params and metrics stay out
@@ -124,7 +173,11 @@ def exp_show(tmp_w: list[float]) -> list[dict]:
     def data(ts, w):
         return {
             "timestamp": ts,
-            "params": {"params.yaml": {"data": {"train": {"steps": 30}, "sample": {"w": w, "v": 0.3}}}},
+            "params": {
+                "params.yaml": {
+                    "data": {"train": {"steps": 30}, "sample": {"w": w, "sampler_options": {"v": 0.3}}}
+                }
+            },
             "metrics": {},
         }
 
@@ -148,14 +201,17 @@ def test_dvc_revisions_and_merge_label_each_mlflow_run_with_its_experiments():
     revs = T.dvc_revisions(exp_show([0.0, 2.0]))
     assert [(r["rev"][:1], r["name"]) for r in revs] == [("w", "workspace"), ("b", "main"), ("e", "wide-w")]
     assert revs[2]["params"]["sample.w"] == "[0.0, 2.0]" and revs[2]["params"]["train.steps"] == 30
-    table = pd.DataFrame(
-        {"p_uncond": [0.1, 0.1], "w": [0.0, 1.0], "fid": [3.0, 4.0], "mlflow_run_id": ["c1", "c2"]}
+    assert revs[2]["params"]["sample.sampler_options.v"] == 0.3
+    ws = table([record(0.1, 0.0, 3.0, 2.0, "c1"), record(0.1, 1.0, 4.0, 3.0, "c2")])
+    exp_table = table([record(0.1, 0.0, 5.0, 2.0, "gone"), record(0.1, 2.0, 6.0, 3.0, None)])
+    d = T.tidy_dvc(revs, {"workspace": ws, "b" * 40: ws, "e" * 40: exp_table})
+    m = T.tidy_mlflow(raw_mlflow())
+    # the same records read from MLflow params and from the CSV table: equal settings, equal types
+    settings = [*T.CELL_PARAMS, "sampler_options.v", "sampler_options.clip_denoised"]
+    pd.testing.assert_frame_equal(
+        d[d["dvc_rev"] == "workspace"].set_index("run_id")[settings], m.set_index("run_id")[settings]
     )
-    exp_table = pd.DataFrame(
-        {"p_uncond": [0.1, 0.1], "w": [0.0, 2.0], "fid": [5.0, 6.0], "mlflow_run_id": ["gone", None]}
-    )
-    d = T.tidy_dvc(revs, {"workspace": table, "b" * 40: table, "e" * 40: exp_table})
-    df = T.merge_sources(T.tidy_mlflow(raw_mlflow()), d)
+    df = T.merge_sources(m, d)
     by_run = df.set_index("run_id")
     assert by_run.loc["c1", "dvc_exps"] == "main, workspace" and by_run.loc["c1", "in_workspace"]
     assert by_run.loc["c1", "sample.w"] == "[0.0, 1.0]", "params.yaml keys MLflow lacks come from DVC"
@@ -182,6 +238,56 @@ def test_select_latest_takes_the_newest_batch_and_the_newest_row_per_cell():
     latest = T.select(df, "latest")
     assert latest["fid"].tolist() == [3.5, 5.0]
     assert T.select(df.assign(in_workspace=False))["fid"].tolist() == [3.5, 5.0], "no workspace table: latest"
+
+
+def test_columns_follow_the_cell_record():
+    rec = record(0.1, 0.0, 3.0, 2.0, "c1")
+    assert list(T.CELL_PARAMS) == list(rec.params()) and T.KEY == ["run_id", *CELL_KEY]
+    cols = T.order_columns(study({0.1: [(0.0, 3.0, 2.0)]}, extra=1.0)).columns.tolist()
+    # CellRecord.row()'s order: settings, its metrics, then the rest; each option column before its options
+    assert cols[:4] == ["run_id", "p_uncond", "w", "guidance"]
+    assert cols[4 : 4 + len(rec.metrics) + 1] == [*rec.metrics, "extra"]
+    at = cols.index("sampler_options")
+    assert cols[at : at + 3] == ["sampler_options", "sampler_options.clip_denoised", "sampler_options.v"]
+
+
+def test_options_are_part_of_the_cell_key():
+    a = study({0.1: [(0.0, 3.0, 2.0), (1.0, 4.0, 3.0)]})
+    b = a.assign(sampler_options=options_json({"v": 1.0}), fid=a["fid"] + 1)
+    b["start_time"] += pd.Timedelta("1D")
+    both = T.type_cells(pd.concat([a, b], ignore_index=True))
+    assert both["sampler_options.v"].tolist() == [0.3, 0.3, 1.0, 1.0]
+    assert both["sampler_options.clip_denoised"].isna().tolist() == [False, False, True, True]
+    assert len(T.select(both, "latest", fingerprint="fp1")) == 4, "v = 0.3 and v = 1 are different cells"
+    assert "sampler_options.clip_denoised" not in T.type_cells(b), "an option no row has is no column"
+
+
+def test_cell_records_are_read_through_the_record_type(tmp_path):
+    write_cells(
+        tmp_path / "p_uncond=0.1.json", [record(0.1, 0.0, 3.0, 2.0, "c1"), record(0.1, 1.0, 4.0, 3.0, None)]
+    )
+    (tmp_path / "p_uncond=0.5.json").write_text(json.dumps([{"p_uncond": 0.5, "v": 0.3}]))
+    with pytest.warns(
+        UserWarning, match="p_uncond=0.5.json is not a cell-record file.*unknown fields \\['v'\\]"
+    ):
+        detail = T.cell_records(tmp_path)
+    assert detail["run_id"].tolist() == ["c1"], "records without an MLflow run have nothing to label"
+    assert detail.iloc[0].drop("run_id").to_dict() == {f"fingerprint.{k}": v for k, v in FP.to_dict().items()}
+
+
+@pytest.mark.parametrize("p_uncond", [0.1, 1.0])
+def test_sample_grid_image_of_the_workspace_is_found_by_p_uncond_name(tmp_path, p_uncond):
+    from PIL import Image
+
+    folder = tmp_path / "samples" / p_uncond_name(p_uncond)
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((8, 16), 7, dtype=np.uint8)).save(folder / "grid.png")
+    (folder / "sample.json").write_text(json.dumps({"w": [1, 0]}))
+    one = study({p_uncond: [(0.0, 3.0, 2.0), (1.0, 4.0, 3.0)]}, in_workspace=True)
+    image, w = T.sample_grid_image(one, np.float64(p_uncond), tmp_path)
+    assert image.shape == (8, 16) and (image == 7).all() and w == [1.0, 0.0]
+    with pytest.raises(ValueError, match="no rows with p_uncond=0.3; the study has \\[" + f"{p_uncond}\\]"):
+        T.sample_grid_image(one, 0.3, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,7 +455,7 @@ def test_sample_grid_columns_are_counted_from_the_tile_borders():
 
     for w_count in (1, 3, 8):
         tiles = torch.randint(0, 200, (10, w_count, 1, 8, 8), dtype=torch.uint8)
-        assert T._grid_columns(tile_grid(tiles, upscale=8)) == w_count
+        assert _grid_columns(tile_grid(tiles, upscale=8)) == w_count
 
 
 def test_notebook_has_parameters_and_valid_cells():
@@ -366,9 +472,20 @@ def test_notebook_has_parameters_and_valid_cells():
     defaults = {}
     exec(nb.cells[at].source, {}, defaults)  # the parameter cell is plain assignments
     assert set(defaults) >= {"TRACKING_URI", "PROJECT_DIR", "EXPERIMENT", "SELECT", "FIGURES_DIR"}
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            ast.parse("\n".join(line for line in cell.source.splitlines() if not line.startswith("%")))
+    code = [
+        ast.parse("\n".join(line for line in c.source.splitlines() if not line.startswith("%")))
+        for c in nb.cells
+        if c.cell_type == "code"
+    ]
+    nodes = [n for tree in code for n in ast.walk(tree)]
+    # what it imports exists, and every T.<name> it calls is public in analysis.tradeoff
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name) or importlib.util.find_spec(f"{node.module}.{alias.name}")
+    used = {n.attr for n in nodes if isinstance(n, ast.Attribute) and getattr(n.value, "id", None) == "T"}
+    assert {"load_runs", "select", "narrative"} <= used <= set(T.__all__)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,15 +528,19 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_load_runs_on_the_tiny_pipeline(tiny):
     runs = T.load_runs(project_dir=tiny)
-    table = pd.read_csv(tiny / "results" / "tradeoff.csv")
+    csv = pd.read_csv(tiny / "results" / "tradeoff.csv")
     n_p, n_w = len(TINY["train"]["p_uncond"]), len(TINY["sample"]["w"])
     assert len(runs) == n_p * (n_w + len(EXP_W)) and not runs.duplicated(T.KEY).any()
     assert (runs["source"] == "mlflow").all() and runs["fingerprint"].nunique() == 1
     # the workspace selection is the report's table, cell for cell
     ws = T.select(runs)
-    assert ws["run_id"].tolist() == table["mlflow_run_id"].tolist()
-    np.testing.assert_allclose(ws["fid"], table["fid"])
-    np.testing.assert_allclose(ws["is"], table["is"])
+    assert ws["run_id"].tolist() == csv["mlflow_run_id"].tolist()
+    np.testing.assert_allclose(ws["fid"], csv["fid"])
+    np.testing.assert_allclose(ws["is"], csv["is"])
+    # MLflow's params and the table's JSON columns are the same settings
+    assert ws["sampler_options"].tolist() == csv["sampler_options"].tolist()
+    sampler_options = yaml.safe_load((tiny / "params.yaml").read_text())["sample"]["sampler_options"]
+    assert ws["sampler_options.v"].eq(sampler_options["v"]).all()
     assert (
         ws["fingerprint.extractor"].eq("classifier").all()
         and ws["train.steps"].eq(TINY["train"]["steps"]).all()

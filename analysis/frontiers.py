@@ -1,0 +1,147 @@
+"""Frontiers and curve shapes of one study: FID (lower is better) against IS (higher is better), per p_uncond.
+
+Pure numpy / pandas; every function that sets rows side by side first refuses mixed metric fingerprints
+(`analysis.selection.require_comparable`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.selection import require_comparable
+
+
+def pareto_mask(fid: np.ndarray, is_: np.ndarray) -> np.ndarray:
+    """True where no other point has FID <= and IS >= with one of them strict (the FID-vs-IS Pareto set)."""
+    fid, is_ = np.asarray(fid, float), np.asarray(is_, float)
+    no_worse = (fid[None, :] <= fid[:, None]) & (is_[None, :] >= is_[:, None])  # [i, j]: j no worse than i
+    better = (fid[None, :] < fid[:, None]) | (is_[None, :] > is_[:, None])
+    return ~(no_worse & better).any(axis=1)
+
+
+def hypervolume(fid: np.ndarray, is_: np.ndarray, ref_fid: float, ref_is: float) -> float:
+    """Area of the (IS, FID) region the points dominate, bounded by the reference point (worst IS, worst FID)."""
+    pts = sorted(
+        ((i, f) for f, i in zip(fid, is_, strict=True) if f <= ref_fid and i >= ref_is), key=lambda p: -p[0]
+    )
+    area, best_fid = 0.0, ref_fid
+    # sweep from the largest IS down; each strip's height is its best FID yet
+    for k, (i, f) in enumerate(pts):
+        best_fid = min(best_fid, f)
+        next_is = pts[k + 1][0] if k + 1 < len(pts) else ref_is
+        area += (i - next_is) * (ref_fid - best_fid)
+    return area
+
+
+def _curves(df: pd.DataFrame, by: str) -> pd.DataFrame:
+    require_comparable(df)
+    dup = df.duplicated([by, "w"])
+    if dup.any():
+        raise ValueError(
+            f"several rows for the same ({by}, w), e.g. {df.loc[dup, [by, 'w']].iloc[0].tolist()}: "
+            "pick one study first with select(df, ...)"
+        )
+    return df.sort_values([by, "w"]).reset_index(drop=True)
+
+
+def frontiers(df: pd.DataFrame, by: str = "p_uncond") -> pd.DataFrame:
+    """`df` (one study) with a `pareto` column: whether the cell is on its `by` curve's FID-vs-IS frontier."""
+    out = _curves(df, by)
+    out["pareto"] = False
+    for _, g in out.groupby(by):
+        out.loc[g.index, "pareto"] = pareto_mask(g["fid"].to_numpy(), g["is"].to_numpy())
+    return out
+
+
+def frontier_fid(front_fid: np.ndarray, front_is: np.ndarray, is_lo: float, is_hi: float) -> float:
+    """Mean FID of a Pareto front, linearly interpolated in IS, over [is_lo, is_hi] (NaN outside its span)."""
+    order = np.argsort(front_is)
+    xs, ys = np.asarray(front_is, float)[order], np.asarray(front_fid, float)[order]
+    if not (is_lo < is_hi) or is_lo < xs[0] - 1e-12 or is_hi > xs[-1] + 1e-12:
+        return np.nan
+    grid = np.linspace(is_lo, is_hi, 257)
+    return float(np.interp(grid, xs, ys).mean())
+
+
+def rank_frontiers(df: pd.DataFrame, by: str = "p_uncond") -> pd.DataFrame:
+    """Each `by` curve's FID-vs-IS Pareto front and how it ranks against the others.
+
+    Columns: n_w, n_pareto, pareto_w; `frontier_fid`, the front's mean FID at equal IS over the IS range that
+    every front spans (lower: better trade-off; NaN when the fronts share no IS range); `hypervolume`, the area
+    the front dominates up to the reference point (the worst IS and FID of all curves, 10% of their span
+    further) as a share of the box between that point and the best values (higher: better; coarse on sparse
+    grids);
+    `dominated_share`, the share of its Pareto points that another curve's front dominates; `rank` (1 = best),
+    by frontier_fid, or by hypervolume where the fronts share no IS range.
+    """
+    f = frontiers(df, by)
+    # reference point 10% of the span beyond the worst IS and FID, so that extreme points count too
+    margin_fid, margin_is = 0.1 * np.ptp(f["fid"]), 0.1 * np.ptp(f["is"])
+    ref_fid, ref_is = f["fid"].max() + margin_fid, f["is"].min() - margin_is
+    box = (f["is"].max() - ref_is) * (ref_fid - f["fid"].min())
+    front = f[f["pareto"]]
+    spans = front.groupby(by)["is"].agg(["min", "max"])
+    is_lo, is_hi = spans["min"].max(), spans["max"].min()
+    rows = {}
+    for key, g in f.groupby(by):
+        mine = g[g["pareto"]]
+        others = front[front[by] != key]
+        dominated = [
+            bool(
+                (
+                    (others["fid"] <= r["fid"])
+                    & (others["is"] >= r["is"])
+                    & ((others["fid"] < r["fid"]) | (others["is"] > r["is"]))
+                ).any()
+            )
+            for _, r in mine.iterrows()
+        ]
+        hv = hypervolume(mine["fid"].to_numpy(), mine["is"].to_numpy(), ref_fid, ref_is)
+        rows[key] = {
+            "n_w": len(g),
+            "n_pareto": len(mine),
+            "pareto_w": mine["w"].tolist(),
+            "frontier_fid": frontier_fid(mine["fid"].to_numpy(), mine["is"].to_numpy(), is_lo, is_hi),
+            "hypervolume": hv / box if box > 0 else np.nan,
+            "dominated_share": float(np.mean(dominated)) if dominated else np.nan,
+        }
+    out = pd.DataFrame.from_dict(rows, orient="index").rename_axis(by)
+    # ties within rounding are ties
+    if out["frontier_fid"].notna().all() and len(out) > 1:
+        rank = out["frontier_fid"].round(9).rank(method="min")
+    else:
+        rank = out["hypervolume"].round(9).rank(ascending=False, method="min")
+    out["rank"] = rank.astype("Int64") if rank.notna().all() else pd.array([pd.NA] * len(out), dtype="Int64")
+    out.attrs["is_range"] = (is_lo, is_hi)
+    return out
+
+
+def curve_shapes(df: pd.DataFrame, by: str = "p_uncond") -> pd.DataFrame:
+    """Per `by` curve: where FID is lowest and whether the minimum lies inside the w grid with FID falling
+    before and rising after it (U shape), how far the best FID is from the next best in units of its
+    uncertainty (fid_range_std), whether IS rises monotonically with w (and where it falls), and the frontier
+    columns of `rank_frontiers`."""
+    rows = {}
+    for key, g in _curves(df, by).groupby(by):
+        fid, is_, w = g["fid"].to_numpy(), g["is"].to_numpy(), g["w"].to_numpy()
+        k = int(np.argmin(fid))
+        second = np.sort(fid)[1] if len(fid) > 1 else np.nan
+        sd = g["fid_range_std"].iloc[k] if "fid_range_std" in g else np.nan
+        drops = [f"{w[i]:g}->{w[i + 1]:g}" for i in range(len(w) - 1) if is_[i + 1] < is_[i]]
+        rows[key] = {
+            "w_grid": w.tolist(),
+            "best_fid": fid[k],
+            "best_fid_w": w[k],
+            "fid_min_inside": 0 < k < len(w) - 1,
+            "fid_u_shaped": bool(
+                0 < k < len(w) - 1 and np.all(np.diff(fid[: k + 1]) <= 0) and np.all(np.diff(fid[k:]) >= 0)
+            ),
+            "best_fid_margin_sd": (second - fid[k]) / sd if sd and sd > 0 else np.nan,
+            "max_is": is_.max(),
+            "max_is_w": w[int(np.argmax(is_))],
+            "is_monotonic": not drops,
+            "is_drops": ", ".join(drops),
+        }
+    shapes = pd.DataFrame.from_dict(rows, orient="index").rename_axis(by)
+    return shapes.join(rank_frontiers(df, by))
