@@ -11,9 +11,10 @@ import argparse
 import time
 from pathlib import Path
 
-from cfg.data.datasets import from_uint8
+from cfg.data.images import from_uint8
 from cfg.engine.generate import generate_w_grid, sampling_kwargs
-from cfg.eval.metrics import classifier_extractor, extract_features, inception_score
+from cfg.eval.features import classifier_extractor, extract_features
+from cfg.eval.metrics import inception_score
 from cfg.nets.classifier import load_classifier
 from cfg.nets.unet import load_checkpoint
 from cfg.study.config import load_params

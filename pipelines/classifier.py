@@ -4,8 +4,9 @@ import argparse
 
 from cfg.data.datasets import load_prepared
 from cfg.engine.device import resolve_device
+from cfg.io import write_json
 from cfg.nets.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
-from cfg.study.stage import progress_printer, stage_params, write_json
+from cfg.study.stage import progress_printer, stage_params
 from cfg.study.tracking import client_for, flatten, log_flat, provenance_tags
 
 

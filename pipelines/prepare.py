@@ -3,7 +3,8 @@
 import argparse
 
 from cfg.data.datasets import load_dataset, save_prepared
-from cfg.study.stage import data_root, stage_params, write_json
+from cfg.io import write_json
+from cfg.study.stage import data_root, stage_params
 
 
 def main() -> None:

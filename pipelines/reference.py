@@ -4,7 +4,8 @@ import argparse
 
 from cfg.data.datasets import load_prepared
 from cfg.engine.device import resolve_device
-from cfg.eval.metrics import extract_features, reference_stats, save_reference_stats
+from cfg.eval.features import extract_features
+from cfg.eval.stats import reference_stats, save_reference_stats
 from cfg.study.stage import make_extractor, stage_params
 
 

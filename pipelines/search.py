@@ -20,7 +20,8 @@ import yaml
 
 from cfg.data.datasets import load_prepared
 from cfg.engine.device import resolve_device
-from cfg.eval.metrics import load_reference_stats
+from cfg.eval.stats import load_reference_stats
+from cfg.io import atomic_write_text, write_json
 from cfg.search.objective import SearchInputs
 from cfg.search.results import best_params_yaml, best_trials, summary
 from cfg.search.space import SearchError, check_search
@@ -28,7 +29,7 @@ from cfg.search.storage import masked, storage_url
 from cfg.search.worker import run_worker
 from cfg.study.config import ParamsError
 from cfg.study.presets import exp_run_command, flat_overrides
-from cfg.study.stage import atomic_write_text, make_extractor, write_json
+from cfg.study.stage import make_extractor
 from cfg.study.tracking import client_for, log_flat
 
 

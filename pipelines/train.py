@@ -8,8 +8,9 @@ from pathlib import Path
 from cfg.data.datasets import load_prepared
 from cfg.engine.device import resolve_device
 from cfg.engine.training import resume_state_path, train_diffusion, train_kwargs
+from cfg.io import write_json
 from cfg.nets.unet import UNetConfig, count_parameters, save_checkpoint
-from cfg.study.stage import progress_printer, stage_params, write_json
+from cfg.study.stage import progress_printer, stage_params
 from cfg.study.tracking import client_for, flatten, log_flat, project_root, provenance_tags
 
 

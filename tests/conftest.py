@@ -21,7 +21,10 @@ TINY = {
     "model": {"base_width": 8, "head_channels": 8},
     "train": {"p_uncond": [0.1, 0.5], "steps": 30, "log_every": 10, "warmup_steps": 5},
     "sample": {"w": [-1.0, 0.0, 1.0], "steps": 6, "n_samples": 40, "batch_size": 120},
-    "evaluate": {"seed_ranges": 2, "kid_subsets": 5, "kid_subset_size": 20},
+    "evaluate": {
+        "seed_ranges": 2,
+        "metric_options": {"kid": {"subsets": 5, "subset_size": 20}, "precision_recall": {"k": 3}},
+    },
 }
 
 

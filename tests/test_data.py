@@ -17,13 +17,12 @@ from cfg.data.datasets import (
     DATASETS,
     FASHION_MNIST_CLASSES,
     ImageDataset,
-    from_uint8,
     load_dataset,
     load_prepared,
     read_idx,
     save_prepared,
-    to_uint8,
 )
+from cfg.data.images import from_uint8, to_uint8
 
 # The offline Fashion-MNIST copy; CI clones the project next to `shared/`, as on the development machine
 FASHION_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "FashionMNIST"

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # stage's numbers (what maps params to library calls lives in the library: UNetConfig.from_params,
 # training.train_kwargs, generate.sampler_options, metrics.extractor_by_name), and declaring them would rerun
 # the whole study on every edit of the plumbing
-PLUMBING = {"cfg/study/config.py", "cfg/study/stage.py", "cfg/study/tracking.py"}
+PLUMBING = {"cfg/study/config.py", "cfg/study/stage.py", "cfg/study/tracking.py", "cfg/io.py"}
 
 
 def cfg_imports(path: Path, seen: set[str] | None = None) -> set[str]:

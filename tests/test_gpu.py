@@ -8,7 +8,7 @@ from cfg.engine.generate import generate_w_grid
 from cfg.engine.training import train_diffusion
 from cfg.maths.diffusion import sampling_lambdas
 from cfg.maths.guidance import guided_eps, needed_passes
-from cfg.maths.samplers import get_sampler
+from cfg.maths.samplers import SAMPLERS
 from cfg.nets.unet import UNet, UNetConfig
 
 from .analytic import GaussianMixtureEps
@@ -60,7 +60,7 @@ def test_analytic_sampler_on_cuda_matches_cpu():
         lam_b = lam.expand(x.shape[0]).cpu()
         return guided_eps(model, x.cpu(), lam_b, labels, torch.tensor(0.0, dtype=x.dtype), 2).to(x.device)
 
-    ddim = get_sampler("ddim")
+    ddim = SAMPLERS["ddim"]
     cpu = ddim(denoise, z, sampling_lambdas(64), generator=None)
     gpu = ddim(denoise, z.cuda(), sampling_lambdas(64), generator=None).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-9, atol=1e-9)

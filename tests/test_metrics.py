@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
-from cfg.eval.metrics import (
-    Features,
-    Fingerprint,
-    FingerprintMismatch,
-    ReferenceStats,
-    check_comparable,
-    class_accuracy,
-    classifier_extractor,
-    evaluate_cell,
-    extract_features,
-    fid,
-    fingerprint,
-    inception_extractor,
-    inception_score,
-    kid,
-    load_reference_stats,
-    per_class_fid,
-    precision_recall,
-    reference_stats,
-    save_reference_stats,
-)
+from cfg.eval.features import Features, classifier_extractor, extract_features, inception_extractor
+from cfg.eval.fingerprint import Fingerprint, FingerprintMismatch, check_comparable
+from cfg.eval.metrics import class_accuracy, fid, inception_score, kid, per_class_fid, precision_recall
+from cfg.eval.stats import ReferenceStats, load_reference_stats, reference_stats, save_reference_stats
 from cfg.nets.classifier import Classifier, ClassifierConfig
 from cfg.nets.inception import load_inception
 
@@ -290,23 +272,6 @@ def test_fingerprints():
         check_comparable([fp, make_fingerprint(resolution=32).key()])
     with pytest.raises(ValueError, match="lacks"):
         Fingerprint.from_dict({"extractor": "classifier"})
-
-
-def test_evaluate_cell_collects_the_metrics(small_classifier):
-    ext = classifier_extractor(small_classifier)
-    real = extract_features(ext, torch.rand(60, 1, 8, 8) * 2 - 1)
-    gen = extract_features(ext, torch.rand(40, 1, 8, 8) * 2 - 1)
-    labels = torch.arange(40) % 4
-    ref = reference_stats(real, ext)
-    out = evaluate_cell(gen, labels, ref, class_logits=gen.logits, kid_subsets=3, kid_subset_size=30)
-    assert out["fid"] == fid(gen, ref)
-    assert (out["kid"], out["kid_std"]) == kid(gen, ref, subsets=3, subset_size=30)
-    assert (out["precision"], out["recall"]) == precision_recall(gen, ref)
-    assert (out["is"], out["is_std"]) == inception_score(gen)
-    assert out["class_acc"] == class_accuracy(gen.logits, labels)
-    assert out["n_samples"] == 40 and out["fingerprint"] == fingerprint(gen, ref).key()
-    assert math.isfinite(out["fid"])
-    assert evaluate_cell(gen, labels, ref, class_logits=None, kid_subset_size=30)["class_acc"] is None
 
 
 # ---------------------------------------------------------------------------------------------------------

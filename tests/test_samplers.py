@@ -10,7 +10,7 @@ import torch
 
 from cfg.maths.diffusion import sampling_lambdas
 from cfg.maths.guidance import guided_denoiser
-from cfg.maths.samplers import SAMPLERS, get_sampler
+from cfg.maths.samplers import SAMPLERS
 
 from .analytic import GaussianMixtureEps
 
@@ -24,7 +24,7 @@ def _run(name, model, labels, w, seed=0, n=N, steps=T):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, 2, generator=gen, dtype=torch.float64)
     denoise = guided_denoiser(model, labels, torch.as_tensor(w, dtype=torch.float64), model.null_label)
-    return get_sampler(name)(denoise, z, sampling_lambdas(steps), generator=gen)
+    return SAMPLERS[name](denoise, z, sampling_lambdas(steps), generator=gen)
 
 
 def _cov(x):
@@ -123,13 +123,13 @@ def test_noise_copies_share_step_noise():
     z = torch.randn(50, 2, generator=gen, dtype=torch.float64).repeat(3, 1)
     labels = torch.ones(150, dtype=torch.long)
     denoise = guided_denoiser(model, labels, torch.zeros(150, dtype=torch.float64), model.null_label)
-    x = get_sampler("ancestral")(denoise, z, sampling_lambdas(16), generator=gen, noise_copies=3)
+    x = SAMPLERS["ancestral"](denoise, z, sampling_lambdas(16), generator=gen, noise_copies=3)
     torch.testing.assert_close(x[:50], x[50:100], rtol=0, atol=0)
     torch.testing.assert_close(x[:50], x[100:], rtol=0, atol=0)
 
 
 def test_unknown_sampler_and_bad_schedule():
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        get_sampler("euler")
+        SAMPLERS["euler"]
     with pytest.raises(ValueError, match="increase"):
-        get_sampler("ddim")(lambda z, lam: z, torch.zeros(2, 2), torch.tensor([1.0, 0.0]), generator=None)
+        SAMPLERS["ddim"](lambda z, lam: z, torch.zeros(2, 2), torch.tensor([1.0, 0.0]), generator=None)

@@ -20,13 +20,8 @@ import yaml
 from optuna.trial import TrialState
 
 from cfg.data.datasets import load_dataset, load_prepared, save_prepared
-from cfg.eval.metrics import (
-    classifier_extractor,
-    extract_features,
-    load_reference_stats,
-    reference_stats,
-    save_reference_stats,
-)
+from cfg.eval.features import classifier_extractor, extract_features
+from cfg.eval.stats import load_reference_stats, reference_stats, save_reference_stats
 from cfg.nets.classifier import ClassifierConfig, save_classifier, train_classifier
 from cfg.nets.unet import load_checkpoint
 from cfg.search.objective import SearchInputs

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cfg.data.datasets import load_dataset
-from cfg.engine.training import _atomic_save, resume_state_path, train_diffusion
+from cfg.engine.training import resume_state_path, train_diffusion
+from cfg.io import atomic_save
 from cfg.nets.unet import UNetConfig, load_checkpoint
 from tests.conftest import VENV_BIN, run, shrink_params
 
@@ -114,9 +115,9 @@ class Unpicklable:
 
 def test_a_failed_state_write_keeps_the_old_state_and_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "state.pt"
-    _atomic_save({"step": 1}, path)
+    atomic_save({"step": 1}, path)
     with pytest.raises(RuntimeError, match="unpicklable"):
-        _atomic_save({"step": 2, "model": torch.zeros(1000), "bad": Unpicklable()}, path)
+        atomic_save({"step": 2, "model": torch.zeros(1000), "bad": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 

@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-DATASETS: tuple[str, ...] = ("digits", "fashion_mnist", "cifar10", "image_folder")
+from cfg.data.images import from_uint8, to_uint8
+from cfg.registry import Registry
+
+# name -> loader(*, root, image_size, download, max_train, max_test) -> ImageDataset
+DATASETS: Registry[Callable[..., ImageDataset]] = Registry(
+    "data set", reserved=("root", "image_size", "download", "max_train", "max_test")
+)
 
 FASHION_MNIST_CLASSES: list[str] = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -52,17 +58,6 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
 
 # Tag written into prepared files, so that loading some other file fails with a clear error
 _PREPARED_FORMAT = "cfg-lab/prepared-dataset/v1"
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """Images in [-1, 1] to uint8 [0, 255], rounding to the nearest level (values outside are clipped)."""
-    # add() makes the one new float tensor; the rest works in place, as data sets reach 250 MB of floats
-    return x.to(torch.float32).add(1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def from_uint8(u8: Tensor) -> Tensor:
-    """uint8 images [0, 255] to float32 in [-1, 1]; `to_uint8` inverts it exactly."""
-    return u8.to(torch.float32) / 127.5 - 1
 
 
 @dataclass
@@ -175,12 +170,11 @@ def load_dataset(
     max_test: int | None = None,  # keep only this many test images (class-balanced prefix)
 ) -> ImageDataset:
     """Load a data set by name (one of DATASETS) with its fixed train/test split, images in [-1, 1]."""
-    if name not in _LOADERS:
-        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    loader = DATASETS[name]
     for key, value in (("image_size", image_size), ("max_train", max_train), ("max_test", max_test)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{key} must be a positive integer or None, got {value!r}")
-    return _LOADERS[name](
+    return loader(
         root=None if root is None else Path(root).expanduser(),
         image_size=image_size,
         download=download,
@@ -278,6 +272,7 @@ def _import_torchvision(purpose: str) -> ModuleType:
     return torchvision
 
 
+@DATASETS.register("digits")
 def _digits(
     *, root: Path | None, image_size: int | None, download: bool, max_train: int | None, max_test: int | None
 ) -> ImageDataset:
@@ -332,6 +327,7 @@ def _read_fashion_mnist(files: dict[str, Path]) -> dict[str, np.ndarray]:
     return arrays
 
 
+@DATASETS.register("fashion_mnist")
 def _fashion_mnist(
     *, root: Path | None, image_size: int | None, download: bool, max_train: int | None, max_test: int | None
 ) -> ImageDataset:
@@ -365,6 +361,7 @@ def _fashion_mnist(
     return ImageDataset("fashion_mnist", *splits, classes=list(FASHION_MNIST_CLASSES))
 
 
+@DATASETS.register("cifar10")
 def _cifar10(
     *, root: Path | None, image_size: int | None, download: bool, max_train: int | None, max_test: int | None
 ) -> ImageDataset:
@@ -419,6 +416,7 @@ def _load_images(paths: list[Path], image_size: int | None) -> np.ndarray:
     return np.stack(arrays)
 
 
+@DATASETS.register("image_folder")
 def _image_folder(
     *, root: Path | None, image_size: int | None, download: bool, max_train: int | None, max_test: int | None
 ) -> ImageDataset:
@@ -469,11 +467,3 @@ def _image_folder(
         torch.from_numpy(ys[1][keep[1]]),
         classes=classes,
     )
-
-
-_LOADERS: dict[str, Callable[..., ImageDataset]] = {
-    "digits": _digits,
-    "fashion_mnist": _fashion_mnist,
-    "cifar10": _cifar10,
-    "image_folder": _image_folder,
-}

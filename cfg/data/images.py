@@ -1,4 +1,5 @@
-"""Image grids: uint8 tiles (rows, cols, C, H, W) to one picture."""
+"""Images between the float range [-1, 1] the networks use and uint8 0..255, and uint8 tiles
+(rows, cols, C, H, W) to one picture. Generated images are uint8 from the sampler to the metrics and MLflow."""
 
 from __future__ import annotations
 
@@ -7,6 +8,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [-1, 1] to uint8 [0, 255], rounding to the nearest level (values outside are clipped);
+    uint8 passes through."""
+    if x.dtype == torch.uint8:
+        return x
+    # add() makes the one new float tensor; the rest works in place, as data sets reach 250 MB of floats
+    return x.to(torch.float32).add(1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def from_uint8(u8: Tensor) -> Tensor:
+    """uint8 images [0, 255] to float32 in [-1, 1] (`to_uint8` inverts it exactly); floats pass through as
+    float32."""
+    if u8.dtype != torch.uint8:
+        return u8.to(torch.float32)
+    return u8.to(torch.float32) / 127.5 - 1
 
 
 def tile_grid(tiles: Tensor, pad: int = 1, upscale: int = 1) -> np.ndarray:

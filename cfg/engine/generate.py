@@ -12,21 +12,22 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from cfg.data.datasets import to_uint8
+from cfg.data.images import to_uint8
 from cfg.engine.device import autocast, configure_cuda
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
 from cfg.maths.guidance import guided_denoiser
-from cfg.maths.samplers import get_sampler
+from cfg.maths.samplers import SAMPLERS
+from cfg.study.records import SampleSet
 
 # called after every batch with {"images", "total_images", "elapsed_s", "eta_s"}
 ProgressCallback = Callable[[dict], None]
 
 
 def sampler_options(sample) -> dict:
-    """The options params.yaml's `sample` section (`cfg.study.config.SampleParams`) gives its sampler (v only for
-    the ancestral sampler)."""
-    return {"clip_denoised": sample.clip_denoised} | (
-        {"v": sample.v} if sample.sampler == "ancestral" else {}
+    """The options params.yaml's `sample` section (`cfg.study.config.SampleParams`) gives its sampler: its
+    registry options completed with their defaults, and clip_denoised (every sampler takes it)."""
+    return {"clip_denoised": sample.clip_denoised} | SAMPLERS.resolve(
+        sample.sampler, sample.sampler_options, "sample.sampler_options"
     )
 
 
@@ -64,6 +65,8 @@ def generate_w_grid(
     sampler: str = "ancestral",
     steps: int = 64,  # sampling steps T
     sampler_options: dict | None = None,  # e.g. {"v": 0.3, "clip_denoised": 1.0}
+    guidance: str = "cfg",  # cfg.maths.guidance.GUIDANCE entry
+    guidance_options: dict | None = None,  # its options
     lambda_min: float = LAMBDA_MIN,
     lambda_max: float = LAMBDA_MAX,
     seed: int = 0,  # seeds the initial noise and the sampler's noise
@@ -84,10 +87,8 @@ def generate_w_grid(
     w_list = [float(w) for w in w_values]
     n_w = len(w_list)
     per_batch = max(1, batch_size // n_w)  # examples per batch; each is repeated once per w
-    sample_fn = get_sampler(sampler)
-    options = dict(sampler_options or {})
-    if sampler == "ancestral":
-        options["noise_copies"] = n_w
+    sample_fn = SAMPLERS[sampler]
+    options = dict(sampler_options or {}, noise_copies=n_w)  # the W copies of an example share step noise
     lambdas = sampling_lambdas(steps, lambda_min=lambda_min, lambda_max=lambda_max, device=device)
     labels_all = balanced_labels(first_index + n_samples, num_classes)[first_index:]
     out = torch.empty((n_w, n_samples, *image_shape), dtype=torch.uint8)
@@ -113,7 +114,8 @@ def generate_w_grid(
         z = z.repeat(n_w, 1, 1, 1)  # (W·k, C, H, W), w-major
         labels = labels_all[start : start + k].to(device).repeat(n_w)
         w = w_col.repeat_interleave(k)  # (W·k,)
-        x = sample_fn(guided_denoiser(net, labels, w, null_label), z, lambdas, generator=gen, **options)
+        denoise = guided_denoiser(net, labels, w, null_label, guidance, guidance_options)
+        x = sample_fn(denoise, z, lambdas, generator=gen, **options)
         out[:, start : start + k] = to_uint8(x).view(n_w, k, *image_shape).cpu()
         done += k
         if progress is not None:
@@ -127,3 +129,46 @@ def generate_w_grid(
                 }
             )
     return out, labels_all
+
+
+def sample_checkpoint(
+    model: torch.nn.Module,  # the checkpoint's EMA U-Net
+    meta: dict,  # the checkpoint's meta (p_uncond, classes, mlflow_run_id, params_hash)
+    params,  # cfg.study.config.Params: the sample section and the λ range
+    *,
+    checkpoint: str,  # its path, recorded
+    device: torch.device | str,
+    progress: ProgressCallback | None = None,
+) -> SampleSet:
+    """The sample stage: every w of params.yaml's grid from one checkpoint, as a `SampleSet`."""
+    cfg, s = model.config, params.sample
+    kwargs = sampling_kwargs(params)
+    t0 = time.perf_counter()
+    images, labels = generate_w_grid(
+        model.to(device),
+        s.w,
+        s.n_samples,
+        num_classes=cfg.num_classes,
+        image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
+        device=device,
+        progress=progress,
+        **kwargs,
+    )
+    return SampleSet(
+        images=images,
+        labels=labels,
+        w=list(s.w),
+        classes=list(meta["classes"]),
+        p_uncond=meta["p_uncond"],
+        guidance="cfg",
+        guidance_options={},
+        sampler=s.sampler,
+        sampler_options=kwargs["sampler_options"],
+        steps=s.steps,
+        seed=s.seed,
+        checkpoint=str(checkpoint),
+        train_run_id=meta.get("mlflow_run_id"),
+        checkpoint_params_hash=meta.get("params_hash", ""),
+        device=str(device),
+        seconds=time.perf_counter() - t0,
+    )

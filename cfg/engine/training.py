@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +14,7 @@ import torch
 from torch import Tensor
 
 from cfg.engine.device import autocast, configure_cuda
+from cfg.io import atomic_save
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, diffusion_loss
 from cfg.nets.unet import EMA, UNet, UNetConfig
 
@@ -64,26 +63,6 @@ def resume_state_path(
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return Path(root) / ".resume" / f"train-p_uncond={p_uncond}-{digest}" / "state.pt"
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    """torch.save via a temporary file in the same folder, fsync and rename: a kill leaves the old state or the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass
@@ -240,7 +219,7 @@ def train_diffusion(
                 callback({**entry, "ema": ema.model})  # the weights a checkpoint evaluation samples
         if checkpoint_every and step % checkpoint_every == 0 and step < steps:
             now = time.perf_counter()
-            _atomic_save(
+            atomic_save(
                 {
                     "settings": settings,
                     "step": step,

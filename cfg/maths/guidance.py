@@ -13,10 +13,24 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from cfg.registry import Registry
+
 # A network ε_θ(z, λ, c): images (B, C, H, W), log-SNR (B,), labels (B,) -> ε (B, C, H, W)
 EpsModel = Callable[[Tensor, Tensor, Tensor], Tensor]
 # What samplers call: (z, λ) -> ε̃, with λ a scalar tensor shared by the batch
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+
+
+# name -> method(eps_c, eps_u, w, *, z, lam, **options) -> ε̃: how the two predictions become the guided one;
+# w (B, 1, 1, 1) is the paper's guidance strength, z and λ the current latent and log-SNR (for methods that
+# depend on them); options are the method's other keyword-only arguments
+GUIDANCE: Registry[Callable[..., Tensor]] = Registry("guidance method", reserved=("z", "lam"))
+
+
+@GUIDANCE.register("cfg")
+def cfg(eps_c: Tensor, eps_u: Tensor, w: Tensor, *, z: Tensor, lam: Tensor) -> Tensor:
+    """Classifier-free guidance, Ho & Salimans 2022 Eq. 6: ε̃ = (1 + w)·ε(z, c) − w·ε(z)."""
+    return (1 + w) * eps_c - w * eps_u
 
 
 def w_to_guidance_scale(w: float) -> float:
@@ -53,8 +67,10 @@ def guided_eps(
     null_label: int,
     *,
     passes: tuple[Tensor, Tensor] | None = None,  # `needed_passes(w, B)`: skip the passes whose weight is 0
+    method: str = "cfg",  # a `GUIDANCE` entry
+    options: dict | None = None,  # its options
 ) -> Tensor:
-    """Guided ε̃ of Eq. 6 with per-example w; both passes run as one forward pass on one concatenated batch.
+    """Guided ε̃ with per-example w; both passes run as one forward pass on one concatenated batch.
 
     z: (B, C, H, W); lam: (B,) or scalar; labels: (B,) integer; w: (B,) or scalar. Without `passes` every row
     gets both passes (a doubled batch); with them the network sees only the rows whose pass has a non-zero
@@ -65,10 +81,12 @@ def guided_eps(
     w = torch.as_tensor(w, dtype=z.dtype, device=z.device)
     w = (w.expand(b) if w.dim() == 0 else w).view(b, *([1] * (z.dim() - 1)))  # (B, 1, 1, 1)
     null = torch.full_like(labels, null_label)
+    combine = GUIDANCE[method]
+    options = options or {}
     if passes is None:
         eps = model(torch.cat([z, z]), torch.cat([lam, lam]), torch.cat([labels, null]))  # (2B, C, H, W)
         eps_c, eps_u = eps.to(z.dtype).chunk(2)
-        return (1 + w) * eps_c - w * eps_u
+        return combine(eps_c, eps_u, w, z=z, lam=lam, **options)
     cond, uncond = (rows.to(z.device) for rows in passes)
     n_c = cond.numel()
     eps = model(
@@ -78,10 +96,17 @@ def guided_eps(
     ).to(z.dtype)
     eps_c = torch.zeros_like(z).index_copy_(0, cond, eps[:n_c])
     eps_u = torch.zeros_like(z).index_copy_(0, uncond, eps[n_c:])
-    return (1 + w) * eps_c - w * eps_u
+    return combine(eps_c, eps_u, w, z=z, lam=lam, **options)
 
 
-def guided_denoiser(model: EpsModel, labels: Tensor, w: Tensor, null_label: int) -> Denoiser:
+def guided_denoiser(
+    model: EpsModel,
+    labels: Tensor,
+    w: Tensor,
+    null_label: int,
+    method: str = "cfg",  # a `GUIDANCE` entry
+    options: dict | None = None,  # its options
+) -> Denoiser:
     """Bind labels and per-example w so that a sampler sees a plain (z, λ) -> ε̃ function.
 
     Rows with w = 0 or w = −1 run only the pass they use (`needed_passes`), decided once here.
@@ -91,6 +116,8 @@ def guided_denoiser(model: EpsModel, labels: Tensor, w: Tensor, null_label: int)
 
     def denoise(z: Tensor, lam: Tensor) -> Tensor:
         lam_b = lam.to(device=z.device, dtype=z.dtype).expand(z.shape[0])
-        return guided_eps(model, z, lam_b, labels, w, null_label, passes=passes)
+        return guided_eps(
+            model, z, lam_b, labels, w, null_label, passes=passes, method=method, options=options
+        )
 
     return denoise

@@ -18,8 +18,15 @@ from torch import Tensor
 
 from cfg.maths.diffusion import alpha_sigma
 from cfg.maths.guidance import Denoiser
+from cfg.registry import Registry
 
 Callback = Callable[[int, int, Tensor, Tensor], None]
+
+# name -> sampler; its options are its keyword-only arguments (e.g. the ancestral sampler's v) less those the
+# engine passes to every sampler
+SAMPLERS: Registry[Callable[..., Tensor]] = Registry(
+    "sampler", reserved=("generator", "clip_denoised", "noise_copies", "callback")
+)
 
 
 def _x_hat(z: Tensor, eps: Tensor, lam: Tensor, clip_denoised: float | None) -> Tensor:
@@ -36,6 +43,7 @@ def _check_lambdas(lambdas: Tensor) -> None:
         raise ValueError("lambdas must increase strictly (noisy -> clean)")
 
 
+@SAMPLERS.register("ancestral", bounds={"v": (0.0, 1.0)})
 @torch.no_grad()
 def sample_ancestral(
     denoise: Denoiser,
@@ -81,6 +89,7 @@ def sample_ancestral(
     return x_hat
 
 
+@SAMPLERS.register("ddim")
 @torch.no_grad()
 def sample_ddim(
     denoise: Denoiser,
@@ -89,6 +98,7 @@ def sample_ddim(
     *,
     generator: torch.Generator | None = None,  # unused: DDIM is deterministic given z
     clip_denoised: float | None = None,  # clip x̂ to [−c, c] at every step; None for unbounded data
+    noise_copies: int = 1,  # unused: no step noise
     callback: Callback | None = None,
 ) -> Tensor:
     """Deterministic DDIM (Song et al. 2021, η = 0) on the same λ schedule: z' = α_λ' x̂ + σ_λ' ε̂."""
@@ -109,16 +119,3 @@ def sample_ddim(
         if callback is not None:
             callback(i, total, z, x_hat)
     return x_hat
-
-
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ancestral": sample_ancestral,
-    "ddim": sample_ddim,
-}
-
-
-def get_sampler(name: str) -> Callable[..., Tensor]:
-    """Look a sampler up by name in `SAMPLERS`."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; available: {sorted(SAMPLERS)}")
-    return SAMPLERS[name]

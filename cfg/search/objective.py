@@ -19,10 +19,12 @@ import optuna
 import torch
 from optuna.trial import Trial, TrialState
 
-from cfg.data.datasets import ImageDataset, from_uint8
+from cfg.data.datasets import ImageDataset
 from cfg.engine.generate import generate_w_grid, sampling_kwargs
 from cfg.engine.training import train_diffusion, train_kwargs
-from cfg.eval.metrics import FeatureExtractor, ReferenceStats, extract_features, fid, inception_score
+from cfg.eval.cells import score
+from cfg.eval.features import FeatureExtractor, extract_features
+from cfg.eval.stats import ReferenceStats
 from cfg.nets.unet import UNetConfig
 from cfg.search.space import SearchSpec, trial_params
 from cfg.search.storage import retry_of
@@ -60,7 +62,7 @@ def score_w_grid(
 ) -> list[tuple[float, float]]:
     """(FID, IS) per w: samples drawn as the sample stage draws them, scored as the evaluate stage scores them."""
     cfg = model.config
-    images, _ = generate_w_grid(
+    images, labels = generate_w_grid(
         model,
         w_values,
         n_samples,
@@ -72,9 +74,10 @@ def score_w_grid(
     scores = []
     for j in range(len(w_values)):
         gen = extract_features(
-            inputs.extractor, from_uint8(images[j]), batch_size=p.evaluate.batch_size, device=inputs.device
+            inputs.extractor, images[j], batch_size=p.evaluate.batch_size, device=inputs.device
         )
-        scores.append((fid(gen, inputs.reference), inception_score(gen)[0]))
+        m = score(gen, labels, inputs.reference, {"fid": {}, "is": {}}, class_logits=None, seed=p.sample.seed)
+        scores.append((m["fid"], m["is"]))
     return scores
 
 

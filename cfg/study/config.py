@@ -18,9 +18,12 @@ from typing import Any
 
 import yaml
 
-SAMPLER_NAMES = ("ancestral", "ddim")
-DATASET_NAMES = ("digits", "fashion_mnist", "cifar10", "image_folder")
-EXTRACTOR_NAMES = ("classifier", "inception")
+from cfg.data.datasets import DATASETS
+from cfg.eval.features import EXTRACTORS
+from cfg.eval.metrics import METRICS
+from cfg.maths import samplers as diffusion
+from cfg.search.registry import PRUNERS, SAMPLERS
+
 DEVICE_NAMES = ("auto", "cpu", "cuda")
 
 
@@ -37,7 +40,7 @@ def _p(default: Any, help: str, **rules: Any) -> Any:
 
 @dataclass
 class DataParams:
-    name: str = _p("digits", "data set", choices=DATASET_NAMES)
+    name: str = _p("digits", "data set", choices=tuple(DATASETS))
     root: str | None = _p(None, "local directory of the data (fashion_mnist, cifar10, image_folder)")
     image_size: int | None = _p(
         None,
@@ -79,6 +82,10 @@ class TrainParams:
     lr: float = _p(2e-3, "Adam learning rate", gt=0)
     warmup_steps: int = _p(100, "linear learning-rate warm-up steps", ge=0)
     ema_decay: float = _p(0.999, "EMA decay of the sampled weights", ge=0, lt=1)
+    ema_warmup: bool = _p(
+        True,
+        "EMA decay min(ema_decay, (1 + t) / (10 + t)) at update t, so short runs do not average in the init",
+    )
     grad_clip: float | None = _p(1.0, "clip the gradient norm to this; null disables", gt=0)
     lambda_min: float = _p(-20.0, "log-SNR at the noisy end (paper: -20)")
     lambda_max: float = _p(20.0, "log-SNR at the clean end (paper: 20)")
@@ -87,6 +94,9 @@ class TrainParams:
     device: str = _p("auto", "auto (CUDA when present), cpu or cuda", choices=DEVICE_NAMES)
     bf16: bool = _p(True, "bf16 autocast on CUDA (ignored on CPU)")
     compile: bool = _p(False, "torch.compile the model on CUDA")
+    checkpoint_every: int = _p(
+        500, "steps between resume states of the train stage (under .resume/); 0 disables", ge=0
+    )
 
 
 @dataclass
@@ -98,9 +108,14 @@ class SampleParams:
         unique=True,
         ge=-1,
     )
-    sampler: str = _p("ancestral", "sampler name", choices=SAMPLER_NAMES)
+    sampler: str = _p("ancestral", "sampler name", choices=tuple(diffusion.SAMPLERS))
+    sampler_options: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "the sampler's options, e.g. {v: 0.3} for ancestral (cfg.maths.samplers); defaults fill the rest"
+        },
+    )
     steps: int = _p(64, "sampling steps T", ge=2)
-    v: float = _p(0.3, "ancestral sampler's variance interpolation (paper: 0.3)", ge=0, le=1)
     clip_denoised: float | None = _p(1.0, "clip x̂ to [-c, c] at every step; null disables", gt=0)
     n_samples: int = _p(1000, "generated images per (p_uncond, w) cell, classes balanced", ge=1)
     batch_size: int = _p(2000, "images per sampler batch (all w of an example share a batch)", ge=1)
@@ -111,14 +126,20 @@ class SampleParams:
 
 @dataclass
 class EvaluateParams:
-    extractor: str = _p("classifier", "feature extractor for FID/KID/PR", choices=EXTRACTOR_NAMES)
+    extractor: str = _p("classifier", "feature extractor for FID/KID/PR", choices=tuple(EXTRACTORS))
     inception_weights: str | None = _p(None, "local path of pt_inception-2015-12-05 weights (inception only)")
     seed_ranges: int = _p(
         1, "split each cell's samples into this many independent seed ranges for a spread", ge=1
     )
-    kid_subsets: int = _p(50, "KID subsets", ge=1)
-    kid_subset_size: int = _p(500, "KID subset size (clipped to the sample count)", ge=2)
-    pr_k: int = _p(3, "k of the k-NN manifolds of precision / recall", ge=1)
+    metrics: list[str] = _p(
+        list(METRICS), "metrics of every cell (cfg.eval.metrics.METRICS)", choices=tuple(METRICS), unique=True
+    )
+    metric_options: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "per metric, its options, e.g. {kid: {subsets: 50, subset_size: 200}, precision_recall: {k: 3}}"
+        },
+    )
     per_class_w: float | None = _p(0.0, "w of the cell that gets per-class FID; null disables")
     batch_size: int = _p(500, "images per feature-extractor batch", ge=1)
 
@@ -130,8 +151,8 @@ class TrackingParams:
 
 
 SEARCH_OBJECTIVES = ("fid", "fid_is")
-SEARCH_SAMPLERS = ("tpe", "random", "nsgaii", "gp")
-SEARCH_PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "none")
+SEARCH_SAMPLERS = tuple(SAMPLERS)
+SEARCH_PRUNERS = tuple(PRUNERS)
 SEARCH_PROMOTE = ("nondominated", "all")
 
 
@@ -301,6 +322,7 @@ def params_from_dict(raw: dict) -> Params:
         raise ParamsError(
             f"train.lambda_min = {params.train.lambda_min} must be below train.lambda_max = {params.train.lambda_max}"
         )
+    _check_options(params)
     if params.evaluate.extractor == "inception" and params.evaluate.inception_weights:
         path = Path(params.evaluate.inception_weights)
         if not path.is_file():
@@ -309,6 +331,23 @@ def params_from_dict(raw: dict) -> Params:
                 "pt_inception-2015-12-05-6726825d.pth, or null to download it on a machine with internet"
             )
     return params
+
+
+def _check_options(params: Params) -> None:
+    """Registry options: every key known to its entry, of its default's type."""
+    s, e = params.sample, params.evaluate
+    try:
+        diffusion.SAMPLERS.resolve(s.sampler, s.sampler_options, "sample.sampler_options")
+        for name, options in e.metric_options.items():
+            if name not in e.metrics:
+                raise ValueError(
+                    f"evaluate.metric_options.{name} names no metric of evaluate.metrics = {e.metrics}"
+                )
+            if not isinstance(options, dict):
+                raise ValueError(f"evaluate.metric_options.{name} = {options!r} must be a mapping of options")
+            METRICS.resolve(name, options, f"evaluate.metric_options.{name}")
+    except ValueError as err:
+        raise ParamsError(str(err)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -1,46 +1,22 @@
-"""The trade-off table and summary of a study, from the evaluate stage's cell records (pure pandas)."""
+"""The trade-off table, summary, figures and report.md of a study, from its cell records."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
-from cfg.eval.metrics import CELL_METRICS, check_comparable
-
-# leading columns of results/tradeoff.csv, in order; other record fields follow
-TABLE_COLUMNS = [
-    "p_uncond",
-    "w",
-    *CELL_METRICS,
-    "n_samples",
-    "n_per_range",
-    "sampler",
-    "steps",
-    "v",
-    "seed",
-    "extractor",
-    "checkpoint",
-    "fingerprint",
-    "mlflow_run_id",
-]
+from cfg.eval.fingerprint import check_comparable
+from cfg.study.records import CellRecord
 
 
-def cells_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per (p_uncond, w) cell, sorted; refuses cells whose metric fingerprints differ."""
+def cells_frame(records: list[CellRecord]) -> pd.DataFrame:
+    """One row per cell (`CellRecord.row`), sorted by p_uncond and w; refuses cells whose metric fingerprints
+    differ."""
     if not records:
         raise ValueError("no evaluated cells: run the evaluate stage first")
-    check_comparable([r["fingerprint_detail"] for r in records])
-    df = pd.DataFrame(
-        [
-            {
-                k: v
-                for k, v in r.items()
-                if k not in ("fingerprint_detail", "fid_ranges", "is_ranges", "per_class_fid")
-            }
-            for r in records
-        ]
-    )
-    cols = [c for c in TABLE_COLUMNS if c in df] + [c for c in df if c not in TABLE_COLUMNS]
-    return df[cols].sort_values(["p_uncond", "w"]).reset_index(drop=True)
+    check_comparable([r.fingerprint_detail for r in records])
+    return pd.DataFrame([r.row() for r in records]).sort_values(["p_uncond", "w"]).reset_index(drop=True)
 
 
 def summary(df: pd.DataFrame) -> dict:
@@ -75,3 +51,133 @@ def markdown_table(df: pd.DataFrame, columns: list[str] | None = None, digits: i
         cells = [f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in r]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# columns of report.md's table, those present and not all empty
+REPORT_COLUMNS = [
+    "p_uncond",
+    "w",
+    "fid",
+    "fid_range_std",
+    "is",
+    "kid",
+    "precision",
+    "recall",
+    "class_acc",
+    "n_samples",
+]
+
+
+def report_markdown(
+    df: pd.DataFrame,
+    summ: dict,
+    records: list[CellRecord],
+    *,
+    data_name: str,  # params.yaml data.name
+    experiment: str,  # MLflow experiment
+    grids: list[tuple[float, str]],  # (p_uncond, file name of its sample-grid figure)
+    plots_rel: str | Path,  # the figures' folder as report.md links it
+) -> str:
+    """results/report.md: headline numbers, the trade-off figure and table, samples, per-class FID, provenance."""
+    first = df.iloc[0]
+    p_values = sorted(df["p_uncond"].unique().tolist())
+    w_values = sorted(df["w"].unique().tolist())
+    lines = [
+        "# Classifier-free guidance: FID / IS trade-off",
+        "",
+        f"Data `{data_name}`, p_uncond ∈ {p_values}, w ∈ {w_values}; sampler "
+        f"`{first['sampler']}` {first['sampler_options']} with {first['steps']} steps, {summ['n_samples']} samples "
+        f"per cell; features from `{first['extractor']}` (evaluation classifier test accuracy "
+        f"{summ['classifier_test_accuracy']:.4f}).",
+        "",
+        f"- Best FID **{summ['best_fid']:.3f}** at w = {summ['best_fid_w']:g}, p_uncond = {summ['best_fid_p_uncond']:g}.",
+        f"- Largest IS **{summ['max_is']:.3f}** at w = {summ['max_is_w']:g}, p_uncond = {summ['max_is_p_uncond']:g}.",
+        f"- IS rises monotonically with w for every p_uncond: **{summ['is_rises_with_w']}** "
+        f"({', '.join(f'{k}: {v}' for k, v in summ['is_rises_with_w_by_p_uncond'].items())}).",
+        "",
+        f"![trade-off]({plots_rel}/tradeoff.png)",
+        "",
+        "## Trade-off table",
+        "",
+        markdown_table(df, [c for c in REPORT_COLUMNS if c in df and df[c].notna().any()]),
+        "",
+        "## Samples",
+        "",
+    ]
+    lines += [f"![p_uncond={p:g}]({plots_rel}/{name})" for p, name in grids]
+    per_class = [r for r in records if r.per_class_fid]
+    if per_class:
+        lines += ["", "## Per-class FID", ""]
+        for r in per_class:
+            lines.append(
+                f"- p_uncond={r.p_uncond:g}, w={r.w:g}: "
+                + ", ".join(f"{c}: {v:.2f}" for c, v in r.per_class_fid.items())
+            )
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"- metric fingerprint `{summ['fingerprint']}` (extractor, weights hash, reference statistics, sample count, "
+        "resolution, resize): every row of the table shares it",
+        f"- MLflow experiment `{experiment}`: one run per trained model with one nested run per "
+        "cell (`mlflow_run_id` column), tagged with the git commit, DVC stage and parameters hash",
+        f"- checkpoints: {', '.join(sorted(df['checkpoint'].unique()))}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(
+    records: list[CellRecord],
+    *,
+    grid_images: dict[float, Path],  # p_uncond -> its sample stage's grid.png
+    classifier_accuracy: float,  # the classifier stage's test accuracy
+    data_name: str,
+    experiment: str,
+    table: Path,  # results/tradeoff.csv
+    metrics: Path,  # results/metrics.json (DVC metrics)
+    plots: Path,  # results/plots/
+    report: Path,  # results/report.md
+) -> tuple[pd.DataFrame, dict]:
+    """The report stage's outputs from the study's records; returns (table, summary)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    from cfg.io import atomic_write, atomic_write_text, write_json
+    from cfg.study.plots import sample_grid, tradeoff_figure
+
+    df = cells_frame(records)
+    atomic_write_text(table, df.to_csv(index=False))
+    summ = summary(df) | {"classifier_test_accuracy": classifier_accuracy}
+    write_json(metrics, summ)
+
+    plots.mkdir(parents=True, exist_ok=True)
+    fig = tradeoff_figure(df)
+    atomic_write(plots / "tradeoff.png", lambda f: fig.savefig(f, dpi=120, format="png"))
+    plt.close(fig)
+    grids = []
+    for p, path in grid_images.items():
+        image = np.asarray(Image.open(path))
+        w_values = sorted(df.loc[df["p_uncond"] == p, "w"])
+        n_w = len(w_values)
+        fig, ax = plt.subplots(figsize=(1 + 0.6 * n_w, 0.5 + 0.6 * image.shape[0] / image.shape[1] * n_w))
+        sample_grid(
+            ax, image, w_values, title=f"p_uncond={p:g}: one row per class, same noise in every column"
+        )
+        name = f"samples_p_uncond={p}.png"
+        atomic_write(
+            plots / name, lambda f, fig=fig: fig.savefig(f, dpi=120, bbox_inches="tight", format="png")
+        )
+        plt.close(fig)
+        grids.append((p, name))
+    rel = (
+        plots.resolve().relative_to(report.parent.resolve())
+        if plots.resolve().is_relative_to(report.parent.resolve())
+        else plots
+    )
+    text = report_markdown(
+        df, summ, records, data_name=data_name, experiment=experiment, grids=grids, plots_rel=rel
+    )
+    atomic_write_text(report, text)
+    return df, summ

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from cfg.study.config import Params, ParamsError, load_params
 from cfg.study.tracking import project_root
@@ -29,30 +25,6 @@ def data_root(root: str | None) -> str | None:
     if root is None or Path(root).is_absolute():
         return root
     return str((project_root() / root).resolve())
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)  # the only way to read it; done once, at import, before any stage thread exists
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written output."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, 0o666 & ~_UMASK)  # the mode open() would give, not mkstemp's owner-only 0600
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def fmt_seconds(s: float) -> str:
@@ -80,6 +52,6 @@ def progress_printer(label: str, unit: str, every_s: float = 5.0) -> Callable[[d
 
 def make_extractor(name: str, classifier_path: str | Path, inception_weights: str | None, device):
     """`cfg.eval.metrics.extractor_by_name` with a relative weights path taken from the project root."""
-    from cfg.eval.metrics import extractor_by_name
+    from cfg.eval.features import extractor_by_name
 
     return extractor_by_name(name, classifier_path, data_root(inception_weights), device)

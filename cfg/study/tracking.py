@@ -147,6 +147,53 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def log_cell(client, exp_id: str, record, images, labels, classes: list[str], params_hash: str) -> str:
+    """A cell run nested under its model's train run: the record's settings as params (options as one JSON
+    dict each), its metrics, fingerprint tags and a sample grid (up to 8 uint8 samples of each class)."""
+    import tempfile
+
+    from cfg.data.images import class_by_w_tiles, save_grid
+
+    fp = record.fingerprint_detail
+    tags = provenance_tags(
+        "evaluate",
+        params_hash,
+        {"run_kind": "cell", "fingerprint": record.fingerprint}
+        | ({"mlflow.parentRunId": record.train_run_id} if record.train_run_id else {})
+        | {f"fingerprint.{k}": v for k, v in fp.items()},
+    )
+    rid = client.create_run(exp_id, run_name=record.name, tags=tags).info.run_id
+    per_class = {f"fid_class_{c}": v for c, v in (record.per_class_fid or {}).items()}
+    log_flat(client, rid, params=record.params(), metrics=record.metrics | per_class)
+    n_classes = len(classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        per = max(1, min(8, len(labels) // n_classes))
+        tiles = class_by_w_tiles(images[None, : n_classes * per], labels[: n_classes * per], n_classes, per)
+        path = Path(tmp) / "samples.png"
+        save_grid(
+            path, tiles[:, 0].view(n_classes, per, *tiles.shape[2:]), upscale=max(1, 64 // images.shape[-1])
+        )
+        client.log_artifact(rid, str(path))
+    client.set_terminated(rid)
+    return rid
+
+
+def log_report(
+    client, exp_id: str, summary: dict, params_hash: str, plots: Path, table: Path, report: Path
+) -> str:
+    """The report run: the summary's numbers as metrics, the figures, the table and report.md."""
+    rid = client.create_run(
+        exp_id, run_name="report", tags=provenance_tags("report", params_hash, {"run_kind": "report"})
+    ).info.run_id
+    log_flat(client, rid, metrics={k: v for k, v in summary.items() if isinstance(v, float)})
+    for f in sorted(plots.glob("*.png")):
+        client.log_artifact(rid, str(f), "plots")
+    client.log_artifact(rid, str(table))
+    client.log_artifact(rid, str(report))
+    client.set_terminated(rid)
+    return rid
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m cfg.study.tracking ui`: the MLflow UI on localhost against the project's store."""
     parser = argparse.ArgumentParser(prog="python -m cfg.study.tracking")

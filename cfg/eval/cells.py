@@ -1,0 +1,125 @@
+"""Evaluate a model's samples: one `CellRecord` per w, from (samples, extractor, reference statistics).
+
+The evaluate stage and the search both score through `evaluate_samples`, so a trial's FID is the pipeline's.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from cfg.eval.features import FeatureExtractor, Features, extract_features
+from cfg.eval.fingerprint import fingerprint
+from cfg.eval.metrics import METRICS, per_class_fid
+from cfg.eval.stats import ReferenceStats
+from cfg.study.records import CellRecord, SampleSet
+
+# metrics whose spread over disjoint seed ranges a record carries (`<name>_range_mean`, `<name>_range_std`)
+RANGE_METRICS = ("fid", "is")
+
+
+def score(
+    gen: Features,
+    labels: Tensor,  # (N,) int64: the classes the samples were conditioned on
+    ref: ReferenceStats,
+    metrics: dict[str, dict],  # METRICS entry -> its resolved options
+    *,
+    class_logits: Tensor | None,  # (N, K) logits of the evaluation classifier
+    seed: int = 0,  # KID subsets and IS shuffling
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Every metric's columns for one set of generated features, in registry order."""
+    out: dict[str, float] = {}
+    for name, options in metrics.items():
+        out |= METRICS[name](
+            gen, ref, labels=labels, class_logits=class_logits, seed=seed, device=device, **options
+        )
+    return out
+
+
+def _seed_ranges(
+    gen: Features, labels: Tensor, ref: ReferenceStats, metrics: dict, ranges: int, **kw
+) -> tuple[dict[str, float], dict[str, list[float]], int]:
+    """RANGE_METRICS on `ranges` disjoint example ranges (independent noise, n / R samples each):
+    (mean and sd columns, the values per range, samples per range)."""
+    index = torch.arange(len(gen))
+    parts = [torch.isin(index, r) for r in index.chunk(ranges)]
+    wanted = {m: metrics[m] for m in RANGE_METRICS if m in metrics}
+    per = [score(gen.select(p), labels[p], ref, wanted, class_logits=None, **kw) for p in parts]
+    values = {m: [s[m] for s in per] for m in wanted}
+    columns = {}
+    for m, v in values.items():
+        columns[f"{m}_range_mean"] = statistics.mean(v)
+        columns[f"{m}_range_std"] = statistics.stdev(v)
+    return columns, values, int(parts[0].sum())
+
+
+def evaluate_samples(
+    samples: SampleSet,
+    extractor: FeatureExtractor,
+    reference: ReferenceStats,
+    *,
+    metrics: dict[str, dict],  # METRICS entry -> resolved options (cfg.study.config: evaluate.metrics)
+    classifier: FeatureExtractor | None = None,  # for class_acc when the extractor is not the classifier
+    extractor_name: str = "classifier",  # the extractor's registry name, recorded
+    seed_ranges: int = 1,  # > 1: also score this many disjoint example ranges (the spread over seeds)
+    per_class_w: float | None = None,  # the w whose cell also gets per-class FID
+    batch_size: int = 500,  # images per extractor batch
+    device: torch.device | str = "cpu",
+    on_cell: Callable[[CellRecord, Tensor], None] | None = None,  # called with each record and its images
+) -> list[CellRecord]:
+    """One record per w of `samples`, in grid order."""
+    records = []
+    for j, w in enumerate(samples.w):
+        images = samples.images[j]  # (N, C, H, W) uint8
+        gen = extract_features(extractor, images, batch_size=batch_size, device=device)
+        logits = gen.logits
+        if classifier is not None and classifier is not extractor:
+            logits = extract_features(classifier, images, batch_size=batch_size, device=device).logits
+        kw = {"seed": samples.seed, "device": device}
+        values = score(gen, samples.labels, reference, metrics, class_logits=logits, **kw)
+        per_range, n_per_range = {}, None
+        if seed_ranges > 1:
+            columns, per_range, n_per_range = _seed_ranges(
+                gen, samples.labels, reference, metrics, seed_ranges, **kw
+            )
+            values |= columns
+        pcf = None
+        if per_class_w is not None and abs(w - per_class_w) < 1e-9:
+            pcf = {samples.classes[c]: v for c, v in per_class_fid(gen, samples.labels, reference).items()}
+        fp = fingerprint(gen, reference)
+        record = CellRecord(
+            p_uncond=samples.p_uncond,
+            w=w,
+            guidance=samples.guidance,
+            guidance_options=samples.guidance_options,
+            sampler=samples.sampler,
+            sampler_options=samples.sampler_options,
+            steps=samples.steps,
+            seed=samples.seed,
+            n_samples=len(gen),
+            extractor=extractor_name,
+            metrics=values,
+            fingerprint=fp.key(),
+            fingerprint_detail=fp.to_dict(),
+            checkpoint=samples.checkpoint,
+            train_run_id=samples.train_run_id,
+            n_per_range=n_per_range,
+            ranges=per_range,
+            per_class_fid=pcf,
+        )
+        if on_cell is not None:
+            on_cell(record, images)
+        records.append(record)
+    return records
+
+
+def metrics_from_params(evaluate) -> dict[str, dict]:
+    """params.yaml's `evaluate.metrics` with their `metric_options`, completed with the defaults."""
+    return {
+        name: METRICS.resolve(name, evaluate.metric_options.get(name), f"evaluate.metric_options.{name}")
+        for name in evaluate.metrics
+    }

@@ -1,0 +1,142 @@
+"""Cell records: evaluate_samples against direct metric calls, seed ranges, the record's round trips."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from cfg.eval.cells import evaluate_samples, metrics_from_params, score
+from cfg.eval.features import classifier_extractor, extract_features
+from cfg.eval.fingerprint import fingerprint
+from cfg.eval.metrics import (
+    METRICS,
+    class_accuracy,
+    fid,
+    inception_score,
+    kid,
+    per_class_fid,
+    precision_recall,
+)
+from cfg.eval.stats import reference_stats
+from cfg.nets.classifier import Classifier, ClassifierConfig
+from cfg.study.config import EvaluateParams
+from cfg.study.records import CellRecord, SampleSet, p_uncond_name, read_cells, write_cells
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    clf = Classifier(
+        ClassifierConfig(in_channels=1, num_classes=4, image_size=8, width=8, feature_dim=16)
+    ).eval()
+    ext = classifier_extractor(clf)
+    real = (torch.rand(80, 1, 8, 8) * 255).to(torch.uint8)
+    ref = reference_stats(extract_features(ext, real), ext, labels=torch.arange(80) % 4)
+    images = (torch.rand(2, 40, 1, 8, 8) * 255).to(torch.uint8)  # two w, 40 examples
+    samples = SampleSet(
+        images=images,
+        labels=torch.arange(40) % 4,
+        w=[0.0, 1.0],
+        classes=["a", "b", "c", "d"],
+        p_uncond=0.1,
+        guidance="cfg",
+        guidance_options={},
+        sampler="ancestral",
+        sampler_options={"v": 0.3, "clip_denoised": 1.0},
+        steps=8,
+        seed=3,
+        checkpoint="models/p_uncond=0.1/checkpoint.pt",
+        train_run_id=None,
+        checkpoint_params_hash="abc",
+    )
+    return ext, ref, samples
+
+
+def test_score_runs_every_registered_metric_with_its_options(setup):
+    ext, ref, samples = setup
+    gen = extract_features(ext, samples.images[0])
+    labels = samples.labels
+    metrics = {
+        "fid": {},
+        "is": {"splits": 1},
+        "kid": {"subsets": 3, "subset_size": 30},
+        "precision_recall": {"k": 3},
+        "class_acc": {},
+    }
+    out = score(gen, labels, ref, metrics, class_logits=gen.logits, seed=5)
+    assert list(out) == ["fid", "is", "is_std", "kid", "kid_std", "precision", "recall", "class_acc"]
+    assert out["fid"] == fid(gen, ref)
+    assert (out["is"], out["is_std"]) == inception_score(gen, seed=5)
+    assert (out["kid"], out["kid_std"]) == kid(gen, ref, subsets=3, subset_size=30, seed=5)
+    assert (out["precision"], out["recall"]) == precision_recall(gen, ref, k=3)
+    assert out["class_acc"] == class_accuracy(gen.logits, labels)
+
+
+def test_evaluate_samples_one_record_per_w_with_ranges_and_per_class(setup):
+    ext, ref, samples = setup
+    metrics = {"fid": {}, "is": {"splits": 1}, "class_acc": {}}
+    seen = []
+    records = evaluate_samples(
+        samples,
+        ext,
+        ref,
+        metrics=metrics,
+        seed_ranges=2,
+        per_class_w=1.0,
+        on_cell=lambda r, im: seen.append((r.w, im.dtype)),
+    )
+    assert [r.w for r in records] == [0.0, 1.0] and seen == [(0.0, torch.uint8), (1.0, torch.uint8)]
+    for j, r in enumerate(records):
+        gen = extract_features(ext, samples.images[j])
+        assert r.metrics["fid"] == fid(gen, ref) and r.n_samples == 40 and r.n_per_range == 20
+        halves = [gen.select(torch.arange(40) < 20), gen.select(torch.arange(40) >= 20)]
+        assert r.ranges["fid"] == [fid(h, ref) for h in halves]
+        assert r.metrics["fid_range_mean"] == pytest.approx(sum(r.ranges["fid"]) / 2)
+        assert r.metrics["is_range_std"] == pytest.approx(
+            abs(r.ranges["is"][0] - r.ranges["is"][1]) / math.sqrt(2)
+        )
+        assert r.fingerprint == fingerprint(gen, ref).key()
+        assert r.sampler_options == {"v": 0.3, "clip_denoised": 1.0} and r.guidance == "cfg"
+    assert records[0].per_class_fid is None
+    expected = per_class_fid(extract_features(ext, samples.images[1]), samples.labels, ref)
+    assert records[1].per_class_fid == {samples.classes[c]: v for c, v in expected.items()}
+
+
+def test_records_and_samples_round_trip(setup, tmp_path):
+    ext, ref, samples = setup
+    records = evaluate_samples(samples, ext, ref, metrics={"fid": {}, "is": {}})
+    write_cells(tmp_path / "cells.json", records)
+    back = read_cells(tmp_path / "cells.json")
+    assert back == records
+    row = back[0].row()
+    assert json.loads(row["sampler_options"]) == {"v": 0.3, "clip_denoised": 1.0}
+    assert list(row)[:4] == ["p_uncond", "w", "guidance", "fid"]
+    params = back[0].params()
+    assert params["sampler_options"] == '{"clip_denoised": 1.0, "v": 0.3}' and params["w"] == 0.0
+    samples.save(tmp_path / "samples.pt")
+    loaded = SampleSet.load(tmp_path / "samples.pt")
+    assert torch.equal(loaded.images, samples.images) and loaded.info() == samples.info()
+    assert not list(tmp_path.glob(".samples.pt.*")), "no temporary file left behind"
+
+
+def test_reading_a_missing_or_foreign_record_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="evaluate stage"):
+        read_cells(tmp_path / "none.json")
+    (tmp_path / "old.json").write_text(json.dumps([{"p_uncond": 0.1, "v": 0.3}]))
+    with pytest.raises(ValueError, match=r"old\.json.*unknown fields \['v'\]"):
+        read_cells(tmp_path / "old.json")
+    torch.save({"images": 1}, tmp_path / "s.pt")
+    with pytest.raises(ValueError, match="rerun its sample stage"):
+        SampleSet.load(tmp_path / "s.pt")
+
+
+def test_metric_options_come_from_the_registry():
+    e = EvaluateParams(metrics=["fid", "kid"], metric_options={"kid": {"subsets": 7}})
+    assert metrics_from_params(e) == {"fid": {}, "kid": {"subsets": 7, "subset_size": 1000}}
+    assert METRICS.options("precision_recall") == {"k": 3}
+
+
+def test_p_uncond_name_matches_dvc_foreach():
+    assert [p_uncond_name(p) for p in (0.1, 0.5, 0.25)] == ["p_uncond=0.1", "p_uncond=0.5", "p_uncond=0.25"]
+    assert CellRecord.__dataclass_fields__.keys() >= {"sampler_options", "guidance_options"}
