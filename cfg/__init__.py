@@ -1,17 +1,16 @@
 """cfg-lab: classifier-free diffusion guidance (Ho & Salimans 2022), as a tested library.
 
-Modules (none does I/O at import):
-    diffusion   log-SNR schedule, forward process, training loss, label dropout
-    guidance    guided epsilon with the conditional and unconditional passes in one batch
-    samplers    pure sampling functions (ancestral, DDIM) and their registry
-    model       ADM-style U-Net configured by a dataclass, EMA of weights
-    data        labelled image data sets as tensors in [-1, 1]
-    classifier  the evaluation network (default feature extractor for FID / IS)
-    metrics     FID, IS, KID, precision / recall, class accuracy, fingerprints
-    training    the diffusion training loop
-    config      the typed schema of params.yaml
-    tracking    MLflow helpers (the only module that imports mlflow)
-    search      Optuna helpers (the only module that imports optuna)
+Packages (none does I/O at import; docs/architecture.md has the layers and the data path):
+    maths     diffusion (log-SNR schedule, loss, label dropout), guidance (GUIDANCE), samplers (SAMPLERS)
+    nets      the U-Net with EMA and checkpoints, the evaluation classifier, the FID Inception-v3
+    data      data sets (DATASETS) as tensors in [-1, 1]; uint8 <-> float and sample grids
+    eval      features (EXTRACTORS) -> statistics -> metrics (METRICS); fingerprints; cells: evaluate_samples
+    engine    device, the training loop (EMA warm-up, resume state), generation of a whole w grid
+    study     config (the params schema), records (SampleSet, CellRecord), stage helpers, tracking (MLflow,
+              the only importer of mlflow), presets, report, plots
+    search    Optuna search (the only package importing optuna)
+    registry  the generic Registry: name -> function, options = its keyword-only arguments with defaults
+    io        atomic writes
 """
 
 __version__ = "0.1.0"
