@@ -8,7 +8,7 @@ With 40,000 samples the Monte-Carlo standard error of a mean is ~0.005 and of a 
 import pytest
 import torch
 
-from cfg.maths.diffusion import sampling_lambdas
+from cfg.maths.diffusion import alpha_sigma, sampling_lambdas
 from cfg.maths.guidance import guided_denoiser
 from cfg.maths.samplers import SAMPLERS
 
@@ -133,3 +133,36 @@ def test_unknown_sampler_and_bad_schedule():
         SAMPLERS["euler"]
     with pytest.raises(ValueError, match="increase"):
         SAMPLERS["ddim"](lambda z, lam: z, torch.zeros(2, 2), torch.tensor([1.0, 0.0]), generator=None)
+
+
+def _exact_ode_endpoint(model, z, lambdas, mean, var):
+    """The probability-flow ODE's exact solution for diagonal Gaussian data N(mean, diag(var)): each coordinate
+    keeps its standardised value (z − α m) / sqrt(α² s² + σ²); x̂ at λ_T is the exact denoiser there."""
+    a0, s0 = alpha_sigma(lambdas[0])
+    a1, s1 = alpha_sigma(lambdas[-1])
+    z_end = a1 * mean + (z - a0 * mean) * torch.sqrt((a1**2 * var + s1**2) / (a0**2 * var + s0**2))
+    lam = torch.full((z.shape[0],), float(lambdas[-1]), dtype=torch.float64)
+    eps = model(z_end, lam, torch.zeros(z.shape[0], dtype=torch.long))
+    return (z_end - s1 * eps) / a1
+
+
+def test_dpmpp_2m_is_second_order_on_the_exact_ode():
+    """Against the exact ODE endpoint (diagonal Gaussian data), on λ grids of uniform spacing, DPM-Solver++(2M)'s
+    error falls ~4x per doubling of the steps (second order; measured 3.6-4.0) and is far below DDIM's (first
+    order, ~2x) at the same step count."""
+    mean, var = torch.tensor([0.8, -0.5]), torch.tensor([0.6, 0.05])
+    model = GaussianMixtureEps(mean[None], torch.diag(var)[None])
+    z = torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.zeros(500, dtype=torch.long)
+    denoise = guided_denoiser(model, labels, torch.zeros((), dtype=torch.float64), model.null_label)
+    err = {}
+    for name in ("ddim", "dpmpp_2m"):
+        for steps in (32, 64, 128):
+            lambdas = torch.linspace(-10.0, 10.0, steps, dtype=torch.float64)
+            exact = _exact_ode_endpoint(model, z, lambdas.double(), mean.double(), var.double())
+            err[name, steps] = (SAMPLERS[name](denoise, z, lambdas) - exact).abs().max().item()
+    for steps in (32, 64):
+        assert err["dpmpp_2m", steps] / err["dpmpp_2m", 2 * steps] > 3.0, err  # second order: ~4
+        assert err["ddim", steps] / err["ddim", 2 * steps] < 2.6, err  # first order: ~2
+    assert err["dpmpp_2m", 32] < err["ddim", 32] / 5, err
+    assert err["dpmpp_2m", 128] < 2e-3, err
