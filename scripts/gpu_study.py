@@ -53,7 +53,7 @@ def main() -> None:
         if Path(src).is_file():
             shutil.copy(src, out / Path(src).name)
     for grid in sorted(Path("samples").glob("p_uncond=*/grid.png"))[:1]:
-        shutil.copy(grid, out / f"grid_{grid.parent.name}.png")
+        shutil.copy(grid, out / "grid.png")
     if Path("results/plots/tradeoff.png").is_file():
         shutil.copy("results/plots/tradeoff.png", out / "tradeoff.png")
     sys.exit(rc)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cfg.maths.guidance import (
+    GUIDANCE,
     guidance_scale_to_w,
     guided_denoiser,
     guided_eps,
@@ -108,3 +109,16 @@ def test_guidance_scale_conversion():
     assert w_to_guidance_scale(0.3) == 1.3
     assert guidance_scale_to_w(7.5) == 6.5
     assert guidance_scale_to_w(w_to_guidance_scale(-1.0)) == -1.0
+
+
+@pytest.mark.parametrize("name", list(GUIDANCE))
+def test_every_guidance_method_is_conditional_at_w0_and_unconditional_at_w_minus_1(name):
+    """Pass skipping (`needed_passes`) drops ε(z) at w = 0 and ε(z, c) at w = −1: every registered method must
+    reduce to ε(z, c) and ε(z) there, with its default options."""
+    g = torch.Generator().manual_seed(0)
+    eps_c, eps_u, z = (torch.randn(4, 1, 3, 3, generator=g) for _ in range(3))
+    lam = torch.linspace(-5, 5, 4)
+    method = GUIDANCE[name]
+    ones = torch.ones(4, 1, 1, 1)
+    torch.testing.assert_close(method(eps_c, eps_u, 0 * ones, z=z, lam=lam), eps_c)
+    torch.testing.assert_close(method(eps_c, eps_u, -ones, z=z, lam=lam), eps_u)

@@ -30,6 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from cfg.data.images import from_uint8, to_uint8
+from cfg.io import atomic_save
 from cfg.registry import Registry
 
 # name -> loader(*, root, image_size, download, max_train, max_test) -> ImageDataset
@@ -187,7 +188,7 @@ def save_prepared(ds: ImageDataset, path: str | Path) -> None:
     """Write a data set to one file, images as uint8, with its labels, classes, name and fingerprint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
+    atomic_save(
         {
             "format": _PREPARED_FORMAT,
             "name": ds.name,

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from cfg.eval.features import FeatureExtractor, Features, hash_tensor
 from cfg.eval.fingerprint import FingerprintMismatch
+from cfg.io import atomic_save
 
 
 def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,7 +89,7 @@ def reference_stats(
 def save_reference_stats(path: str | Path, stats: ReferenceStats) -> None:
     """Write `stats` as a torch file of tensors and plain values."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({f.name: getattr(stats, f.name) for f in fields(stats)}, Path(path))
+    atomic_save({f.name: getattr(stats, f.name) for f in fields(stats)}, Path(path))
 
 
 def load_reference_stats(path: str | Path) -> ReferenceStats:

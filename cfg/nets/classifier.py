@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cfg.io import atomic_save
+
 
 @dataclass
 class ClassifierConfig:
@@ -183,7 +185,7 @@ def save_classifier(path: str | Path, model: Classifier, meta: dict) -> None:
         raise TypeError(f"meta must hold JSON values (str, int, float, bool, None, lists, dicts): {e}") from e
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": model.config.to_dict(), "state_dict": state, "meta": meta}, Path(path))
+    atomic_save({"config": model.config.to_dict(), "state_dict": state, "meta": meta}, Path(path))
 
 
 def load_classifier(path: str | Path, map_location: torch.device | str = "cpu") -> tuple[Classifier, dict]:

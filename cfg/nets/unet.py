@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cfg.io import atomic_save
+
 
 @dataclass
 class UNetConfig:
@@ -239,7 +241,7 @@ def save_checkpoint(path, model: nn.Module, meta: dict) -> None:
     """Write the model's weights with the configuration it was built from and `meta` (training settings)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": model.config.to_dict(), "state_dict": state, "meta": meta}, path)
+    atomic_save({"config": model.config.to_dict(), "state_dict": state, "meta": meta}, path)
 
 
 def load_checkpoint(path, map_location="cpu") -> tuple[UNet, dict]:

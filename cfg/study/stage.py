@@ -51,7 +51,7 @@ def progress_printer(label: str, unit: str, every_s: float = 5.0) -> Callable[[d
 
 
 def make_extractor(name: str, classifier_path: str | Path, inception_weights: str | None, device):
-    """`cfg.eval.metrics.extractor_by_name` with a relative weights path taken from the project root."""
+    """`cfg.eval.features.extractor_by_name` with a relative weights path taken from the project root."""
     from cfg.eval.features import extractor_by_name
 
     return extractor_by_name(name, classifier_path, data_root(inception_weights), device)
