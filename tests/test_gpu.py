@@ -61,8 +61,8 @@ def test_analytic_sampler_on_cuda_matches_cpu():
         return guided_eps(model, x.cpu(), lam_b, labels, torch.tensor(0.0, dtype=x.dtype), 2).to(x.device)
 
     ddim = SAMPLERS["ddim"]
-    cpu = ddim(denoise, z, sampling_lambdas(64), generator=None)
-    gpu = ddim(denoise, z.cuda(), sampling_lambdas(64), generator=None).cpu()
+    cpu = ddim(denoise, z, sampling_lambdas(64))
+    gpu = ddim(denoise, z.cuda(), sampling_lambdas(64)).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-9, atol=1e-9)
 
 

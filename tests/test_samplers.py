@@ -10,6 +10,7 @@ import torch
 
 from cfg.maths.diffusion import alpha_sigma, sampling_lambdas
 from cfg.maths.guidance import guided_denoiser
+from cfg.maths.noise import example_noise, generator_source, stream_source
 from cfg.maths.samplers import SAMPLERS
 
 from .analytic import GaussianMixtureEps
@@ -24,7 +25,7 @@ def _run(name, model, labels, w, seed=0, n=N, steps=T):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, 2, generator=gen, dtype=torch.float64)
     denoise = guided_denoiser(model, labels, torch.as_tensor(w, dtype=torch.float64), model.null_label)
-    return SAMPLERS[name](denoise, z, sampling_lambdas(steps), generator=gen)
+    return SAMPLERS[name](denoise, z, sampling_lambdas(steps), noise=generator_source(z, gen))
 
 
 def _cov(x):
@@ -116,23 +117,25 @@ def test_same_seed_same_samples():
     assert not torch.equal(a, c)
 
 
-def test_noise_copies_share_step_noise():
-    """Copies of one example (one per w) with the same w and start must give identical samples."""
+def test_rows_with_the_same_streams_give_identical_samples():
+    """Copies of one example (one per w) with the same w share their per-example streams: identical samples."""
     model = GaussianMixtureEps(MIX_MEANS, MIX_COVS)
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(50, 2, generator=gen, dtype=torch.float64).repeat(3, 1)
+    ids = torch.arange(50).repeat(3)  # three copies of examples 0..49
+    z = example_noise(7, ids, 0, (2,), dtype=torch.float64)
     labels = torch.ones(150, dtype=torch.long)
     denoise = guided_denoiser(model, labels, torch.zeros(150, dtype=torch.float64), model.null_label)
-    x = SAMPLERS["ancestral"](denoise, z, sampling_lambdas(16), generator=gen, noise_copies=3)
+    noise = stream_source(7, ids, (2,), dtype=torch.float64)
+    x = SAMPLERS["ancestral"](denoise, z, sampling_lambdas(16), noise=noise)
     torch.testing.assert_close(x[:50], x[50:100], rtol=0, atol=0)
     torch.testing.assert_close(x[:50], x[100:], rtol=0, atol=0)
+    assert not torch.equal(x[:25], x[25:50])
 
 
 def test_unknown_sampler_and_bad_schedule():
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
         SAMPLERS["euler"]
     with pytest.raises(ValueError, match="increase"):
-        SAMPLERS["ddim"](lambda z, lam: z, torch.zeros(2, 2), torch.tensor([1.0, 0.0]), generator=None)
+        SAMPLERS["ddim"](lambda z, lam: z, torch.zeros(2, 2), torch.tensor([1.0, 0.0]))
 
 
 def _exact_ode_endpoint(model, z, lambdas, mean, var):

@@ -16,6 +16,7 @@ from cfg.data.images import to_uint8
 from cfg.engine.device import autocast, configure_cuda
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
 from cfg.maths.guidance import guided_denoiser
+from cfg.maths.noise import example_noise, stream_source
 from cfg.maths.samplers import SAMPLERS
 from cfg.study.records import SampleSet
 
@@ -49,11 +50,6 @@ def sampling_kwargs(params) -> dict:
     }
 
 
-def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu") -> Tensor:
-    """Labels 0, 1, …, K−1, 0, 1, …: class-balanced conditioning for a cell of n samples."""
-    return torch.arange(n, device=device) % num_classes
-
-
 @torch.no_grad()
 def generate_w_grid(
     model: torch.nn.Module,  # ε_θ(z, λ, c) with a `config.null_label`
@@ -69,28 +65,33 @@ def generate_w_grid(
     guidance_options: dict | None = None,  # its options
     lambda_min: float = LAMBDA_MIN,
     lambda_max: float = LAMBDA_MAX,
-    seed: int = 0,  # seeds the initial noise and the sampler's noise
-    batch_size: int = 1024,  # network batch (before the cond/uncond doubling); a multiple of len(w_values) is used
+    seed: int = 0,  # with the example index, seeds the initial noise and the sampler's noise (cfg.maths.noise)
+    batch_size: int = 1024,  # network rows per batch (before the cond/uncond doubling), rounded down to a
+    # multiple of len(w_values); speed only: the images do not depend on it
     device: torch.device | str = "cpu",
     bf16: bool = True,  # bf16 autocast of the network on CUDA
     compile: bool = False,  # torch.compile the network on CUDA (fuses the many small ops of a sampling step)
     first_index: int = 0,  # generate examples first_index … first_index + n_samples − 1 (seed ranges)
+    examples: Tensor | None = None,  # or exactly these example indices (a shard of a cell); n_samples unused
     progress: ProgressCallback | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Sample every w for examples [first_index, first_index + n_samples).
+    """Sample every w for examples [first_index, first_index + n_samples) (or `examples`).
 
-    Returns (images uint8 (W, N, C, H, W) on CPU, labels (N,)). Each batch draws its noise from a generator
-    seeded by (seed, its first example), so disjoint example ranges give independent samples and the same
-    call gives the same images.
+    Returns (images uint8 (W, N, C, H, W) on CPU, labels (N,)). Example i is conditioned on class i mod K and
+    draws its initial latent and step noise from its own streams (`cfg.maths.noise.example_noise`): its
+    images depend only on (seed, i, w, sampler settings), never on the batch size, the other examples or
+    how many processes share the cell.
     """
     device = torch.device(device)
     w_list = [float(w) for w in w_values]
     n_w = len(w_list)
     per_batch = max(1, batch_size // n_w)  # examples per batch; each is repeated once per w
     sample_fn = SAMPLERS[sampler]
-    options = dict(sampler_options or {}, noise_copies=n_w)  # the W copies of an example share step noise
+    options = dict(sampler_options or {})
     lambdas = sampling_lambdas(steps, lambda_min=lambda_min, lambda_max=lambda_max, device=device)
-    labels_all = balanced_labels(first_index + n_samples, num_classes)[first_index:]
+    ids_all = first_index + torch.arange(n_samples) if examples is None else examples.to(torch.int64).cpu()
+    n_samples = len(ids_all)
+    labels_all = ids_all % num_classes  # balanced_labels: example i is class i mod K
     out = torch.empty((n_w, n_samples, *image_shape), dtype=torch.uint8)
     null_label = model.config.null_label
     w_col = torch.tensor(w_list, device=device)
@@ -108,14 +109,14 @@ def generate_w_grid(
     done = 0
     for start in range(0, n_samples, per_batch):
         k = min(per_batch, n_samples - start)
-        # one generator per batch, seeded by (seed, first example): slices of examples reproduce on their own
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + first_index + start)
-        z = torch.randn((k, *image_shape), generator=gen, device=device)  # (k, C, H, W)
-        z = z.repeat(n_w, 1, 1, 1)  # (W·k, C, H, W), w-major
+        ids = ids_all[start : start + k].to(device)  # (k,)
+        # the W copies of an example (w-major rows) share its initial latent and its step noise
+        z = example_noise(seed, ids, 0, image_shape).repeat(n_w, 1, 1, 1)  # (W·k, C, H, W)
+        noise = stream_source(seed, ids, image_shape)
         labels = labels_all[start : start + k].to(device).repeat(n_w)
         w = w_col.repeat_interleave(k)  # (W·k,)
         denoise = guided_denoiser(net, labels, w, null_label, guidance, guidance_options)
-        x = sample_fn(denoise, z, lambdas, generator=gen, **options)
+        x = sample_fn(denoise, z, lambdas, noise=lambda t, src=noise: src(t).repeat(n_w, 1, 1, 1), **options)
         out[:, start : start + k] = to_uint8(x).view(n_w, k, *image_shape).cpu()
         done += k
         if progress is not None:

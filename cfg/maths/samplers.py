@@ -1,10 +1,11 @@
-"""Samplers as pure functions: no files, no logging, randomness only from the passed generator.
+"""Samplers as pure functions: no files, no logging, randomness only from the passed noise source.
 
-Every sampler has the signature ``sampler(denoise, z, lambdas, *, generator, callback=None, **options)``:
+Every sampler has the signature ``sampler(denoise, z, lambdas, *, noise=None, callback=None, **options)``:
     denoise    (z, λ) -> ε̃, e.g. `cfg.maths.guidance.guided_denoiser` (λ a scalar tensor)
     z          initial noise at λ_1 = lambdas[0], (B, C, H, W)
     lambdas    increasing log-SNRs λ_1 < … < λ_T (`cfg.maths.diffusion.sampling_lambdas`)
-    generator  torch.Generator on z's device, the only source of randomness
+    noise      step t -> standard normal noise shaped like z, the only source of randomness
+               (`cfg.maths.noise.stream_source`: per-example streams; None: torch.randn_like)
     callback   optional callback(step, total_steps, z, x_hat) for progress
 and returns x̂ at λ_T, the last step's data prediction (Ho & Salimans 2022, Alg. 2).
 """
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from cfg.maths.diffusion import alpha_sigma
 from cfg.maths.guidance import Denoiser
+from cfg.maths.noise import NoiseSource
 from cfg.registry import Registry
 
 Callback = Callable[[int, int, Tensor, Tensor], None]
@@ -25,7 +27,7 @@ Callback = Callable[[int, int, Tensor, Tensor], None]
 # name -> sampler; its options are its keyword-only arguments (e.g. the ancestral sampler's v) less those the
 # engine passes to every sampler
 SAMPLERS: Registry[Callable[..., Tensor]] = Registry(
-    "sampler", reserved=("generator", "clip_denoised", "noise_copies", "callback")
+    "sampler", reserved=("noise", "clip_denoised", "callback")
 )
 
 
@@ -50,10 +52,9 @@ def sample_ancestral(
     z: Tensor,
     lambdas: Tensor,
     *,
-    generator: torch.Generator | None,
+    noise: NoiseSource | None = None,
     v: float = 0.3,  # interpolation of the reverse variance between σ̃² (v = 0) and σ² (v = 1)
     clip_denoised: float | None = None,  # clip x̂ to [−c, c] at every step; None for unbounded data
-    noise_copies: int = 1,  # the batch is this many copies of the same examples: share their step noise
     callback: Callback | None = None,
 ) -> Tensor:
     """The paper's ancestral sampler (Alg. 2): z' ~ N(μ̃_{λ'|λ}(z, x̂), (σ̃²_{λ'|λ})^(1−v) (σ²_{λ|λ'})^v).
@@ -61,8 +62,7 @@ def sample_ancestral(
     With r = e^(λ−λ'): μ̃ = r (α_λ'/α_λ) z + (1 − r) α_λ' x̂, σ̃² = (1 − r) σ²_λ', σ²_{λ|λ'} = (1 − r) σ²_λ.
     """
     _check_lambdas(lambdas)
-    if z.shape[0] % noise_copies:
-        raise ValueError(f"batch of {z.shape[0]} is not a whole number of noise_copies = {noise_copies}")
+    noise = noise or (lambda t: torch.randn_like(z))
     lambdas = lambdas.to(device=z.device, dtype=torch.float64)
     total = lambdas.numel()
     x_hat = z
@@ -80,10 +80,7 @@ def sample_ancestral(
         r = 1 - one_minus_r
         mean = (r * alpha_n / alpha).to(z.dtype) * z + (one_minus_r * alpha_n).to(z.dtype) * x_hat
         var = (one_minus_r * sigma_n**2) ** (1 - v) * (one_minus_r * sigma**2) ** v
-        noise = torch.randn(
-            (z.shape[0] // noise_copies, *z.shape[1:]), generator=generator, device=z.device, dtype=z.dtype
-        ).repeat(noise_copies, *([1] * (z.dim() - 1)))  # (B, C, H, W); copy j of example i gets i's noise
-        z = mean + var.sqrt().to(z.dtype) * noise
+        z = mean + var.sqrt().to(z.dtype) * noise(i).to(z.dtype)
         if callback is not None:
             callback(i, total, z, x_hat)
     return x_hat
@@ -96,9 +93,8 @@ def sample_ddim(
     z: Tensor,
     lambdas: Tensor,
     *,
-    generator: torch.Generator | None = None,  # unused: DDIM is deterministic given z
+    noise: NoiseSource | None = None,  # unused: DDIM is deterministic given z
     clip_denoised: float | None = None,  # clip x̂ to [−c, c] at every step; None for unbounded data
-    noise_copies: int = 1,  # unused: no step noise
     callback: Callback | None = None,
 ) -> Tensor:
     """Deterministic DDIM (Song et al. 2021, η = 0) on the same λ schedule: z' = α_λ' x̂ + σ_λ' ε̂."""
@@ -128,9 +124,8 @@ def sample_dpmpp_2m(
     z: Tensor,
     lambdas: Tensor,
     *,
-    generator: torch.Generator | None = None,  # unused: the solver is deterministic given z
+    noise: NoiseSource | None = None,  # unused: the solver is deterministic given z
     clip_denoised: float | None = None,  # clip x̂ to [−c, c] at every step; None for unbounded data
-    noise_copies: int = 1,  # unused: no step noise
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Alg. 2): the multistep second-order solver of the
