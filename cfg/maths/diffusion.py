@@ -100,13 +100,19 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     lambda_min: float = LAMBDA_MIN,
     lambda_max: float = LAMBDA_MAX,
+    rows: slice | None = None,  # the batch rows this process computes (data parallel); None = all
 ) -> Tensor:
-    """ε-prediction MSE of Alg. 1: ‖ε_θ(z_λ, c) − ε‖² with c dropped to the null label w.p. p_uncond."""
+    """ε-prediction MSE of Alg. 1: ‖ε_θ(z_λ, c) − ε‖² with c dropped to the null label w.p. p_uncond.
+
+    λ, ε and the label drops are drawn for the whole batch x in every process, and the loss is taken over
+    `rows` only: data-parallel processes then see exactly the draws a single process would."""
     lam = sample_training_lambda(
         x.shape[0], generator=generator, device=x.device, lambda_min=lambda_min, lambda_max=lambda_max
     )
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    z = q_sample(x, lam, eps)
     c = drop_labels(labels, p_uncond, null_label, generator=generator)
+    if rows is not None:
+        x, lam, eps, c = x[rows], lam[rows], eps[rows], c[rows]
+    z = q_sample(x, lam, eps)
     eps_hat = model(z, lam, c)
     return F.mse_loss(eps_hat.float(), eps)
