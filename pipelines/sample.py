@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from cfg.data.images import class_by_w_tiles, save_grid
-from cfg.engine.device import resolve_device
+from cfg.engine.distributed import finish, init, launch, n_processes
 from cfg.engine.generate import sample_checkpoint
 from cfg.io import write_json
 from cfg.nets.unet import load_checkpoint
@@ -18,7 +18,8 @@ def main() -> None:
     ap.add_argument("--out-dir", required=True, help="folder for samples.pt, grid.png, sample.json")
     args = ap.parse_args()
     params = stage_params()
-    device = resolve_device(params.train.device)
+    launch(n_processes(params.train.devices, params.train.device))  # under torchrun when train.devices > 1
+    d, device = init(params.train.device)
     out = Path(args.out_dir)
 
     model, meta = load_checkpoint(args.checkpoint, map_location=device)
@@ -37,7 +38,10 @@ def main() -> None:
                 "rate": i["images"] / max(i["elapsed_s"], 1e-9),
             }
         ),
+        dist=d,
     )
+    if not d.main:
+        return finish(d)
     samples.save(out / "samples.pt")
     k = len(samples.classes)
     tiles = class_by_w_tiles(samples.images, samples.labels, k, params.sample.grid_per_class)
@@ -50,8 +54,9 @@ def main() -> None:
     client.log_artifact(samples.train_run_id, str(out / "grid.png"), "samples")
     print(
         f"[sample p_uncond={samples.p_uncond}] {len(samples.w)} w x {samples.n_samples} images in "
-        f"{samples.seconds:.1f}s ({info['images_per_s']:.0f} images/s)"
+        f"{samples.seconds:.1f}s ({info['images_per_s']:.0f} images/s, {d.world} process(es))"
     )
+    finish(d)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ def _worker(rank: int, world: int, port: int, fn: str, out: str) -> None:
 def _run(fn: str, world: int, tmp_path) -> dict:
     if world == 1:
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as each worker: oneDNN's convolutions round differently with other thread counts
+        # as each worker: oneDNN's convolutions round differently with other thread counts
+        torch.set_num_threads(1)
         try:
             return FNS[fn](Dist())
         finally:
@@ -153,3 +154,39 @@ def test_batch_size_must_split_evenly_over_the_processes():
     x, y = _data()
     with pytest.raises(ValueError, match="batch_size = 9 must be a multiple of the 2 processes"):
         train_diffusion(CONFIG, x, y, steps=1, batch_size=9, dist=Dist(rank=0, world=2))
+
+
+@pytest.mark.slow
+def test_stages_relaunch_under_torchrun_and_match_one_process(project):
+    """train.devices: 2 on CPU: the train and sample stages re-run themselves under torchrun (2 gloo processes);
+    the checkpoint matches the 1-process stage within WEIGHT_TOL and the samples are the same bytes."""
+    import yaml
+
+    from .conftest import run
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["eval_every"] = 0  # no FIDs during training: the stage needs no classifier here
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro", "prepare", "train@0.1", "sample@0.1"], project)
+    one_ckpt = torch.load(project / "models/p_uncond=0.1/checkpoint.pt", weights_only=True)
+    one_samples = torch.load(project / "samples/p_uncond=0.1/samples.pt", weights_only=True)
+    params["train"]["devices"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    py = ["python"]
+    out = run(
+        [*py, "pipelines/train.py", "--p-uncond", "0.1", "--data", "data/prepared.pt", "--out-dir", "two"],
+        project,
+    )
+    assert "on 2 x cpu" in out.stdout
+    two_ckpt = torch.load(project / "two/checkpoint.pt", weights_only=True)
+    assert two_ckpt["meta"]["processes"] == 2
+    a, b = one_ckpt["state_dict"], two_ckpt["state_dict"]
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < WEIGHT_TOL
+    out = run(
+        [*py, "pipelines/sample.py", "--checkpoint", "models/p_uncond=0.1/checkpoint.pt", "--out-dir", "s2"],
+        project,
+    )
+    assert "2 process(es)" in out.stdout
+    two_samples = torch.load(project / "s2/samples.pt", weights_only=True)
+    assert torch.equal(one_samples["images"], two_samples["images"])
+    assert (project / "s2/grid.png").read_bytes() == (project / "samples/p_uncond=0.1/grid.png").read_bytes()

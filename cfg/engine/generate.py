@@ -14,6 +14,7 @@ from torch import Tensor
 
 from cfg.data.images import to_uint8
 from cfg.engine.device import autocast, configure_cuda
+from cfg.engine.distributed import Dist, gather_rows, shard
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
 from cfg.maths.guidance import guided_denoiser
 from cfg.maths.noise import example_noise, stream_source
@@ -140,8 +141,11 @@ def sample_checkpoint(
     checkpoint: str,  # its path, recorded
     device: torch.device | str,
     progress: ProgressCallback | None = None,
+    dist: Dist | None = None,  # several processes: each samples its shard of the examples, all get the cell
 ) -> SampleSet:
-    """The sample stage: every w of params.yaml's grid from one checkpoint, as a `SampleSet`."""
+    """The sample stage: every w of params.yaml's grid from one checkpoint, as a `SampleSet` (the same bytes
+    for any number of processes: per-example noise streams)."""
+    d = dist or Dist()
     cfg, s = model.config, params.sample
     kwargs = sampling_kwargs(params)
     t0 = time.perf_counter()
@@ -149,6 +153,7 @@ def sample_checkpoint(
         model.to(device),
         s.w,
         s.n_samples,
+        examples=shard(s.n_samples, d),
         num_classes=cfg.num_classes,
         image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
         device=device,
@@ -156,8 +161,8 @@ def sample_checkpoint(
         **kwargs,
     )
     return SampleSet(
-        images=images,
-        labels=labels,
+        images=gather_rows(images, d, s.n_samples, dim=1),
+        labels=gather_rows(labels, d, s.n_samples),
         w=list(s.w),
         classes=list(meta["classes"]),
         p_uncond=meta["p_uncond"],
