@@ -20,8 +20,9 @@ from cfg.io import atomic_save
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, diffusion_loss
 from cfg.nets.unet import EMA, UNet, UNetConfig
 
-# called every log_every steps with {"step", "loss", "lr", "images_per_s", "eta_s", "ema"}; may raise to stop training
-StepCallback = Callable[[dict], None]
+# called every log_every steps with {"step", "loss", "lr", "images_per_s", "eta_s", "ema"}; may raise to stop
+# training; what it returns (e.g. the FIDs of an evaluation of "ema") is added to that step's history entry
+StepCallback = Callable[[dict], dict | None]
 
 
 def train_kwargs(train) -> dict:
@@ -42,7 +43,7 @@ def train_kwargs(train) -> dict:
 
 
 # train.* keys that do not change the trained weights or the loss curve
-RESUME_NEUTRAL_KEYS = ("p_uncond", "device", "checkpoint_every")
+RESUME_NEUTRAL_KEYS = ("p_uncond", "device", "checkpoint_every", "eval_every", "eval_samples", "eval_w")
 
 
 def resume_state_path(
@@ -234,7 +235,8 @@ def train_diffusion(
             history.append(entry)
             running, n_running, t_last, first_interval = torch.zeros_like(running), 0, now, False
             if callback is not None and d.main:
-                callback({**entry, "ema": ema.model})  # the weights a checkpoint evaluation samples
+                # "ema": the weights a checkpoint evaluation samples; its values are kept (and resumed) in history
+                entry.update(callback({**entry, "ema": ema.model}) or {})
         if checkpoint_every and step % checkpoint_every == 0 and step < steps and d.main:
             now = time.perf_counter()
             atomic_save(

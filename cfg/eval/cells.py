@@ -14,6 +14,7 @@ from torch import Tensor
 from cfg.eval.features import FeatureExtractor, Features, extract_features
 from cfg.eval.fingerprint import fingerprint
 from cfg.eval.metrics import METRICS, per_class_fid
+from cfg.eval.sanity import chance_accuracy
 from cfg.eval.stats import ReferenceStats
 from cfg.study.records import CellRecord, SampleSet
 
@@ -67,12 +68,14 @@ def evaluate_samples(
     extractor_name: str = "classifier",  # the extractor's registry name, recorded
     seed_ranges: int = 1,  # > 1: also score this many disjoint example ranges (the spread over seeds)
     per_class_w: float | None = None,  # the w whose cell also gets per-class FID
+    noise_fid: float | None = None,  # FID of as many noise images (cfg.eval.sanity.noise_fid), recorded
     batch_size: int = 500,  # images per extractor batch
     device: torch.device | str = "cpu",
     on_cell: Callable[[CellRecord, Tensor], None] | None = None,  # called with each record and its images
 ) -> list[CellRecord]:
     """One record per w of `samples`, in grid order."""
     records = []
+    chance = chance_accuracy(samples.labels)
     for j, w in enumerate(samples.w):
         images = samples.images[j]  # (N, C, H, W) uint8
         gen = extract_features(extractor, images, batch_size=batch_size, device=device)
@@ -110,6 +113,8 @@ def evaluate_samples(
             n_per_range=n_per_range,
             ranges=per_range,
             per_class_fid=pcf,
+            chance_acc=chance,
+            noise_fid=noise_fid,
         )
         if on_cell is not None:
             on_cell(record, images)

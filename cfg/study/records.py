@@ -102,6 +102,8 @@ class CellRecord:
     n_per_range: int | None = None  # samples in each seed range
     ranges: dict[str, list[float]] = field(default_factory=dict)  # metric -> its value on each seed range
     per_class_fid: dict[str, float] | None = None  # class name -> FID of that class's samples
+    chance_acc: float | None = None  # class_acc of always guessing the most common label (cfg.eval.sanity)
+    noise_fid: float | None = None  # FID of as many uniform-noise images (cfg.eval.sanity.noise_fid)
     mlflow_run_id: str | None = None  # the cell's MLflow run
 
     @property
@@ -128,6 +130,8 @@ class CellRecord:
             **self.metrics,
             "n_samples": self.n_samples,
             "n_per_range": self.n_per_range,
+            "chance_acc": self.chance_acc,
+            "noise_fid": self.noise_fid,
             "sampler": self.sampler,
             "steps": self.steps,
             "seed": self.seed,

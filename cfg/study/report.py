@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from cfg.eval.fingerprint import check_comparable
+from cfg.eval.sanity import degenerate_cells, describe
 from cfg.study.records import CellRecord
 
 
@@ -78,11 +79,15 @@ def report_markdown(
     grids: list[tuple[float, str]],  # (p_uncond, file name of its sample-grid figure)
     plots_rel: str | Path,  # the figures' folder as report.md links it
 ) -> str:
-    """results/report.md: headline numbers, the trade-off figure and table, samples, per-class FID, provenance."""
+    """results/report.md: a warning banner over degenerate cells (`summ["degenerate_cells"]`) if any, headline
+    numbers, the trade-off figure and table, samples, per-class FID, provenance."""
     first = df.iloc[0]
     p_values = sorted(df["p_uncond"].unique().tolist())
     w_values = sorted(df["w"].unique().tolist())
+    warning = describe(summ.get("degenerate_cells", []), len(df))
+    banner = [f"> **Warning:** {warning[0]}", ">", *(f"> - {c}" for c in warning[1:]), ""] if warning else []
     lines = [
+        *banner,
         "# Classifier-free guidance: FID / IS trade-off",
         "",
         f"Data `{data_name}`, p_uncond ∈ {p_values}, w ∈ {w_values}; sampler "
@@ -149,7 +154,10 @@ def write_report(
 
     df = cells_frame(records)
     atomic_write_text(table, df.to_csv(index=False))
-    summ = summary(df) | {"classifier_test_accuracy": classifier_accuracy}
+    summ = summary(df) | {
+        "classifier_test_accuracy": classifier_accuracy,
+        "degenerate_cells": degenerate_cells(records),  # cfg.eval.sanity: near chance or no better than noise
+    }
     write_json(metrics, summ)
 
     plots.mkdir(parents=True, exist_ok=True)
