@@ -94,7 +94,48 @@ def _sample_and_features(d: Dist):
     }
 
 
-FNS = {"train": _train, "sample": _sample_and_features}
+def _evaluate(d: Dist):
+    from cfg.eval.cells import evaluate_samples
+    from cfg.eval.stats import reference_stats
+    from cfg.study.records import SampleSet
+
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(1)
+    ext = classifier_extractor(
+        Classifier(ClassifierConfig(in_channels=1, num_classes=3, image_size=8, width=4, feature_dim=6))
+    )
+    real = (torch.rand(60, 1, 8, 8, generator=g) * 255).to(torch.uint8)
+    ref = reference_stats(extract_features(ext, real), ext, labels=torch.arange(60) % 3)
+    samples = SampleSet(
+        images=(torch.rand(2, 31, 1, 8, 8, generator=g) * 255).to(torch.uint8),
+        labels=torch.arange(31) % 3,
+        w=[0.0, 1.0],
+        classes=["a", "b", "c"],
+        p_uncond=0.1,
+        guidance="cfg",
+        guidance_options={},
+        sampler="ddim",
+        sampler_options={"clip_denoised": 1.0},
+        steps=4,
+        seed=0,
+        checkpoint="c.pt",
+        train_run_id=None,
+        checkpoint_params_hash="",
+    )
+    metrics = {
+        "fid": {},
+        "is": {"splits": 1},
+        "kid": {"subsets": 3, "subset_size": 20},
+        "precision_recall": {"k": 3},
+        "class_acc": {},
+    }
+    records = evaluate_samples(
+        samples, ext, ref, metrics=metrics, seed_ranges=2, per_class_w=1.0, batch_size=7, dist=d
+    )
+    return {"records": [r.to_dict() for r in records]}
+
+
+FNS = {"train": _train, "sample": _sample_and_features, "evaluate": _evaluate}
 
 
 def _worker(rank: int, world: int, port: int, fn: str, out: str) -> None:
@@ -150,6 +191,12 @@ def test_samples_and_features_are_identical_for_one_and_two_processes(tmp_path):
         assert torch.equal(one[key], two[key]), key
 
 
+def test_evaluation_is_identical_for_one_and_two_processes(tmp_path):
+    one, two = _run("evaluate", 1, tmp_path), _run("evaluate", 2, tmp_path)
+    assert len(one["records"]) == 2 and one["records"][0]["metrics"]["fid"] > 0
+    assert one == two
+
+
 def test_batch_size_must_split_evenly_over_the_processes():
     x, y = _data()
     with pytest.raises(ValueError, match="batch_size = 9 must be a multiple of the 2 processes"):
@@ -190,3 +237,11 @@ def test_stages_relaunch_under_torchrun_and_match_one_process(project):
     two_samples = torch.load(project / "s2/samples.pt", weights_only=True)
     assert torch.equal(one_samples["images"], two_samples["images"])
     assert (project / "s2/grid.png").read_bytes() == (project / "samples/p_uncond=0.1/grid.png").read_bytes()
+
+
+def test_shard_blocks_cover_every_row_once_and_gather_restores_the_order():
+    for n, world, block in [(11, 2, 1), (11, 3, 4), (7, 4, 3), (2, 3, 5)]:
+        parts = [shard(n, Dist(r, world), block) for r in range(world)]
+        assert sorted(torch.cat(parts).tolist()) == list(range(n))
+        for r, p in enumerate(parts):  # whole blocks, block k to rank k mod world
+            assert all(int(i) // block % world == r for i in p)

@@ -88,18 +88,23 @@ def finish(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def shard(n: int, d: Dist) -> Tensor:
-    """This rank's example indices of 0 … n − 1: every world-th one, starting at its rank."""
-    return torch.arange(d.rank, n, d.world)
+def shard(n: int, d: Dist, block: int = 1) -> Tensor:
+    """This rank's indices of 0 … n − 1: the blocks [k·block, (k+1)·block) with k = rank, rank + world, ….
+
+    With `block` the batch size of the work, each batch a process runs is the very batch (same rows, same
+    shape) one process would run, so kernels that round differently per shape give the same numbers."""
+    starts = range(d.rank * block, n, d.world * block)
+    return torch.cat([torch.arange(a, min(a + block, n)) for a in starts]) if starts else torch.arange(0)
 
 
-def gather_rows(t: Tensor, d: Dist, n: int, dim: int = 0) -> Tensor:
-    """Undo `shard` along `dim`: every rank's rows, interleaved back into the order 0 … n − 1, on every rank
+def gather_rows(t: Tensor, d: Dist, n: int, dim: int = 0, block: int = 1) -> Tensor:
+    """Undo `shard(n, d, block)` along `dim`: every rank's rows back in the order 0 … n − 1, on every rank
     (on the CPU). One process returns `t` as it is."""
     if d.world == 1:
         return t
     moved = t.movedim(dim, 0).contiguous()
-    size = -(-n // d.world)  # rows of the largest shard; smaller shards are padded to it for all_gather
+    index = [shard(n, Dist(r, d.world), block) for r in range(d.world)]
+    size = max(len(i) for i in index)  # rows of the largest shard; smaller ones are padded for all_gather
     padded = moved.new_zeros((size, *moved.shape[1:]))
     padded[: len(moved)] = moved
     if dist.get_backend() == "nccl":
@@ -107,9 +112,8 @@ def gather_rows(t: Tensor, d: Dist, n: int, dim: int = 0) -> Tensor:
     parts = [torch.empty_like(padded) for _ in range(d.world)]
     dist.all_gather(parts, padded)
     out = moved.new_empty((n, *moved.shape[1:]))
-    for r, part in enumerate(parts):
-        rows = len(range(r, n, d.world))
-        out[r :: d.world] = part[:rows].cpu()
+    for rows, part in zip(index, parts, strict=True):
+        out[rows] = part[: len(rows)].cpu()
     return out.movedim(0, dim)
 
 

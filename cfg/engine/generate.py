@@ -147,13 +147,14 @@ def sample_checkpoint(
     for any number of processes: per-example noise streams)."""
     d = dist or Dist()
     cfg, s = model.config, params.sample
+    block = max(1, s.batch_size // len(s.w))  # whole sampler batches, as one process runs them
     kwargs = sampling_kwargs(params)
     t0 = time.perf_counter()
     images, labels = generate_w_grid(
         model.to(device),
         s.w,
         s.n_samples,
-        examples=shard(s.n_samples, d),
+        examples=shard(s.n_samples, d, block),
         num_classes=cfg.num_classes,
         image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
         device=device,
@@ -161,8 +162,8 @@ def sample_checkpoint(
         **kwargs,
     )
     return SampleSet(
-        images=gather_rows(images, d, s.n_samples, dim=1),
-        labels=gather_rows(labels, d, s.n_samples),
+        images=gather_rows(images, d, s.n_samples, dim=1, block=block),
+        labels=gather_rows(labels, d, s.n_samples, block=block),
         w=list(s.w),
         classes=list(meta["classes"]),
         p_uncond=meta["p_uncond"],

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
+from cfg.engine.distributed import Dist, gather_rows, shard
 from cfg.eval.features import FeatureExtractor, Features, extract_features
 from cfg.eval.fingerprint import fingerprint
 from cfg.eval.metrics import METRICS, per_class_fid
@@ -72,16 +74,28 @@ def evaluate_samples(
     batch_size: int = 500,  # images per extractor batch
     device: torch.device | str = "cpu",
     on_cell: Callable[[CellRecord, Tensor], None] | None = None,  # called with each record and its images
+    dist: Dist | None = None,  # several processes: each extracts its shard's features; all get every record
 ) -> list[CellRecord]:
-    """One record per w of `samples`, in grid order."""
+    """One record per w of `samples`, in grid order (the same numbers for any number of processes)."""
+    d = dist or Dist()
+    rows = shard(samples.n_samples, d, block=batch_size)  # whole extractor batches, as one process runs them
+
+    def features(net: FeatureExtractor, images: Tensor) -> Features:
+        f = extract_features(
+            net, images[rows] if d.world > 1 else images, batch_size=batch_size, device=device
+        )
+        n = samples.n_samples
+        gather = {"d": d, "n": n, "block": batch_size}
+        return replace(f, features=gather_rows(f.features, **gather), logits=gather_rows(f.logits, **gather))
+
     records = []
     chance = chance_accuracy(samples.labels)
     for j, w in enumerate(samples.w):
         images = samples.images[j]  # (N, C, H, W) uint8
-        gen = extract_features(extractor, images, batch_size=batch_size, device=device)
+        gen = features(extractor, images)
         logits = gen.logits
         if classifier is not None and classifier is not extractor:
-            logits = extract_features(classifier, images, batch_size=batch_size, device=device).logits
+            logits = features(classifier, images).logits
         kw = {"seed": samples.seed, "device": device}
         values = score(gen, samples.labels, reference, metrics, class_logits=logits, **kw)
         per_range, n_per_range = {}, None

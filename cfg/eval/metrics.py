@@ -83,7 +83,9 @@ def inception_score(
         raise ValueError(f"splits must lie in [1, {len(gen)}] (the sample count), got {splits}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = InceptionScore(feature=nn.Identity(), splits=splits)
+        # sync_on_compute=False: under torchrun, torchmetrics would otherwise concatenate every process's
+        # copy of the (already gathered) logits; the numbers must not depend on the number of processes
+        metric = InceptionScore(feature=nn.Identity(), splits=splits, sync_on_compute=False)
     metric.update(gen.logits.double())  # float64 so that confident softmaxes do not underflow to 0
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*degrees of freedom.*")  # std of a single split
@@ -117,7 +119,12 @@ def kid(
         )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=nn.Identity(), subsets=subsets, subset_size=m).to(device)
+        metric = KernelInceptionDistance(
+            feature=nn.Identity(),
+            subsets=subsets,
+            subset_size=m,
+            sync_on_compute=False,  # see inception_score
+        ).to(device)
     metric.update(ref.features.to(device, torch.float64), real=True)
     metric.update(gen.features.to(device, torch.float64), real=False)
     with torch.random.fork_rng(devices=[]):
