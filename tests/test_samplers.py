@@ -149,7 +149,7 @@ def _exact_ode_endpoint(model, z, lambdas, mean, var):
     return (z_end - s1 * eps) / a1
 
 
-def test_dpmpp_2m_is_second_order_on_the_exact_ode():
+def test_second_order_samplers_converge_at_second_order_on_the_exact_ode():
     """Against the exact ODE endpoint (diagonal Gaussian data), on λ grids of uniform spacing, DPM-Solver++(2M)'s
     error falls ~4x per doubling of the steps (second order; measured 3.6-4.0) and is far below DDIM's (first
     order, ~2x) at the same step count."""
@@ -159,7 +159,7 @@ def test_dpmpp_2m_is_second_order_on_the_exact_ode():
     labels = torch.zeros(500, dtype=torch.long)
     denoise = guided_denoiser(model, labels, torch.zeros((), dtype=torch.float64), model.null_label)
     err = {}
-    for name in ("ddim", "dpmpp_2m"):
+    for name in ("ddim", "dpmpp_2m", "heun"):
         for steps in (32, 64, 128):
             lambdas = torch.linspace(-10.0, 10.0, steps, dtype=torch.float64)
             exact = _exact_ode_endpoint(model, z, lambdas.double(), mean.double(), var.double())
@@ -169,3 +169,6 @@ def test_dpmpp_2m_is_second_order_on_the_exact_ode():
         assert err["ddim", steps] / err["ddim", 2 * steps] < 2.6, err  # first order: ~2
     assert err["dpmpp_2m", 32] < err["ddim", 32] / 5, err
     assert err["dpmpp_2m", 128] < 2e-3, err
+    for steps in (32, 64):  # EDM's Heun: second order too (2T - 1 evaluations)
+        assert err["heun", steps] / err["heun", 2 * steps] > 3.0, err
+    assert err["heun", 64] < err["ddim", 64] / 5, err
