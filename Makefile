@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PORT  ?= 5000
 
-.PHONY: env repro test test-slow lint ui bench preset notebook screenshot
+.PHONY: env repro test test-slow lint ui sync bench preset notebook screenshot
 
 env: $(STAMP)
 
@@ -35,9 +35,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check cfg pipelines analysis tests benchmarks scripts
 	$(VENV)/bin/ruff format --check cfg pipelines analysis tests benchmarks scripts
 
-# the MLflow UI on localhost against the project's store (or MLFLOW_TRACKING_URI)
+# the MLflow UI on localhost against the project's store (MLFLOW_TRACKING_URI, else tracking_uri in the untracked
+# .cfg-lab.local.yaml, else mlflow.db); the URI is printed with its password masked
 ui: $(STAMP)
 	$(PY) -m cfg.study.tracking ui --port $(PORT)
+
+# replay the MLflow logging that stages queued in .mlflow-queue/ while the store failed; end runs of killed stages
+sync: $(STAMP)
+	$(PY) -m cfg.study.tracking sync
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_throughput.py
@@ -48,7 +53,7 @@ preset: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" python -m cfg.study.presets $(PRESET) --run
 
 # Optuna search over params.yaml's search.space (not a DVC stage). `make search` makes the inputs and runs one
-# worker; on more machines `make search-worker STORAGE=postgresql://user:pw@host/db` (same params.yaml, the
+# worker; on more machines `PGPASSWORD=... make search-worker STORAGE=postgresql://user@host/db` (same params.yaml, the
 # same inputs via `dvc pull`) joins the study. Then `make search-apply` reproduces the best trial with DVC.
 SEARCH_OUT ?= results/search
 SEARCH_ARGS = --data data/prepared.pt --classifier models/classifier.pt --reference data/reference.pt \

@@ -7,7 +7,7 @@ from cfg.engine.device import resolve_device
 from cfg.io import write_json
 from cfg.nets.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
 from cfg.study.stage import progress_printer, stage_params
-from cfg.study.tracking import client_for, flatten, log_flat, provenance_tags
+from cfg.study.tracking import Tracker, flatten
 
 
 def main() -> None:
@@ -19,6 +19,7 @@ def main() -> None:
     params = stage_params()
     p = params.classifier
     device = resolve_device(params.train.device)
+    tracker = Tracker.open("classifier", params.tracking.experiment)  # the store answers, or exit now
 
     ds = load_prepared(args.data)
     config = ClassifierConfig(
@@ -52,29 +53,18 @@ def main() -> None:
     write_json(args.metrics, {"test_accuracy": test_acc, "n_test": len(ds.test_y)})
     print(f"[classifier] test accuracy {test_acc:.4f} on {len(ds.test_y)} images")
 
-    client, exp_id = client_for(params.tracking.uri, params.tracking.experiment)
-    run = client.create_run(
-        exp_id,
-        run_name="classifier",
-        tags=provenance_tags(
-            "classifier", params.section_hash("data", "classifier"), {"run_kind": "classifier"}
-        ),
+    run_id = tracker.start_run(
+        "classifier", params.section_hash("data", "classifier"), {"run_kind": "classifier"}
     )
-    log_flat(
-        client,
-        run.info.run_id,
+    tracker.log(
+        run_id,
         params=flatten(params.to_dict()["classifier"], "classifier."),
         metrics={"test_accuracy": test_acc},
     )
     for h in history:
-        log_flat(
-            client,
-            run.info.run_id,
-            metrics={"train_loss": h["loss"], "train_acc": h["train_acc"]},
-            step=h["epoch"],
-        )
-    client.log_artifact(run.info.run_id, args.out)
-    client.set_terminated(run.info.run_id)
+        tracker.log(run_id, metrics={"train_loss": h["loss"], "train_acc": h["train_acc"]}, step=h["epoch"])
+    tracker.log_artifact(run_id, args.out)
+    tracker.finish()
 
 
 if __name__ == "__main__":

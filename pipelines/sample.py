@@ -9,7 +9,7 @@ from cfg.engine.generate import sample_checkpoint
 from cfg.io import write_json
 from cfg.nets.unet import load_checkpoint
 from cfg.study.stage import progress_printer, stage_params
-from cfg.study.tracking import client_for, log_flat
+from cfg.study.tracking import Tracker
 
 
 def main() -> None:
@@ -23,6 +23,10 @@ def main() -> None:
     out = Path(args.out_dir)
 
     model, meta = load_checkpoint(args.checkpoint, map_location=device)
+    if d.main:  # rank 0 logs: the store answers before any sampling, or the stage stops here
+        tracker = Tracker.open(f"sample@{meta['p_uncond']}", params.tracking.experiment)
+        # the checkpoint's train run, or in a store without it (a clone) a new run with its provenance
+        run_id = tracker.checkpoint_run(meta, args.checkpoint, params.section_hash("sample"))
     show = progress_printer(f"sample p_uncond={meta['p_uncond']} on {device.type}", "images")
     samples = sample_checkpoint(
         model,
@@ -49,9 +53,9 @@ def main() -> None:
     info = samples.info()
     write_json(out / "sample.json", info)
 
-    client, _ = client_for(params.tracking.uri, params.tracking.experiment)
-    log_flat(client, samples.train_run_id, metrics={"sample_images_per_s": info["images_per_s"]})
-    client.log_artifact(samples.train_run_id, str(out / "grid.png"), "samples")
+    tracker.log(run_id, metrics={"sample_images_per_s": info["images_per_s"]})
+    tracker.log_artifact(run_id, out / "grid.png", "samples")
+    tracker.finish()
     print(
         f"[sample p_uncond={samples.p_uncond}] {len(samples.w)} w x {samples.n_samples} images in "
         f"{samples.seconds:.1f}s ({info['images_per_s']:.0f} images/s, {d.world} process(es))"

@@ -25,12 +25,12 @@ from cfg.io import atomic_write_text, write_json
 from cfg.search.objective import SearchInputs
 from cfg.search.results import best_params_yaml, best_trials, summary
 from cfg.search.space import SearchError, check_search
-from cfg.search.storage import masked, storage_url
+from cfg.search.storage import storage_url
 from cfg.search.worker import run_worker
 from cfg.study.config import ParamsError
 from cfg.study.presets import exp_run_command, flat_overrides
 from cfg.study.stage import make_extractor
-from cfg.study.tracking import client_for, log_flat
+from cfg.study.tracking import Tracker, masked
 
 
 def _spec(path: str):
@@ -62,10 +62,9 @@ def write_results(study: optuna.Study, out_dir: Path, params, trial_number: int 
         files.append(out_dir / "best_params.yaml")
     run_id = study.user_attrs.get("mlflow_run_id")
     if run_id:
-        client, _ = client_for(params.tracking.uri, params.tracking.experiment)
+        tracker = Tracker.open("search", params.tracking.experiment)
         states = summ["states"]
-        log_flat(
-            client,
+        tracker.log(
             run_id,
             metrics={
                 "trials": summ["trials"],
@@ -74,8 +73,9 @@ def write_results(study: optuna.Study, out_dir: Path, params, trial_number: int 
             },
         )
         for f in files:
-            client.log_artifact(run_id, str(f))
-        client.set_terminated(run_id)
+            tracker.log_artifact(run_id, f)
+        tracker.end(run_id)
+        tracker.finish()
     line = f"[search] study {study.study_name!r}: {summ['trials']} trials ("
     line += ", ".join(f"{n} {k}" for k, n in summ["states"].items() if n) + ")"
     if chosen is not None:

@@ -39,14 +39,20 @@ SCRIPT = str(ROOT / "pipelines" / "search.py")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path, monkeypatch):
+    """The MLflow runs of each test in tmp_path/mlflow.db: the store is no parameter but MLFLOW_TRACKING_URI,
+    which the workers started by start_worker inherit."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
 def tiny_raw(tmp: Path, **search) -> dict:
-    """The real params.yaml shrunk to seconds per trial, storing the study and the MLflow runs under `tmp`."""
+    """The real params.yaml shrunk to seconds per trial, storing the study under `tmp`."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in TINY.items():
         raw[section].update(values)
     raw["train"].update(batch_size=32, steps=30)
     raw["sample"].update(w=[0.0], n_samples=40)
-    raw["tracking"]["uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
     raw["search"].update(
         storage=f"sqlite:///{tmp / 'optuna.db'}",
         n_trials=4,
@@ -111,7 +117,6 @@ def worker_cmd(params: Path, files: dict[str, Path], out_dir: Path, *extra: str)
 
 def start_worker(cmd: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ["PATH"], "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
     with open(log, "w") as f:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
 
@@ -274,11 +279,11 @@ def pg_server():
 
 
 @pytest.mark.slow
-def test_two_workers_on_postgres_run_exactly_n_trials(tmp_path, input_files, pg_server):
+def test_two_workers_on_postgres_run_exactly_n_trials(tmp_path, input_files, pg_server, monkeypatch):
     storage = storage_url(postgres.create_database(pg_server, "optuna_two_workers"))
     tracking = postgres.create_database(pg_server, "mlflow_two_workers").replace(":", "+psycopg2:", 1)
     raw = tiny_raw(tmp_path, n_trials=7, storage=storage)
-    raw["tracking"]["uri"] = tracking
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     params = write_params(tmp_path, raw)
     workers = [
         start_worker(worker_cmd(params, input_files, tmp_path / f"out{i}"), tmp_path, tmp_path / f"w{i}.log")

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cfg.search.space import SearchError
 from cfg.study.config import SearchParams
-from cfg.study.tracking import project_root
+from cfg.study.tracking import create_private_store, masked, project_root
 
 
 @contextlib.contextmanager
@@ -39,17 +39,12 @@ def storage_url(configured: str | None = None, root: str | Path | None = None) -
     the `postgres` extra installs psycopg2.
     """
     if not configured:
-        return f"sqlite:///{(Path(root) if root else project_root()) / 'optuna.db'}"
+        url = f"sqlite:///{(Path(root) if root else project_root()) / 'optuna.db'}"
+        create_private_store(url)  # owner-only, before Optuna or the study lock creates it
+        return url
     if configured.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
         return "postgresql+psycopg2://" + configured.removeprefix("postgresql://")
     return configured
-
-
-def masked(url: str) -> str:
-    """The storage URL with its password hidden, for logs and tags."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 class _FileLock:
@@ -113,6 +108,7 @@ def study_lock(url: str, study_name: str) -> StudyLock:
     if u.get_backend_name() == "postgresql":
         return _AdvisoryLock(url, study_name)
     if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:"):
+        create_private_store(url)
         return _FileLock(u.database)
     raise SearchError(
         f"search.storage = {masked(url)!r}: workers share a study through a SQLite file (one machine) or "

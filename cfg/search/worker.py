@@ -18,24 +18,18 @@ from optuna.trial import FrozenTrial
 
 from cfg.search.objective import Log, Objective, SearchInputs, worker_id
 from cfg.search.space import SearchError, SearchSpec, make_pruner, make_sampler
-from cfg.search.storage import (
-    Budget,
-    StudyLock,
-    experimental_ok,
-    masked,
-    open_storage,
-    storage_url,
-    study_lock,
-)
+from cfg.search.storage import Budget, StudyLock, experimental_ok, open_storage, storage_url, study_lock
 from cfg.study.config import SearchParams
-from cfg.study.tracking import client_for, flatten, log_flat, provenance_tags
+from cfg.study.tracking import Tracker, flatten, masked
 
 
 def _print(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _stale_trial_handler(client, max_retry: int, log: Log) -> Callable[[optuna.Study, FrozenTrial], None]:
+def _stale_trial_handler(
+    tracker: Tracker, max_retry: int, log: Log
+) -> Callable[[optuna.Study, FrozenTrial], None]:
     """Called for a trial whose worker stopped sending heartbeats: its MLflow run fails, the trial is retried."""
     with experimental_ok():
         retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
@@ -45,36 +39,29 @@ def _stale_trial_handler(client, max_retry: int, log: Log) -> Callable[[optuna.S
             f"[search] trial {trial.number} lost its worker {trial.user_attrs.get('worker')}: failed, retrying"
         )
         run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id:
-            try:
-                log_flat(
-                    client, run_id, tags={"optuna.state": "FAIL", "failure": "worker lost (no heartbeat)"}
-                )
-                client.set_terminated(run_id, status="FAILED")
-            except Exception as e:  # the run lives in another machine's MLflow store
-                log(f"[search] could not mark MLflow run {run_id} failed: {e}")
+        if run_id:  # best-effort: the run may live in another machine's MLflow store
+            tracker.log(run_id, tags={"optuna.state": "FAIL", "failure": "worker lost (no heartbeat)"})
+            tracker.end(run_id, "FAILED")
         retry(study, trial)
 
     return handle
 
 
-def _join(study: optuna.Study, spec: SearchSpec, inputs: SearchInputs, url: str, client, exp_id: str) -> int:
+def _join(study: optuna.Study, spec: SearchSpec, inputs: SearchInputs, url: str, tracker: Tracker) -> int:
     """Check this worker against the study (or set the study up); returns how many workers joined before."""
     attrs = study.user_attrs
     mine = {"settings_hash": spec.settings_hash(), "inputs": inputs.fingerprint()}
     if "mlflow_run_id" not in attrs:
         s = spec.search
-        run = client.create_run(
-            exp_id,
-            run_name=f"search {s.study_name}",
-            tags=provenance_tags(
-                "search",
-                mine["settings_hash"],
-                {"run_kind": "search", "optuna.study_name": s.study_name, "optuna.storage": masked(url)},
-            ),
+        # the study's run outlives this worker: every worker's write_results ends it
+        run_id = tracker.start_run(
+            f"search {s.study_name}",
+            mine["settings_hash"],
+            {"run_kind": "search", "optuna.study_name": s.study_name, "optuna.storage": masked(url)},
+            own=False,
         )
-        log_flat(client, run.info.run_id, params=flatten(spec.params.to_dict()["search"], "search."))
-        for key, value in {**mine, "mlflow_run_id": run.info.run_id}.items():
+        tracker.log(run_id, params=flatten(spec.params.to_dict()["search"], "search."))
+        for key, value in {**mine, "mlflow_run_id": run_id}.items():
             study.set_user_attr(key, value)
     else:
         for key, value in mine.items():
@@ -112,19 +99,19 @@ def run_worker(
     try:
         lock.acquire()  # tables, study, MLflow store and study run are created once, by one worker
         try:
-            client, exp_id = client_for(spec.params.tracking.uri, spec.params.tracking.experiment)
-            rdb = open_storage(url, s, _stale_trial_handler(client, s.max_retry, log))
+            tracker = Tracker.open("search", spec.params.tracking.experiment)  # the store answers, or exit
+            rdb = open_storage(url, s, _stale_trial_handler(tracker, s.max_retry, log))
             study = optuna.create_study(
                 storage=rdb, study_name=s.study_name, directions=spec.directions, load_if_exists=True
             )
-            joined = _join(study, spec, inputs, url, client, exp_id)
+            joined = _join(study, spec, inputs, url, tracker)
         finally:
             lock.release()
         study = optuna.load_study(
             study_name=s.study_name, storage=rdb, sampler=make_sampler(s, joined), pruner=make_pruner(s)
         )
         log(f"[search] worker {worker_id()} joined study {s.study_name!r} on {masked(url)} (worker {joined})")
-        _run_trials(study, Objective(spec, inputs, lock, client, exp_id, log), lock, s)
+        _run_trials(study, Objective(spec, inputs, lock, tracker, log), lock, s)
     finally:
         lock.close()
     return study
