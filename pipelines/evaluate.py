@@ -1,14 +1,16 @@
 """Stage `evaluate`: metrics of every (p_uncond, w) cell, one MLflow run per cell nested under its model."""
 
 import argparse
+import sys
 from pathlib import Path
 
 from cfg.engine.device import resolve_device
 from cfg.eval.cells import evaluate_samples, metrics_from_params
+from cfg.eval.sanity import degenerate_cells, describe, noise_fid
 from cfg.eval.stats import load_reference_stats
 from cfg.study.records import SampleSet, p_uncond_name, write_cells
 from cfg.study.stage import make_extractor, stage_params
-from cfg.study.tracking import client_for, log_cell
+from cfg.study.tracking import Tracker, log_cell
 
 
 def main() -> None:
@@ -30,15 +32,27 @@ def main() -> None:
         if e.extractor == "classifier"
         else make_extractor("classifier", args.classifier, None, device)
     )
-    client, exp_id = client_for(params.tracking.uri, params.tracking.experiment)
+    tracker = Tracker.open("evaluate", params.tracking.experiment)  # the store answers, or exit now
     params_hash = params.section_hash("sample", "evaluate")
 
+    noise, every = None, []
     for p in params.train.p_uncond:
         samples = SampleSet.load(Path(args.samples) / p_uncond_name(p) / "samples.pt")
+        if noise is None:  # every model has as many samples of the same shape: one baseline for the study
+            noise = noise_fid(
+                extractor,
+                reference,
+                samples.n_samples,
+                tuple(samples.images.shape[2:]),
+                seed=samples.seed,
+                batch_size=e.batch_size,
+                device=device,
+            )
+            print(f"[evaluate] FID of {samples.n_samples} uniform-noise images: {noise:.4g}")
 
         def log(record, images, samples=samples):
             record.mlflow_run_id = log_cell(
-                client, exp_id, record, images, samples.labels, samples.classes, params_hash
+                tracker, record, images, samples.labels, samples.classes, params_hash
             )
             m = record.metrics
             print(
@@ -55,11 +69,16 @@ def main() -> None:
             extractor_name=e.extractor,
             seed_ranges=e.seed_ranges,
             per_class_w=e.per_class_w,
+            noise_fid=noise,
             batch_size=e.batch_size,
             device=device,
             on_cell=log,
         )
         write_cells(Path(args.out_dir) / f"{p_uncond_name(p)}.json", records)
+        every += records
+    tracker.finish()
+    for line in describe(degenerate_cells(every), len(every)):
+        print(f"[evaluate] WARNING: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from cfg.eval.sanity import describe
 from cfg.study.records import p_uncond_name, read_study_cells
 from cfg.study.report import markdown_table, write_report
 from cfg.study.stage import stage_params
-from cfg.study.tracking import client_for, log_report
+from cfg.study.tracking import Tracker, log_report
 
 
 def main() -> None:
@@ -34,21 +36,23 @@ def main() -> None:
         plots=Path(args.plots),
         report=Path(args.report),
     )
-    client, exp_id = client_for(params.tracking.uri, params.tracking.experiment)
+    tracker = Tracker.open("report", params.tracking.experiment)
     log_report(
-        client,
-        exp_id,
+        tracker,
         summ,
         params.section_hash("sample", "evaluate"),
         Path(args.plots),
         Path(args.table),
         Path(args.report),
     )
+    tracker.finish()
     print(markdown_table(df))
     print(
         f"[report] best FID {summ['best_fid']:.3f} at w={summ['best_fid_w']:g}, p_uncond={summ['best_fid_p_uncond']:g}; "
         f"max IS {summ['max_is']:.3f}; IS rises with w for every p_uncond: {summ['is_rises_with_w']}"
     )
+    for line in describe(summ["degenerate_cells"], summ["n_cells"]):
+        print(f"[report] WARNING: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,28 +3,41 @@
 import argparse
 import csv
 import shutil
+import sys
 from pathlib import Path
 
 from cfg.data.datasets import load_prepared
-from cfg.engine.device import resolve_device
+from cfg.engine.distributed import finish, init, launch, n_processes
+from cfg.engine.generate import sampling_kwargs
+from cfg.engine.scoring import by_w, score_model, w_column
 from cfg.engine.training import resume_state_path, train_diffusion, train_kwargs
+from cfg.eval.stats import load_reference_stats
 from cfg.io import write_json
 from cfg.nets.unet import UNetConfig, count_parameters, save_checkpoint
-from cfg.study.stage import progress_printer, stage_params
-from cfg.study.tracking import client_for, flatten, log_flat, project_root, provenance_tags
+from cfg.study.stage import make_extractor, progress_printer, stage_params
+from cfg.study.tracking import Tracker, flatten, project_root
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--p-uncond", type=float, required=True, help="label-dropout probability of this model")
     ap.add_argument("--data", required=True, help="prepared data file")
-    ap.add_argument("--out-dir", required=True, help="folder for checkpoint.pt, loss.csv, train.json")
+    ap.add_argument(
+        "--out-dir", required=True, help="folder for checkpoint.pt, loss.csv, eval.csv, train.json"
+    )
+    ap.add_argument("--classifier", help="evaluation classifier (FIDs during training, train.eval_every)")
+    ap.add_argument("--reference", help="reference statistics of the test set (FIDs during training)")
     args = ap.parse_args()
     params = stage_params()
     t, m = params.train, params.model
     if args.p_uncond not in t.p_uncond:
         raise SystemExit(f"error: --p-uncond {args.p_uncond} is not in train.p_uncond = {t.p_uncond}")
-    device = resolve_device(t.device)
+    if t.eval_every and not (args.classifier and args.reference):
+        raise SystemExit(
+            f"error: train.eval_every = {t.eval_every} needs --classifier and --reference (0: no FIDs)"
+        )
+    launch(n_processes(t.devices, t.device))  # under torchrun when train.devices > 1
+    d, device = init(t.device)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -45,17 +58,24 @@ def main() -> None:
         device=device,
     )
 
-    client, exp_id = client_for(params.tracking.uri, params.tracking.experiment)
-    run = client.create_run(
-        exp_id,
-        run_name=f"train p_uncond={args.p_uncond}",
-        tags=provenance_tags(
-            f"train@{args.p_uncond}", params_hash, {"run_kind": "train", "data_fingerprint": fingerprint}
-        ),
+    if not d.main:  # the other ranks train and leave the outputs and the logging to rank 0
+        train_diffusion(
+            config,
+            ds.train_x,
+            ds.train_y,
+            p_uncond=args.p_uncond,
+            device=device,
+            **train_kwargs(t),
+            log_every=t.log_every,
+            resume_path=resume_path,
+            dist=d,
+        )
+        return finish(d)
+    tracker = Tracker.open(f"train@{args.p_uncond}", params.tracking.experiment)  # answers, or exit now
+    run_id = tracker.start_run(
+        f"train p_uncond={args.p_uncond}", params_hash, {"run_kind": "train", "data_fingerprint": fingerprint}
     )
-    run_id = run.info.run_id
-    log_flat(
-        client,
+    tracker.log(
         run_id,
         params={
             "p_uncond": args.p_uncond,
@@ -66,8 +86,14 @@ def main() -> None:
     )
 
     show = progress_printer(f"train p_uncond={args.p_uncond} on {device.type}", "steps")
+    # the convergence curve: FID / IS of the EMA weights at w = 0 and eval_w, scored as the evaluate stage does
+    w_eval = [0.0, t.eval_w]
+    if t.eval_every:
+        e = params.evaluate
+        extractor = make_extractor(e.extractor, args.classifier, e.inception_weights, device)
+        reference = load_reference_stats(args.reference)
 
-    def on_log(entry: dict) -> None:
+    def on_log(entry: dict) -> dict | None:
         show(
             {
                 "done": entry["step"],
@@ -77,24 +103,44 @@ def main() -> None:
                 "eta_s": entry["eta_s"],
             }
         )
-        log_flat(client, run_id, metrics={"loss": entry["loss"], "lr": entry["lr"]}, step=entry["step"])
-
-    try:
-        result = train_diffusion(
-            config,
-            ds.train_x,
-            ds.train_y,
-            p_uncond=args.p_uncond,
+        tracker.log(run_id, metrics={"loss": entry["loss"], "lr": entry["lr"]}, step=entry["step"])
+        step = entry["step"]
+        if not t.eval_every or (step % t.eval_every and step < t.steps):
+            return None
+        scores = score_model(
+            entry["ema"],
+            w_eval,
+            t.eval_samples,
+            extractor=extractor,
+            reference=reference,
+            sampling=sampling_kwargs(params),
+            batch_size=e.batch_size,
             device=device,
-            **train_kwargs(t),
-            log_every=t.log_every,
-            callback=on_log,
-            resume_path=resume_path,
-            checkpoint_every=t.checkpoint_every,
         )
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
+        values = by_w(w_eval, scores)
+        tracker.log(run_id, metrics=values, step=step)
+        print(
+            f"[train p_uncond={args.p_uncond}] step {step}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in values.items()),
+            file=sys.stderr,
+            flush=True,
+        )
+        return values  # kept in the history: eval.csv
+
+    # a run left open ends FAILED when the process exits, KILLED when a signal stopped it (Tracker)
+    result = train_diffusion(
+        config,
+        ds.train_x,
+        ds.train_y,
+        p_uncond=args.p_uncond,
+        device=device,
+        **train_kwargs(t),
+        log_every=t.log_every,
+        callback=on_log,
+        resume_path=resume_path,
+        checkpoint_every=t.checkpoint_every,
+        dist=d,
+    )
     if result.resumed_from:
         print(f"[train p_uncond={args.p_uncond}] resumed from step {result.resumed_from}", flush=True)
 
@@ -107,6 +153,7 @@ def main() -> None:
         "mlflow_run_id": run_id,
         "params_hash": params_hash,
         "device": str(device),
+        "processes": d.world,
         "images_per_s": result.images_per_s,
         "final_loss": result.history[-1]["loss"],
     }
@@ -115,22 +162,28 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=["step", "loss"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.history)
+    if t.eval_every:
+        columns = [w_column(name, w) for w in w_eval for name in ("fid", "is")]
+        with open(out / "eval.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", *columns], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(h for h in result.history if columns[0] in h)
     write_json(out / "train.json", {k: v for k, v in meta.items() if k != "classes"})
     # the outputs are written: the resume state (and a temporary file a killed run left beside it) is done with
     shutil.rmtree(resume_path.parent, ignore_errors=True)
-    log_flat(
-        client,
+    tracker.log(
         run_id,
         params={"n_parameters": count_parameters(result.ema), "resumed_from_step": result.resumed_from},
         metrics={"final_loss": meta["final_loss"], "train_images_per_s": result.images_per_s},
     )
-    client.log_artifact(run_id, str(out / "checkpoint.pt"))
-    client.log_artifact(run_id, str(out / "loss.csv"))
-    client.set_terminated(run_id)
+    tracker.log_artifact(run_id, out / "checkpoint.pt")
+    tracker.log_artifact(run_id, out / "loss.csv")
+    tracker.finish()
     print(
         f"[train p_uncond={args.p_uncond}] final loss {meta['final_loss']:.4f}, "
-        f"{result.images_per_s:.0f} images/s on {device}, MLflow run {run_id}"
+        f"{result.images_per_s:.0f} images/s on {d.world} x {device.type}, MLflow run {run_id}"
     )
+    finish(d)
 
 
 if __name__ == "__main__":

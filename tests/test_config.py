@@ -1,5 +1,6 @@
 """The params.yaml schema: the shipped file validates, and every bad value stops with a message naming it."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def test_fashion_preset_only_lists_differences_and_validates():
             "sample",
             "sampler",
             "euler",
-            r"sample\.sampler = 'euler' is not allowed; choose one of \['ancestral', 'ddim'\]",
+            r"sample\.sampler = 'euler' is not allowed; choose one of \['ancestral', 'ddim', 'dpmpp_2m', 'heun'\]",
         ),
         ("data", "name", "imagenet", r"data\.name = 'imagenet' is not allowed"),
         ("sample", "steps", 0, r"sample\.steps = 0 is out of range: allowed value >= 2"),
@@ -125,7 +126,9 @@ def test_train_kwargs_hand_every_train_setting_to_train_diffusion():
     kwargs = train_kwargs(t)
     assert set(kwargs) <= set(inspect.signature(train_diffusion).parameters)
     fields = {f.name for f in dataclasses.fields(t)}
-    assert set(kwargs) == fields - {"p_uncond", "device", "log_every", "checkpoint_every"}
+    # set by the stage (this model's p_uncond, the device, cadences) or read by the stage only (FIDs in training)
+    by_stage = {"p_uncond", "device", "devices", "log_every", "checkpoint_every"}
+    assert set(kwargs) == fields - by_stage - {"eval_every", "eval_samples", "eval_w"}
     assert kwargs["steps"] == t.steps and kwargs["lr"] == t.lr
 
 
@@ -140,3 +143,49 @@ def test_sampling_kwargs_hand_the_sample_settings_to_generate_w_grid():
     assert (kwargs["steps"], kwargs["seed"], kwargs["batch_size"]) == (p.sample.steps, p.sample.seed, 400)
     assert kwargs["lambda_min"] == p.train.lambda_min and kwargs["bf16"] == p.train.bf16
     assert kwargs["sampler_options"] == {"clip_denoised": 1.0, "v": 0.3}
+
+
+def test_registry_options_and_devices_are_checked_before_any_work():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cases = [
+        (
+            ("sample", "sampler_options"),
+            {"eta": 1.0},
+            r"sample\.sampler_options\.eta is not an option of sampler 'ancestral'; its options: \['v'\]",
+        ),
+        (
+            ("sample", "sampler_options"),
+            {"v": 1.5},
+            r"sample\.sampler_options\.v = 1\.5 is out of range: allowed 0\.0 <= value <= 1\.0",
+        ),
+        (
+            ("sample", "sampler_options"),
+            {"v": "high"},
+            r"sample\.sampler_options\.v = 'high' must be a float",
+        ),
+        (
+            ("evaluate", "metric_options"),
+            {"kid": {"subsets": 2.5}},
+            r"evaluate\.metric_options\.kid\.subsets = 2\.5 must be a int",
+        ),
+        (("evaluate", "metric_options"), {"fidd": {}}, r"evaluate\.metric_options\.fidd names no metric"),
+        (
+            ("evaluate", "metrics"),
+            ["fid", "clip_score"],
+            r"evaluate\.metrics\[1\] = 'clip_score' is not allowed",
+        ),
+        (
+            ("train", "devices"),
+            "two",
+            r"train\.devices = 'two' is not allowed: give an integer >= 1 or one of \['all'\]",
+        ),
+        (("train", "devices"), 0, r"train\.devices = 0 is not allowed"),
+    ]
+    for (section, key), value, message in cases:
+        bad = copy.deepcopy(raw)
+        bad[section][key] = value
+        with pytest.raises(ParamsError, match=message):
+            params_from_dict(bad)
+    ok = copy.deepcopy(raw)
+    ok["train"]["devices"], ok["sample"]["sampler"], ok["sample"]["sampler_options"] = "all", "dpmpp_2m", {}
+    assert params_from_dict(ok).train.devices == "all"

@@ -137,7 +137,7 @@ def _train_stage(project, out: str) -> list[str]:
 
 @pytest.mark.slow
 def test_killed_train_stage_resumes_and_ends_at_the_uninterrupted_weights(project):
-    settings = {"steps": 120, "batch_size": 32, "log_every": 10, "checkpoint_every": 20}
+    settings = {"steps": 120, "batch_size": 32, "log_every": 10, "checkpoint_every": 20, "eval_every": 0}
     shrink_params(project / "params.yaml", {"train": settings})
     run(
         [

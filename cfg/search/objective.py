@@ -1,9 +1,9 @@
 """One trial: train with the trial's parameters, score, report to Optuna and to MLflow.
 
-The trial calls what the stages call — `cfg.engine.training.train_diffusion`, `cfg.engine.generate.generate_w_grid`
-and `cfg.eval.metrics` — so its numbers are the pipeline's. fid trials report intermediate FIDs of
-search.n_samples_cheap samples for the pruner; fid_is trials get the full sample count only when their cheap
-pass is not dominated (search.promote).
+The trial calls what the stages call — `cfg.engine.training.train_diffusion` and `cfg.engine.scoring.score_model`
+(`generate_w_grid`, then `cfg.eval.cells.score`) — so its numbers are the pipeline's. fid trials report
+intermediate FIDs of search.n_samples_cheap samples for the pruner; fid_is trials get the full sample count only
+when their cheap pass is not dominated (search.promote).
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ import torch
 from optuna.trial import Trial, TrialState
 
 from cfg.data.datasets import ImageDataset
-from cfg.engine.generate import generate_w_grid, sampling_kwargs
+from cfg.engine.generate import sampling_kwargs
+from cfg.engine.scoring import score_model
 from cfg.engine.training import train_diffusion, train_kwargs
-from cfg.eval.cells import score
-from cfg.eval.features import FeatureExtractor, extract_features
+from cfg.eval.features import FeatureExtractor
 from cfg.eval.stats import ReferenceStats
 from cfg.nets.unet import UNetConfig
 from cfg.search.space import SearchSpec, trial_params
 from cfg.search.storage import retry_of
 from cfg.study.config import Params
 from cfg.study.stage import progress_printer
-from cfg.study.tracking import flatten, log_flat, provenance_tags
+from cfg.study.tracking import Tracker, flatten
 
 Log = Callable[[str], None]
 
@@ -60,25 +60,18 @@ def score_w_grid(
     n_samples: int,  # images per w
     inputs: SearchInputs,
 ) -> list[tuple[float, float]]:
-    """(FID, IS) per w: samples drawn as the sample stage draws them, scored as the evaluate stage scores them."""
-    cfg = model.config
-    images, labels = generate_w_grid(
+    """(FID, IS) per w by `score_model`, as the train stage's FID-during-training curve is scored."""
+    scores = score_model(
         model,
         w_values,
         n_samples,
-        num_classes=cfg.num_classes,
-        image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
+        extractor=inputs.extractor,
+        reference=inputs.reference,
+        sampling=sampling_kwargs(p),
+        batch_size=p.evaluate.batch_size,
         device=inputs.device,
-        **sampling_kwargs(p),
-    )  # (W, N, C, H, W) uint8
-    scores = []
-    for j in range(len(w_values)):
-        gen = extract_features(
-            inputs.extractor, images[j], batch_size=p.evaluate.batch_size, device=inputs.device
-        )
-        m = score(gen, labels, inputs.reference, {"fid": {}, "is": {}}, class_logits=None, seed=p.sample.seed)
-        scores.append((m["fid"], m["is"]))
-    return scores
+    )
+    return [(s["fid"], s["is"]) for s in scores]
 
 
 def _dominated(point: tuple[float, float], others: list[tuple[float, float, int]]) -> int | None:
@@ -101,9 +94,9 @@ def worker_id() -> str:
 class Objective:
     """One trial: train with the trial's parameters, score, report to Optuna and to MLflow."""
 
-    def __init__(self, spec: SearchSpec, inputs: SearchInputs, lock, client, exp_id: str, log: Log):
+    def __init__(self, spec: SearchSpec, inputs: SearchInputs, lock, tracker: Tracker, log: Log):
         self.spec, self.inputs, self.lock, self.log = spec, inputs, lock, log
-        self.client, self.exp_id = client, exp_id
+        self.tracker = tracker
 
     def __call__(self, trial: Trial) -> float | tuple[float, float]:
         self.lock.release()  # the trial exists and counts: other workers may start theirs
@@ -140,14 +133,9 @@ class Objective:
             "worker": worker_id(),
             **({"optuna.retry_of": retried} if retried is not None else {}),
         }
-        run = self.client.create_run(
-            self.exp_id,
-            run_name=f"trial {trial.number}",
-            tags=provenance_tags("search", self.spec.settings_hash(), tags),
-        )
-        log_flat(
-            self.client,
-            run.info.run_id,
+        run_id = self.tracker.start_run(f"trial {trial.number}", self.spec.settings_hash(), tags)
+        self.tracker.log(
+            run_id,
             params={
                 **flatten(overrides),
                 "w_grid": w_values,
@@ -155,11 +143,11 @@ class Objective:
                 "n_samples_cheap": s.n_samples_cheap,
             },
         )
-        return run.info.run_id
+        return run_id
 
     def _end_run(self, run_id: str, state: str, status: str) -> None:
-        log_flat(self.client, run_id, tags={"optuna.state": state})
-        self.client.set_terminated(run_id, status=status)
+        self.tracker.log(run_id, tags={"optuna.state": state})
+        self.tracker.end(run_id, status)
 
     def _train_and_score(
         self, trial: Trial, p: Params, w_values: list[float], run_id: str
@@ -171,13 +159,13 @@ class Objective:
         def at_log(entry: dict) -> None:
             step = entry["step"]
             show({"done": step, "total": t.steps, "loss": entry["loss"], "eta_s": entry["eta_s"]})
-            log_flat(self.client, run_id, metrics={"loss": entry["loss"]}, step=step)
+            self.tracker.log(run_id, metrics={"loss": entry["loss"]}, step=step)
             if self.spec.multi or step % s.eval_every or step == t.steps:
                 return
             # Intermediate FID of a few samples at a checkpoint: what the pruner judges
             cheap = min(f for f, _ in score_w_grid(entry["ema"], p, w_values, s.n_samples_cheap, inputs))
             trial.report(cheap, step)
-            log_flat(self.client, run_id, metrics={"fid_cheap": cheap}, step=step)
+            self.tracker.log(run_id, metrics={"fid_cheap": cheap}, step=step)
             if trial.should_prune():
                 raise optuna.TrialPruned(
                     f"FID {cheap:.4g} of {s.n_samples_cheap} samples per w at step {step}"
@@ -198,8 +186,7 @@ class Objective:
             log_every=math.gcd(t.log_every, s.eval_every),  # only how often the callback runs
             callback=at_log,
         )
-        log_flat(
-            self.client,
+        self.tracker.log(
             run_id,
             metrics={"final_loss": result.history[-1]["loss"], "train_images_per_s": result.images_per_s},
         )
@@ -209,8 +196,7 @@ class Objective:
         best = min(range(len(w_values)), key=lambda j: scores[j][0])
         fid_best, is_best = scores[best]
         trial.set_user_attr("w", w_values[best])
-        log_flat(
-            self.client,
+        self.tracker.log(
             run_id,
             metrics={
                 "fid": fid_best,
@@ -232,7 +218,7 @@ class Objective:
         s = p.search
         ((f, i),) = score_w_grid(model, p, w_values, s.n_samples_cheap, self.inputs)
         trial.set_user_attr("cheap", [f, i])
-        log_flat(self.client, run_id, metrics={"fid_cheap": f, "is_cheap": i})
+        self.tracker.log(run_id, metrics={"fid_cheap": f, "is_cheap": i})
         if s.promote == "all":
             return
         done = [

@@ -94,9 +94,24 @@ class TrainParams:
     device: str = _p("auto", "auto (CUDA when present), cpu or cuda", choices=DEVICE_NAMES)
     bf16: bool = _p(True, "bf16 autocast on CUDA (ignored on CPU)")
     compile: bool = _p(False, "torch.compile the model on CUDA")
+    devices: int | str = _p(
+        1,
+        "processes (one per GPU) of the train, sample and evaluate stages: N, or all (every GPU of the host; "
+        "one process on CPU); batch_size is the global batch",
+        ge=1,
+        choices=("all",),
+    )
     checkpoint_every: int = _p(
         500, "steps between resume states of the train stage (under .resume/); 0 disables", ge=0
     )
+    eval_every: int = _p(
+        0,
+        "steps between FIDs of the EMA weights during training (MLflow curve, eval.csv), and at the last step; "
+        "a multiple of log_every; 0 disables",
+        ge=0,
+    )
+    eval_samples: int = _p(200, "samples per w of those FIDs", ge=2)
+    eval_w: float = _p(0.3, "the guided w scored besides w = 0", gt=0)
 
 
 @dataclass
@@ -146,7 +161,8 @@ class EvaluateParams:
 
 @dataclass
 class TrackingParams:
-    uri: str | None = _p(None, "MLflow tracking URI; null = sqlite mlflow.db at the project root")
+    """Where runs are logged is no parameter: MLFLOW_TRACKING_URI or .cfg-lab.local.yaml (cfg.study.tracking)."""
+
     experiment: str = _p("cfg-lab", "MLflow experiment name", nonempty=True)
 
 
@@ -165,7 +181,8 @@ class SearchParams:
     )
     storage: str | None = _p(
         None,
-        "SQLAlchemy URL of the study, e.g. postgresql://host/db; null = sqlite optuna.db at the project root",
+        "SQLAlchemy URL of the study, e.g. postgresql://user@host/db (the password in PGPASSWORD or ~/.pgpass); "
+        "null = sqlite optuna.db at the project root",
     )
     objective: str = _p(
         "fid", "fid: lowest FID; fid_is: FID down and IS up (the Pareto front)", choices=SEARCH_OBJECTIVES
@@ -247,7 +264,17 @@ def _check_scalar(where: str, value: Any, typ: Any, rules: dict) -> Any:
         args = typing.get_args(typ)
         if value is None and type(None) in args:
             return None
-        (typ,) = [a for a in args if a is not type(None)]
+        kinds = [a for a in args if a is not type(None)]
+        if kinds == [int, str]:  # a count or a word, e.g. train.devices: 4 | all
+            if isinstance(value, str) and value in rules.get("choices", ()):
+                return value
+            if isinstance(value, int) and not isinstance(value, bool) and value >= rules.get("ge", value):
+                return value
+            raise ParamsError(
+                f"{where} = {value!r} is not allowed: give an integer >= {rules.get('ge')} or one of "
+                f"{list(rules.get('choices', ()))}"
+            )
+        (typ,) = kinds
     if typ is bool:
         if not isinstance(value, bool):
             raise ParamsError(f"{where} = {value!r} must be true or false")
@@ -315,12 +342,36 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**values)
 
 
+def _refuse_secrets(raw: dict) -> None:
+    """params.yaml is in git and a stage's params are in dvc.lock: neither the MLflow store nor a password."""
+    from cfg.study.tracking import masked
+
+    if "uri" in (raw.get("tracking") or {}):
+        raise ParamsError(
+            "tracking.uri is no parameter any more: set MLFLOW_TRACKING_URI or tracking_uri in the untracked "
+            ".cfg-lab.local.yaml (so that moving the store reruns nothing and its password stays out of git), "
+            "and delete tracking.uri"
+        )
+    storage = (raw.get("search") or {}).get("storage")
+    if isinstance(storage, str) and masked(storage) != storage:
+        raise ParamsError(
+            f"search.storage = {masked(storage)!r} holds a password, and params.yaml is in git: give it in "
+            "PGPASSWORD or ~/.pgpass, or the whole URL as --storage"
+        )
+
+
 def params_from_dict(raw: dict) -> Params:
     """Validate a params mapping (as read from YAML) into `Params`; raises `ParamsError`."""
+    _refuse_secrets(raw)
     params = _build(Params, raw, "")
     if params.train.lambda_min >= params.train.lambda_max:
         raise ParamsError(
             f"train.lambda_min = {params.train.lambda_min} must be below train.lambda_max = {params.train.lambda_max}"
+        )
+    t = params.train
+    if t.eval_every % t.log_every:
+        raise ParamsError(
+            f"train.eval_every = {t.eval_every} must be a multiple of train.log_every = {t.log_every} (or 0)"
         )
     _check_options(params)
     if params.evaluate.extractor == "inception" and params.evaluate.inception_weights:
