@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cfg.engine.device import resolve_device
+from cfg.engine.distributed import finish, init, launch, n_processes
 from cfg.eval.cells import evaluate_samples, metrics_from_params
 from cfg.eval.sanity import degenerate_cells, describe, noise_fid
 from cfg.eval.stats import load_reference_stats
@@ -22,7 +22,8 @@ def main() -> None:
     args = ap.parse_args()
     params = stage_params()
     e = params.evaluate
-    device = resolve_device(params.train.device)
+    launch(n_processes(params.train.devices, params.train.device))  # under torchrun when train.devices > 1
+    d, device = init(params.train.device)
 
     reference = load_reference_stats(args.reference)
     extractor = make_extractor(e.extractor, args.classifier, e.inception_weights, device)
@@ -32,7 +33,8 @@ def main() -> None:
         if e.extractor == "classifier"
         else make_extractor("classifier", args.classifier, None, device)
     )
-    tracker = Tracker.open("evaluate", params.tracking.experiment)  # the store answers, or exit now
+    # the store answers, or exit now; rank 0 alone logs and writes (every rank scores the gathered features)
+    tracker = Tracker.open("evaluate", params.tracking.experiment) if d.main else None
     params_hash = params.section_hash("sample", "evaluate")
 
     noise, every = None, []
@@ -48,7 +50,8 @@ def main() -> None:
                 batch_size=e.batch_size,
                 device=device,
             )
-            print(f"[evaluate] FID of {samples.n_samples} uniform-noise images: {noise:.4g}")
+            if d.main:
+                print(f"[evaluate] FID of {samples.n_samples} uniform-noise images: {noise:.4g}")
 
         def log(record, images, samples=samples):
             record.mlflow_run_id = log_cell(
@@ -72,13 +75,18 @@ def main() -> None:
             noise_fid=noise,
             batch_size=e.batch_size,
             device=device,
-            on_cell=log,
+            on_cell=log if d.main else None,
+            dist=d,
         )
-        write_cells(Path(args.out_dir) / f"{p_uncond_name(p)}.json", records)
+        if d.main:
+            write_cells(Path(args.out_dir) / f"{p_uncond_name(p)}.json", records)
         every += records
+    if not d.main:
+        return finish(d)
     tracker.finish()
     for line in describe(degenerate_cells(every), len(every)):
         print(f"[evaluate] WARNING: {line}", file=sys.stderr)
+    finish(d)
 
 
 if __name__ == "__main__":

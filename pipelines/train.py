@@ -8,13 +8,11 @@ from pathlib import Path
 
 from cfg.data.datasets import load_prepared
 from cfg.engine.distributed import finish, init, launch, n_processes
-from cfg.engine.generate import sampling_kwargs
-from cfg.engine.scoring import by_w, score_model, w_column
+from cfg.engine.scoring import training_curve  # the FID curve: monitoring, not a dep (dvc.yaml)
 from cfg.engine.training import resume_state_path, train_diffusion, train_kwargs
-from cfg.eval.stats import load_reference_stats
 from cfg.io import write_json
 from cfg.nets.unet import UNetConfig, count_parameters, save_checkpoint
-from cfg.study.stage import make_extractor, progress_printer, stage_params
+from cfg.study.stage import progress_printer, stage_params
 from cfg.study.tracking import Tracker, flatten, project_root
 
 
@@ -87,11 +85,8 @@ def main() -> None:
 
     show = progress_printer(f"train p_uncond={args.p_uncond} on {device.type}", "steps")
     # the convergence curve: FID / IS of the EMA weights at w = 0 and eval_w, scored as the evaluate stage does
-    w_eval = [0.0, t.eval_w]
     if t.eval_every:
-        e = params.evaluate
-        extractor = make_extractor(e.extractor, args.classifier, e.inception_weights, device)
-        reference = load_reference_stats(args.reference)
+        columns, curve = training_curve(params, args.classifier, args.reference, device)
 
     def on_log(entry: dict) -> dict | None:
         show(
@@ -107,17 +102,7 @@ def main() -> None:
         step = entry["step"]
         if not t.eval_every or (step % t.eval_every and step < t.steps):
             return None
-        scores = score_model(
-            entry["ema"],
-            w_eval,
-            t.eval_samples,
-            extractor=extractor,
-            reference=reference,
-            sampling=sampling_kwargs(params),
-            batch_size=e.batch_size,
-            device=device,
-        )
-        values = by_w(w_eval, scores)
+        values = curve(entry["ema"])
         tracker.log(run_id, metrics=values, step=step)
         print(
             f"[train p_uncond={args.p_uncond}] step {step}: "
@@ -163,7 +148,6 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(result.history)
     if t.eval_every:
-        columns = [w_column(name, w) for w in w_eval for name in ("fid", "is")]
         with open(out / "eval.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["step", *columns], extrasaction="ignore")
             writer.writeheader()

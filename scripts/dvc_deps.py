@@ -9,7 +9,7 @@ from ruamel.yaml.comments import CommentedSeq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_dvc_deps import PLUMBING, cfg_imports  # noqa: E402
+from test_dvc_deps import MONITORING, PLUMBING, cfg_imports  # noqa: E402
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     for stage in doc["stages"].values():
         stage = stage.get("do", stage)
         script = stage["cmd"].split()[1]
-        need = sorted(cfg_imports(ROOT / script) - PLUMBING)
+        need = sorted(cfg_imports(ROOT / script) - PLUMBING - MONITORING)
         rest = [d for d in stage["deps"] if not str(d).startswith("cfg/") and d != script]
         seq = CommentedSeq([script, *need, *rest])
         seq.fa.set_flow_style()

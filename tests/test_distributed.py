@@ -7,6 +7,7 @@ of the CPU kernels, not of how the examples are split."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -205,8 +206,9 @@ def test_batch_size_must_split_evenly_over_the_processes():
 
 @pytest.mark.slow
 def test_stages_relaunch_under_torchrun_and_match_one_process(project):
-    """train.devices: 2 on CPU: the train and sample stages re-run themselves under torchrun (2 gloo processes);
-    the checkpoint matches the 1-process stage within WEIGHT_TOL and the samples are the same bytes."""
+    """train.devices: 2 on CPU: the train, sample and evaluate stages re-run themselves under torchrun (2 gloo
+    processes); the checkpoint matches the 1-process stage within WEIGHT_TOL, the samples are the same bytes
+    and the cell records the same numbers."""
     import yaml
 
     from .conftest import run
@@ -214,7 +216,7 @@ def test_stages_relaunch_under_torchrun_and_match_one_process(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["eval_every"] = 0  # no FIDs during training: the stage needs no classifier here
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["dvc", "repro", "prepare", "train@0.1", "sample@0.1"], project)
+    run(["dvc", "repro", "evaluate"], project)
     one_ckpt = torch.load(project / "models/p_uncond=0.1/checkpoint.pt", weights_only=True)
     one_samples = torch.load(project / "samples/p_uncond=0.1/samples.pt", weights_only=True)
     params["train"]["devices"] = 2
@@ -237,6 +239,14 @@ def test_stages_relaunch_under_torchrun_and_match_one_process(project):
     two_samples = torch.load(project / "s2/samples.pt", weights_only=True)
     assert torch.equal(one_samples["images"], two_samples["images"])
     assert (project / "s2/grid.png").read_bytes() == (project / "samples/p_uncond=0.1/grid.png").read_bytes()
+    cmd = ["pipelines/evaluate.py", "--samples", "samples", "--classifier", "models/classifier.pt"]
+    out = run([*py, *cmd, "--reference", "data/reference.pt", "--out-dir", "cells2"], project)
+    for name in ("p_uncond=0.1.json", "p_uncond=0.5.json"):
+        one = [
+            r | {"mlflow_run_id": None} for r in json.loads((project / "results/cells" / name).read_text())
+        ]
+        two = [r | {"mlflow_run_id": None} for r in json.loads((project / "cells2" / name).read_text())]
+        assert one == two and len(one) == 3
 
 
 def test_shard_blocks_cover_every_row_once_and_gather_restores_the_order():

@@ -30,6 +30,7 @@ from cfg.search.space import SearchError, check_search, trial_params
 from cfg.search.storage import retry_of, storage_url
 from cfg.search.worker import run_worker
 from cfg.study.presets import exp_run_command
+from cfg.study.records import p_uncond_name, read_cells
 from cfg.study.stage import make_extractor
 
 from . import postgres
@@ -407,10 +408,10 @@ def test_best_params_reproduce_the_trial_through_dvc_exp_run(project):
         assert exp_params[section][name] == value, key
     # ... so its model was trained with them, and its FID is the trial's
     (p,) = overrides["train.p_uncond"]
-    model, meta = load_checkpoint(project / "models" / f"p_uncond={p}" / "checkpoint.pt")
+    model, meta = load_checkpoint(project / "models" / p_uncond_name(p) / "checkpoint.pt")
     assert meta["train"]["lr"] == overrides["train.lr"] and meta["p_uncond"] == p
     assert model.config.base_width == overrides["model.base_width"]
-    cells = json.loads((project / "results" / "cells" / f"p_uncond={p}.json").read_text())
-    assert [c["w"] for c in cells] == overrides["sample.w"] == [0.0, 1.0]
-    (cell,) = [c for c in cells if c["w"] == best["w"]]
-    assert cell["fid"] == pytest.approx(best["fid"], rel=1e-9), "the same model, samples and features"
+    cells = read_cells(project / "results" / "cells" / f"{p_uncond_name(p)}.json")
+    assert [c.w for c in cells] == overrides["sample.w"] == [0.0, 1.0]
+    (cell,) = [c for c in cells if c.w == best["w"]]
+    assert cell.metrics["fid"] == pytest.approx(best["fid"], rel=1e-9), "the same model, samples and features"

@@ -6,7 +6,7 @@ The FID-during-training curve of the train stage and the search's intermediate a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -72,3 +72,37 @@ def by_w(
 ) -> dict[str, float]:
     """`score_model`'s result as flat columns, `w_column(name, w)` for each w and name."""
     return {w_column(m, w): s[m] for w, s in zip(w_values, scores, strict=True) for m in names}
+
+
+def training_curve(
+    params,  # cfg.study.config.Params: train.eval_w / eval_samples, the sample and evaluate sections
+    classifier_path: str,  # models/classifier.pt
+    reference_path: str,  # data/reference.pt
+    device: torch.device | str,
+) -> tuple[list[str], Callable[[torch.nn.Module], dict[str, float]]]:
+    """The train stage's convergence curve: (its columns, a function of the EMA weights -> FID and IS at
+    w = 0 and train.eval_w, as `w_column`s), scored as the evaluate stage scores (fewer samples)."""
+    from cfg.engine.generate import sampling_kwargs
+    from cfg.eval.features import extractor_by_name
+    from cfg.eval.stats import load_reference_stats
+    from cfg.study.stage import data_root
+
+    t, e = params.train, params.evaluate
+    w_eval = [0.0, t.eval_w]
+    extractor = extractor_by_name(e.extractor, classifier_path, data_root(e.inception_weights), device)
+    reference = load_reference_stats(reference_path)
+
+    def curve(ema: torch.nn.Module) -> dict[str, float]:
+        scores = score_model(
+            ema,
+            w_eval,
+            t.eval_samples,
+            extractor=extractor,
+            reference=reference,
+            sampling=sampling_kwargs(params),
+            batch_size=e.batch_size,
+            device=device,
+        )
+        return by_w(w_eval, scores)
+
+    return [w_column(name, w) for w in w_eval for name in ("fid", "is")], curve
