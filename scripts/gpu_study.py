@@ -4,7 +4,8 @@
         train.steps=1500 'train.p_uncond=[0.1]' --out "$OUT"
 
 Writes the merged params.yaml (validated first), runs `dvc repro` with the stages' output streaming, and copies
-params.yaml, dvc.lock and the results (table, metrics, report, figures, sample grids) into --out.
+params.yaml, the results (table, metrics, report, figure, a sample grid) and the first model's FID curve
+(eval.csv) into --out: 7 files, as a lent GPU machine returns at most 8.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for src in [
         "params.yaml",
-        "dvc.lock",
         "results/tradeoff.csv",
         "results/metrics.json",
         "results/report.md",
@@ -54,6 +54,8 @@ def main() -> None:
             shutil.copy(src, out / Path(src).name)
     for grid in sorted(Path("samples").glob("p_uncond=*/grid.png"))[:1]:
         shutil.copy(grid, out / "grid.png")
+    for curve in sorted(Path("models").glob("p_uncond=*/eval.csv"))[:1]:
+        shutil.copy(curve, out / "eval.csv")
     if Path("results/plots/tradeoff.png").is_file():
         shutil.copy("results/plots/tradeoff.png", out / "tradeoff.png")
     sys.exit(rc)
