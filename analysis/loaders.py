@@ -36,7 +36,7 @@ from analysis.columns import (
     type_cells,
 )
 from cfg.study.records import p_uncond_name, read_cells
-from cfg.study.tracking import project_root, tracking_uri
+from cfg.study.store import project_root, tracking_uri
 
 
 def mlflow_frame(uri: str, experiment: str = "cfg-lab") -> pd.DataFrame:

@@ -7,7 +7,8 @@ from cfg.engine.device import resolve_device
 from cfg.io import write_json
 from cfg.nets.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
 from cfg.study.stage import progress_printer, stage_params
-from cfg.study.tracking import Tracker, flatten
+from cfg.study.store import flatten
+from cfg.study.tracking import Tracker
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ from cfg.search.worker import run_worker
 from cfg.study.config import ParamsError
 from cfg.study.presets import exp_run_command, flat_overrides
 from cfg.study.stage import make_extractor
-from cfg.study.tracking import Tracker, masked
+from cfg.study.store import masked
+from cfg.study.tracking import Tracker
 
 
 def _spec(path: str):

@@ -13,7 +13,8 @@ from cfg.engine.training import resume_state_path, train_diffusion, train_kwargs
 from cfg.io import write_json
 from cfg.nets.unet import UNetConfig, count_parameters, save_checkpoint
 from cfg.study.stage import progress_printer, stage_params
-from cfg.study.tracking import Tracker, flatten, project_root
+from cfg.study.store import flatten, project_root
+from cfg.study.tracking import Tracker
 
 
 def main() -> None:

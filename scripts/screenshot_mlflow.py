@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))  # `analysis` from this checkout
 
 from analysis.mlflow_ui import mlflow_server, rest  # noqa: E402
 from analysis.tradeoff import load_runs, select  # noqa: E402
-from cfg.study.tracking import tracking_uri  # noqa: E402
+from cfg.study.store import tracking_uri  # noqa: E402
 
 CHROMIUM_FLAGS = [
     "--headless",

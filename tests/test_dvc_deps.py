@@ -10,7 +10,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # stage's numbers (what maps params to library calls lives in the library: UNetConfig.from_params,
 # training.train_kwargs, generate.sampler_options, metrics.extractor_by_name), and declaring them would rerun
 # the whole study on every edit of the plumbing
-PLUMBING = {"cfg/study/config.py", "cfg/study/stage.py", "cfg/study/tracking.py", "cfg/io.py"}
+PLUMBING = {
+    "cfg/study/config.py",
+    "cfg/study/stage.py",
+    "cfg/study/tracking.py",
+    "cfg/study/store.py",
+    "cfg/study/queue.py",
+    "cfg/io.py",
+}
 # modules a stage uses for what it logs, not for the outputs later stages read: the train stage's FID curve
 # (eval.csv, MLflow) samples and scores through cfg.engine.scoring, and declaring that would retrain every
 # model whenever a sampler or metric changes. `dvc repro -f train@<p>` redraws a curve.

@@ -27,14 +27,9 @@ import yaml
 
 from cfg.search.storage import storage_url, study_lock
 from cfg.study.config import ParamsError, params_from_dict
-from cfg.study.tracking import (
-    QUEUE_DIR,
-    Tracker,
-    masked,
-    scrub,
-    sync,
-    tracking_uri,
-)
+from cfg.study.queue import sync
+from cfg.study.store import QUEUE_DIR, masked, scrub, tracking_uri
+from cfg.study.tracking import Tracker
 
 from . import postgres
 from .conftest import ROOT, VENV_BIN, shrink_params

@@ -30,7 +30,8 @@ from cfg.search.space import SearchSpec, trial_params
 from cfg.search.storage import retry_of
 from cfg.study.config import Params
 from cfg.study.stage import progress_printer
-from cfg.study.tracking import Tracker, flatten
+from cfg.study.store import flatten
+from cfg.study.tracking import Tracker
 
 Log = Callable[[str], None]
 

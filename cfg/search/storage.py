@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cfg.search.space import SearchError
 from cfg.study.config import SearchParams
-from cfg.study.tracking import create_private_store, masked, project_root
+from cfg.study.store import create_private_store, masked, project_root
 
 
 @contextlib.contextmanager

@@ -20,7 +20,8 @@ from cfg.search.objective import Log, Objective, SearchInputs, worker_id
 from cfg.search.space import SearchError, SearchSpec, make_pruner, make_sampler
 from cfg.search.storage import Budget, StudyLock, experimental_ok, open_storage, storage_url, study_lock
 from cfg.study.config import SearchParams
-from cfg.study.tracking import Tracker, flatten, masked
+from cfg.study.store import flatten, masked
+from cfg.study.tracking import Tracker
 
 
 def _print(message: str) -> None:

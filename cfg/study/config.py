@@ -344,7 +344,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 def _refuse_secrets(raw: dict) -> None:
     """params.yaml is in git and a stage's params are in dvc.lock: neither the MLflow store nor a password."""
-    from cfg.study.tracking import masked
+    from cfg.study.store import masked
 
     if "uri" in (raw.get("tracking") or {}):
         raise ParamsError(

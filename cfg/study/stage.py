@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cfg.study.config import Params, ParamsError, load_params
-from cfg.study.tracking import project_root
+from cfg.study.store import project_root
 
 
 def stage_params(path: str | Path = "params.yaml") -> Params:
