@@ -4,6 +4,7 @@ import argparse
 import csv
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 from cfg.data.datasets import load_prepared
@@ -57,18 +58,20 @@ def main() -> None:
         device=device,
     )
 
+    train = partial(
+        train_diffusion,
+        config,
+        ds.train_x,
+        ds.train_y,
+        p_uncond=args.p_uncond,
+        device=device,
+        **train_kwargs(t),
+        log_every=t.log_every,
+        resume_path=resume_path,
+        dist=d,
+    )
     if not d.main:  # the other ranks train and leave the outputs and the logging to rank 0
-        train_diffusion(
-            config,
-            ds.train_x,
-            ds.train_y,
-            p_uncond=args.p_uncond,
-            device=device,
-            **train_kwargs(t),
-            log_every=t.log_every,
-            resume_path=resume_path,
-            dist=d,
-        )
+        train()
         return finish(d)
     tracker = Tracker.open(f"train@{args.p_uncond}", params.tracking.experiment)  # answers, or exit now
     run_id = tracker.start_run(
@@ -114,19 +117,7 @@ def main() -> None:
         return values  # kept in the history: eval.csv
 
     # a run left open ends FAILED when the process exits, KILLED when a signal stopped it (Tracker)
-    result = train_diffusion(
-        config,
-        ds.train_x,
-        ds.train_y,
-        p_uncond=args.p_uncond,
-        device=device,
-        **train_kwargs(t),
-        log_every=t.log_every,
-        callback=on_log,
-        resume_path=resume_path,
-        checkpoint_every=t.checkpoint_every,
-        dist=d,
-    )
+    result = train(callback=on_log, checkpoint_every=t.checkpoint_every)
     if result.resumed_from:
         print(f"[train p_uncond={args.p_uncond}] resumed from step {result.resumed_from}", flush=True)
 
