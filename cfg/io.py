@@ -57,3 +57,35 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def load(path: str | Path, *, what: str, rerun: str, map_location: Any = "cpu") -> Any:
+    """`torch.load` (weights only) of a file cfg-lab wrote, with errors that name the file, what it should
+    hold and how to make it again (`rerun`, e.g. "dvc repro train@0.1"), instead of a bare unpickling error."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {what} there; make it with `{rerun}`")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{path} is not a readable {what} ({type(e).__name__}: {str(e)[:200]}): the file is truncated or "
+            f"corrupt; make it again with `{rerun}`"
+        ) from e
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """sha256 of a name -> tensor dict (names, dtypes, shapes and bytes, in name order): a checkpoint's content
+    hash, stored beside it and verified on load."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from cfg.data.images import from_uint8, to_uint8
-from cfg.io import atomic_save
+from cfg.io import atomic_save, load
 from cfg.registry import Registry
 
 # name -> loader(*, root, image_size, download, max_train, max_test) -> ImageDataset
@@ -210,7 +210,7 @@ def load_prepared(path: str | Path) -> ImageDataset:
         raise FileNotFoundError(
             f"no prepared data set at {path}; write it with cfg.data.datasets.save_prepared"
         )
-    d = torch.load(path, map_location="cpu", weights_only=True)
+    d = load(path, what="prepared data set", rerun="dvc repro prepare")
     if not isinstance(d, dict) or d.get("format") != _PREPARED_FORMAT:
         raise ValueError(f"{path} is not a prepared data set written by cfg.data.datasets.save_prepared")
     ds = ImageDataset(

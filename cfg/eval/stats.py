@@ -12,7 +12,7 @@ from torch import Tensor
 
 from cfg.eval.features import FeatureExtractor, Features, hash_tensor
 from cfg.eval.fingerprint import FingerprintMismatch
-from cfg.io import atomic_save
+from cfg.io import atomic_save, load
 
 
 def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,7 +94,7 @@ def save_reference_stats(path: str | Path, stats: ReferenceStats) -> None:
 
 def load_reference_stats(path: str | Path) -> ReferenceStats:
     """Read a `save_reference_stats` file (weights_only unpickling) and check its content hash."""
-    stats = ReferenceStats(**torch.load(Path(path), map_location="cpu", weights_only=True))
+    stats = ReferenceStats(**load(path, what="reference statistics file", rerun="dvc repro reference"))
     if _stats_hash(stats) != stats.hash:
         raise ValueError(
             f"{str(path)!r}: contents do not match the stored hash {stats.hash} (file edited or corrupt)"

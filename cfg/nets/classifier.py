@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cfg.io import atomic_save
+from cfg.io import atomic_save, load
 
 
 @dataclass
@@ -190,7 +190,7 @@ def save_classifier(path: str | Path, model: Classifier, meta: dict) -> None:
 
 def load_classifier(path: str | Path, map_location: torch.device | str = "cpu") -> tuple[Classifier, dict]:
     """Load a `save_classifier` file (weights_only unpickling) -> (model in eval mode, meta)."""
-    ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
+    ckpt = load(path, what="classifier checkpoint", rerun="dvc repro classifier", map_location=map_location)
     model = Classifier(ClassifierConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.to(map_location).eval(), ckpt["meta"]

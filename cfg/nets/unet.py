@@ -10,13 +10,12 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cfg.io import atomic_save
+from cfg.io import atomic_save, load, tensors_sha256
 
 
 @dataclass
@@ -240,13 +239,19 @@ def count_parameters(model: nn.Module) -> int:
 def save_checkpoint(path, model: nn.Module, meta: dict) -> None:
     """Write the model's weights with the configuration it was built from and `meta` (training settings)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_save({"config": model.config.to_dict(), "state_dict": state, "meta": meta}, path)
+    blob = {"config": model.config.to_dict(), "state_dict": state, "meta": meta}
+    atomic_save(blob | {"sha256": tensors_sha256(state)}, path)
 
 
 def load_checkpoint(path, map_location="cpu") -> tuple[UNet, dict]:
-    """Rebuild the U-Net from the configuration stored in the checkpoint; returns (model in eval mode, meta)."""
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+    """Rebuild the U-Net from the configuration stored in the checkpoint; returns (model in eval mode, meta).
+    A file that is truncated, corrupt or whose weights do not match their stored hash is refused, naming it."""
+    rerun = "dvc repro train@<p_uncond> (or the step that wrote it)"
+    blob = load(path, what="U-Net checkpoint", rerun=rerun, map_location=map_location)
+    if "sha256" in blob and tensors_sha256(blob["state_dict"]) != blob["sha256"]:
+        raise ValueError(
+            f"{path}: the weights do not match the checkpoint's content hash (corrupt); make it again with `{rerun}`"
+        )
     model = UNet(UNetConfig(**blob["config"]))
     model.load_state_dict(blob["state_dict"])
     return model.eval(), blob["meta"]

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from cfg.io import atomic_save, write_json
+from cfg.io import atomic_save, load, write_json
 
 # the settings that identify a cell (besides its model): one row of the trade-off table per distinct value
 CELL_KEY = ("p_uncond", "w", "guidance", "guidance_options", "sampler", "sampler_options", "steps", "seed")
@@ -73,7 +72,7 @@ class SampleSet:
 
     @classmethod
     def load(cls, path: str | Path) -> SampleSet:
-        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        blob = load(path, what="sample file", rerun="dvc repro sample@<p_uncond>")
         if not isinstance(blob, dict) or blob.pop("format", None) != _SAMPLES_FORMAT:
             raise ValueError(f"{path} is not a sample file of this cfg-lab version: rerun its sample stage")
         return cls(**blob)
