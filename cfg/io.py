@@ -89,3 +89,15 @@ def tensors_sha256(tensors: dict) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def write_csv(path: str | Path, rows: list[dict], fieldnames: list[str]) -> None:
+    """`atomic_write` of a CSV with these columns (keys of a row outside them are left out)."""
+    import csv
+
+    def write(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    atomic_write(path, write, mode="w")

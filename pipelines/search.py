@@ -49,7 +49,7 @@ def write_results(study: optuna.Study, out_dir: Path, params, trial_number: int 
     out_dir.mkdir(parents=True, exist_ok=True)
     summ = summary(study)
     write_json(out_dir / "summary.json", summ)
-    study.trials_dataframe().to_csv(out_dir / "trials.csv", index=False)
+    atomic_write_text(out_dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
     files = [out_dir / "summary.json", out_dir / "trials.csv"]
     if trial_number is not None:
         chosen = study.trials[trial_number]

@@ -1,7 +1,6 @@
 """Stage `train@<p_uncond>`: train one jointly conditional / unconditional diffusion model."""
 
 import argparse
-import csv
 import shutil
 import sys
 from functools import partial
@@ -11,7 +10,7 @@ from cfg.data.datasets import load_prepared
 from cfg.engine.distributed import finish, init, launch, n_processes
 from cfg.engine.scoring import training_curve  # the FID curve: monitoring, not a dep (dvc.yaml)
 from cfg.engine.training import resume_state_path, train_diffusion, train_kwargs
-from cfg.io import write_json
+from cfg.io import write_csv, write_json
 from cfg.nets.unet import UNetConfig, count_parameters, save_checkpoint
 from cfg.study.stage import progress_printer, stage_params
 from cfg.study.store import flatten, project_root
@@ -135,15 +134,9 @@ def main() -> None:
         "final_loss": result.history[-1]["loss"],
     }
     save_checkpoint(out / "checkpoint.pt", result.ema, meta)
-    with open(out / "loss.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "loss"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(result.history)
+    write_csv(out / "loss.csv", result.history, ["step", "loss"])
     if t.eval_every:
-        with open(out / "eval.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", *columns], extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(h for h in result.history if columns[0] in h)
+        write_csv(out / "eval.csv", [h for h in result.history if columns[0] in h], ["step", *columns])
     write_json(out / "train.json", {k: v for k, v in meta.items() if k != "classes"})
     # the outputs are written: the resume state (and a temporary file a killed run left beside it) is done with
     shutil.rmtree(resume_path.parent, ignore_errors=True)
