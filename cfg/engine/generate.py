@@ -51,6 +51,11 @@ def sampling_kwargs(params) -> dict:
     }
 
 
+def examples_per_batch(batch_size: int, n_w: int) -> int:
+    """Examples in one sampler batch of `batch_size` rows: each example is repeated once per w."""
+    return max(1, batch_size // n_w)
+
+
 @torch.no_grad()
 def generate_w_grid(
     model: torch.nn.Module,  # ε_θ(z, λ, c) with a `config.null_label`
@@ -86,13 +91,13 @@ def generate_w_grid(
     device = torch.device(device)
     w_list = [float(w) for w in w_values]
     n_w = len(w_list)
-    per_batch = max(1, batch_size // n_w)  # examples per batch; each is repeated once per w
+    per_batch = examples_per_batch(batch_size, n_w)
     sample_fn = SAMPLERS[sampler]
     options = dict(sampler_options or {})
     lambdas = sampling_lambdas(steps, lambda_min=lambda_min, lambda_max=lambda_max, device=device)
     ids_all = first_index + torch.arange(n_samples) if examples is None else examples.to(torch.int64).cpu()
     n_samples = len(ids_all)
-    labels_all = ids_all % num_classes  # balanced_labels: example i is class i mod K
+    labels_all = ids_all % num_classes  # class-balanced: example i is class i mod K
     out = torch.empty((n_w, n_samples, *image_shape), dtype=torch.uint8)
     null_label = model.config.null_label
     w_col = torch.tensor(w_list, device=device)
@@ -147,7 +152,7 @@ def sample_checkpoint(
     for any number of processes: per-example noise streams)."""
     d = dist or Dist()
     cfg, s = model.config, params.sample
-    block = max(1, s.batch_size // len(s.w))  # whole sampler batches, as one process runs them
+    block = examples_per_batch(s.batch_size, len(s.w))  # shards of whole batches, as one process runs them
     kwargs = sampling_kwargs(params)
     t0 = time.perf_counter()
     images, labels = generate_w_grid(
