@@ -65,8 +65,9 @@ search: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro prepare classifier reference
 	$(MAKE) search-worker
 
+# GPUS=0,1: one worker per GPU, each pinned by CUDA_VISIBLE_DEVICES; WORKERS=N: N per GPU, or N CPU workers
 search-worker: $(STAMP)
-	$(PY) pipelines/search.py run $(SEARCH_ARGS)
+	$(PY) pipelines/search.py run $(SEARCH_ARGS) $(if $(GPUS),--gpus $(GPUS)) $(if $(WORKERS),--workers $(WORKERS))
 
 search-apply: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" python pipelines/search.py apply $(SEARCH_OUT)/best_params.yaml --run

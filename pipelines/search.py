@@ -1,7 +1,8 @@
 """Hyper-parameter search with Optuna over params.yaml keys (not a DVC stage: `dvc repro` never runs it).
 
 run        join (or create) the study in search.storage and run trials until it has search.n_trials; start the
-           same command on more machines to share the study (PostgreSQL storage); then write the results
+           same command on more machines to share the study (PostgreSQL storage); then write the results.
+           --gpus 0,1 starts one worker per GPU (CUDA_VISIBLE_DEVICES), --workers N N per GPU or N on the CPU
 best       write the results of the study as it stands (best_params.yaml, summary.json, trials.csv)
 apply      print (or --run) the `dvc exp run -S key=value ...` that reproduces a best_params.yaml
 dashboard  optuna-dashboard on the study's storage (pip install -e '.[dashboard]')
@@ -10,12 +11,14 @@ dashboard  optuna-dashboard on the study's storage (pip install -e '.[dashboard]
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import optuna
+import torch
 import yaml
 
 from cfg.data.datasets import load_prepared
@@ -26,7 +29,7 @@ from cfg.search.objective import SearchInputs
 from cfg.search.results import best_params_yaml, best_trials, summary
 from cfg.search.space import SearchError, check_search
 from cfg.search.storage import storage_url
-from cfg.search.worker import run_worker
+from cfg.search.worker import run_worker, worker_slots
 from cfg.study.config import ParamsError
 from cfg.study.presets import exp_run_command, flat_overrides
 from cfg.study.stage import make_extractor
@@ -85,9 +88,49 @@ def write_results(study: optuna.Study, out_dir: Path, params, trial_number: int 
     print(line)
 
 
+def run_workers(slots: list[dict[str, str]]) -> int:
+    """This command again as one worker per slot (its environment, e.g. CUDA_VISIBLE_DEVICES); SIGINT, SIGTERM
+    and SIGHUP are passed on to each worker once. Returns the first failed worker's exit status, else 0."""
+    cmd = [sys.executable, sys.argv[0], *sys.argv[1:], "--gpus=", "--workers=1"]  # the last value counts
+    procs: list[subprocess.Popen] = []
+    stop: list[int] = []
+
+    def forward(signum, frame) -> None:
+        stop.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for i, env in enumerate(slots):
+        if stop:
+            break
+        # a session of its own: a Ctrl-C reaches the launcher, which passes it on once
+        procs.append(subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True))
+        pinned = ", ".join(f"{k}={v}" for k, v in env.items()) or "unpinned"
+        print(
+            f"[search] worker {i + 1}/{len(slots)}: pid {procs[-1].pid}, {pinned}",
+            file=sys.stderr,
+            flush=True,
+        )
+    codes = [p.wait() for p in procs]
+    failed = [(p.pid, 128 - c if c < 0 else c) for p, c in zip(procs, codes, strict=True) if c]
+    for pid, code in failed:
+        print(f"[search] worker pid {pid} exited with status {code}", file=sys.stderr, flush=True)
+    return failed[0][1] if failed else (128 + stop[0] if stop else 0)
+
+
 def cmd_run(args) -> None:
     spec = _spec(args.params)
     device = resolve_device(spec.params.train.device)
+    if args.gpus or args.workers != 1:  # the launcher of this machine's workers
+        visible = -1 if "CUDA_VISIBLE_DEVICES" in os.environ else torch.cuda.device_count()
+        try:
+            slots = worker_slots(args.gpus, args.workers, device.type, visible)
+        except SearchError as err:
+            raise SystemExit(f"error: {err}") from None
+        raise SystemExit(run_workers(slots))
     e = spec.params.evaluate
     inputs = SearchInputs(
         data=load_prepared(args.data),
@@ -150,6 +193,16 @@ def main() -> None:
     run.add_argument("--reference", required=True, help="reference statistics (stage reference)")
     run.add_argument("--out-dir", required=True, help="folder for best_params.yaml, summary.json, trials.csv")
     run.add_argument("--storage", help="SQLAlchemy URL of the study; overrides search.storage")
+    run.add_argument(
+        "--gpus",
+        help="one worker per listed GPU, pinned to it by CUDA_VISIBLE_DEVICES, e.g. 0,1 (make GPUS=0,1)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes per GPU of --gpus, or on this machine without --gpus (make WORKERS=N)",
+    )
     run.set_defaults(func=cmd_run)
 
     best = sub.add_parser("best", help="write the results of the study as it stands")

@@ -4,10 +4,14 @@ Any number of processes on any machines share a study through its storage (SQLit
 several machines); together they run exactly search.n_trials. Running trials send heartbeats; the trial of a
 worker that died is failed after search.grace_period and run again (search.max_retry), and the workers still
 alive finish the study.
+
+`worker_slots` plans the worker processes of one machine (`make search-worker GPUS=0,1 WORKERS=N`): each pinned to
+one GPU by CUDA_VISIBLE_DEVICES, or N unpinned CPU workers; pipelines/search.py starts them.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +26,32 @@ from cfg.search.storage import Budget, StudyLock, experimental_ok, open_storage,
 from cfg.study.config import SearchParams
 from cfg.study.store import flatten, masked
 from cfg.study.tracking import Tracker
+
+
+def worker_slots(gpus: str | None, workers: int, device: str, cuda_count: int) -> list[dict[str, str]]:
+    """The environment each worker process of this machine gets: `workers` processes per device of `gpus`
+    ("0,1": CUDA_VISIBLE_DEVICES=0 and =1; physical indices as nvidia-smi lists them, or GPU UUIDs), or without
+    `gpus` `workers` processes on `device` (train.device resolved: "cpu" or "cuda") sharing the CPU's threads.
+    `cuda_count`: the GPUs this process sees (the range check of numeric indices; -1 skips it)."""
+    if workers < 1:
+        raise SearchError(f"WORKERS = {workers}: give 1 or more worker processes per device")
+    if not gpus:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        return [{} if device == "cuda" or workers == 1 else {"OMP_NUM_THREADS": threads}] * workers
+    devices = [g.strip() for g in gpus.split(",")]
+    if "" in devices or len(set(devices)) < len(devices):
+        raise SearchError(f"GPUS = {gpus!r}: give distinct devices separated by commas, e.g. GPUS=0,1")
+    if device != "cuda":
+        raise SearchError(
+            f"GPUS = {gpus!r} but train.device resolves to {device} here (torch sees no CUDA GPU): leave GPUS "
+            "out for one worker, or give WORKERS=N for N CPU workers"
+        )
+    beyond = [g for g in devices if g.isdigit() and cuda_count >= 0 and int(g) >= cuda_count]
+    if beyond:
+        raise SearchError(
+            f"GPUS = {gpus!r}: device {beyond[0]} does not exist, this host has {cuda_count} GPUs"
+        )
+    return [{"CUDA_VISIBLE_DEVICES": g} for g in devices for _ in range(workers)]
 
 
 def _print(message: str) -> None:
