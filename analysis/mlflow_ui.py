@@ -58,11 +58,14 @@ def mlflow_server(
     port: int | None = None,  # None: a free port
     startup_s: float = 180,  # how long to wait for the server to answer (slow on 2 busy cores)
     log: str | Path | None = None,  # file for the server's output; None: discarded
+    artifacts: str | Path | None = None,  # --artifacts-destination: artifacts served through this server
 ) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 against `uri`; yields its base URL and stops its whole process group."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if artifacts:
+        cmd += ["--artifacts-destination", str(artifacts)]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     out = open(log, "w") if log else subprocess.DEVNULL  # closed in the finally below
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
