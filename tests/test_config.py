@@ -191,3 +191,64 @@ def test_registry_options_and_devices_are_checked_before_any_work():
     ok = copy.deepcopy(raw)
     ok["train"]["devices"], ok["sample"]["sampler"], ok["sample"]["sampler_options"] = "all", "dpmpp_2m", {}
     assert params_from_dict(ok).train.devices == "all"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("train", "lr"), float("inf"), r"^train\.lr = inf is not a finite number"),
+        (("train", "lambda_min"), float("-inf"), r"^train\.lambda_min = -inf is not a finite number"),
+        (("train", "grad_clip"), float("nan"), r"^train\.grad_clip = nan is not a finite number"),
+        (("sample", "w"), [0.0, float("inf")], r"^sample\.w\[1\] = inf is not a finite number"),
+        (("sample", "sampler_options"), {"v": float("nan")}, r"^sample\.sampler_options\.v = nan is not"),
+        (
+            ("search", "space"),
+            {"train.lr": {"low": 0.001, "high": float("inf")}},
+            r"^search\.space\.train\.lr\.high = inf is not a finite number",
+        ),
+    ],
+)
+def test_non_finite_numbers_are_refused_wherever_they_stand(path, value, message):
+    # NaN passes every range check (each comparison is false) and inf passes lower bounds: both are refused
+    raw = _raw()
+    raw[path[0]][path[1]] = value
+    with pytest.raises(ParamsError, match=message):
+        params_from_dict(raw)
+
+
+def test_the_lambda_range_ends_where_float32_alpha_and_sigma_underflow():
+    import torch
+
+    from cfg.maths.diffusion import alpha_sigma
+    from cfg.study.config import LAMBDA_LIMIT
+
+    inside = torch.tensor([-LAMBDA_LIMIT, LAMBDA_LIMIT])
+    alpha, sigma = alpha_sigma(inside)
+    assert (alpha > 0).all() and (sigma > 0).all(), "the whole allowed range keeps alpha and sigma positive"
+    alpha, sigma = alpha_sigma(inside * 1.02)  # 89.1: just beyond, float32 gives 0
+    assert alpha[0] == 0 and sigma[1] == 0, "the bound is where float32 really fails, not an arbitrary one"
+
+    raw = _raw()
+    raw["train"]["lambda_min"], raw["train"]["lambda_max"] = -LAMBDA_LIMIT, LAMBDA_LIMIT
+    assert params_from_dict(raw).train.lambda_max == LAMBDA_LIMIT
+    for key, value in (("lambda_max", 1e6), ("lambda_min", -100.0)):
+        raw = _raw()
+        raw["train"][key] = value
+        with pytest.raises(
+            ParamsError, match=rf"train\.{key} = {value} is out of range: .*<= 87\.33 .*alpha_sigma"
+        ):
+            params_from_dict(raw)
+
+
+def test_ema_decay_zero_warns_that_it_averages_nothing():
+    import warnings
+
+    from cfg.study.config import ParamsWarning
+
+    raw = _raw()
+    raw["train"]["ema_decay"] = 0
+    with pytest.warns(ParamsWarning, match=r"train\.ema_decay = 0\.0 averages nothing"):
+        assert params_from_dict(raw).train.ema_decay == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParamsWarning)
+        params_from_dict(_raw())  # the shipped decay: no warning

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,23 @@ from cfg.search.registry import PRUNERS, SAMPLERS
 
 DEVICE_NAMES = ("auto", "cpu", "cuda")
 
+# |λ| up to which float32 holds the VP process (cfg.maths.diffusion.alpha_sigma): σ² = sigmoid(−λ) (α² at −λ)
+# falls below float32's smallest normal number, 2^−126, at λ = 126 ln 2 = 87.336, and torch's sigmoid returns
+# exactly 0 from λ ≈ 88.7 on: σ = 0 at λ_max (or α = 0 at λ_min) divides by zero in the samplers' x̂ and ε
+LAMBDA_LIMIT = math.floor(126 * math.log(2) * 100) / 100  # 87.33
+
 
 class ParamsError(ValueError):
     """A parameter is unknown, of the wrong type or out of range."""
 
 
+class ParamsWarning(UserWarning):
+    """A parameter is allowed but probably not meant (e.g. train.ema_decay = 0, which averages nothing)."""
+
+
 def _p(default: Any, help: str, **rules: Any) -> Any:
-    """A schema field: default, one-line help, and rules (ge, gt, le, lt, choices, nonempty)."""
+    """A schema field: default, one-line help, and rules (ge, gt, le, lt, choices, nonempty; `why`: the reason
+    for a range, added to its out-of-range message)."""
     if isinstance(default, list | tuple):
         return field(default_factory=lambda d=default: list(d), metadata={"help": help, **rules})
     return field(default=default, metadata={"help": help, **rules})
@@ -72,6 +84,12 @@ class ModelParams:
     head_channels: int = _p(32, "channels per attention head", ge=1)
 
 
+_LAMBDA_WHY = (
+    f"beyond |λ| = {LAMBDA_LIMIT} sigmoid(−|λ|) underflows float32's normal range (and is 0 from 88.7 on): "
+    "σ at λ_max or α at λ_min of cfg.maths.diffusion.alpha_sigma becomes 0"
+)
+
+
 @dataclass
 class TrainParams:
     p_uncond: list[float] = _p(
@@ -87,8 +105,12 @@ class TrainParams:
         "EMA decay min(ema_decay, (1 + t) / (10 + t)) at update t, so short runs do not average in the init",
     )
     grad_clip: float | None = _p(1.0, "clip the gradient norm to this; null disables", gt=0)
-    lambda_min: float = _p(-20.0, "log-SNR at the noisy end (paper: -20)")
-    lambda_max: float = _p(20.0, "log-SNR at the clean end (paper: 20)")
+    lambda_min: float = _p(
+        -20.0, "log-SNR at the noisy end (paper: -20)", ge=-LAMBDA_LIMIT, le=LAMBDA_LIMIT, why=_LAMBDA_WHY
+    )
+    lambda_max: float = _p(
+        20.0, "log-SNR at the clean end (paper: 20)", ge=-LAMBDA_LIMIT, le=LAMBDA_LIMIT, why=_LAMBDA_WHY
+    )
     seed: int = _p(0, "seed of initialisation, data order, λ and label dropout")
     log_every: int = _p(50, "steps between logged loss values", ge=1)
     device: str = _p("auto", "auto (CUDA when present), cpu or cuda", choices=DEVICE_NAMES)
@@ -295,7 +317,8 @@ def _check_scalar(where: str, value: Any, typ: Any, rules: dict) -> Any:
     bounds = {"ge": value.__ge__, "gt": value.__gt__, "le": value.__le__, "lt": value.__lt__}
     for key, test in bounds.items():
         if key in rules and not test(rules[key]):
-            raise ParamsError(f"{where} = {value!r} is out of range: allowed {_describe(rules)}")
+            why = f" ({rules['why']})" if "why" in rules else ""
+            raise ParamsError(f"{where} = {value!r} is out of range: allowed {_describe(rules)}{why}")
     return value
 
 
@@ -360,9 +383,34 @@ def _refuse_secrets(raw: dict) -> None:
         )
 
 
+def _refuse_non_finite(value: Any, where: str) -> None:
+    """YAML reads .inf, -.inf and .nan as numbers; no setting of cfg-lab means one, wherever it stands (options
+    and search spaces included), and NaN would pass every range check (each comparison is false)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParamsError(f"{where} = {value!r} is not a finite number: give a finite value")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_non_finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_non_finite(item, f"{where}[{i}]")
+
+
+def _warn_unmeant(params: Params) -> None:
+    """Allowed values that are probably slips: a `ParamsWarning` each, and the stage goes on."""
+    if params.train.ema_decay == 0:
+        warnings.warn(
+            "train.ema_decay = 0.0 averages nothing: the EMA weights that are sampled are the last step's "
+            "weights, as without an EMA; give e.g. 0.999 unless that is meant",
+            ParamsWarning,
+            stacklevel=3,
+        )
+
+
 def params_from_dict(raw: dict) -> Params:
     """Validate a params mapping (as read from YAML) into `Params`; raises `ParamsError`."""
     _refuse_secrets(raw)
+    _refuse_non_finite(raw, "")
     params = _build(Params, raw, "")
     if params.train.lambda_min >= params.train.lambda_max:
         raise ParamsError(
@@ -374,6 +422,7 @@ def params_from_dict(raw: dict) -> Params:
             f"train.eval_every = {t.eval_every} must be a multiple of train.log_every = {t.log_every} (or 0)"
         )
     _check_options(params)
+    _warn_unmeant(params)
     if params.evaluate.extractor == "inception" and params.evaluate.inception_weights:
         path = Path(params.evaluate.inception_weights)
         if not path.is_file():
