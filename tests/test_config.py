@@ -252,3 +252,93 @@ def test_ema_decay_zero_warns_that_it_averages_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ParamsWarning)
         params_from_dict(_raw())  # the shipped decay: no warning
+
+
+@pytest.fixture(scope="module")
+def ten_class_extractor():
+    """A real, untrained 10-class classifier as feature extractor, and reference statistics of 100 images."""
+    import torch
+
+    from cfg.eval.features import classifier_extractor, extract_features
+    from cfg.eval.stats import reference_stats
+    from cfg.nets.classifier import Classifier, ClassifierConfig
+
+    torch.manual_seed(0)
+    config = ClassifierConfig(in_channels=1, num_classes=10, image_size=8, width=4, feature_dim=8)
+    ext = classifier_extractor(Classifier(config).eval())
+    real = (torch.rand(100, 1, 8, 8) * 255).to(torch.uint8)
+    return ext, reference_stats(extract_features(ext, real), ext, labels=torch.arange(100) % 10)
+
+
+def _evaluate_as_the_stage_does(params, n: int, ext, ref) -> None:
+    """The evaluate stage's computations on n random samples of one cell: the noise-FID baseline, then every
+    metric of params.evaluate with its seed ranges and per-class FID."""
+    import torch
+
+    from cfg.eval.cells import evaluate_samples, metrics_from_params
+    from cfg.eval.sanity import noise_fid
+    from cfg.study.records import SampleSet
+
+    e = params.evaluate
+    noise = noise_fid(ext, ref, n, (1, 8, 8), seed=1)
+    samples = SampleSet(
+        images=(torch.rand(len(params.sample.w), n, 1, 8, 8) * 255).to(torch.uint8),
+        labels=torch.arange(n) % 10,
+        w=list(params.sample.w),
+        classes=[str(c) for c in range(10)],
+        p_uncond=0.1,
+        guidance="cfg",
+        guidance_options={},
+        sampler="ancestral",
+        sampler_options={},
+        steps=8,
+        seed=1,
+        checkpoint="c.pt",
+        train_run_id=None,
+        checkpoint_params_hash="",
+    )
+    evaluate_samples(
+        samples,
+        ext,
+        ref,
+        metrics=metrics_from_params(e),
+        seed_ranges=e.seed_ranges,
+        per_class_w=e.per_class_w,
+        noise_fid=noise,
+    )
+
+
+@pytest.mark.parametrize(
+    "evaluate",
+    [
+        {},  # the shipped metrics, 2 seed ranges, per-class FID at w = 0 of digits' 10 classes
+        {"per_class_w": None},  # precision_recall's k = 3, and 2 per seed range
+        {
+            "per_class_w": None,
+            "seed_ranges": 3,
+            "metrics": ["fid", "is"],
+            "metric_options": {"is": {"splits": 2}},
+        },
+        {"per_class_w": None, "seed_ranges": 1, "metrics": ["class_acc"], "metric_options": {}},
+    ],
+)
+def test_the_fewest_samples_the_schema_allows_are_what_evaluate_really_needs(evaluate, ten_class_extractor):
+    raw = _raw()
+    raw["sample"]["w"] = [0.0]
+    raw["evaluate"] |= evaluate
+    raw["sample"]["n_samples"] = 1
+    with pytest.raises(
+        ParamsError, match=r"^sample\.n_samples = 1 is too few for evaluate: .*noise-FID"
+    ) as e:
+        params_from_dict(raw)
+    least = int(re.search(r"give sample\.n_samples >= (\d+)", str(e.value)).group(1))
+    raw["sample"]["n_samples"] = least
+    params = params_from_dict(raw)
+    _evaluate_as_the_stage_does(params, least, *ten_class_extractor)  # the minimum works ...
+    raw["sample"]["n_samples"] = least - 1
+    with pytest.raises(ParamsError, match=rf"^sample\.n_samples = {least - 1} is too few for evaluate"):
+        params_from_dict(raw)
+    with pytest.raises(ValueError) as failed:  # ... and one fewer fails in evaluate, as the schema says
+        _evaluate_as_the_stage_does(params, least - 1, *ten_class_extractor)
+    assert not isinstance(failed.value, ParamsError)
+    print(f"{evaluate}: evaluate needs >= {least}; with {least - 1}: {failed.value}")

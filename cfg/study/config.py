@@ -422,6 +422,7 @@ def params_from_dict(raw: dict) -> Params:
             f"train.eval_every = {t.eval_every} must be a multiple of train.log_every = {t.log_every} (or 0)"
         )
     _check_options(params)
+    _check_sample_counts(params)
     _warn_unmeant(params)
     if params.evaluate.extractor == "inception" and params.evaluate.inception_weights:
         path = Path(params.evaluate.inception_weights)
@@ -448,6 +449,108 @@ def _check_options(params: Params) -> None:
             METRICS.resolve(name, options, f"evaluate.metric_options.{name}")
     except ValueError as err:
         raise ParamsError(str(err)) from None
+
+
+# Channels, side when data.image_size is null, and classes of the registered data sets (cfg/data/datasets.py's
+# loaders; None where the data decide): what the checks below need of the data before it is prepared.
+# tests/test_config.py checks digits against its loader. A data set missing here skips those checks.
+DATA_SHAPES: dict[str, tuple[int, int | None, int | None]] = {
+    "digits": (1, 16, 10),
+    "fashion_mnist": (1, 32, 10),
+    "cifar10": (3, 32, 10),
+    "image_folder": (3, None, None),
+}
+
+
+def _chunk_sizes(n: int, parts: int) -> list[int]:
+    """The sizes `torch.chunk(n, parts)` cuts n rows into, as cfg.eval.cells splits seed ranges: pieces of
+    ceil(n / parts), the last one smaller, and fewer than `parts` pieces when n is not a multiple (9 -> 3, 3, 3 for 4)."""
+    size = -(-n // parts)
+    return [min(size, n - start) for start in range(0, n, size)]
+
+
+def _sample_needs(params: Params) -> list[tuple[int, bool, str]]:
+    """What evaluate computes from one cell of sample.n_samples images, as (fewest samples, whether in each seed
+    range, why), read from cfg.eval.metrics and the evaluate stage: the noise-FID baseline and fid fit a
+    covariance (>= 2), is splits its samples (>= splits), kid's subsets are clipped to the samples (>= 2 left),
+    precision_recall's k-th neighbour lies among the others (> k), per-class FID fits a covariance per class
+    (>= 2 of each class: example i has class i mod K); cfg.eval.cells.RANGE_METRICS score each seed range too."""
+    from cfg.eval.cells import RANGE_METRICS
+
+    e = params.evaluate
+    o = {name: METRICS.resolve(name, e.metric_options.get(name)) for name in e.metrics}
+    metric_needs = {
+        "fid": lambda: (2, "fid fits a covariance, which needs >= 2"),
+        "is": lambda: (
+            o["is"]["splits"],
+            f"is needs >= evaluate.metric_options.is.splits = {o['is']['splits']}",
+        ),
+        "kid": lambda: (2, "kid draws subsets of >= 2 (its subset_size is clipped to the samples)"),
+        "precision_recall": lambda: (
+            o["precision_recall"]["k"] + 1,
+            f"precision_recall needs more than evaluate.metric_options.precision_recall.k = {o['precision_recall']['k']}",
+        ),
+    }
+    needs = [(2, False, "the evaluate stage's noise-FID baseline fits a covariance, which needs >= 2")]
+    for name in o:
+        if name in metric_needs:
+            least, why = metric_needs[name]()
+            needs.append((least, False, why))
+            if e.seed_ranges > 1 and name in RANGE_METRICS:
+                needs.append((least, True, why))
+    classes = DATA_SHAPES.get(params.data.name, (None, None, None))[2]
+    if classes and e.per_class_w is not None and any(abs(w - e.per_class_w) < 1e-9 for w in params.sample.w):
+        why = f"per-class FID (evaluate.per_class_w = {e.per_class_w}) fits a covariance per class, which needs "
+        needs.append(
+            (2 * classes, False, why + f">= 2 of each of the {classes} classes of {params.data.name}")
+        )
+    return needs
+
+
+def _check_sample_counts(params: Params) -> None:
+    """sample.n_samples and evaluate.seed_ranges give every metric of evaluate.metrics (and each seed range)
+    the samples it needs; checked here, not after sampling, when evaluate would stop at the first metric."""
+    e, n = params.evaluate, params.sample.n_samples
+    for name, key, low in (
+        ("is", "splits", 1),
+        ("kid", "subsets", 1),
+        ("kid", "subset_size", 2),
+        ("precision_recall", "k", 1),
+    ):
+        if name in e.metrics:
+            value = METRICS.resolve(name, e.metric_options.get(name))[key]
+            if value < low:
+                raise ParamsError(
+                    f"evaluate.metric_options.{name}.{key} = {value} is out of range: allowed value >= {low}"
+                )
+    needs = _sample_needs(params)
+
+    def problems(count: int) -> list[str]:
+        found = [why for least, per_range, why in needs if not per_range and count < least]
+        if e.seed_ranges > 1 and any(per_range for _, per_range, _ in needs):
+            sizes = _chunk_sizes(count, e.seed_ranges)
+            split = f"evaluate.seed_ranges = {e.seed_ranges} splits them into ranges of {sizes} (torch.chunk)"
+            if len(sizes) != e.seed_ranges:
+                found.append(f"{split}: {len(sizes)} ranges, not {e.seed_ranges}")
+            else:
+                found += [
+                    f"{split}, and in each range {why}"
+                    for least, per_range, why in needs
+                    if per_range and min(sizes) < least
+                ]
+        return found
+
+    found = problems(n)
+    if not found:
+        return
+    lowest = next(count for count in range(1, 10**7) if not problems(count))
+    if lowest > n:
+        hint = f"give sample.n_samples >= {lowest}"
+    else:  # uneven ranges: a larger count can fail where a smaller one works
+        hint = f"give e.g. sample.n_samples = {next(c for c in range(n + 1, 10**7) if not problems(c))}"
+    if any("evaluate.seed_ranges" in why for why in found):
+        hint += " (a multiple of evaluate.seed_ranges splits evenly) or fewer evaluate.seed_ranges"
+    raise ParamsError(f"sample.n_samples = {n} is too few for evaluate: {'; '.join(found)}: {hint}")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
