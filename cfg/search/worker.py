@@ -30,9 +30,9 @@ from cfg.study.tracking import Tracker
 
 def worker_slots(gpus: str | None, workers: int, device: str, cuda_count: int) -> list[dict[str, str]]:
     """The environment each worker process of this machine gets: `workers` processes per device of `gpus`
-    ("0,1": CUDA_VISIBLE_DEVICES=0 and =1; physical indices as nvidia-smi lists them, or GPU UUIDs), or without
-    `gpus` `workers` processes on `device` (train.device resolved: "cpu" or "cuda") sharing the CPU's threads.
-    `cuda_count`: the GPUs this process sees (the range check of numeric indices; -1 skips it)."""
+    ("0,1": CUDA_VISIBLE_DEVICES=0 and =1, in CUDA's order unless CUDA_DEVICE_ORDER=PCI_BUS_ID; or GPU UUIDs),
+    or without `gpus` `workers` processes on `device` (train.device resolved: "cpu" or "cuda") sharing the CPU's
+    threads. `cuda_count`: the GPUs this process sees (the range check of numeric indices; -1 skips it)."""
     if workers < 1:
         raise SearchError(f"WORKERS = {workers}: give 1 or more worker processes per device")
     if not gpus:
