@@ -317,7 +317,7 @@ def _evaluate_as_the_stage_does(params, n: int, ext, ref) -> None:
             "per_class_w": None,
             "seed_ranges": 3,
             "metrics": ["fid", "is"],
-            "metric_options": {"is": {"splits": 2}},
+            "metric_options": {},
         },
         {"per_class_w": None, "seed_ranges": 1, "metrics": ["class_acc"], "metric_options": {}},
     ],
@@ -342,3 +342,104 @@ def test_the_fewest_samples_the_schema_allows_are_what_evaluate_really_needs(eva
         _evaluate_as_the_stage_does(params, least - 1, *ten_class_extractor)
     assert not isinstance(failed.value, ParamsError)
     print(f"{evaluate}: evaluate needs >= {least}; with {least - 1}: {failed.value}")
+
+
+def test_data_shapes_match_the_loaders():
+    # the memory and per-class checks read channels, default side and classes here, before the data is prepared
+    from cfg.data.datasets import load_dataset
+    from cfg.study.config import DATA_SHAPES
+
+    ds = load_dataset("digits", max_train=20, max_test=20)
+    assert DATA_SHAPES["digits"] == (ds.channels, ds.image_size, ds.num_classes)
+    fashion = ROOT.parent / "shared" / "data" / "FashionMNIST"
+    if fashion.is_dir():
+        ds = load_dataset("fashion_mnist", root=fashion, max_train=20, max_test=20)
+        assert DATA_SHAPES["fashion_mnist"] == (ds.channels, ds.image_size, ds.num_classes)
+
+
+def test_image_size_must_halve_through_the_unet_levels():
+    raw = _raw()
+    raw["model"]["channel_mult"] = [1, 2, 2, 2]  # three halvings: 8 -> 1 is fine, 12 is not
+    raw["data"]["image_size"] = 12
+    with pytest.raises(
+        ParamsError, match=r"model\.channel_mult = \[1, 2, 2, 2\] .* multiple of 8, and data\.image_size = 12"
+    ):
+        params_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "what"),
+    [
+        ("sample", "n_samples", 10**12, r"the (sample|evaluate) stage's"),
+        (
+            "sample",
+            "batch_size",
+            10**11,
+            r"one sampler batch: \(batch_size // 8 w\) examples x 14 network rows",
+        ),
+        (
+            "train",
+            "batch_size",
+            10**10,
+            r"one training batch: batch_size / 1 process\(es\) x \d+ kB of activations",
+        ),
+        ("evaluate", "batch_size", 10**11, r"one extractor batch: .* the classifier's largest layer"),
+    ],
+)
+def test_sizes_beyond_this_machines_memory_stop_the_stage_before_any_work(
+    tmp_path, section, key, value, what
+):
+    # petabytes: more than any machine running this has; load_params is what every stage calls first
+    raw = _raw()
+    raw[section][key] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params_from_dict(raw)  # the schema alone accepts it: the machine's memory decides
+    with pytest.raises(ParamsError) as refused:
+        load_params(tmp_path / "params.yaml")
+    message = str(refused.value)
+    assert re.match(
+        rf"params\.yaml: {section}\.{key} = {value} needs at least ~[\d.]+ (TB|PB) of memory for ", message
+    )
+    assert re.search(what, message), message
+    assert re.search(
+        rf"; this machine has [\d.]+ [GT]B of memory: lower {section}\.{key} \(at most ~[\d,]+ fit\)$",
+        message,
+    )
+
+
+@pytest.mark.parametrize(
+    "key", ["sample.n_samples", "sample.batch_size", "train.batch_size", "evaluate.batch_size"]
+)
+def test_the_largest_size_a_refusal_names_fits_and_a_larger_one_does_not(key):
+    from cfg.study.config import check_memory
+
+    budget = 2 * 10**9
+    section, name = key.split(".")
+    raw = _raw()
+    raw[section][name] = 10**9 if key == "sample.n_samples" else 10**7
+    with pytest.raises(
+        ParamsError, match=rf"^{re.escape(key)} = .*; this machine has 2 GB of memory: lower"
+    ) as refused:
+        check_memory(params_from_dict(raw), host_bytes=budget)
+    fit = int(re.search(r"at most ~([\d,]+) fit", str(refused.value)).group(1).replace(",", ""))
+    assert fit > 100
+    raw[section][name] = fit
+    check_memory(params_from_dict(raw), host_bytes=budget)
+    raw[section][name] = int(fit * 1.02) + 8  # 8: sample.batch_size counts whole examples of 8 w
+    with pytest.raises(ParamsError, match=rf"^{re.escape(key)} = {raw[section][name]} needs"):
+        check_memory(params_from_dict(raw), host_bytes=budget)
+
+
+def test_activation_sizes_come_from_the_real_network():
+    # a forward pass of the U-Net: activations grow with the pixels and the width, weights with the width only
+    from cfg.nets.unet import UNet, UNetConfig, count_parameters
+    from cfg.study.config import _layer_sizes
+
+    config = {"image_size": 8, "in_channels": 1, "num_classes": 10, "base_width": 16, "channel_mult": (1, 2)}
+    config |= {"attention_resolutions": (), "head_channels": 16}
+    peak, every, n = _layer_sizes("unet", tuple(config.items()))
+    assert n == count_parameters(UNet(UNetConfig(**config)))
+    peak2, every2, n2 = _layer_sizes("unet", tuple((config | {"image_size": 16}).items()))
+    assert (peak2, n2) == (4 * peak, n) and 3.5 * every < every2 <= 4 * every  # the embeddings do not grow
+    peak3, every3, n3 = _layer_sizes("unet", tuple((config | {"base_width": 32}).items()))
+    assert 1.9 * peak < peak3 <= 2 * peak and n3 > 3.5 * n

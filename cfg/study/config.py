@@ -8,9 +8,11 @@ tree of dataclasses. Errors name the key, the offending value and what is allowe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 import warnings
@@ -422,6 +424,7 @@ def params_from_dict(raw: dict) -> Params:
             f"train.eval_every = {t.eval_every} must be a multiple of train.log_every = {t.log_every} (or 0)"
         )
     _check_options(params)
+    _check_levels(params)
     _check_sample_counts(params)
     _warn_unmeant(params)
     if params.evaluate.extractor == "inception" and params.evaluate.inception_weights:
@@ -462,6 +465,20 @@ DATA_SHAPES: dict[str, tuple[int, int | None, int | None]] = {
 }
 
 
+def _check_levels(params: Params) -> None:
+    """The U-Net halves the image between levels (cfg.nets.unet.UNetConfig): the side must divide."""
+    d, levels = params.data, len(params.model.channel_mult)
+    side = d.image_size or DATA_SHAPES.get(d.name, (None, None, None))[1]
+    if side and side % 2 ** (levels - 1):
+        given = (
+            f"data.image_size = {side}" if d.image_size else f"{d.name}'s side {side} (data.image_size: null)"
+        )
+        raise ParamsError(
+            f"model.channel_mult = {params.model.channel_mult} halves the image {levels - 1} times, so its side "
+            f"must be a multiple of {2 ** (levels - 1)}, and {given} is not: change either"
+        )
+
+
 def _chunk_sizes(n: int, parts: int) -> list[int]:
     """The sizes `torch.chunk(n, parts)` cuts n rows into, as cfg.eval.cells splits seed ranges: pieces of
     ceil(n / parts), the last one smaller, and fewer than `parts` pieces when n is not a multiple (9 -> 3, 3, 3 for 4)."""
@@ -472,7 +489,7 @@ def _chunk_sizes(n: int, parts: int) -> list[int]:
 def _sample_needs(params: Params) -> list[tuple[int, bool, str]]:
     """What evaluate computes from one cell of sample.n_samples images, as (fewest samples, whether in each seed
     range, why), read from cfg.eval.metrics and the evaluate stage: the noise-FID baseline and fid fit a
-    covariance (>= 2), is splits its samples (>= splits), kid's subsets are clipped to the samples (>= 2 left),
+    covariance (>= 2), is one per split (>= 1), kid's subsets are clipped to the samples (>= 2 left),
     precision_recall's k-th neighbour lies among the others (> k), per-class FID fits a covariance per class
     (>= 2 of each class: example i has class i mod K); cfg.eval.cells.RANGE_METRICS score each seed range too."""
     from cfg.eval.cells import RANGE_METRICS
@@ -481,10 +498,8 @@ def _sample_needs(params: Params) -> list[tuple[int, bool, str]]:
     o = {name: METRICS.resolve(name, e.metric_options.get(name)) for name in e.metrics}
     metric_needs = {
         "fid": lambda: (2, "fid fits a covariance, which needs >= 2"),
-        "is": lambda: (
-            o["is"]["splits"],
-            f"is needs >= evaluate.metric_options.is.splits = {o['is']['splits']}",
-        ),
+        # one sample per split, where the metric has a splits option
+        "is": lambda: (o["is"].get("splits", 1), f"is needs >= {o['is'].get('splits', 1)} (one per split)"),
         "kid": lambda: (2, "kid draws subsets of >= 2 (its subset_size is clipped to the samples)"),
         "precision_recall": lambda: (
             o["precision_recall"]["k"] + 1,
@@ -517,12 +532,11 @@ def _check_sample_counts(params: Params) -> None:
         ("kid", "subset_size", 2),
         ("precision_recall", "k", 1),
     ):
-        if name in e.metrics:
-            value = METRICS.resolve(name, e.metric_options.get(name))[key]
-            if value < low:
-                raise ParamsError(
-                    f"evaluate.metric_options.{name}.{key} = {value} is out of range: allowed value >= {low}"
-                )
+        value = METRICS.resolve(name, e.metric_options.get(name)).get(key) if name in e.metrics else None
+        if value is not None and value < low:
+            raise ParamsError(
+                f"evaluate.metric_options.{name}.{key} = {value} is out of range: allowed value >= {low}"
+            )
     needs = _sample_needs(params)
 
     def problems(count: int) -> list[str]:
@@ -553,17 +567,260 @@ def _check_sample_counts(params: Params) -> None:
     raise ParamsError(f"sample.n_samples = {n} is too few for evaluate: {'; '.join(found)}: {hint}")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Memory: sizes that this machine cannot hold are refused before any work, with the estimate. Each estimate
+# is a lower bound of what the stage allocates (terms below), so a refused setting certainly fails and a
+# borderline one is left to run.
+#
+#   sample.n_samples  host: the sample stage's uint8 cell (W w x n_samples x C x H x W bytes) and int64 example
+#                     ids and labels (16 bytes a sample); with P > 1 processes every rank gathers the whole cell
+#                     (P + 2 copies with NCCL, 2P + 2 with gloo: shards, padded shards, all_gather buffers).
+#                     The evaluate stage's: the cell, and per w the features and logits (float32, list and
+#                     concatenation) and a float64 copy of the features for the statistics.
+#   sample.batch_size device: one sampler batch, (batch_size // W) examples x W w rows, two network passes for
+#                     w outside {0, -1} (cfg.maths.guidance.needed_passes), each row at least the largest
+#                     input + output of one U-Net layer, plus the weights.
+#   train.batch_size  device: batch_size / P images per process, each at least every U-Net layer's output
+#                     (autograd keeps them for the backward pass), plus weights, gradients, Adam's two moments
+#                     and the EMA (5 x 4 bytes a parameter).
+#   evaluate.batch_size device: one extractor batch, each image at least the largest input + output of one
+#                     layer (the classifier's, traced; Inception-v3's: 64 x 147^2 in and out, float32).
+#
+# Layer sizes come from a forward pass of the real network on one blank image (`_layer_sizes`). Elements are
+# 2 bytes under bf16 autocast on CUDA, else 4. The device is the GPU this process uses (torch.cuda.mem_get_info:
+# its free memory) on CUDA, host memory on CPU; host memory is the physical RAM (os.sysconf) or a smaller
+# cgroup v2 limit. Data sets missing from DATA_SHAPES, and image_folder without data.image_size, skip the
+# terms that need the image size.
+
+# Inception-v3's largest layer input + output per image, float32: conv 2b's batch norm, 64 x 147 x 147 in and
+# out; and its parameters (torchvision's Inception3 layout with 1008 classes, which torch-fidelity's port shares)
+INCEPTION_LAYER_BYTES = 2 * 64 * 147 * 147 * 4
+INCEPTION_PARAMETERS = 23_850_960
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def host_memory() -> int:
+    """Bytes of memory this process may use: physical RAM, or a smaller cgroup v2 limit (a container's)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def _gpu_memory() -> tuple[int, str]:
+    """Free bytes of the GPU this process uses (its LOCAL_RANK under torchrun), and how a message says it."""
+    import torch
+
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    free, _ = torch.cuda.mem_get_info(index)
+    return free, f"cuda:{index} has {_size(free)} free"
+
+
+@functools.lru_cache(maxsize=32)
+def _layer_sizes(net: str, config: tuple) -> tuple[int, int, int]:
+    """(largest input + output of one layer, sum of every layer's output, parameters) for one image, in
+    elements, from a forward pass of the real network on one blank image (CPU, one thread, the global RNG
+    restored: tens of milliseconds; the meta device would import sympy, ~1 s); `net` is "unet" or
+    "classifier", `config` its config's items."""
+    import torch
+
+    from cfg.nets.classifier import Classifier, ClassifierConfig
+    from cfg.nets.unet import UNet, UNetConfig
+
+    peak, total = [0], [0]
+
+    def elements(x: Any) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel()
+        return sum(elements(i) for i in x) if isinstance(x, tuple | list) else 0
+
+    def hook(module, args, out) -> None:
+        total[0] += elements(out)
+        peak[0] = max(peak[0], elements(args) + elements(out))
+
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.set_num_threads(1)
+        try:
+            if net == "unet":
+                c = UNetConfig(**dict(config))
+                model, extra = UNet(c), (torch.zeros(1), torch.zeros(1, dtype=torch.long))  # λ, label
+            else:
+                c = ClassifierConfig(**dict(config))
+                model, extra = Classifier(c), ()
+            handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+            model.eval()(torch.zeros(1, c.in_channels, c.image_size, c.image_size), *extra)
+            for h in handles:
+                h.remove()
+        finally:
+            torch.set_num_threads(threads)
+    return peak[0], total[0], sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What one size of params.yaml allocates: fixed + per_unit x its value, in bytes (a lower bound)."""
+
+    key: str  # the size, e.g. "sample.n_samples"
+    on_device: bool  # where batches run (the GPU on CUDA, host memory on CPU); else host memory
+    fixed: float  # bytes whatever the value
+    per_unit: float  # bytes per unit of the value
+    how: str  # the terms, for the message
+
+
+def memory_needs(params: Params, kind: str = "cpu", processes: int = 1) -> list[MemoryNeed]:
+    """The memory each size of params needs on `kind` ("cpu" or "cuda") with `processes` processes per host:
+    the terms of the table above."""
+    t, s, e = params.train, params.sample, params.evaluate
+    channels, default_size, classes = DATA_SHAPES.get(params.data.name, (None, None, None))
+    side, classes = params.data.image_size or default_size, classes or 10
+    n_w, p = len(s.w), processes
+    pixels = channels * side * side if channels and side else 0
+    copies = 1 if p == 1 else (p + 2 if kind == "cuda" else 2 * p + 2)
+    feature_dim, logits = (
+        (2048, 1008) if e.extractor == "inception" else (params.classifier.feature_dim, classes)
+    )
+    needs = [
+        MemoryNeed(
+            "sample.n_samples",
+            False,
+            0,
+            copies * (n_w * pixels + 16),
+            f"the sample stage's images: {copies} cop{'y' if copies == 1 else 'ies'} of {n_w} w x "
+            f"{pixels} bytes of uint8 image a sample, and 16 bytes of example index and label",
+        ),
+        MemoryNeed(
+            "sample.n_samples",
+            False,
+            0,
+            n_w * pixels + 8 + (feature_dim + logits) * 8 + feature_dim * 8,
+            f"the evaluate stage's samples ({n_w} w x {pixels} bytes a sample), features and logits "
+            f"({feature_dim} + {logits} float32, twice) and float64 features",
+        ),
+    ]
+    if not pixels:
+        return needs
+    m = params.model
+    unet = (
+        ("image_size", side),
+        ("in_channels", channels),
+        ("num_classes", classes),
+        ("base_width", m.base_width),
+        ("channel_mult", tuple(m.channel_mult)),
+        ("blocks_per_level", m.blocks_per_level),
+        ("attention_resolutions", tuple(m.attention_resolutions)),
+        ("dropout", m.dropout),
+        ("head_channels", m.head_channels),
+    )
+    peak, every, n_params = _layer_sizes("unet", unet)
+    elem = 2 if kind == "cuda" and t.bf16 else 4  # bytes of an activation
+    passes = sum(1 if w in (0.0, -1.0) else 2 for w in s.w)  # network rows per example
+    needs.append(
+        MemoryNeed(
+            "sample.batch_size",
+            True,
+            n_params * 4,
+            peak * elem * passes / n_w,
+            f"one sampler batch: (batch_size // {n_w} w) examples x {passes} network rows (two passes for w "
+            f"outside 0, -1), each >= {_size(peak * elem)} of activations, and {_size(n_params * 4)} of weights",
+        )
+    )
+    needs.append(
+        MemoryNeed(
+            "train.batch_size",
+            True,
+            n_params * 20,
+            every * elem / p,
+            f"one training batch: batch_size / {p} process(es) x {_size(every * elem)} of activations an image "
+            f"(kept for the backward pass), and {_size(n_params * 20)} of weights, gradients, Adam moments, EMA",
+        )
+    )
+    if e.extractor == "inception":
+        per_image, weights, layer = (
+            INCEPTION_LAYER_BYTES,
+            INCEPTION_PARAMETERS * 4,
+            "Inception-v3's largest layer",
+        )
+    else:
+        c = params.classifier
+        config = (("in_channels", channels), ("num_classes", classes), ("image_size", side))
+        config += (("width", c.width), ("feature_dim", c.feature_dim))
+        peak, _, n_params = _layer_sizes("classifier", config)
+        per_image, weights, layer = peak * 4, n_params * 4, "the classifier's largest layer"
+    needs.append(
+        MemoryNeed(
+            "evaluate.batch_size",
+            True,
+            weights,
+            per_image,
+            f"one extractor batch: {_size(per_image)} an image (input and output of {layer}) and "
+            f"{_size(weights)} of weights",
+        )
+    )
+    return needs
+
+
+def check_memory(params: Params, *, host_bytes: int | None = None, device_bytes: int | None = None) -> None:
+    """Refuse, before any work, a size whose memory (`memory_needs`, a lower bound) exceeds what this machine
+    has: host memory, and on CUDA the free memory of this process's GPU. `host_bytes` and `device_bytes`
+    stand in for the machine's figures."""
+    from cfg.engine.device import resolve_device
+    from cfg.engine.distributed import n_processes
+
+    try:
+        kind = resolve_device(params.train.device).type
+        processes = n_processes(params.train.devices, params.train.device)
+    except (RuntimeError, ValueError):  # no GPU for train.device, too few for train.devices: launch says so
+        return
+    host = host_bytes if host_bytes is not None else host_memory()
+    memory = {False: (host, f"this machine has {_size(host)} of memory")}
+    memory[True] = memory[False]  # on CPU, batches run in host memory
+    if kind == "cuda":
+        given = (device_bytes, f"the GPU has {_size(device_bytes or 0)} free")
+        memory[True] = given if device_bytes is not None else _gpu_memory()
+    needs = memory_needs(params, kind, processes)
+    for key in dict.fromkeys(need.key for need in needs):
+        section, name = key.split(".")
+        value = getattr(getattr(params, section), name)
+        mine = [
+            (need, need.fixed + need.per_unit * value, *memory[need.on_device])
+            for need in needs
+            if need.key == key
+        ]
+        over = [m for m in mine if m[1] > m[2]]
+        if not over:
+            continue
+        need, total, _, has = max(over, key=lambda m: m[1] / m[2])
+        fit = min(max(0, int((have - n.fixed) // n.per_unit)) for n, _, have, _ in mine)
+        where = "GPU memory" if need.on_device and kind == "cuda" else "memory"
+        raise ParamsError(
+            f"{key} = {value} needs at least ~{_size(total)} of {where} for {need.how}; {has}: lower {key} "
+            f"(at most ~{fit:,} fit)"
+        )
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; every error names the file, key, value and what is allowed."""
+    """Read and validate params.yaml, and check its sizes against this machine's memory (`check_memory`);
+    every error names the file, key, value and what is allowed."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"parameter file {str(path)!r} not found") from None
     try:
-        return params_from_dict(raw or {})
+        params = params_from_dict(raw or {})
+        check_memory(params)
     except ParamsError as e:
         raise ParamsError(f"{path.name}: {e}") from None
+    return params
 
 
 def describe_schema() -> list[tuple[str, str, str, str]]:
