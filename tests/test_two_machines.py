@@ -83,9 +83,9 @@ def test_gpus_on_a_cpu_machine_are_refused_before_anything_is_loaded(tmp_path):
 
 
 def tiny_search(params: Path) -> None:
-    """The search section shrunk: trials of some seconds, no pruning, the same for every worker."""
+    """One model in the study; the search section shrunk: trials of some seconds, no pruning."""
     raw = yaml.safe_load(params.read_text())
-    raw["train"]["batch_size"] = 32
+    raw["train"].update(p_uncond=[0.1], batch_size=32)
     raw["search"].update(
         storage=None,  # STORAGE=postgresql://... on the command line, never in params.yaml
         n_trials=N_TRIALS,
