@@ -1,11 +1,15 @@
 """Atomic file writes: every output of cfg-lab is written to a temporary file, fsynced and renamed, so a
-crash, a kill or a full disk leaves the old file or none, never a truncated one."""
+crash, a kill or a full disk leaves the old file or none, never a truncated one; and checked reads: a file
+that is truncated or whose bytes changed after it was written is refused, naming it and its stage."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,12 +24,48 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind an exception, if any: torch.save reports a failed write as a RuntimeError of its
+    zip writer ("unexpected pos ...") whose context is the OSError (e.g. ENOSPC, EFBIG) that caused it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _write_failed(path: Path, e: BaseException, existed: bool) -> OSError | None:
+    """An OSError naming `path`, the cause and what is left, for a write that failed on the file system."""
+    cause = _os_error(e)
+    if cause is None:
+        return None
+    name = errno.errorcode.get(cause.errno, str(cause.errno))
+    kept = f"the previous {path.name} is unchanged" if existed else f"no {path.name} was written"
+    hint = ""
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = f"; free space on the file system of {path.parent} and run the stage again"
+    elif cause.errno == errno.EFBIG:
+        hint = "; raise the file-size limit (ulimit -f) and run the stage again"
+    return OSError(cause.errno, f"could not write {path}: {cause.strerror} ({name}); {kept}{hint}")
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Call `write(file)` on a temporary file beside `path`, fsync it and rename it over `path`: a crash or a
-    full disk leaves the old file or none, never a half-written one, and no temporary file behind."""
+    full disk leaves the old file or none, never a half-written one, and no temporary file behind. A failure
+    of the file system (a full disk, a file-size limit, no permission) raises an OSError that names `path`,
+    the cause and what is left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as e:
+        failed = _write_failed(path, e, existed)
+        if failed is None:
+            raise
+        raise failed from e
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # the mode open() would give, not mkstemp's owner-only 0600
         with os.fdopen(fd, mode) as f:
@@ -33,9 +73,12 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        failed = _write_failed(path, e, existed)
+        if failed is None:
+            raise
+        raise failed from e
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -59,15 +102,32 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _check_zip(path: Path) -> None:
+    """Read every member of a torch.save file (a zip archive) through zipfile, which checks each member's
+    CRC-32: torch.load does not, so a flipped byte in a tensor would load as a silently wrong value. Raises
+    zipfile.BadZipFile naming the member whose bytes changed; a truncated file has no central directory."""
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            with archive.open(member) as f:
+                while f.read(1 << 24):
+                    pass
+
+
 def load(path: str | Path, *, what: str, rerun: str, map_location: Any = "cpu") -> Any:
-    """`torch.load` (weights only) of a file cfg-lab wrote, with errors that name the file, what it should
-    hold and how to make it again (`rerun`, e.g. "dvc repro train@0.1"), instead of a bare unpickling error."""
+    """`torch.load` (weights only) of a file cfg-lab wrote, after checking its bytes (`_check_zip`), with errors
+    that name the file, what it should hold and how to make it again (`rerun`, e.g. "dvc repro train@0.1";
+    a `<p_uncond>` in it is filled from a `p_uncond=<p>` folder of the path), instead of a bare unpickling
+    error or a silently corrupt value."""
     import torch
 
     path = Path(path)
+    folder = next((p.name for p in path.parents if re.fullmatch(r"p_uncond=[^/]+", p.name)), None)
+    if folder is not None:
+        rerun = rerun.replace("<p_uncond>", folder.removeprefix("p_uncond="))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no {what} there; make it with `{rerun}`")
     try:
+        _check_zip(path)
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(

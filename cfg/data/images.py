@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cfg.io import atomic_write
+
 
 def to_uint8(x: Tensor) -> Tensor:
     """Images in [-1, 1] to uint8 [0, 255], rounding to the nearest level (values outside are clipped);
@@ -43,12 +45,13 @@ def tile_grid(tiles: Tensor, pad: int = 1, upscale: int = 1) -> np.ndarray:
 
 
 def save_grid(path: str | Path, tiles: Tensor, pad: int = 1, upscale: int = 1) -> None:
-    """Write `tile_grid(tiles)` as a PNG."""
+    """Write `tile_grid(tiles)` as a PNG, atomically (`cfg.io.atomic_write`): a full disk or a kill leaves the
+    previous grid or none, never a truncated one."""
     from PIL import Image
 
     arr = tile_grid(tiles, pad, upscale)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
+    image = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def class_by_w_tiles(images: Tensor, labels: Tensor, num_classes: int, per_class: int = 1) -> Tensor:
