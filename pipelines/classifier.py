@@ -5,8 +5,10 @@ import argparse
 from cfg.data.datasets import load_prepared
 from cfg.engine.device import resolve_device
 from cfg.io import write_json
+from cfg.log import get_logger, setup
 from cfg.nets.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
-from cfg.study.stage import progress_printer, stage_params
+from cfg.progress import Progress
+from cfg.study.stage import stage_params
 from cfg.study.store import flatten
 from cfg.study.tracking import Tracker
 
@@ -17,6 +19,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="classifier checkpoint")
     ap.add_argument("--metrics", required=True, help="JSON with the test accuracy")
     args = ap.parse_args()
+    setup()
     params = stage_params()
     p = params.classifier
     device = resolve_device(params.train.device)
@@ -30,7 +33,7 @@ def main() -> None:
         width=p.width,
         feature_dim=p.feature_dim,
     )
-    show = progress_printer("classifier", "epochs", every_s=0)
+    progress = Progress("classifier", p.epochs, "epochs", every_s=0)
     model, history = train_classifier(
         ds.train_x,
         ds.train_y,
@@ -40,9 +43,7 @@ def main() -> None:
         lr=p.lr,
         seed=p.seed,
         device=device,
-        progress=lambda h: show(
-            {"done": h["epoch"], "total": p.epochs, "loss": h["loss"], "acc": h["train_acc"]}
-        ),
+        progress=lambda h: progress.update(h["epoch"], f"loss {h['loss']:.4g}, acc {h['train_acc']:.4g}"),
     )
     test_acc = accuracy(model, ds.test_x, ds.test_y, device=device)
     meta = {
@@ -52,7 +53,7 @@ def main() -> None:
     }
     save_classifier(args.out, model, meta)
     write_json(args.metrics, {"test_accuracy": test_acc, "n_test": len(ds.test_y)})
-    print(f"[classifier] test accuracy {test_acc:.4f} on {len(ds.test_y)} images")
+    get_logger("classifier").info(f"test accuracy {test_acc:.4f} on {len(ds.test_y)} images")
 
     run_id = tracker.start_run(
         "classifier", params.section_hash("data", "classifier"), {"run_kind": "classifier"}

@@ -1,13 +1,14 @@
 """Stage `evaluate`: metrics of every (p_uncond, w) cell, one MLflow run per cell nested under its model."""
 
 import argparse
-import sys
 from pathlib import Path
 
 from cfg.engine.distributed import finish, init, launch, n_processes
 from cfg.eval.cells import evaluate_samples, metrics_from_params
 from cfg.eval.sanity import degenerate_cells, describe, noise_fid
 from cfg.eval.stats import load_reference_stats
+from cfg.log import get_logger, setup
+from cfg.progress import Progress
 from cfg.study.records import SampleSet, p_uncond_name, write_cells
 from cfg.study.stage import make_extractor, stage_params
 from cfg.study.tracking import Tracker, log_cell
@@ -20,6 +21,7 @@ def main() -> None:
     ap.add_argument("--reference", required=True, help="reference statistics of the test set")
     ap.add_argument("--out-dir", required=True, help="folder for p_uncond=<p>.json cell records")
     args = ap.parse_args()
+    setup()
     params = stage_params()
     e = params.evaluate
     launch(n_processes(params.train.devices, params.train.device))  # under torchrun when train.devices > 1
@@ -37,7 +39,10 @@ def main() -> None:
     tracker = Tracker.open("evaluate", params.tracking.experiment) if d.main else None
     params_hash = params.section_hash("sample", "evaluate")
 
-    noise, every = None, []
+    log = get_logger("evaluate")
+    cells = len(params.train.p_uncond) * len(params.sample.w)
+    progress = Progress(f"evaluate on {device.type}", cells, "cells", every_s=0)
+    noise, every, scored = None, [], [0]  # scored: cells so far, for the progress lines
     for p in params.train.p_uncond:
         samples = SampleSet.load(Path(args.samples) / p_uncond_name(p) / "samples.pt")
         if noise is None:  # every model has as many samples of the same shape: one baseline for the study
@@ -51,17 +56,16 @@ def main() -> None:
                 device=device,
             )
             if d.main:
-                print(f"[evaluate] FID of {samples.n_samples} uniform-noise images: {noise:.4g}")
+                log.info(f"FID of {samples.n_samples} uniform-noise images: {noise:.4g}")
 
-        def log(record, images, samples=samples):
+        def log_cell_and_progress(record, images, samples=samples):
             record.mlflow_run_id = log_cell(
                 tracker, record, images, samples.labels, samples.classes, params_hash
             )
             m = record.metrics
-            print(
-                f"[evaluate] p_uncond={record.p_uncond} w={record.w:g}: "
-                + "  ".join(f"{k} {v:.4g}" for k, v in m.items() if not k.endswith(("_std", "_mean")))
-            )
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in m.items() if not k.endswith(("_std", "_mean")))
+            scored[0] += 1
+            progress.update(scored[0], f"p_uncond={record.p_uncond} w={record.w:g}: {shown}")
 
         records = evaluate_samples(
             samples,
@@ -75,7 +79,7 @@ def main() -> None:
             noise_fid=noise,
             batch_size=e.batch_size,
             device=device,
-            on_cell=log if d.main else None,
+            on_cell=log_cell_and_progress if d.main else None,
             dist=d,
         )
         if d.main:
@@ -85,7 +89,7 @@ def main() -> None:
         return finish(d)
     tracker.finish()
     for line in describe(degenerate_cells(every), len(every)):
-        print(f"[evaluate] WARNING: {line}", file=sys.stderr)
+        log.warning(line)
     finish(d)
 
 

@@ -7,8 +7,10 @@ from cfg.data.images import class_by_w_tiles, save_grid
 from cfg.engine.distributed import finish, init, launch, n_processes
 from cfg.engine.generate import sample_checkpoint
 from cfg.io import write_json
+from cfg.log import get_logger, setup
 from cfg.nets.unet import load_checkpoint
-from cfg.study.stage import progress_printer, stage_params
+from cfg.progress import Progress
+from cfg.study.stage import stage_params
 from cfg.study.tracking import Tracker
 
 
@@ -17,6 +19,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True, help="trained model")
     ap.add_argument("--out-dir", required=True, help="folder for samples.pt, grid.png, sample.json")
     args = ap.parse_args()
+    setup()
     params = stage_params()
     launch(n_processes(params.train.devices, params.train.device))  # under torchrun when train.devices > 1
     d, device = init(params.train.device)
@@ -27,21 +30,15 @@ def main() -> None:
         tracker = Tracker.open(f"sample@{meta['p_uncond']}", params.tracking.experiment)
         # the checkpoint's train run, or in a store without it (a clone) a new run with its provenance
         run_id = tracker.checkpoint_run(meta, args.checkpoint, params.section_hash("sample"))
-    show = progress_printer(f"sample p_uncond={meta['p_uncond']} on {device.type}", "images")
+    total = params.sample.n_samples * len(params.sample.w)  # this process's shard: the callback says
+    progress = Progress(f"sample p_uncond={meta['p_uncond']} on {device.type}", total, "images")
     samples = sample_checkpoint(
         model,
         meta,
         params,
         checkpoint=args.checkpoint,
         device=device,
-        progress=lambda i: show(
-            {
-                "done": i["images"],
-                "total": i["total_images"],
-                "eta_s": i["eta_s"],
-                "rate": i["images"] / max(i["elapsed_s"], 1e-9),
-            }
-        ),
+        progress=lambda i: progress.update(i["images"], total=i["total_images"]),
         dist=d,
     )
     if not d.main:
@@ -56,8 +53,8 @@ def main() -> None:
     tracker.log(run_id, metrics={"sample_images_per_s": info["images_per_s"]})
     tracker.log_artifact(run_id, out / "grid.png", "samples")
     tracker.finish()
-    print(
-        f"[sample p_uncond={samples.p_uncond}] {len(samples.w)} w x {samples.n_samples} images in "
+    get_logger(f"sample p_uncond={samples.p_uncond}").info(
+        f"{len(samples.w)} w x {samples.n_samples} images in "
         f"{samples.seconds:.1f}s ({info['images_per_s']:.0f} images/s, {d.world} process(es))"
     )
     finish(d)

@@ -2,7 +2,6 @@
 
 import argparse
 import shutil
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -11,8 +10,10 @@ from cfg.engine.distributed import finish, init, launch, n_processes
 from cfg.engine.scoring import training_curve  # the FID curve: monitoring, not a dep (dvc.yaml)
 from cfg.engine.training import resume_state_path, train_diffusion, train_kwargs
 from cfg.io import write_csv, write_json
+from cfg.log import get_logger, setup
 from cfg.nets.unet import UNetConfig, count_parameters, save_checkpoint
-from cfg.study.stage import progress_printer, stage_params
+from cfg.progress import Progress
+from cfg.study.stage import stage_params
 from cfg.study.store import flatten, project_root
 from cfg.study.tracking import Tracker
 
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--classifier", help="evaluation classifier (FIDs during training, train.eval_every)")
     ap.add_argument("--reference", help="reference statistics of the test set (FIDs during training)")
     args = ap.parse_args()
+    setup()
     params = stage_params()
     t, m = params.train, params.model
     if args.p_uncond not in t.p_uncond:
@@ -86,39 +88,27 @@ def main() -> None:
         },
     )
 
-    show = progress_printer(f"train p_uncond={args.p_uncond} on {device.type}", "steps")
+    log = get_logger(f"train p_uncond={args.p_uncond}")
+    progress = Progress(f"train p_uncond={args.p_uncond} on {device.type}", t.steps, "steps")
     # the convergence curve: FID / IS of the EMA weights at w = 0 and eval_w, scored as the evaluate stage does
     if t.eval_every:
         columns, curve = training_curve(params, args.classifier, args.reference, device)
 
     def on_log(entry: dict) -> dict | None:
-        show(
-            {
-                "done": entry["step"],
-                "total": t.steps,
-                "loss": entry["loss"],
-                "rate": entry["images_per_s"] / t.batch_size,
-                "eta_s": entry["eta_s"],
-            }
-        )
+        progress.update(entry["step"], f"loss {entry['loss']:.4g}")
         tracker.log(run_id, metrics={"loss": entry["loss"], "lr": entry["lr"]}, step=entry["step"])
         step = entry["step"]
         if not t.eval_every or (step % t.eval_every and step < t.steps):
             return None
         values = curve(entry["ema"])
         tracker.log(run_id, metrics=values, step=step)
-        print(
-            f"[train p_uncond={args.p_uncond}] step {step}: "
-            + ", ".join(f"{k} {v:.4g}" for k, v in values.items()),
-            file=sys.stderr,
-            flush=True,
-        )
+        log.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         return values  # kept in the history: eval.csv
 
     # a run left open ends FAILED when the process exits, KILLED when a signal stopped it (Tracker)
     result = train(callback=on_log, checkpoint_every=t.checkpoint_every)
     if result.resumed_from:
-        print(f"[train p_uncond={args.p_uncond}] resumed from step {result.resumed_from}", flush=True)
+        log.info(f"resumed from step {result.resumed_from}")
 
     meta = {
         "p_uncond": args.p_uncond,
@@ -148,8 +138,8 @@ def main() -> None:
     tracker.log_artifact(run_id, out / "checkpoint.pt")
     tracker.log_artifact(run_id, out / "loss.csv")
     tracker.finish()
-    print(
-        f"[train p_uncond={args.p_uncond}] final loss {meta['final_loss']:.4f}, "
+    log.info(
+        f"final loss {meta['final_loss']:.4f}, "
         f"{result.images_per_s:.0f} images/s on {d.world} x {device.type}, MLflow run {run_id}"
     )
     finish(d)

@@ -17,6 +17,8 @@ PLUMBING = {
     "cfg/study/store.py",
     "cfg/study/queue.py",
     "cfg/io.py",
+    "cfg/log.py",
+    "cfg/progress.py",
 }
 # modules a stage uses for what it logs, not for the outputs later stages read: the train stage's FID curve
 # (eval.csv, MLflow) samples and scores through cfg.engine.scoring, and declaring that would retrain every

@@ -26,10 +26,10 @@ from cfg.engine.training import train_diffusion, train_kwargs
 from cfg.eval.features import FeatureExtractor
 from cfg.eval.stats import ReferenceStats
 from cfg.nets.unet import UNetConfig
+from cfg.progress import Progress
 from cfg.search.space import SearchSpec, trial_params
 from cfg.search.storage import retry_of
 from cfg.study.config import Params
-from cfg.study.stage import progress_printer
 from cfg.study.store import flatten
 from cfg.study.tracking import Tracker
 
@@ -113,7 +113,7 @@ class Objective:
             values = self._train_and_score(trial, p, w_values, run_id)
         except optuna.TrialPruned as e:
             self._end_run(run_id, "PRUNED", "KILLED")
-            self.log(f"[search] trial {trial.number} pruned: {e}")
+            self.log(f"trial {trial.number} pruned: {e}")
             raise
         except BaseException:
             self._end_run(run_id, "FAIL", "FAILED")
@@ -155,11 +155,11 @@ class Objective:
     ) -> float | tuple[float, float]:
         s, t, inputs = p.search, p.train, self.inputs
         t0 = time.perf_counter()
-        show = progress_printer(f"search trial {trial.number}", "steps", every_s=30)
+        progress = Progress(f"search trial {trial.number}", t.steps, "steps", every_s=30)
 
         def at_log(entry: dict) -> None:
             step = entry["step"]
-            show({"done": step, "total": t.steps, "loss": entry["loss"], "eta_s": entry["eta_s"]})
+            progress.update(step, f"loss {entry['loss']:.4g}")
             self.tracker.log(run_id, metrics={"loss": entry["loss"]}, step=step)
             if self.spec.multi or step % s.eval_every or step == t.steps:
                 return
@@ -209,7 +209,7 @@ class Objective:
             },
         )
         self.log(
-            f"[search] trial {trial.number}: FID {fid_best:.4g}, IS {is_best:.4g} at w={w_values[best]:g} "
+            f"trial {trial.number}: FID {fid_best:.4g}, IS {is_best:.4g} at w={w_values[best]:g} "
             f"({time.perf_counter() - t0:.0f}s) {trial.user_attrs['overrides']}"
         )
         return (fid_best, is_best) if self.spec.multi else fid_best

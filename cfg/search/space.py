@@ -184,6 +184,11 @@ class SearchSpec:
     def directions(self) -> list[str]:
         return ["minimize", "maximize"] if self.multi else ["minimize"]
 
+    @property
+    def metric_names(self) -> list[str]:
+        """The objectives' names, one per direction (Optuna's study.metric_names, shown by the dashboard)."""
+        return ["fid", "is"] if self.multi else ["fid"]
+
     def settings_hash(self) -> str:
         """What a trial's result depends on: params.yaml without tracking, device and the workers' own settings."""
         d = self.params.to_dict()

@@ -12,7 +12,6 @@ one GPU by CUDA_VISIBLE_DEVICES, or N unpinned CPU workers; pipelines/search.py 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 
@@ -20,6 +19,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
+from cfg.log import get_logger
 from cfg.search.objective import Log, Objective, SearchInputs, worker_id
 from cfg.search.space import SearchError, SearchSpec, make_pruner, make_sampler
 from cfg.search.storage import Budget, StudyLock, experimental_ok, open_storage, storage_url, study_lock
@@ -55,7 +55,15 @@ def worker_slots(gpus: str | None, workers: int, device: str, cuda_count: int) -
 
 
 def _print(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    get_logger("search").info(message)
+
+
+def quiet_optuna() -> None:
+    """Optuna's records through cfg-lab's one log format (cfg.log) at WARNING: its INFO lines ("Trial 3
+    finished with value …") repeat the search's own."""
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _stale_trial_handler(
@@ -66,9 +74,7 @@ def _stale_trial_handler(
         retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def handle(study: optuna.Study, trial: FrozenTrial) -> None:
-        log(
-            f"[search] trial {trial.number} lost its worker {trial.user_attrs.get('worker')}: failed, retrying"
-        )
+        log(f"trial {trial.number} lost its worker {trial.user_attrs.get('worker')}: failed, retrying")
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:  # best-effort: the run may live in another machine's MLflow store
             tracker.log(run_id, tags={"optuna.state": "FAIL", "failure": "worker lost (no heartbeat)"})
@@ -135,13 +141,16 @@ def run_worker(
             study = optuna.create_study(
                 storage=rdb, study_name=s.study_name, directions=spec.directions, load_if_exists=True
             )
+            if study.metric_names is None:  # the dashboard and trials.csv say "fid", not "Objective 0"
+                with experimental_ok():
+                    study.set_metric_names(spec.metric_names)
             joined = _join(study, spec, inputs, url, tracker)
         finally:
             lock.release()
         study = optuna.load_study(
             study_name=s.study_name, storage=rdb, sampler=make_sampler(s, joined), pruner=make_pruner(s)
         )
-        log(f"[search] worker {worker_id()} joined study {s.study_name!r} on {masked(url)} (worker {joined})")
+        log(f"worker {worker_id()} joined study {s.study_name!r} on {masked(url)} (worker {joined})")
         _run_trials(study, Objective(spec, inputs, lock, tracker, log), lock, s)
     finally:
         lock.close()
