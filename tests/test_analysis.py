@@ -44,9 +44,8 @@ def record(p_uncond: float, w: float, fid: float, is_: float, run_id: str | None
     metrics = {
         "fid": fid,
         "is": is_,
-        "is_std": 0.1,
-        "kid": fid / 100,
-        "kid_std": 0.001,
+        "kid_x1e3": fid * 10,
+        "kid_x1e3_std": 1.0,
         "fid_range_std": 0.05,
     }
     fields = dict(

@@ -59,23 +59,25 @@ def test_score_runs_every_registered_metric_with_its_options(setup):
     labels = samples.labels
     metrics = {
         "fid": {},
-        "is": {"splits": 1},
+        "is": {},
         "kid": {"subsets": 3, "subset_size": 30},
         "precision_recall": {"k": 3},
         "class_acc": {},
     }
     out = score(gen, labels, ref, metrics, class_logits=gen.logits, seed=5)
-    assert list(out) == ["fid", "is", "is_std", "kid", "kid_std", "precision", "recall", "class_acc"]
+    assert list(out) == ["fid", "is", "kid_x1e3", "kid_x1e3_std", "precision", "recall", "class_acc"]
     assert out["fid"] == fid(gen, ref)
-    assert (out["is"], out["is_std"]) == inception_score(gen, seed=5)
-    assert (out["kid"], out["kid_std"]) == kid(gen, ref, subsets=3, subset_size=30, seed=5)
+    assert out["is"] == inception_score(gen, seed=5)[0]
+    # KID x 10³, as published KIDs are; the std with it
+    raw = kid(gen, ref, subsets=3, subset_size=30, seed=5)
+    assert (out["kid_x1e3"], out["kid_x1e3_std"]) == (1e3 * raw[0], 1e3 * raw[1])
     assert (out["precision"], out["recall"]) == precision_recall(gen, ref, k=3)
     assert out["class_acc"] == class_accuracy(gen.logits, labels)
 
 
 def test_evaluate_samples_one_record_per_w_with_ranges_and_per_class(setup):
     ext, ref, samples = setup
-    metrics = {"fid": {}, "is": {"splits": 1}, "class_acc": {}}
+    metrics = {"fid": {}, "is": {}, "class_acc": {}}
     seen = []
     records = evaluate_samples(
         samples,

@@ -125,7 +125,7 @@ def _evaluate(d: Dist):
     )
     metrics = {
         "fid": {},
-        "is": {"splits": 1},
+        "is": {},
         "kid": {"subsets": 3, "subset_size": 20},
         "precision_recall": {"k": 3},
         "class_acc": {},

@@ -55,7 +55,7 @@ def test_server_serves_cell_runs_for_the_compare_view(tiny, tmp_path):
         seen.add((p, w))
         assert isinstance(metrics["fid"], float) and isinstance(metrics["is"], float)
         assert metrics["fid"] >= 0 and metrics["is"] >= 1
-        for key in ("is_std", "kid", "kid_std", "fid_range_std", "precision", "recall", "class_acc"):
+        for key in ("kid_x1e3", "kid_x1e3_std", "fid_range_std", "precision", "recall", "class_acc"):
             assert isinstance(metrics[key], float), key
         assert {"sampler", "steps", "seed", "n_samples", "extractor"} <= set(params)
         assert tags["mlflow.parentRunId"] == train_of[p], "nested under the train run of its p_uncond"

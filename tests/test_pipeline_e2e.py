@@ -52,7 +52,8 @@ def test_repro_no_op_w_grid_mlflow_and_invalid_params(project):
     for col in (
         "fid",
         "is",
-        "kid",
+        "kid_x1e3",
+        "kid_x1e3_std",
         "precision",
         "recall",
         "class_acc",
@@ -68,6 +69,7 @@ def test_repro_no_op_w_grid_mlflow_and_invalid_params(project):
     assert (table.n_samples == 40).all() and (table.fid >= 0).all()
     assert ((table["is"] >= 1) & (table["is"] <= 10)).all(), "IS lies in [1, number of classes]"
     assert table.fingerprint.nunique() == 1
+    assert "is_std" not in table, "no all-zero column: the IS spread is is_range_std"
 
     metrics = json.loads((project / "results" / "metrics.json").read_text())
     best = table.loc[table.fid.idxmin()]

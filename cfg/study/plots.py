@@ -76,7 +76,7 @@ def tradeoff_figure(df: pd.DataFrame) -> plt.Figure:
     """The report's three panels: FID vs w, IS vs w, FID vs IS."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     metric_vs_w(axes[0], df, "fid", err=_spread(df, "fid_range_std"), label="FID")
-    metric_vs_w(axes[1], df, "is", err=_spread(df, "is_range_std", "is_std"), label="IS")
+    metric_vs_w(axes[1], df, "is", err=_spread(df, "is_range_std"), label="IS")
     fid_vs_is(axes[2], df)
     fig.tight_layout()
     return fig
@@ -91,9 +91,9 @@ def _spread(df: pd.DataFrame, *columns: str) -> str | None:
 UNCERTAINTY = {
     "fid": (("fid_range_std",), "sd of FID over disjoint seed ranges"),
     "fid_range_mean": (("fid_range_std",), "sd over disjoint seed ranges"),
-    "is": (("is_range_std", "is_std"), "sd of IS over disjoint seed ranges (or IS splits)"),
+    "is": (("is_range_std",), "sd of IS over disjoint seed ranges"),
     "is_range_mean": (("is_range_std",), "sd over disjoint seed ranges"),
-    "kid": (("kid_std",), "sd over KID subsets"),
+    "kid_x1e3": (("kid_x1e3_std",), "sd over KID subsets"),
 }
 
 
@@ -117,8 +117,10 @@ def metric_with_uncertainty(ax: Axes, df: pd.DataFrame, metric: str) -> Axes:
     return ax
 
 
-def uncertainty_figure(df: pd.DataFrame, metrics: tuple[str, ...] = ("fid", "is", "kid")) -> plt.Figure:
-    """One panel per metric against w with its ±1 sd (metric_with_uncertainty)."""
+def uncertainty_figure(df: pd.DataFrame, metrics: tuple[str, ...] | None = None) -> plt.Figure:
+    """One panel per metric against w with its ±1 sd (metric_with_uncertainty); default: those of fid, is and
+    kid_x1e3 that df has."""
+    metrics = metrics or tuple(m for m in ("fid", "is", "kid_x1e3") if m in df)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         metric_with_uncertainty(ax, df, metric)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cfg.eval.fingerprint import check_comparable
@@ -43,15 +44,27 @@ def summary(df: pd.DataFrame) -> dict:
 
 
 def markdown_table(df: pd.DataFrame, columns: list[str] | None = None, digits: int = 3) -> str:
-    """A GitHub-markdown table of the chosen columns (no tabulate dependency)."""
+    """A GitHub-markdown table of the chosen columns (no tabulate dependency): integers as integers, the grid
+    settings (SETTINGS) as written in params.yaml, other floats with `digits` decimals."""
     columns = columns or [
-        c for c in ["p_uncond", "w", "fid", "is", "kid", "precision", "recall", "class_acc"] if c in df
+        c for c in ["p_uncond", "w", "fid", "is", "kid_x1e3", "precision", "recall", "class_acc"] if c in df
     ]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for _, r in df[columns].iterrows():
-        cells = [f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in r]
-        lines.append("| " + " | ".join(cells) + " |")
+    # column by column (itertuples), so that an int column stays int: iterrows casts a row to one float dtype
+    for row in df[columns].itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(c, v, digits) for c, v in zip(columns, row, strict=True)) + " |")
     return "\n".join(lines)
+
+
+SETTINGS = ("p_uncond", "w")  # grid values: 0.1 and -1, not 0.100 and -1.000
+
+
+def _cell(column: str, value, digits: int) -> str:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, float | np.floating):
+        return str(value)
+    if column in SETTINGS or value.is_integer() and column.startswith("n_"):
+        return f"{value:g}"
+    return f"{value:.{digits}f}"
 
 
 # columns of report.md's table, those present and not all empty
@@ -61,12 +74,32 @@ REPORT_COLUMNS = [
     "fid",
     "fid_range_std",
     "is",
-    "kid",
+    "is_range_std",
+    "kid_x1e3",
     "precision",
     "recall",
     "class_acc",
     "n_samples",
 ]
+
+
+def column_notes(df: pd.DataFrame) -> list[str]:
+    """What the table's less obvious columns are: the KID scale and the seed-range spreads."""
+    notes = []
+    if "kid_x1e3" in df:
+        notes.append(
+            "`kid_x1e3`: KID × 10³, as published KIDs are scaled (unbiased MMD², kernel (x·y/d + 1)³, "
+            f"`cfg.eval.metrics.kid`) on the `{df['extractor'].iloc[0]}` features. The kernel cubes the "
+            "feature scale: on the evaluation classifier's features KID is far larger than an Inception KID and "
+            "compares only within one metric fingerprint. Below 0: within its noise (`kid_x1e3_std`) of 0."
+        )
+    if "fid_range_std" in df and "n_per_range" in df and df["n_per_range"].notna().any():
+        n, per = int(df["n_samples"].iloc[0]), int(df["n_per_range"].iloc[0])
+        notes.append(
+            f"`fid_range_std`, `is_range_std`: sd of FID and IS over {n // per} disjoint seed ranges of {per} "
+            "samples (independent noise), the seed-to-seed spread of a cell."
+        )
+    return [*(f"- {n}" for n in notes), ""] if notes else []
 
 
 def report_markdown(
@@ -106,6 +139,7 @@ def report_markdown(
         "",
         markdown_table(df, [c for c in REPORT_COLUMNS if c in df and df[c].notna().any()]),
         "",
+        *column_notes(df),
         "## Samples",
         "",
     ]

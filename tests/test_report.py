@@ -1,0 +1,54 @@
+"""report.md's table and notes (cfg/study/report.py) on the committed trade-off table and small frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cfg.study.report import REPORT_COLUMNS, column_notes, markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_integers_print_as_integers_and_grid_values_as_written():
+    df = pd.DataFrame(
+        {
+            "p_uncond": [0.1, 0.5],
+            "w": [-1.0, 0.25],
+            "fid": [67.93477, 8.4],
+            "n_samples": [400, 400],
+            "n_per_range": [200.0, np.nan],  # a float column of whole numbers, as a CSV with a gap reads it
+            "ok": [True, False],
+        }
+    )
+    lines = markdown_table(df, list(df.columns)).splitlines()
+    assert lines[0] == "| p_uncond | w | fid | n_samples | n_per_range | ok |"
+    assert lines[2] == "| 0.1 | -1 | 67.935 | 400 | 200 | True |"
+    assert lines[3] == "| 0.5 | 0.25 | 8.400 | 400 | nan | False |"
+
+
+def test_the_committed_table_prints_its_sample_counts_as_integers():
+    df = pd.read_csv(ROOT / "results" / "tradeoff.csv")
+    columns = [c for c in REPORT_COLUMNS if c in df]
+    rows = [line.split(" | ") for line in markdown_table(df, columns).splitlines()[2:]]
+    n = columns.index("n_samples")
+    assert len(rows) == len(df) and {r[n].strip(" |") for r in rows} == {str(v) for v in df["n_samples"]}
+    assert all("." not in r[n] for r in rows)
+
+
+def test_notes_explain_the_kid_scale_and_the_seed_range_spread():
+    df = pd.DataFrame(
+        {
+            "extractor": ["classifier"],
+            "kid_x1e3": [103.07],
+            "fid_range_std": [1.9],
+            "n_samples": [400],
+            "n_per_range": [200],
+        }
+    )
+    notes = "\n".join(column_notes(df))
+    assert "KID × 10³" in notes and "`classifier` features" in notes and "within its noise" in notes
+    assert "over 2 disjoint seed ranges of 200 samples" in notes
+    assert column_notes(df[["extractor"]]) == []
