@@ -4,6 +4,9 @@ A locked mlflow.db, a tracking server that does not answer or dies mid-training,
 clone whose store lacks the train runs: the stages keep their outputs, what they could not log is queued and
 replayed by `python -m cfg.study.tracking sync`, and their runs end KILLED/FAILED. A password planted in the
 tracking URI and in search.storage is then searched for in every output, the MLflow store, dvc.lock and git.
+A stage whose file system fills up (a file-size limit, and a tmpfs where mounting is permitted) keeps its
+previous output and says which file and why; a truncated or bit-flipped input stops the next stage with the file
+and the stage to rerun, and nothing downstream is touched.
 Real components throughout: the tiny project copy, `dvc repro`, `mlflow server` on 127.0.0.1, SQLite, PostgreSQL.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -553,3 +557,145 @@ def test_a_planted_password_reaches_no_output_store_lock_file_or_git(project, tm
     assert not found, found
     assert (project / "dvc.lock").is_file() and (tmp_path / "server" / "server.db").is_file()
     assert any((tmp_path / "server" / "mlartifacts").rglob("*.png")), "the artifacts were searched too"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# slow: a full disk under a stage, and damaged inputs that an earlier stage wrote
+
+PREPARE = ["python", "pipelines/prepare.py", "--out", "data/prepared.pt", "--info", "data/prepared.json"]
+
+
+def file_size_limit(nbytes: int):
+    """preexec_fn: writes of the stage beyond `nbytes` fail with EFBIG (SIGXFSZ ignored, as it is inherited)."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+    return limit
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones too: temporary files) by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_mid_stage_keeps_the_previous_output_and_names_file_and_cause(project):
+    sh(PREPARE, project)
+    before = contents(project / "data")
+    set_params(project, data={"max_train": 250})  # the stage would now write other bytes
+    limit = len(before["prepared.pt"]) // 2
+    out = subprocess.run(
+        PREPARE, cwd=project, env=environ(), capture_output=True, text=True, preexec_fn=file_size_limit(limit)
+    )
+    assert out.returncode != 0
+    assert (
+        "could not write data/prepared.pt: File too large (EFBIG); the previous prepared.pt is unchanged; raise "
+        "the file-size limit (ulimit -f)" in out.stderr
+    ), out.stderr
+    assert contents(project / "data") == before, "the previous outputs, byte for byte, and no temporary file"
+
+    # no previous output: none afterwards either, and no temporary file
+    fresh = [*PREPARE[:3], "data/fresh.pt", "--info", "data/fresh.json"]
+    out = subprocess.run(
+        fresh, cwd=project, env=environ(), capture_output=True, text=True, preexec_fn=file_size_limit(limit)
+    )
+    assert (
+        out.returncode != 0
+        and "could not write data/fresh.pt: File too large (EFBIG); no fresh.pt was written" in out.stderr
+    )
+    assert contents(project / "data") == before
+    sh(PREPARE, project)  # the limit lifted, the stage runs
+    assert contents(project / "data")["prepared.pt"] != before["prepared.pt"]
+
+
+@pytest.mark.slow
+def test_a_full_file_system_mid_stage_keeps_the_previous_output_and_names_file_and_cause(project):
+    sh(PREPARE, project)
+    previous = (project / "data" / "prepared.pt").read_bytes()
+    set_params(project, data={"max_train": 250})
+    # a tmpfs that holds the previous output but not a second copy beside it (the atomic write's temporary file)
+    disk = project / "small-disk"
+    disk.mkdir()
+    size = (len(previous) * 3 // 2 + 4095) // 4096 * 4096
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here: {mounted.stderr.decode().strip()}")
+    try:
+        (disk / "prepared.pt").write_bytes(previous)
+        cmd = [*PREPARE[:3], "small-disk/prepared.pt", "--info", "small-disk/prepared.json"]
+        out = sh(cmd, project, check=False)
+        assert out.returncode != 0
+        assert (
+            "could not write small-disk/prepared.pt: No space left on device (ENOSPC); the previous prepared.pt "
+            "is unchanged; free space on the file system of small-disk" in out.stderr
+        ), out.stderr
+        assert contents(disk) == {"prepared.pt": previous}, "the previous output intact, no temporary file"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_damaged_inputs_name_the_file_and_the_stage_to_rerun_and_keep_what_is_downstream(project):
+    set_params(project, train={"p_uncond": [0.1], "eval_every": 0})
+    sh(["dvc", "repro", "evaluate"], project)
+    downstream = ["models/p_uncond=0.1", "samples/p_uncond=0.1", "results/cells"]
+    kept = {d: contents(project / d) for d in downstream}
+    assert "checkpoint.pt" in kept["models/p_uncond=0.1"] and "samples.pt" in kept["samples/p_uncond=0.1"]
+
+    def damaged(path: str, damage) -> bytes:
+        original = (project / path).read_bytes()
+        (project / path).write_bytes(damage(original))
+        return original
+
+    def flip(data: bytes) -> bytes:  # one byte in the middle of the first tensor's data
+        data = bytearray(data)
+        at = data.find(b"data/0") + 200
+        data[at] ^= 0xFF
+        return bytes(data)
+
+    cases = [  # (the damaged output, how, the next stage, the message's end)
+        (
+            "data/prepared.pt",
+            lambda b: b[: len(b) // 2],
+            [*TRAIN, "--classifier", "models/classifier.pt", "--reference", "data/reference.pt"],
+            "prepared data set (BadZipFile: File is not a zip file): the file is truncated or corrupt; make it "
+            "again with `dvc repro prepare`",
+        ),
+        (
+            "models/p_uncond=0.1/checkpoint.pt",
+            flip,
+            ["python", "pipelines/sample.py", "--checkpoint", "models/p_uncond=0.1/checkpoint.pt"]
+            + ["--out-dir", "samples/p_uncond=0.1"],
+            "U-Net checkpoint (BadZipFile: Bad CRC-32 for file 'archive/data/0')",
+        ),
+        (
+            "samples/p_uncond=0.1/samples.pt",
+            lambda b: b[: len(b) - 100],
+            [
+                "python",
+                "pipelines/evaluate.py",
+                "--samples",
+                "samples",
+                "--classifier",
+                "models/classifier.pt",
+            ]
+            + ["--reference", "data/reference.pt", "--out-dir", "results/cells"],
+            "sample file (BadZipFile: File is not a zip file): the file is truncated or corrupt; make it again "
+            "with `dvc repro sample@0.1`",
+        ),
+    ]
+    for path, damage, stage, message in cases:
+        original = damaged(path, damage)
+        out = sh(stage, project, check=False)
+        assert out.returncode != 0, (path, out.stdout)
+        assert f"{path} is not a readable {message}" in out.stderr, out.stderr
+        if path.endswith("checkpoint.pt"):
+            assert "make it again with `dvc repro train@0.1 (or the step that wrote it)`" in out.stderr
+            assert "modified:" in sh(["dvc", "status", "train@0.1"], project).stdout, "DVC sees it too"
+        (project / path).write_bytes(original)
+        for d in downstream:
+            assert contents(project / d) == kept[d], f"{d} changed after {stage[1]} refused {path}"
