@@ -5,6 +5,7 @@ import torch
 
 from cfg.maths.guidance import (
     GUIDANCE,
+    Step,
     guidance_scale_to_w,
     guided_denoiser,
     guided_eps,
@@ -111,14 +112,31 @@ def test_guidance_scale_conversion():
     assert guidance_scale_to_w(w_to_guidance_scale(-1.0)) == -1.0
 
 
-@pytest.mark.parametrize("name", list(GUIDANCE))
-def test_every_guidance_method_is_conditional_at_w0_and_unconditional_at_w_minus_1(name):
-    """Pass skipping (`needed_passes`) drops ε(z) at w = 0 and ε(z, c) at w = −1: every registered method must
-    reduce to ε(z, c) and ε(z) there, with its default options."""
+# w = 0 is plain conditional sampling for these methods with their default options at every step (cfgpp renoises
+# with ε(z), threshold thresholds x̂, cfg_zero_star zeroes its first step); w = −1 plain unconditional for cfg and
+# autoguidance only: interval guides inside its interval only, schedule scales w by up to 2, rescale takes
+# ε(z, c)'s std, apg projects on x̂_c, cfg_zero_star scales ε(z) by α*
+CONDITIONAL_AT_W0 = ["cfg", "interval", "schedule", "autoguidance", "rescale", "apg"]
+UNCONDITIONAL_AT_W_MINUS_1 = ["cfg", "autoguidance"]
+
+
+def _eps_z_lam(b=4):
     g = torch.Generator().manual_seed(0)
-    eps_c, eps_u, z = (torch.randn(4, 1, 3, 3, generator=g) for _ in range(3))
-    lam = torch.linspace(-5, 5, 4)
-    method = GUIDANCE[name]
-    ones = torch.ones(4, 1, 1, 1)
-    torch.testing.assert_close(method(eps_c, eps_u, 0 * ones, z=z, lam=lam), eps_c)
-    torch.testing.assert_close(method(eps_c, eps_u, -ones, z=z, lam=lam), eps_u)
+    eps_c, eps_u, z = (torch.randn(b, 1, 3, 3, generator=g) for _ in range(3))
+    return eps_c, eps_u, z, torch.linspace(-5, 5, b)
+
+
+@pytest.mark.parametrize("name", CONDITIONAL_AT_W0)
+def test_guidance_methods_are_conditional_at_w0(name):
+    eps_c, eps_u, z, lam = _eps_z_lam()
+    for index in (0, 5, 9):
+        out = GUIDANCE[name](eps_c, eps_u, torch.zeros(4, 1, 1, 1), z=z, lam=lam, step=Step(index, 10))
+        torch.testing.assert_close(out, eps_c)
+
+
+@pytest.mark.parametrize("name", UNCONDITIONAL_AT_W_MINUS_1)
+def test_guidance_methods_are_unconditional_at_w_minus_1(name):
+    eps_c, eps_u, z, lam = _eps_z_lam()
+    for index in (0, 5, 9):
+        out = GUIDANCE[name](eps_c, eps_u, -torch.ones(4, 1, 1, 1), z=z, lam=lam, step=Step(index, 10))
+        torch.testing.assert_close(out, eps_u)

@@ -26,6 +26,7 @@ from cfg.data.datasets import DATASETS
 from cfg.eval.features import EXTRACTORS
 from cfg.eval.metrics import METRICS
 from cfg.maths import samplers as diffusion
+from cfg.maths.guidance import guidance_entries
 from cfg.search.registry import PRUNERS, SAMPLERS
 
 DEVICE_NAMES = ("auto", "cpu", "cuda")
@@ -152,6 +153,13 @@ class SampleParams:
         default_factory=dict,
         metadata={
             "help": "the sampler's options, e.g. {v: 0.3} for ancestral (cfg.maths.samplers); defaults fill the rest"
+        },
+    )
+    guidance: dict = field(
+        default_factory=lambda: {"cfg": {}},
+        metadata={
+            "help": "guidance methods (cfg.maths.guidance.GUIDANCE), each swept over w with the same noise: label -> "
+            "its options, e.g. {cfg: {}, interval: {lambda_lo: -3.0}, apg_b: {method: apg, eta: 1.0}}"
         },
     )
     steps: int = _p(64, "sampling steps T", ge=2)
@@ -442,6 +450,7 @@ def _check_options(params: Params) -> None:
     s, e = params.sample, params.evaluate
     try:
         diffusion.SAMPLERS.resolve(s.sampler, s.sampler_options, "sample.sampler_options")
+        guidance_entries(s.guidance, s.sampler)
         for name, options in e.metric_options.items():
             if name not in e.metrics:
                 raise ValueError(
