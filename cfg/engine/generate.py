@@ -1,7 +1,8 @@
 """Generate images for a whole grid of guidance strengths with one batch and one noise draw per example.
 
-Example i of a cell is conditioned on class i mod K and starts from the same noise for every w, so columns
-of the grid differ only by w (and the ancestral sampler's per-step noise is shared across w as well).
+Example i of a cell is conditioned on class i mod K and starts from the same noise for every w and every
+guidance method, so columns of the grid differ only by (method, w) (and the ancestral sampler's per-step noise
+is shared across them as well).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from cfg.data.images import to_uint8
 from cfg.engine.device import autocast, configure_cuda
 from cfg.engine.distributed import Dist, gather_rows, shard
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
-from cfg.maths.guidance import guided_denoiser
+from cfg.maths.guidance import guidance_entries, guided_denoiser, traits
 from cfg.maths.noise import example_noise, stream_source
 from cfg.maths.samplers import SAMPLERS
 from cfg.study.records import SampleSet
@@ -33,15 +34,26 @@ def sampler_options(sample) -> dict:
     )
 
 
+def guidance_of(sample) -> list[tuple[str, dict]]:
+    """The (method, resolved options) of params.yaml's `sample.guidance`, in its order."""
+    return guidance_entries(sample.guidance, sample.sampler)
+
+
 def sampling_kwargs(params) -> dict:
     """`generate_w_grid`'s keyword arguments from params.yaml (`cfg.study.config.Params`): sampler, options, steps,
     λ range, seed, batch and precision, as the sample stage uses them; the caller adds the model's classes and
-    image shape and the device."""
+    image shape and the device. The guidance is that of a lone `sample.guidance` entry (what a search trial
+    scores); with several entries, or one that needs a guide network, CFG (the FID curve of training)."""
     s, t = params.sample, params.train
+    entries = guidance_of(s)
+    lone = len(entries) == 1 and traits(entries[0][0]).guide != "guide_network"
+    guidance, options = entries[0] if lone else ("cfg", {})
     return {
         "sampler": s.sampler,
         "steps": s.steps,
         "sampler_options": sampler_options(s),
+        "guidance": guidance,
+        "guidance_options": options,
         "lambda_min": t.lambda_min,
         "lambda_max": t.lambda_max,
         "seed": s.seed,
@@ -69,6 +81,8 @@ def generate_w_grid(
     sampler_options: dict | None = None,  # e.g. {"v": 0.3, "clip_denoised": 1.0}
     guidance: str = "cfg",  # cfg.maths.guidance.GUIDANCE entry
     guidance_options: dict | None = None,  # its options
+    guide: torch.nn.Module
+    | None = None,  # the guide network of autoguidance: ε(z, λ, c), weaker than `model`
     lambda_min: float = LAMBDA_MIN,
     lambda_max: float = LAMBDA_MAX,
     seed: int = 0,  # with the example index, seeds the initial noise and the sampler's noise (cfg.maths.noise)
@@ -111,6 +125,14 @@ def generate_w_grid(
         with autocast(device, bf16):
             return network(z.contiguous(memory_format=fmt), lam.float(), c).float()
 
+    guide_net = None
+    if guide is not None:
+        guide_model = guide.to(device=device, memory_format=fmt)
+
+        def guide_net(z: Tensor, lam: Tensor, c: Tensor) -> Tensor:
+            with autocast(device, bf16):
+                return guide_model(z.contiguous(memory_format=fmt), lam.float(), c).float()
+
     t0 = time.perf_counter()
     done = 0
     for start in range(0, n_samples, per_batch):
@@ -121,7 +143,9 @@ def generate_w_grid(
         noise = stream_source(seed, ids, image_shape)
         labels = labels_all[start : start + k].to(device).repeat(n_w)
         w = w_col.repeat_interleave(k)  # (W·k,)
-        denoise = guided_denoiser(net, labels, w, null_label, guidance, guidance_options)
+        denoise = guided_denoiser(
+            net, labels, w, null_label, guidance, guidance_options, lambdas=lambdas, guide=guide_net
+        )
         x = sample_fn(denoise, z, lambdas, noise=lambda t, src=noise: src(t).repeat(n_w, 1, 1, 1), **options)
         out[:, start : start + k] = to_uint8(x).view(n_w, k, *image_shape).cpu()
         done += k
@@ -147,33 +171,64 @@ def sample_checkpoint(
     device: torch.device | str,
     progress: ProgressCallback | None = None,
     dist: Dist | None = None,  # several processes: each samples its shard of the examples, all get the cell
+    guide: torch.nn.Module | None = None,  # autoguidance's guide network (the train_guide stage's model)
 ) -> SampleSet:
-    """The sample stage: every w of params.yaml's grid from one checkpoint, as a `SampleSet` (the same bytes
-    for any number of processes: per-example noise streams)."""
+    """The sample stage: every (guidance method, w) of params.yaml's grid from one checkpoint, as a `SampleSet`
+    (method-major rows; the same noise for every row; the same bytes for any number of processes)."""
     d = dist or Dist()
     cfg, s = model.config, params.sample
+    entries = guidance_of(s)
+    if guide is None and any(traits(name).guide == "guide_network" for name, _ in entries):
+        raise ValueError(
+            "sample.guidance has autoguidance but no guide network was given (train_guide stage)"
+        )
     block = examples_per_batch(s.batch_size, len(s.w))  # shards of whole batches, as one process runs them
     kwargs = sampling_kwargs(params)
+    examples = shard(s.n_samples, d, block)
     t0 = time.perf_counter()
-    images, labels = generate_w_grid(
-        model.to(device),
-        s.w,
-        s.n_samples,
-        examples=shard(s.n_samples, d, block),
-        num_classes=cfg.num_classes,
-        image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
-        device=device,
-        progress=progress,
-        **kwargs,
-    )
+    done = [0]  # images of the methods before the current one, for the progress callback
+
+    def step(info: dict) -> None:
+        if progress is not None:
+            total = info["total_images"] * len(entries)
+            images_done = done[0] + info["images"]
+            elapsed = time.perf_counter() - t0
+            progress(
+                info
+                | {
+                    "images": images_done,
+                    "total_images": total,
+                    "elapsed_s": elapsed,
+                    "eta_s": elapsed / images_done * (total - images_done),
+                }
+            )
+
+    parts = []
+    for name, options in entries:
+        kwargs |= {"guidance": name, "guidance_options": options}
+        images, labels = generate_w_grid(
+            model.to(device),
+            s.w,
+            s.n_samples,
+            examples=examples,
+            num_classes=cfg.num_classes,
+            image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
+            device=device,
+            progress=step,
+            guide=guide if traits(name).guide == "guide_network" else None,
+            **kwargs,
+        )
+        done[0] += images.shape[0] * images.shape[1]
+        parts.append(images)
+    images = torch.cat(parts)  # (M·W, n, C, H, W), method-major
     return SampleSet(
         images=gather_rows(images, d, s.n_samples, dim=1, block=block),
         labels=gather_rows(labels, d, s.n_samples, block=block),
-        w=list(s.w),
+        w=[float(w) for _ in entries for w in s.w],
         classes=list(meta["classes"]),
         p_uncond=meta["p_uncond"],
-        guidance="cfg",
-        guidance_options={},
+        guidance=[name for name, _ in entries for _ in s.w],
+        guidance_options=[dict(options) for _, options in entries for _ in s.w],
         sampler=s.sampler,
         sampler_options=kwargs["sampler_options"],
         steps=s.steps,

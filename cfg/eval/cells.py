@@ -1,4 +1,5 @@
-"""Evaluate a model's samples: one `CellRecord` per w, from (samples, extractor, reference statistics).
+"""Evaluate a model's samples: one `CellRecord` per (guidance method, w), from (samples, extractor, reference
+statistics).
 
 The evaluate stage and the search both score through `evaluate_samples`, so a trial's FID is the pipeline's.
 """
@@ -76,7 +77,8 @@ def evaluate_samples(
     on_cell: Callable[[CellRecord, Tensor], None] | None = None,  # called with each record and its images
     dist: Dist | None = None,  # several processes: each extracts its shard's features; all get every record
 ) -> list[CellRecord]:
-    """One record per w of `samples`, in grid order (the same numbers for any number of processes)."""
+    """One record per (guidance method, w) row of `samples`, in their order (the same numbers for any number
+    of processes)."""
     d = dist or Dist()
     rows = shard(samples.n_samples, d, block=batch_size)  # whole extractor batches, as one process runs them
 
@@ -111,8 +113,8 @@ def evaluate_samples(
         record = CellRecord(
             p_uncond=samples.p_uncond,
             w=w,
-            guidance=samples.guidance,
-            guidance_options=samples.guidance_options,
+            guidance=samples.guidance[j],
+            guidance_options=samples.guidance_options[j],
             sampler=samples.sampler,
             sampler_options=samples.sampler_options,
             steps=samples.steps,

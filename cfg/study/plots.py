@@ -172,3 +172,28 @@ def normalised_metric_vs_w(
     ax.axvline(0, color="0.7", lw=0.8, ls="--")
     ax.legend(frameon=False, fontsize=7)
     return ax
+
+
+def methods_figure(df: pd.DataFrame) -> plt.Figure:
+    """FID against IS, one panel per p_uncond, one colour per guidance method (column `method`): every cell
+    hollow and labelled with w, each method's Pareto front filled and joined in IS order."""
+    from cfg.study.frontier import pareto_mask
+
+    ps = sorted(df["p_uncond"].unique())
+    methods = list(dict.fromkeys(df["method"]))
+    colors = dict(zip(methods, sns.color_palette("tab10", len(methods)), strict=True))
+    fig, axes = plt.subplots(1, len(ps), figsize=(6 * len(ps), 4.8), squeeze=False)
+    for ax, p in zip(axes[0], ps, strict=True):
+        for m in methods:
+            g = df[(df["p_uncond"] == p) & (df["method"] == m)].sort_values("w")
+            c = colors[m]
+            ax.plot(g["is"], g["fid"], "o", mfc="none", color=c, ms=5, alpha=0.6)
+            front = g[pareto_mask(g["fid"].to_numpy(), g["is"].to_numpy())].sort_values("is")
+            ax.plot(front["is"], front["fid"], "o-", color=c, ms=5, lw=1.5, label=m)
+            _annotate_w(ax, g, c)
+        ax.set_xlabel("IS (higher: more fidelity)")
+        ax.set_ylabel("FID (lower: closer to data)")
+        ax.set_title(f"p_uncond={p:g}: Pareto fronts (filled) per guidance method", fontsize=9)
+        ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -34,17 +34,27 @@ def options_json(options: dict) -> str:
     return json.dumps(options, sort_keys=True)
 
 
+def guidance_name(guidance: str, options: dict) -> str:
+    """A guidance method with its options, as run names, legends and tables show it: `cfg`,
+    `interval lambda_hi=2 lambda_lo=-3` (sorted, numbers as %g)."""
+    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(options.items())]
+    return " ".join([guidance, *parts])
+
+
 @dataclass
 class SampleSet:
-    """The samples of one model: every w of the grid for the same examples and noise."""
+    """The samples of one model: every (guidance method, w) of the grid for the same examples and noise.
 
-    images: Tensor  # (W, N, C, H, W) uint8
+    Row j of `images` is guidance method `guidance[j]` with `guidance_options[j]` at `w[j]` (one method and
+    its options may be given for every row: they are expanded to per-row lists)."""
+
+    images: Tensor  # (R, N, C, H, W) uint8: one row per (method, w)
     labels: Tensor  # (N,) int64: the class each example was conditioned on
     w: list[float]  # guidance strength of each row of images
     classes: list[str]  # class names in label order
     p_uncond: float  # label-dropout probability of the model
-    guidance: str  # cfg.maths.guidance.GUIDANCE entry
-    guidance_options: dict[str, Any]
+    guidance: list[str]  # cfg.maths.guidance.GUIDANCE entry of each row
+    guidance_options: list[dict[str, Any]]  # its resolved options, per row
     sampler: str  # cfg.maths.samplers.SAMPLERS entry
     sampler_options: dict[str, Any]  # its resolved options, clip_denoised included
     steps: int  # sampling steps T
@@ -54,6 +64,18 @@ class SampleSet:
     checkpoint_params_hash: str  # the params hash stored in the checkpoint
     device: str = "cpu"
     seconds: float = 0.0  # wall time of sampling
+
+    def __post_init__(self) -> None:
+        rows = len(self.w)
+        if isinstance(self.guidance, str):
+            self.guidance = [self.guidance] * rows
+        if isinstance(self.guidance_options, dict):
+            self.guidance_options = [dict(self.guidance_options) for _ in range(rows)]
+        if not len(self.guidance) == len(self.guidance_options) == rows:
+            raise ValueError(
+                f"a sample set needs one guidance method and options per w row: {rows} w, "
+                f"{len(self.guidance)} methods, {len(self.guidance_options)} option dicts"
+            )
 
     @property
     def n_samples(self) -> int:
@@ -107,8 +129,10 @@ class CellRecord:
 
     @property
     def name(self) -> str:
-        """The cell's run name: `cell p_uncond=0.1 w=0.3 cfg`."""
-        return f"cell p_uncond={self.p_uncond:g} w={self.w:g} {self.guidance}"
+        """The cell's run name: `p_uncond=0.1 w=0.3`, then the guidance method unless it is the paper's `cfg`
+        (short, so that the UI's runs table shows it whole)."""
+        method = "" if self.guidance == "cfg" else f" {self.guidance}"
+        return f"p_uncond={self.p_uncond:g} w={self.w:g}{method}"
 
     def params(self) -> dict[str, Any]:
         """The settings as MLflow params (options as one JSON string each)."""

@@ -9,16 +9,37 @@ import pandas as pd
 
 from cfg.eval.fingerprint import check_comparable
 from cfg.eval.sanity import degenerate_cells, describe
-from cfg.study.records import CellRecord
+from cfg.study.frontier import compare_methods, dominance_sentences
+from cfg.study.records import CellRecord, guidance_name
 
 
 def cells_frame(records: list[CellRecord]) -> pd.DataFrame:
-    """One row per cell (`CellRecord.row`), sorted by p_uncond and w; refuses cells whose metric fingerprints
-    differ."""
+    """One row per cell (`CellRecord.row`), sorted by p_uncond, guidance method (in the records' order) and w;
+    refuses cells whose metric fingerprints differ."""
     if not records:
         raise ValueError("no evaluated cells: run the evaluate stage first")
     check_comparable([r.fingerprint_detail for r in records])
-    return pd.DataFrame([r.row() for r in records]).sort_values(["p_uncond", "w"]).reset_index(drop=True)
+    order = list(dict.fromkeys(_method(r) for r in records))
+    df = pd.DataFrame([r.row() for r in records])
+    df["_method"] = [order.index(_method(r)) for r in records]
+    return df.sort_values(["p_uncond", "_method", "w"]).drop(columns="_method").reset_index(drop=True)
+
+
+def _method(r: CellRecord) -> str:
+    return guidance_name(r.guidance, r.guidance_options)
+
+
+def method_column(df: pd.DataFrame) -> pd.Series:
+    """Each row's guidance method with its options (`guidance_name`), from the table's two columns."""
+    import json
+
+    return pd.Series(
+        [
+            guidance_name(g, json.loads(o))
+            for g, o in zip(df["guidance"], df["guidance_options"], strict=True)
+        ],
+        index=df.index,
+    )
 
 
 def summary(df: pd.DataFrame) -> dict:
@@ -111,9 +132,12 @@ def report_markdown(
     experiment: str,  # MLflow experiment
     grids: list[tuple[float, str]],  # (p_uncond, file name of its sample-grid figure)
     plots_rel: str | Path,  # the figures' folder as report.md links it
+    methods: pd.DataFrame
+    | None = None,  # compare_methods(records) when the study has several guidance methods
 ) -> str:
     """results/report.md: a warning banner over degenerate cells (`summ["degenerate_cells"]`) if any, headline
-    numbers, the trade-off figure and table, samples, per-class FID, provenance."""
+    numbers (of the first guidance method), the trade-off figure and table, the guidance methods' frontiers
+    (several methods), samples, per-class FID, provenance."""
     first = df.iloc[0]
     p_values = sorted(df["p_uncond"].unique().tolist())
     w_values = sorted(df["w"].unique().tolist())
@@ -128,6 +152,11 @@ def report_markdown(
         f"per cell; features from `{first['extractor']}` (evaluation classifier test accuracy "
         f"{summ['classifier_test_accuracy']:.4f}).",
         "",
+        *(
+            [f"Headline numbers of guidance `{summ['guidance']}`; every method: below."]
+            if "guidance" in summ
+            else []
+        ),
         f"- Best FID **{summ['best_fid']:.3f}** at w = {summ['best_fid_w']:g}, p_uncond = {summ['best_fid_p_uncond']:g}.",
         f"- Largest IS **{summ['max_is']:.3f}** at w = {summ['max_is_w']:g}, p_uncond = {summ['max_is_p_uncond']:g}.",
         f"- IS rises monotonically with w for every p_uncond: **{summ['is_rises_with_w']}** "
@@ -137,9 +166,13 @@ def report_markdown(
         "",
         "## Trade-off table",
         "",
-        markdown_table(df, [c for c in REPORT_COLUMNS if c in df and df[c].notna().any()]),
+        markdown_table(
+            df if methods is None else df.assign(guidance=method_column(df)),
+            [c for c in _report_columns(methods is not None) if c in df and df[c].notna().any()],
+        ),
         "",
         *column_notes(df),
+        *_methods_section(methods, plots_rel),
         "## Samples",
         "",
     ]
@@ -149,7 +182,7 @@ def report_markdown(
         lines += ["", "## Per-class FID", ""]
         for r in per_class:
             lines.append(
-                f"- p_uncond={r.p_uncond:g}, w={r.w:g}: "
+                f"- p_uncond={r.p_uncond:g}, w={r.w:g}{'' if methods is None else ', ' + _method(r)}: "
                 + ", ".join(f"{c}: {v:.2f}" for c, v in r.per_class_fid.items())
             )
     lines += [
@@ -164,6 +197,37 @@ def report_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _report_columns(several_methods: bool) -> list[str]:
+    # the guidance method (with its options) after w when the study has several
+    cols = list(REPORT_COLUMNS)
+    return cols[:2] + ["guidance"] + cols[2:] if several_methods else cols
+
+
+def _methods_section(methods: pd.DataFrame | None, plots_rel: str | Path) -> list[str]:
+    """The guidance methods compared on one protocol: the same model, w grid and noise for every method."""
+    if methods is None:
+        return []
+    table = methods.copy()
+    table["pareto_w"] = [", ".join(f"{w:g}" for w in ws) for ws in table["pareto_w"]]
+    cols = ["p_uncond", "method", "best_fid", "best_fid_sd", "best_fid_w", "hypervolume", "hypervolume_sd"]
+    cols += ["pareto_w", "dominates", "dominated_by"]
+    return [
+        "## Guidance methods",
+        "",
+        "Every method sampled the same examples from the same noise with the same model and w grid. "
+        "`hypervolume`: the share of the (IS, FID) box that a method's cells dominate, up to a reference point "
+        "10% beyond the worst IS and FID of all methods of that model (higher: a better trade-off); `_sd`: the "
+        "sd over disjoint seed ranges; `dominates`: the methods each of whose cells one of its cells dominates.",
+        "",
+        f"![methods]({plots_rel}/methods.png)",
+        "",
+        markdown_table(table, [c for c in cols if c in table]),
+        "",
+        *(f"- {line}" for line in dominance_sentences(methods, methods["method"].iloc[0])),
+        "",
+    ]
 
 
 def write_report(
@@ -184,28 +248,49 @@ def write_report(
     from PIL import Image
 
     from cfg.io import atomic_write, atomic_write_text, write_json
-    from cfg.study.plots import sample_grid, tradeoff_figure
+    from cfg.study.plots import methods_figure, sample_grid, tradeoff_figure
 
     df = cells_frame(records)
     atomic_write_text(table, df.to_csv(index=False))
-    summ = summary(df) | {
+    names = method_column(df)
+    base = df[names == names.iloc[0]]  # the first guidance method (cfg by default): the headline numbers
+    methods = compare_methods(records) if names.nunique() > 1 else None
+    summ = summary(base) | {
         "classifier_test_accuracy": classifier_accuracy,
         "degenerate_cells": degenerate_cells(records),  # cfg.eval.sanity: near chance or no better than noise
     }
+    if methods is not None:
+        summ["guidance"] = names.iloc[0]
+        summ["guidance_methods"] = {
+            f"{r['method']} p_uncond={r['p_uncond']:g}": {
+                k: r[k] for k in ("best_fid", "best_fid_sd", "best_fid_w", "hypervolume", "hypervolume_sd")
+            }
+            | {"dominates": r["dominates"], "dominated_by": r["dominated_by"]}
+            for _, r in methods.iterrows()
+        }
     write_json(metrics, summ)
 
     plots.mkdir(parents=True, exist_ok=True)
-    fig = tradeoff_figure(df)
+    fig = tradeoff_figure(base)
     atomic_write(plots / "tradeoff.png", lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
+    if methods is not None:
+        fig = methods_figure(df.assign(method=names))
+        atomic_write(plots / "methods.png", lambda f: fig.savefig(f, dpi=120, format="png"))
+        plt.close(fig)
     grids = []
     for p, path in grid_images.items():
         image = np.asarray(Image.open(path))
-        w_values = sorted(df.loc[df["p_uncond"] == p, "w"])
+        w_values = [r.w for r in records if r.p_uncond == p]  # the sample stage's rows: method-major
         n_w = len(w_values)
         fig, ax = plt.subplots(figsize=(1 + 0.6 * n_w, 0.5 + 0.6 * image.shape[0] / image.shape[1] * n_w))
+        order = list(dict.fromkeys(_method(r) for r in records if r.p_uncond == p))
         sample_grid(
-            ax, image, w_values, title=f"p_uncond={p:g}: one row per class, same noise in every column"
+            ax,
+            image,
+            w_values,
+            title=f"p_uncond={p:g}: one row per class, same noise in every column"
+            + (f"; column groups: {', '.join(order)}" if len(order) > 1 else ""),
         )
         name = f"samples_p_uncond={p}.png"
         atomic_write(
@@ -219,7 +304,14 @@ def write_report(
         else plots
     )
     text = report_markdown(
-        df, summ, records, data_name=data_name, experiment=experiment, grids=grids, plots_rel=rel
+        df,
+        summ,
+        records,
+        data_name=data_name,
+        experiment=experiment,
+        grids=grids,
+        plots_rel=rel,
+        methods=methods,
     )
     atomic_write_text(report, text)
     return df, summ
