@@ -343,7 +343,7 @@ def log_cell(tracker: Tracker, record, images, labels, classes: list[str], param
 
     parent = tracker.parent_of(record.train_run_id)
     tags = (
-        {"run_kind": "cell", "fingerprint": record.fingerprint}
+        {"run_kind": "cell", "fingerprint": record.fingerprint, "guidance": record.guidance}
         | ({"mlflow.parentRunId": parent} if parent else {})
         | {f"fingerprint.{k}": v for k, v in record.fingerprint_detail.items()}
     )
