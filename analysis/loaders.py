@@ -107,7 +107,11 @@ def tidy_mlflow(raw: pd.DataFrame) -> pd.DataFrame:
         if f"tags.{name}" in cells:
             tag = cells[f"tags.{name}"]
             out[name] = _coerce(tag) if name in FINGERPRINT_FIELDS else tag
-    out["train_run_id"] = cells.get("tags.mlflow.parentRunId")
+    # the model's run: tag model_run_id (cells under a study run), else the parent (cells logged outside a study)
+    parent = cells.get("tags.mlflow.parentRunId")
+    out["train_run_id"] = (
+        cells["tags.model_run_id"].fillna(parent) if "tags.model_run_id" in cells else parent
+    )
     trains = raw[raw["tags.run_kind"] == "train"].dropna(axis=1, how="all").set_index("run_id")
     for col in sorted(c for c in trains if c.startswith("params.") and c.removeprefix("params.") not in out):
         by_run = trains[col].dropna()

@@ -1,23 +1,30 @@
-"""A throw-away MLflow tracking server on localhost, and its REST API, for tests and screenshots.
+"""A throw-away MLflow tracking server on localhost, its REST API and a headless Chromium page, for tests and
+screenshots.
 
-`python -m cfg.study.tracking ui` is the interactive way to open the UI; this module starts the same `mlflow server`
-from Python, lean (one worker, no job runner), waits until it answers, and stops it with all its processes.
+`python -m cfg.study.tracking ui` is the interactive way to open the UI; this module starts the same lean
+`mlflow server` (`cfg.study.ui.server_command`: one worker, no job runner) from Python, waits until it answers,
+and stops it with all its processes. `chromium_page` drives headless Chromium over the DevTools protocol with
+aiohttp (a DVC dependency), so nothing beyond Debian's `chromium` package is needed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
-import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+
+from cfg.study.ui import server_command
 
 
 def free_port() -> int:
@@ -62,11 +69,9 @@ def mlflow_server(
 ) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 against `uri`; yields its base URL and stops its whole process group."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd, env = server_command(uri, "127.0.0.1", port)
     if artifacts:
         cmd += ["--artifacts-destination", str(artifacts)]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     out = open(log, "w") if log else subprocess.DEVNULL  # closed in the finally below
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -105,3 +110,122 @@ def _stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Headless Chromium
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
+
+
+def chromium_binary() -> str | None:
+    """chromium, chromium-browser or google-chrome on PATH; None without one."""
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+class DevTools:
+    """The few DevTools protocol calls a test or a screenshot needs, on one page's websocket."""
+
+    def __init__(self, ws) -> None:
+        self.ws, self.n = ws, 0
+
+    async def send(self, method: str, **params) -> dict:
+        self.n += 1
+        await self.ws.send_json({"id": self.n, "method": method, "params": params})
+        while True:  # events arrive in between; skip them
+            msg = await self.ws.receive_json()
+            if msg.get("id") == self.n:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    async def js(self, expression: str):
+        """The value of a JavaScript expression in the page (promises awaited)."""
+        out = await self.send(
+            "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
+        )
+        if "exceptionDetails" in out:
+            raise RuntimeError(f"{expression[:80]}: {out['exceptionDetails']}")
+        return out["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout_s: float = 90) -> None:
+        """Poll until the expression is truthy (the page renders asynchronously); TimeoutError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while not await self.js(
+            f"(() => {{ try {{ return {expression}; }} catch (e) {{ return false; }} }})()"
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the page never satisfied {expression!r} within {timeout_s:g} s")
+            await asyncio.sleep(0.5)
+
+    async def key(self, name: str, code: int) -> None:
+        for kind in ("keyDown", "keyUp"):
+            await self.send(
+                "Input.dispatchKeyEvent", type=kind, key=name, code=name, windowsVirtualKeyCode=code
+            )
+
+    async def open(self, url: str) -> None:
+        """Navigate to `url` and wait for the MLflow UI to render; closes the assistant side panel, which
+        opens on a first visit and takes a third of the width."""
+        await self.send("Page.navigate", url=url)
+        await self.wait_for("document.querySelector('[role=\"grid\"], .js-plotly-plot') !== null")
+        await self.js(
+            "[...document.querySelectorAll('button')].find(b => b.getAttribute('aria-label') === 'Close')?.click()"
+        )
+
+
+@asynccontextmanager
+async def chromium_page(
+    width: int = 1400,  # viewport, pixels
+    height: int = 1000,
+    chromium: str | None = None,  # browser binary; None: `chromium_binary()`
+) -> AsyncIterator[DevTools]:
+    """A page of a headless Chromium started for the block (own profile, stopped afterwards)."""
+    import aiohttp
+
+    chromium = chromium or chromium_binary()
+    if chromium is None:
+        raise FileNotFoundError("no Chromium on PATH: apt-get install -y chromium")
+    with tempfile.TemporaryDirectory() as profile:
+        argv = [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            "about:blank",
+        ]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"
+            deadline = time.monotonic() + 30
+            while not (port_file.exists() and port_file.read_text().strip()):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"{chromium} did not open its DevTools port")
+                await asyncio.sleep(0.1)
+            port = int(port_file.read_text().split()[0])
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/json/list") as r:
+                    target = next(t for t in await r.json() if t["type"] == "page")
+                async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                    page = DevTools(ws)
+                    await page.send(
+                        "Emulation.setDeviceMetricsOverride",
+                        width=width,
+                        height=height,
+                        deviceScaleFactor=1,
+                        mobile=False,
+                    )
+                    yield page
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)

@@ -83,15 +83,19 @@ def test_repro_no_op_w_grid_mlflow_and_invalid_params(project):
     second = run(["dvc", "repro"], project)
     assert stages_run(second.stdout) == set(), second.stdout
 
-    # MLflow: one train run per p_uncond, a nested cell run per (p_uncond, w) with params, metrics and tags
+    # MLflow: one study run (the `dvc repro`) holding one train run per p_uncond and a cell run per (p_uncond, w)
+    # with params, metrics and tags, each linked to its model's train run
     runs = mlflow_runs(project / "mlflow.db")
+    (study,) = runs.index[runs["tags.run_kind"] == "study"]
     train = runs[runs["tags.run_kind"] == "train"]
     cells = runs[runs["tags.run_kind"] == "cell"]
     assert sorted(train["params.p_uncond"].astype(float)) == [0.1, 0.5]
+    assert (train["tags.mlflow.parentRunId"] == study).all()
     assert len(cells) == 6
     parents = {row["params.p_uncond"]: run_id for run_id, row in train.iterrows()}  # p_uncond -> train run
     for _, cell in cells.iterrows():
-        assert cell["tags.mlflow.parentRunId"] == parents[cell["params.p_uncond"]]
+        assert cell["tags.mlflow.parentRunId"] == study
+        assert cell["tags.model_run_id"] == parents[cell["params.p_uncond"]]
         assert cell["latest_metrics.fid"] >= 0 and cell["latest_metrics.is"] >= 1
         assert len(cell["tags.git_commit"]) >= 40 and cell["tags.dvc_stage"] == "evaluate"
         assert cell["tags.params_hash"]

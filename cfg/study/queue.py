@@ -19,6 +19,7 @@ from cfg.study.store import (
     _PERMANENT,
     QUEUE_DIR,
     QUEUED,
+    RUN_TAGS,
     _note,
     connect,
     end_runs_of_dead_processes,
@@ -102,6 +103,14 @@ def _log_batch(client, run_id: str, call: dict) -> None:
         params=[Param(k, v) for k, v in call["params"].items()],
         tags=[RunTag(k, v) for k, v in call["tags"].items()],
     )
+
+
+def _log_image(client, run_id: str, path: str | Path, key: str, step: int) -> None:
+    """MLflow's own `log_image(key=, step=)`: its file layout (images/ and a thumbnail) is what the UI reads."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        client.log_image(run_id, image.copy(), key=key, step=step)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,9 +211,10 @@ def _apply(client, call: dict, uri: str, root: Path, runs: dict, experiments: di
     op = call["op"]
     if op == "header":
         return
-    tags = {k: runs.get(v, v) if k == "mlflow.parentRunId" else v for k, v in call.get("tags", {}).items()}
-    if tags.get("mlflow.parentRunId", "").startswith(QUEUED):
-        raise _Wait(f"parent run {tags['mlflow.parentRunId']} is in a queue file not replayed yet")
+    tags = {k: runs.get(v, v) if k in RUN_TAGS else v for k, v in call.get("tags", {}).items()}
+    for k in RUN_TAGS:
+        if tags.get(k, "").startswith(QUEUED):
+            raise _Wait(f"run {tags[k]} ({k}) is in a queue file not replayed yet")
     if op == "create_run":
         ref, name = call["run"], call["experiment"]
         if ref in runs:
@@ -231,6 +241,8 @@ def _apply(client, call: dict, uri: str, root: Path, runs: dict, experiments: di
             _log_batch(client, run, call | {"tags": tags})
         elif op == "log_artifact":
             client.log_artifact(run, str(folder / call["file"]), call["artifact_path"])
+        elif op == "log_image":
+            _log_image(client, run, folder / call["file"], call["key"], call["step"])
         elif op == "set_terminated":
             client.set_terminated(run, status=call["status"], end_time=call["end_time"])
     except Exception as e:

@@ -1,13 +1,15 @@
 """Where MLflow runs are stored and how to reach the store: the project root (also inside DVC's temporary
 experiment copies), the tracking URI (MLFLOW_TRACKING_URI, else the untracked .cfg-lab.local.yaml, else
 sqlite mlflow.db at the root), masking of credentials, owner-only stores, the timed connection check,
-provenance tags and the process identities that let a later stage end the runs of a killed one.
-See `cfg.study.tracking` for the logging itself.
+provenance tags, the process identities that let a later stage end the runs of a killed one, and the study a
+stage belongs to (the `dvc repro` / `dvc exp run` that runs it). See `cfg.study.tracking` for the logging itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import math
 import os
 import platform
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,10 @@ _EXPS_MARKER = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 LOCAL_SETTINGS = ".cfg-lab.local.yaml"  # untracked, per checkout: tracking_uri
 QUEUE_DIR = ".mlflow-queue"  # logging that did not reach the store, until `sync` replays it
 QUEUED = "queued-"  # prefix of the id of a run whose creation is in the queue
+RUN_TAGS = (
+    "mlflow.parentRunId",
+    "model_run_id",
+)  # tags that name another run: a queued id is replaced on replay
 # errors of the call itself, not of the store: retrying cannot help, so the call is dropped with a warning
 _PERMANENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS")
 
@@ -154,11 +161,22 @@ def git_commit(root: str | Path | None = None) -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+@functools.cache
+def _mlflow_context_tags() -> dict[str, str]:
+    """The tags MLflow's fluent `mlflow.start_run` adds (its context registry): mlflow.user, mlflow.source.name
+    (the stage script), mlflow.source.type, mlflow.source.git.commit / branch / repoURL, which fill the UI's User,
+    Source and Version columns. Once per process: they name the process, not the run."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return {k: str(v) for k, v in resolve_tags().items()}
+
+
 def provenance_tags(stage: str, params_hash: str, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Tags that trace a number to its code and settings: git commit, DVC stage, params hash, host, versions."""
+    """Tags that trace a number to its code and settings: git commit, DVC stage, params hash, host, versions,
+    and MLflow's own source, commit and user tags."""
     import torch
 
-    tags = {
+    tags = _mlflow_context_tags() | {
         "git_commit": git_commit(Path.cwd()),
         "dvc_stage": stage,
         "params_hash": params_hash,
@@ -171,6 +189,81 @@ def provenance_tags(stage: str, params_hash: str, extra: Mapping[str, Any] | Non
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     tags.update({k: str(v) for k, v in (extra or {}).items()})
     return tags
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The study: one `dvc repro` or `dvc exp run`
+
+
+@dataclass(frozen=True)
+class Study:
+    """The DVC run a stage belongs to; its MLflow run is the parent of the stage's runs (`Tracker.study_run`)."""
+
+    key: str  # tag `study` of its runs: a hash of the DVC process's identity, unique per host and boot
+    name: str  # the study run's name: the DVC experiment's, else "repro <start time>"
+    process: str  # process_id of the DVC process: the study run of a DVC killed outright ends KILLED
+    started: float  # when the DVC process started, seconds since the epoch
+    command: str  # the DVC command line, from `dvc` on ("" where it cannot be read)
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _runs_a_stage(pid: int) -> bool:
+    """Whether DVC_STAGE is in the environment process `pid` was started with (False where it cannot tell)."""
+    try:
+        return any(
+            v.startswith(b"DVC_STAGE=") for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        )
+    except OSError:
+        return False
+
+
+def _started_at(pid: int) -> float | None:
+    """When process `pid` started, in seconds since the epoch (Linux: its start ticks after the boot time)."""
+    ticks = _start_ticks(pid)
+    try:
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+    except (OSError, StopIteration):
+        return None
+    return boot + int(ticks) / os.sysconf("SC_CLK_TCK") if ticks else None
+
+
+def _command(pid: int) -> str:
+    """Process `pid`'s command line from its `dvc` argument on (the Python interpreter before it dropped)."""
+    try:
+        argv = [
+            a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a
+        ]
+    except OSError:
+        return ""
+    at = next((i for i, a in enumerate(argv) if os.path.basename(a) == "dvc"), 0)
+    return " ".join(["dvc", *argv[at + 1 :]] if at or argv[:1] == ["dvc"] else argv)
+
+
+def current_study() -> Study | None:
+    """The study of this stage process: the DVC process that runs it (`dvc repro`, `dvc exp run`, or for a
+    queued experiment `dvc exp exec-run`), found as the nearest ancestor started without DVC_STAGE, which DVC
+    sets for the stage command only (so a shell, torchrun or its ranks in between are passed over). Every stage
+    of one DVC run finds the same process, two DVC runs (concurrent `dvc queue` workers too) different ones.
+    None outside DVC: a stage started by hand belongs to no study. Without /proc: the parent process."""
+    if not os.environ.get("DVC_STAGE"):
+        return None
+    pid = os.getppid()
+    while _runs_a_stage(pid) and (parent := _parent_pid(pid)) not in (None, 0, 1):
+        pid = parent
+    ident = process_id(pid)
+    started = _started_at(pid) or time.time()
+    name = os.environ.get("DVC_EXP_NAME") or time.strftime("repro %Y-%m-%d %H:%M:%S", time.localtime(started))
+    return Study(hashlib.sha256(ident.encode()).hexdigest()[:16], name, ident, started, _command(pid))
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

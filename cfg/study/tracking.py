@@ -14,42 +14,66 @@ one are queued in ``.mlflow-queue/`` (JSON lines; artifacts copied beside them),
 A run the stage leaves open ends FAILED when the process exits (KILLED after SIGTERM, SIGINT or SIGHUP); a run
 of a process killed outright (SIGKILL, power loss) is marked KILLED by the next `Tracker.open` or `sync` on its
 host. ``CFG_LAB_TRACKING=offline`` queues everything from the start, for a machine that cannot reach the store.
+
+Runs. A study is one `dvc repro` or `dvc exp run` (`current_study`): its run (named by the DVC experiment, else
+"repro <start time>"; tag `study`, the study's params) is the parent of every classifier, train, sample, cell and
+report run its stages log, found or created by the first of them (`Tracker.study_run`). A cell run, named
+`p_uncond=0.1 w=0.3`, links its model's run by the tag `model_run_id`. A stage run outside DVC belongs to no study:
+its cells nest under their model's run.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import logging
 import math
 import os
 import re
 import signal
-import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cfg.study.queue import _log_batch, _permanent, _Queue, _run_map, replay, sync
+from cfg.study.queue import (
+    _flock,
+    _log_batch,
+    _log_image,
+    _permanent,
+    _Queue,
+    _run_map,
+    _write_private,
+    replay,
+    sync,
+)
 from cfg.study.store import (
     QUEUE_DIR,
     QUEUED,
+    RUN_TAGS,
+    Study,
     _note,
     _now_ms,
     connect,
-    create_private_store,
+    current_study,
     end_runs_of_dead_processes,
     experiment_id,
     flatten,
     masked,
+    process_alive,
     process_id,
     project_root,
     provenance_tags,
     scrub,
     tracking_uri,
 )
+
+# runs that nest under the study run of the DVC run that logs them (the search's runs do not: no DVC stage)
+STUDY_KINDS = ("classifier", "train", "sample", "cell", "report")
+STUDIES = "studies.json"  # in the queue folder: study key -> its run (maybe still queued) and DVC process
 
 # ---------------------------------------------------------------------------------------------------------
 # The tracker
@@ -90,6 +114,8 @@ class Tracker:
         self.offline: str | None = None  # why calls go to the queue; None while they go to the store
         self._open: dict[str, None] = {}  # runs of this process not ended yet, in start order
         self._parents: dict[str, str | None] = {}
+        self._study: tuple[Study | None, str | None] | None = None  # (study, its run) once looked up
+        self._study_ended = False
 
     @classmethod
     def open(cls, stage: str, experiment: str, *, root: str | Path | None = None) -> Tracker:
@@ -121,16 +147,20 @@ class Tracker:
     def start_run(
         self, name: str, params_hash: str, tags: Mapping[str, Any] | None = None, *, own: bool = True
     ) -> str:
-        """A new run with `provenance_tags` and this process's id. `own`: the run ends with this process
+        """A new run with `provenance_tags` and this process's id, nested under the study run when its
+        `run_kind` is one of STUDY_KINDS and no parent is given. `own`: the run ends with this process
         (FINISHED by `finish`, else FAILED / KILLED); a run that outlives its process passes own=False."""
-        all_tags = provenance_tags(self.stage, params_hash, tags) | {"process": process_id()}
+        tags = dict(tags or {})
+        if tags.get("run_kind") in STUDY_KINDS and "mlflow.parentRunId" not in tags and self.study_run():
+            tags |= {"mlflow.parentRunId": self.study_run(), "study": self._study[0].key}
+        all_tags = {"process": process_id()} | provenance_tags(self.stage, params_hash, tags)
         all_tags = {k: scrub(v) for k, v in all_tags.items()}
         start = _now_ms()
         call = {"op": "create_run", "run": QUEUED + uuid.uuid4().hex, "experiment": self.experiment}
         call |= {"run_name": name, "tags": all_tags, "start_time": start}
 
         def create() -> str:
-            tags = {k: self._resolve(v) if k == "mlflow.parentRunId" else v for k, v in all_tags.items()}
+            tags = {k: self._resolve(v) if k in RUN_TAGS else v for k, v in all_tags.items()}
             return self.client.create_run(self.exp_id, start_time=start, tags=tags, run_name=name).info.run_id
 
         run_id = self._do(call, create) or call["run"]
@@ -161,6 +191,13 @@ class Tracker:
         call = {"op": "log_batch", "run": run_id, "params": params, "metrics": values, "tags": tags}
         self._do(call, lambda: _log_batch(self.client, self._resolve(run_id), call))
 
+    def log_image(self, run_id: str, path: str | Path, key: str, step: int = 0) -> None:
+        """An image file as MLflow's `log_image(key=, step=)` stores it (under images/, with a thumbnail and the
+        tag mlflow.loggedImages), so the UI's image grid shows it beside other runs' `key`; queued, it is
+        copied first."""
+        call = {"op": "log_image", "run": run_id, "key": key, "step": step}
+        self._do(call, lambda: _log_image(self.client, self._resolve(run_id), path, key, step), file=path)
+
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file to the run's artifacts (under `artifact_path`); queued, it is copied first."""
         call = {"op": "log_artifact", "run": run_id, "artifact_path": artifact_path}
@@ -185,7 +222,77 @@ class Tracker:
         """The last call of a stage that succeeded: its open runs end FINISHED and its queue goes to `sync`."""
         for run_id in list(self._open):
             self.end(run_id)
+        self._end_study("FINISHED")
         self._close_queue()
+
+    # -- the study ----------------------------------------------------------------------------------------
+
+    def study_run(self) -> str | None:
+        """The run of this stage's study (`current_study`), None outside DVC. Looked up once per process: in
+        the queue folder's studies.json (which knows runs still queued), else in the store by the tag
+        `study`, else created (with the study's params); a file lock makes the lookup and the creation one
+        step for every process of this host, so concurrent stages of a study make one run."""
+        if self._study is None:
+            study = current_study()
+            self._study = (study, self._join(study) if study else None)
+        return self._resolve(self._study[1]) if self._study[1] else None
+
+    def _join(self, study: Study) -> str:
+        folder = self.queue.folder
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with _flock(folder / "study.lock", wait=True):
+            path = folder / STUDIES
+            known = json.loads(path.read_text()) if path.is_file() else {}
+            run = known.get(study.key, {}).get("run")
+            if run is None:
+                found = self._read(
+                    lambda: self.client.search_runs(
+                        [self.exp_id],
+                        f"tags.study = '{study.key}' and tags.run_kind = 'study'",
+                        max_results=1,
+                    ),
+                    [],
+                )
+                run = found[0].info.run_id if found else self._create_study(study)
+            # entries of finished DVC runs are done with: no stage of theirs comes any more
+            known = {k: v for k, v in known.items() if process_alive(v["process"])}
+            _write_private(path, json.dumps(known | {study.key: {"run": run, "process": study.process}}))
+        return run
+
+    def _create_study(self, study: Study) -> str:
+        """The study run: RUNNING until a stage ends it (`_end_study`); its `process` is the DVC process, so
+        it is marked KILLED only when DVC itself was killed. Params: params.yaml's sections but search and
+        tracking (the stage's working directory holds the params.yaml DVC runs it with)."""
+        try:
+            from cfg.study.config import load_params
+
+            params = load_params("params.yaml")
+            flat = flatten({k: v for k, v in params.to_dict().items() if k not in ("search", "tracking")})
+            params_hash = params.section_hash()
+        except (Exception, SystemExit) as e:
+            _note(f"warning: the study run gets no params ({type(e).__name__}: {e})")
+            flat, params_hash = {}, ""
+        tags = {
+            "run_kind": "study",
+            "study": study.key,
+            "process": study.process,
+            "dvc_command": study.command,
+        }
+        tags |= {
+            "mlflow.note.content": f"`{study.command}` (started {time.ctime(study.started)} on {study.process.split(':')[0]})"
+        }
+        run = self.start_run(study.name, params_hash, tags, own=False)
+        keys = sorted(flat)
+        for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per batch
+            self.log(run, params={k: flat[k] for k in keys[i : i + 100]})
+        return run
+
+    def _end_study(self, status: str) -> None:
+        """The study run ends with each of its stages: FINISHED after a stage that succeeded, FAILED or KILLED
+        after one that did not; its end time is the last stage's end."""
+        if self._study and self._study[1] and not self._study_ended:
+            self._study_ended = True
+            self.end(self._study[1], status)
 
     # -- runs named by outputs ----------------------------------------------------------------------------
 
@@ -220,8 +327,8 @@ class Tracker:
         return run_id
 
     def parent_of(self, train_run: str | None) -> str | None:
-        """The run a cell nests under: the train run, or where this store lacks it, the run `checkpoint_run`
-        made in its stead; None when there is neither."""
+        """The run of a cell's model: the train run, or where this store lacks it, the run `checkpoint_run`
+        made in its stead; None when there is neither. Outside a study the cell nests under it."""
         if not train_run:
             return None
         if train_run not in self._parents:
@@ -294,7 +401,7 @@ class Tracker:
 
     def _waits(self, call: dict) -> bool:
         """The call names a run whose creation is still in a queue: it must follow it there."""
-        named = [call.get("tags", {}).get("mlflow.parentRunId")]
+        named = [call.get("tags", {}).get(k) for k in RUN_TAGS]
         if call["op"] != "create_run":
             named.append(call["run"])
         return any(r and self._resolve(r).startswith(QUEUED) for r in named)
@@ -326,6 +433,7 @@ class Tracker:
         status = "KILLED" if _SIGNALLED else "FAILED"
         for run_id in list(self._open):
             self.end(run_id, status)
+        self._end_study(status)
         self._close_queue()
 
 
@@ -334,17 +442,20 @@ class Tracker:
 
 
 def log_cell(tracker: Tracker, record, images, labels, classes: list[str], params_hash: str) -> str:
-    """A cell run nested under its model's train run (or its stand-in, `Tracker.parent_of`): the record's
-    settings as params (options as one JSON dict each), its metrics, fingerprint tags and a sample grid (up to
-    8 uint8 samples of each class)."""
+    """A cell run named `record.name` (`p_uncond=0.1 w=0.3`), under the study run (outside a study: under its
+    model's run); tag model_run_id = its model's run (`Tracker.parent_of`); the record's settings as params
+    (options as one JSON dict each), its metrics, fingerprint tags and its sample grid as the image `samples`
+    (up to 8 uint8 samples of each class), which the UI's image grid shows side by side across cells."""
     import tempfile
 
     from cfg.data.images import class_by_w_tiles, save_grid
 
-    parent = tracker.parent_of(record.train_run_id)
+    model = tracker.parent_of(record.train_run_id)
     tags = (
-        {"run_kind": "cell", "fingerprint": record.fingerprint, "guidance": record.guidance}
-        | ({"mlflow.parentRunId": parent} if parent else {})
+        {"run_kind": "cell", "fingerprint": record.fingerprint}
+        | ({"model_run_id": model} if model else {})
+        | {"guidance": record.guidance}
+        | ({"mlflow.parentRunId": model} if model and not tracker.study_run() else {})
         | {f"fingerprint.{k}": v for k, v in record.fingerprint_detail.items()}
     )
     rid = tracker.start_run(record.name, params_hash, tags)
@@ -358,7 +469,7 @@ def log_cell(tracker: Tracker, record, images, labels, classes: list[str], param
         save_grid(
             path, tiles[:, 0].view(n_classes, per, *tiles.shape[2:]), upscale=max(1, 64 // images.shape[-1])
         )
-        tracker.log_artifact(rid, path)
+        tracker.log_image(rid, path, "samples")
     tracker.end(rid)
     return rid
 
@@ -366,9 +477,13 @@ def log_cell(tracker: Tracker, record, images, labels, classes: list[str], param
 def log_report(
     tracker: Tracker, summary: dict, params_hash: str, plots: Path, table: Path, report: Path
 ) -> str:
-    """The report run: the summary's numbers as metrics, the figures, the table and report.md."""
+    """The report run: the summary's numbers as metrics, the figures, the table and report.md; the numbers go
+    to the study run too, where the runs table compares studies."""
+    numbers = {k: v for k, v in summary.items() if isinstance(v, float)}
     rid = tracker.start_run("report", params_hash, {"run_kind": "report"})
-    tracker.log(rid, metrics={k: v for k, v in summary.items() if isinstance(v, float)})
+    tracker.log(rid, metrics=numbers)
+    if tracker.study_run():
+        tracker.log(tracker.study_run(), metrics=numbers)
     for f in sorted(plots.glob("*.png")):
         tracker.log_artifact(rid, f, "plots")
     tracker.log_artifact(rid, table)
@@ -381,9 +496,13 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m cfg.study.tracking ui | uri | sync`."""
     parser = argparse.ArgumentParser(prog="python -m cfg.study.tracking")
     sub = parser.add_subparsers(dest="command", required=True)
-    ui = sub.add_parser("ui", help="start the MLflow UI on localhost against the project's store")
+    ui = sub.add_parser(
+        "ui", help="start the MLflow UI (one worker, no job runner) and print links into the latest study"
+    )
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment of params.yaml)")
+    ui.add_argument("--study", help="the study to open on: its run name (the DVC experiment) or key")
     sub.add_parser("uri", help="print the tracking URI in use (password masked)")
     sub.add_parser("sync", help="replay the logging queued in .mlflow-queue/ and end runs of killed stages")
     args = parser.parse_args(argv)
@@ -395,16 +514,9 @@ def main(argv: list[str] | None = None) -> None:
         done, left = sync()
         print(f"[tracking] replayed {done} queue file(s) into {masked(uri)}; {left} left")
         raise SystemExit(1 if left else 0)
-    if uri.startswith(("http://", "https://", "databricks")):
-        print(f"the store is a tracking server: its UI is at {masked(uri)}")
-        return
-    create_private_store(uri)
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {masked(uri)})", flush=True)
-    os.environ["MLFLOW_BACKEND_STORE_URI"] = uri  # not on the command line, where `ps` shows it
-    os.execv(
-        sys.executable,
-        [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port)],
-    )
+    from cfg.study.ui import serve
+
+    serve(port=args.port, host=args.host, experiment=args.experiment, study=args.study)
 
 
 if __name__ == "__main__":
