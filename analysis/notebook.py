@@ -1,7 +1,8 @@
 """Run analysis/tradeoff.ipynb headless against a store, with its parameters set.
 
-`python -m analysis.notebook [--uri URI] [--project DIR] [--select S] [--figures DIR] [--out PATH]` executes
-the notebook in a kernel of this Python and writes it with its outputs (default: in place).
+`python -m analysis.notebook [--uri URI] [--project DIR] [--select S] [--figures DIR] [--out PATH]` (or
+`cfg-lab notebook ...`) executes the notebook in a kernel of this Python and writes the executed copy, outputs
+and all, to results/notebook/tradeoff.ipynb (OUT): the tracked analysis/tradeoff.ipynb stays without outputs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 NOTEBOOK = Path(__file__).resolve().with_name("tradeoff.ipynb")
+OUT = Path("results") / "notebook" / NOTEBOOK.name  # the executed copy, from the project root; git-ignored
 INJECTED = "injected-parameters"
 
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--experiment", default=None, help="MLflow experiment name (default: cfg-lab)")
     ap.add_argument("--select", default=None, help="'workspace', 'latest' or a DVC experiment name")
     ap.add_argument("--figures", help="also save the figures as PNG in this folder")
-    ap.add_argument("--out", help="write the executed notebook here (default: in place)")
+    ap.add_argument("--out", help=f"write the executed notebook here (default: {OUT}, under --project)")
     args = ap.parse_args(argv)
     params = {
         "TRACKING_URI": args.uri,
@@ -85,10 +87,14 @@ def main(argv: list[str] | None = None) -> None:
         "SELECT": args.select,
         "FIGURES_DIR": str(Path(args.figures).resolve()) if args.figures else None,
     }
-    nb = execute({k: v for k, v in params.items() if v is not None}, out=args.out or NOTEBOOK)
-    print(
-        f"executed {NOTEBOOK.name}: {len(png_outputs(nb))} figures -> {args.out or NOTEBOOK}", file=sys.stderr
-    )
+    out = Path(args.out) if args.out else Path(args.project or NOTEBOOK.parent.parent) / OUT
+    if out.resolve() == NOTEBOOK:
+        raise SystemExit(
+            f"error: --out {args.out} is the tracked notebook; executed copies go elsewhere ({OUT})"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nb = execute({k: v for k, v in params.items() if v is not None}, out=out)
+    print(f"executed {NOTEBOOK.name}: {len(png_outputs(nb))} figures -> {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -25,22 +25,30 @@ from cfg.data.datasets import load_prepared
 from cfg.engine.device import resolve_device
 from cfg.eval.stats import load_reference_stats
 from cfg.io import atomic_write_text, write_json
+from cfg.log import get_logger, setup
 from cfg.search.objective import SearchInputs
 from cfg.search.results import best_params_yaml, best_trials, summary
 from cfg.search.space import SearchError, check_search
 from cfg.search.storage import storage_url
-from cfg.search.worker import run_worker, worker_slots
+from cfg.search.worker import quiet_optuna, run_worker, worker_slots
 from cfg.study.config import ParamsError
-from cfg.study.presets import exp_run_command, flat_overrides
+from cfg.study.presets import exp_run_command, flat_overrides, merged_params, parse_set
 from cfg.study.stage import make_extractor
 from cfg.study.store import masked
 from cfg.study.tracking import Tracker
 
+log = get_logger("search")
 
-def _spec(path: str):
-    """The validated params file and search section, or exit(2) with the one-line error."""
+
+def _spec(path: str, args=None):
+    """The validated params file and search section with the command line's overrides (`-S key=value`,
+    `--n-trials`), or exit(2) with the one-line error."""
     try:
-        return check_search(yaml.safe_load(Path(path).read_text()) or {})
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        overrides = parse_set(getattr(args, "set", None) or [])
+        if getattr(args, "n_trials", None) is not None:
+            overrides["search.n_trials"] = args.n_trials
+        return check_search(merged_params(raw, overrides))
     except FileNotFoundError:
         raise SystemExit(f"error: parameter file {path!r} not found") from None
     except (ParamsError, SearchError) as e:
@@ -109,20 +117,16 @@ def run_workers(slots: list[dict[str, str]]) -> int:
         # a session of its own: a Ctrl-C reaches the launcher, which passes it on once
         procs.append(subprocess.Popen(cmd, env={**os.environ, **env}, start_new_session=True))
         pinned = ", ".join(f"{k}={v}" for k, v in env.items()) or "unpinned"
-        print(
-            f"[search] worker {i + 1}/{len(slots)}: pid {procs[-1].pid}, {pinned}",
-            file=sys.stderr,
-            flush=True,
-        )
+        log.info(f"worker {i + 1}/{len(slots)}: pid {procs[-1].pid}, {pinned}")
     codes = [p.wait() for p in procs]
     failed = [(p.pid, 128 - c if c < 0 else c) for p, c in zip(procs, codes, strict=True) if c]
     for pid, code in failed:
-        print(f"[search] worker pid {pid} exited with status {code}", file=sys.stderr, flush=True)
+        log.warning(f"worker pid {pid} exited with status {code}")
     return failed[0][1] if failed else (128 + stop[0] if stop else 0)
 
 
 def cmd_run(args) -> None:
-    spec = _spec(args.params)
+    spec = _spec(args.params, args)
     device = resolve_device(spec.params.train.device)
     if args.gpus or args.workers != 1:  # the launcher of this machine's workers
         visible = -1 if "CUDA_VISIBLE_DEVICES" in os.environ else torch.cuda.device_count()
@@ -143,7 +147,7 @@ def cmd_run(args) -> None:
         study = run_worker(spec, inputs, storage=args.storage)
     except SearchError as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"[search] worker done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    log.info(f"worker done in {time.perf_counter() - t0:.0f}s")
     write_results(study, Path(args.out_dir), spec.params)
 
 
@@ -156,7 +160,7 @@ def _load_study(args, spec) -> optuna.Study:
 
 
 def cmd_best(args) -> None:
-    spec = _spec(args.params)
+    spec = _spec(args.params, args)
     write_results(_load_study(args, spec), Path(args.out_dir), spec.params, args.trial)
 
 
@@ -172,7 +176,7 @@ def cmd_apply(args) -> None:
 
 
 def cmd_dashboard(args) -> None:
-    spec = _spec(args.params)
+    spec = _spec(args.params, args)
     url = storage_url(args.storage or spec.search.storage)
     print(f"optuna-dashboard on http://{args.host}:{args.port} (storage {masked(url)})", flush=True)
     cmd = ["optuna-dashboard", url, "--host", args.host, "--port", str(args.port)]
@@ -186,6 +190,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="parameter file with a search section")
     sub = ap.add_subparsers(dest="command", required=True)
+
+    def overridable(parser) -> None:
+        parser.add_argument(
+            "-S",
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a params.yaml key for this command, e.g. -S train.steps=200 (repeatable); every "
+            "worker of a study needs the same",
+        )
+        parser.add_argument("--n-trials", type=int, help="the study's trial budget (search.n_trials)")
 
     run = sub.add_parser("run", help="run a worker of the study, then write the results")
     run.add_argument("--data", required=True, help="prepared data file (stage prepare)")
@@ -203,6 +218,7 @@ def main() -> None:
         default=1,
         help="worker processes per GPU of --gpus, or on this machine without --gpus (make WORKERS=N)",
     )
+    overridable(run)
     run.set_defaults(func=cmd_run)
 
     best = sub.add_parser("best", help="write the results of the study as it stands")
@@ -211,6 +227,7 @@ def main() -> None:
     )
     best.add_argument("--trial", type=int, help="write this trial's parameters instead of the best's")
     best.add_argument("--storage", help="SQLAlchemy URL of the study; overrides search.storage")
+    overridable(best)
     best.set_defaults(func=cmd_best)
 
     apply = sub.add_parser("apply", help="dvc exp run with a best_params.yaml")
@@ -224,9 +241,12 @@ def main() -> None:
     dash.add_argument("--storage", help="SQLAlchemy URL of the study; overrides search.storage")
     dash.add_argument("--host", default="127.0.0.1")
     dash.add_argument("--port", type=int, default=8080)
+    overridable(dash)
     dash.set_defaults(func=cmd_dashboard)
 
     args = ap.parse_args()
+    setup()
+    quiet_optuna()
     args.func(args)
 
 

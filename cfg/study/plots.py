@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # no display needed; notebooks still render inline
 
@@ -27,11 +28,45 @@ def metric_vs_w(
         ax.plot(g["w"], g[metric], "o-", color=colors[p], label=f"p_uncond={p:g}", ms=4)
         if err and err in g and g[err].notna().any():
             ax.errorbar(g["w"], g[metric], yerr=g[err], fmt="none", ecolor=colors[p], capsize=3, alpha=0.7)
-    ax.set_xlabel("guidance strength w")
     ax.set_ylabel(label or metric.upper())
-    ax.axvline(0, color="0.7", lw=0.8, ls="--")
+    w_axis(ax, df["w"])
     ax.legend(frameon=False)
     return ax
+
+
+def w_axis(ax: Axes, w_values) -> Axes:
+    """w on a symlog axis: linear within the smallest non-zero |w| of the grid, logarithmic beyond, so a grid
+    such as [-1, 0, 0.1, 0.2, 0.3, 0.5, 1, 4] spreads out instead of crowding into [0, 0.5]. A tick at every
+    w of the grid, labelled where the label clears the last labelled one (widths estimated from the font)."""
+    w = np.unique(np.asarray(w_values, dtype=float))
+    nonzero = np.abs(w[w != 0])
+    linthresh = float(nonzero.min()) if len(nonzero) else 1.0
+    ax.set_xscale("symlog", linthresh=linthresh, linscale=0.4)
+    ax.set_xticks(w, [f"{v:g}" for v in w])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.tick_params(axis="x", labelsize=8)
+    if len(w) > 1:
+        ax.set_xlim(*_padded(ax, w[0], w[-1]))
+        to_px = ax.figure.dpi / 72
+        scaled = ax.xaxis.get_transform().transform(w)
+        lo, hi = ax.xaxis.get_transform().transform(np.array(ax.get_xlim()))
+        px = (scaled - lo) / (hi - lo) * ax.get_window_extent().width
+        half = [(0.6 * len(f"{v:g}") * 8 * to_px) / 2 for v in w]  # half a label's width
+        last = None
+        for i, tick in enumerate(ax.xaxis.get_major_ticks()):
+            keep = last is None or px[i] - px[last] >= half[i] + half[last] + 3 * to_px
+            tick.label1.set_visible(keep)
+            last = i if keep else last
+    ax.set_xlabel("guidance strength w (symlog axis)")
+    ax.axvline(0, color="0.7", lw=0.8, ls="--")
+    return ax
+
+
+def _padded(ax: Axes, lo: float, hi: float, pad: float = 0.04) -> tuple[float, float]:
+    """[lo, hi] widened by `pad` of its width on the axis' own scale."""
+    t = ax.xaxis.get_transform()
+    a, b = t.transform(np.array([lo, hi]))
+    return tuple(t.inverted().transform(np.array([a - pad * (b - a), b + pad * (b - a)])))
 
 
 def fid_vs_is(ax: Axes, df: pd.DataFrame, annotate_w: bool = True) -> Axes:
@@ -39,25 +74,62 @@ def fid_vs_is(ax: Axes, df: pd.DataFrame, annotate_w: bool = True) -> Axes:
     colors = _palette(df)
     for p, g in df.sort_values("w").groupby("p_uncond"):
         ax.plot(g["is"], g["fid"], "o-", color=colors[p], label=f"p_uncond={p:g}", ms=4)
-        if annotate_w:
-            _annotate_w(ax, g, colors[p])
     ax.set_xlabel("IS (higher: more fidelity)")
     ax.set_ylabel("FID (lower: closer to data)")
     ax.legend(frameon=False)
+    if annotate_w:
+        _annotate_w(ax, df, colors)
     return ax
 
 
-def _annotate_w(ax: Axes, g: pd.DataFrame, color) -> None:
-    """Label each (IS, FID) point of `g` with its w."""
-    for _, r in g.iterrows():
-        ax.annotate(
-            f"{r['w']:g}",
-            (r["is"], r["fid"]),
-            textcoords="offset points",
-            xytext=(3, 3),
-            fontsize=7,
-            color=color,
+# where a w label may sit relative to its point, in points, tried in this order
+_LABEL_OFFSETS = ((4, 3), (4, -9), (-5, 3), (-5, -9), (4, 9), (-5, 9), (4, -15), (-5, -15))
+
+
+def _annotate_w(ax: Axes, df: pd.DataFrame, colors: dict, fontsize: float = 7) -> int:
+    """Label the (IS, FID) points of df with their w where a label fits: each label takes the first place
+    beside its point (_LABEL_OFFSETS) that overlaps no label placed before it and no other point; a point
+    with no such place stays unlabelled. Call after everything else is drawn (it reads the axes' limits).
+    Returns how many points went unlabelled."""
+    fig = ax.figure
+    ax.autoscale_view()
+    to_px = fig.dpi / 72
+    points = ax.transData.transform(df[["is", "fid"]].to_numpy(dtype=float))  # (N, 2) pixels
+    placed: list[tuple[float, float, float, float]] = []
+    skipped = 0
+
+    def free(box) -> bool:
+        x0, y0, x1, y1 = box
+        clear_of_labels = all(x1 < a0 or x0 > a1 or y1 < b0 or y0 > b1 for a0, b0, a1, b1 in placed)
+        radius = 3 * to_px  # a marker
+        return clear_of_labels and not any(
+            x0 - radius < px < x1 + radius and y0 - radius < py < y1 + radius for px, py in points
         )
+
+    for (_, r), (px, py) in zip(df.iterrows(), points, strict=True):
+        text = f"{r['w']:g}"
+        # the text's size estimated from the font size (0.6 em per character, 1 em high), with a margin
+        width, height = (0.6 * len(text) + 0.4) * fontsize * to_px, 1.2 * fontsize * to_px
+        for dx, dy in _LABEL_OFFSETS:
+            x0 = px + dx * to_px - (width if dx < 0 else 0)
+            y0 = py + dy * to_px
+            box = (x0, y0, x0 + width, y0 + height)
+            if free(box):
+                placed.append(box)
+                ax.annotate(
+                    text,
+                    (r["is"], r["fid"]),
+                    textcoords="offset points",
+                    xytext=(dx, dy),
+                    ha="right" if dx < 0 else "left",
+                    va="bottom",
+                    fontsize=fontsize,
+                    color=colors[r["p_uncond"]],
+                )
+                break
+        else:
+            skipped += 1
+    return skipped
 
 
 def sample_grid(ax: Axes, image: np.ndarray, w_values: list[float], title: str = "") -> Axes:
@@ -77,8 +149,9 @@ def tradeoff_figure(df: pd.DataFrame) -> plt.Figure:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     metric_vs_w(axes[0], df, "fid", err=_spread(df, "fid_range_std"), label="FID")
     metric_vs_w(axes[1], df, "is", err=_spread(df, "is_range_std"), label="IS")
-    fid_vs_is(axes[2], df)
+    fid_vs_is(axes[2], df, annotate_w=False)
     fig.tight_layout()
+    _annotate_w(axes[2], df.sort_values(["p_uncond", "w"]), _palette(df))  # in the final layout's pixels
     return fig
 
 
@@ -137,11 +210,11 @@ def pareto_frontier(ax: Axes, df: pd.DataFrame, pareto: str = "pareto") -> Axes:
         ax.plot(g["is"], g["fid"], "o", mfc="none", color=c, ms=6, alpha=0.6)
         front = g[g[pareto].astype(bool)].sort_values("is")
         ax.plot(front["is"], front["fid"], "o-", color=c, ms=6, lw=1.5, label=f"p_uncond={p:g}")
-        _annotate_w(ax, g, c)
     ax.set_xlabel("IS (higher: more fidelity)")
     ax.set_ylabel("FID (lower: closer to data)")
-    ax.set_title("Pareto fronts (filled), points labelled with w", fontsize=9)
+    ax.set_title("Pareto fronts (filled), points labelled with w where the label fits", fontsize=9)
     ax.legend(frameon=False)
+    _annotate_w(ax, df.sort_values(["p_uncond", "w"]), colors)
     return ax
 
 
@@ -167,9 +240,8 @@ def normalised_metric_vs_w(
             span = g[metric].max() - g[metric].min()
             y = (g[metric] - g[metric].min()) / span if span > 0 else g[metric] * 0
             ax.plot(g["w"], y, style, color=colors[p], ms=3, label=f"{who} p_uncond={p:g}", alpha=0.9)
-    ax.set_xlabel("guidance strength w")
     ax.set_ylabel(f"{metric.upper()} (min-max normalised per curve)")
-    ax.axvline(0, color="0.7", lw=0.8, ls="--")
+    w_axis(ax, both["w"])
     ax.legend(frameon=False, fontsize=7)
     return ax
 

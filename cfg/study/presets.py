@@ -29,6 +29,23 @@ def flat_overrides(preset: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def parse_set(items: list[str]) -> dict[str, object]:
+    """`-S key=value` strings (as `dvc exp run -S` takes them) -> {key: value}, each value read as YAML
+    ('3' -> 3, '[0, 1]' -> [0, 1], 'null' -> None)."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or " " in key.strip():
+            raise ParamsError(
+                f"-S {item!r} is not KEY=VALUE with a dotted params.yaml key, e.g. train.steps=400"
+            )
+        try:
+            out[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ParamsError(f"-S {item!r}: the value is not YAML: {e}".splitlines()[0]) from None
+    return out
+
+
 def merged_params(base: dict, overrides: dict[str, object]) -> dict:
     """params.yaml as a dict with dotted overrides applied (new keys are kept so validation names them)."""
     merged = json.loads(json.dumps(base))

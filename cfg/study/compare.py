@@ -1,0 +1,247 @@
+"""Did my run reproduce the committed one? Two trade-off tables cell by cell, each difference against the
+spread of the cell over its seed ranges (`cfg-lab compare`).
+
+Two runs of the same protocol (the same params.yaml, sampler, steps, seed, sample and seed-range counts,
+extractor) compare even when their metric fingerprints differ: on another CPU the evaluation classifier trains
+to slightly different weights (another fingerprint), and its FIDs move by far less than their seed-to-seed
+spread. Cells whose protocol differs are refused, naming the fields.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+# what makes two cells the same experiment; the fingerprint (the evaluation network's weights and reference
+# statistics) may differ between machines and is reported, not required
+PROTOCOL = (
+    "guidance",
+    "guidance_options",
+    "sampler",
+    "sampler_options",
+    "steps",
+    "seed",
+    "n_samples",
+    "n_per_range",
+    "extractor",
+)
+KEY = ("p_uncond", "w")
+# metric -> the column holding its spread over seed ranges (None: reported without a verdict)
+METRICS = {"fid": "fid_range_std", "is": "is_range_std", "kid_x1e3": None, "class_acc": None}
+# params.yaml keys whose difference is no difference of protocol: where runs are logged, on which device
+IGNORED_PARAMS = ("tracking", "train.device", "train.devices", "train.compile", "sample.compile")
+
+
+class ProtocolMismatch(ValueError):
+    """The two runs are not the same experiment; the message names what differs."""
+
+
+@dataclass
+class Source:
+    """One side of a comparison: its trade-off table, its params.yaml (if known) and where they came from."""
+
+    table: pd.DataFrame
+    params: dict | None
+    label: str
+
+
+def load_source(ref: str, root: str | Path = ".", table: str = "results/tradeoff.csv") -> Source:
+    """`ref` is a folder holding tradeoff.csv (or results/tradeoff.csv), a CSV file, or a git revision of the
+    project at `root` (its committed results/tradeoff.csv and params.yaml)."""
+    root = Path(root)
+    path = Path(ref)
+    if path.is_dir():
+        for candidate in (path / "tradeoff.csv", path / table):
+            if candidate.is_file():
+                params = next(
+                    (
+                        p
+                        for p in (path / "params.yaml", candidate.parent.parent / "params.yaml")
+                        if p.is_file()
+                    ),
+                    None,
+                )
+                return Source(
+                    pd.read_csv(candidate),
+                    yaml.safe_load(params.read_text()) if params else None,
+                    str(candidate),
+                )
+        raise FileNotFoundError(f"{ref}: no tradeoff.csv or {table} in this folder")
+    if path.is_file():
+        return Source(pd.read_csv(path), None, str(path))
+
+    def show(rel: str) -> str:
+        out = subprocess.run(["git", "show", f"{ref}:{rel}"], cwd=root, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise FileNotFoundError(
+                f"{ref!r} is neither a folder, a CSV file nor a git revision with {rel}: "
+                + (out.stderr.strip().splitlines() or ["git show failed"])[-1]
+            )
+        return out.stdout
+
+    params = yaml.safe_load(show("params.yaml"))
+    return Source(pd.read_csv(io.StringIO(show(table))), params, f"{ref}:{table}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def params_difference(a: dict, b: dict) -> dict[str, tuple]:
+    """{dotted key: (a's value, b's value)} of the params that differ, less IGNORED_PARAMS."""
+    fa, fb = _flat(a), _flat(b)
+
+    def ignored(key: str) -> bool:
+        return any(key == i or key.startswith(i + ".") for i in IGNORED_PARAMS)
+
+    return {
+        k: (fa.get(k), fb.get(k))
+        for k in sorted(set(fa) | set(fb))
+        if not ignored(k) and fa.get(k) != fb.get(k)
+    }
+
+
+def compare(
+    ref: Source,
+    mine: Source,
+    *,
+    sigmas: float = 2.0,  # a difference within this many seed-range sds is a reproduction
+) -> pd.DataFrame:
+    """One row per (cell, metric): ref, mine, the difference, the seed-range sd (the larger of the two runs'),
+    z = difference / sd and a verdict: 'identical', 'within noise' (|z| <= sigmas), 'differs', or '-' for a
+    metric without a spread. Raises ProtocolMismatch when the runs are not the same experiment."""
+    if sigmas <= 0:
+        raise ValueError(f"sigmas must be > 0 (seed-range sds a difference may span), got {sigmas}")
+    if ref.params is not None and mine.params is not None:
+        diff = params_difference(ref.params, mine.params)
+        if diff:
+            shown = "; ".join(f"{k}: {a!r} vs {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+            raise ProtocolMismatch(f"params.yaml differs ({ref.label} vs {mine.label}): {shown}")
+    a, b = ref.table, mine.table
+    key = [k for k in (*KEY, "guidance") if k in a and k in b]
+    cells_a, cells_b = (
+        set(map(tuple, a[key].to_numpy().tolist())),
+        set(map(tuple, b[key].to_numpy().tolist())),
+    )
+    if cells_a != cells_b:
+        raise ProtocolMismatch(
+            f"the runs have other cells ({', '.join(key)}): only in {ref.label}: {sorted(cells_a - cells_b)}; "
+            f"only in {mine.label}: {sorted(cells_b - cells_a)}"
+        )
+    merged = a.merge(b, on=key, suffixes=("_ref", "_mine"))
+    protocol = [c for c in PROTOCOL if c in a and c in b and c not in key]
+    for c in protocol:
+        x, y = merged[f"{c}_ref"], merged[f"{c}_mine"]
+        bad = ~((x == y) | (x.isna() & y.isna()))
+        if bad.any():
+            r = merged[bad].iloc[0]
+            raise ProtocolMismatch(
+                f"{c} differs at p_uncond={r['p_uncond']:g} w={r['w']:g}: {r[f'{c}_ref']!r} in {ref.label}, "
+                f"{r[f'{c}_mine']!r} in {mine.label} (a different protocol, not a reproduction)"
+            )
+    rows = []
+    for _, r in merged.iterrows():
+        for metric, spread in METRICS.items():
+            if f"{metric}_ref" not in r or f"{metric}_mine" not in r:
+                continue
+            x, y = float(r[f"{metric}_ref"]), float(r[f"{metric}_mine"])
+            sd = (
+                max(float(r[f"{spread}_ref"]), float(r[f"{spread}_mine"]))
+                if spread and f"{spread}_ref" in r and f"{spread}_mine" in r
+                else np.nan
+            )
+            z = (y - x) / sd if sd and sd > 0 else np.nan
+            verdict = (
+                "identical"
+                if x == y
+                else "-"
+                if np.isnan(z)
+                else "within noise"
+                if abs(z) <= sigmas
+                else "differs"
+            )
+            rows.append(
+                {
+                    **{k: r[k] for k in key},
+                    "metric": metric,
+                    "ref": x,
+                    "mine": y,
+                    "diff": y - x,
+                    "seed_sd": sd,
+                    "z": z,
+                    "verdict": verdict,
+                }
+            )
+    out = pd.DataFrame(rows)
+    out.attrs.update(
+        ref=ref.label,
+        mine=mine.label,
+        sigmas=sigmas,
+        fingerprints=(sorted(set(a["fingerprint"])), sorted(set(b["fingerprint"])))
+        if "fingerprint" in a
+        else None,
+    )
+    return out
+
+
+def verdict(result: pd.DataFrame) -> tuple[bool, str]:
+    """(reproduced, one paragraph): every judged metric identical or within noise."""
+    judged = result[result["metric"].map(lambda m: METRICS.get(m) is not None)]  # those with a spread
+    bad = judged[judged["verdict"] == "differs"]
+    same = (judged["verdict"] == "identical").sum()
+    worst = judged.loc[judged["z"].abs().idxmax()] if judged["z"].notna().any() else None
+    lines = [
+        f"{len(judged)} cell metrics judged ({', '.join(sorted(judged['metric'].unique()))}): {same} identical, "
+        f"{(judged['verdict'] == 'within noise').sum()} within {result.attrs['sigmas']:g} seed-range sd, "
+        f"{len(bad)} differ."
+    ]
+    if worst is not None:
+        lines.append(
+            f"Largest |z| {abs(worst['z']):.2f}: {worst['metric']} at p_uncond={worst['p_uncond']:g} "
+            f"w={worst['w']:g} ({worst['ref']:.4g} -> {worst['mine']:.4g}, seed sd {worst['seed_sd']:.3g})."
+        )
+    fps = result.attrs.get("fingerprints")
+    if fps and fps[0] != fps[1]:
+        lines.append(
+            f"Metric fingerprints differ ({', '.join(fps[0])} vs {', '.join(fps[1])}): another evaluation "
+            "classifier or reference statistics (e.g. another CPU), so the numbers are compared as one protocol "
+            "measured by two networks, not byte for byte."
+        )
+    ok = bad.empty
+    lines.append(
+        "REPRODUCED"
+        if ok
+        else "NOT REPRODUCED: "
+        + ", ".join(
+            f"{r.metric} p_uncond={r.p_uncond:g} w={r.w:g} (z {r.z:+.1f})" for r in bad.head(8).itertuples()
+        )
+    )
+    return ok, " ".join(lines)
+
+
+def format_table(result: pd.DataFrame, metrics: tuple[str, ...] = ("fid", "is")) -> str:
+    """The per-cell table of the judged metrics, one line per cell and metric."""
+    shown = result[result["metric"].isin(metrics)].copy()
+    for c, fmt in (
+        ("ref", "{:.4f}"),
+        ("mine", "{:.4f}"),
+        ("diff", "{:+.4f}"),
+        ("seed_sd", "{:.3f}"),
+        ("z", "{:+.2f}"),
+    ):
+        shown[c] = shown[c].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt.format(v))
+    shown["p_uncond"] = shown["p_uncond"].map("{:g}".format)
+    shown["w"] = shown["w"].map("{:g}".format)
+    return shown.to_string(index=False)

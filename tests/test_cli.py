@@ -1,0 +1,117 @@
+"""The `cfg-lab` command (cfg/cli.py): installed as a console script, its verbs call dvc, the search and the
+analysis with this environment's tools, overrides are validated before anything runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cfg import cli
+from tests.conftest import ROOT
+
+CFG_LAB = Path(sys.executable).parent / "cfg-lab"
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}  # nothing activated: the command finds its own tools
+    env.pop("VIRTUAL_ENV", None)
+    return subprocess.run(
+        [str(CFG_LAB), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_console_script_is_installed_and_lists_the_daily_verbs():
+    out = run_cli("--help", cwd=ROOT / "analysis")  # from a subfolder of the project too
+    assert out.returncode == 0, out.stderr
+    for verb in ("repro", "exp", "compare", "ui", "notebook", "lab", "search", "plots", "bench"):
+        assert f"    {verb} " in out.stdout, verb
+
+
+def test_repro_with_overrides_is_a_validated_exp_run(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT / "cfg")
+    assert cli.main(["repro", "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == "dvc repro"
+    assert cli.main(["repro", "--dry-run", "-S", "sample.steps=16", "-S", "sample.w=[0, 1]"]) == 0
+    assert capsys.readouterr().out.strip() == "dvc exp run -S sample.steps=16 -S 'sample.w=[0, 1]'"
+    assert cli.main(["exp", "run", "--dry-run", "--queue", "--preset", "presets/fashion_mnist_gpu.yaml"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("dvc exp run --queue -S data.name=fashion_mnist"), shown
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-S", "sample.steps=1"], "sample.steps = 1 is out of range: allowed value >= 2"),
+        (["-S", "sample.stepz=8"], "sample.stepz"),
+        (["-S", "sample.steps"], "-S 'sample.steps' is not KEY=VALUE"),
+        (["--preset", "presets/none.yaml"], "preset 'presets/none.yaml' not found"),
+    ],
+)
+def test_bad_overrides_stop_before_dvc_runs(args, message, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["repro", "--dry-run", *args])
+    assert message in str(stop.value)
+    assert "dvc exp run" not in capsys.readouterr().out
+
+
+def test_outside_a_project_the_command_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="is not inside a cfg-lab project"):
+        cli.main(["repro", "--dry-run"])
+
+
+def test_exp_show_keeps_the_columns_worth_reading():
+    out = run_cli("exp", "show", "--csv")
+    assert out.returncode == 0, out.stderr
+    header = next(csv.reader(io.StringIO(out.stdout)))
+    assert {"best_fid", "best_fid_w", "sample.w", "train.p_uncond"} <= set(header)
+    assert set(header) <= set(cli.EXP_SHOW_KEEP) and len(header) <= len(cli.EXP_SHOW_KEEP)
+
+
+def test_search_takes_overrides_and_validates_them(tmp_path):
+    out = run_cli("search", "--no-inputs", "--n-trials", "0", "--out-dir", str(tmp_path))
+    assert out.returncode != 0
+    assert "search.n_trials = 0 is out of range" in out.stderr, out.stderr
+    out = run_cli("search", "--no-inputs", "-S", "search.objective=fidd", "--out-dir", str(tmp_path))
+    assert out.returncode != 0 and "search.objective" in out.stderr and "fidd" in out.stderr, out.stderr
+
+
+def test_the_offline_page_inlines_the_vega_scripts_and_dvc_uses_it(tmp_path, monkeypatch):
+    vega = tmp_path / "vega"
+    vega.mkdir()
+    for name in cli.VEGA_PACKAGES:  # stand-ins: what is checked is where they go, not vega itself
+        (vega / f"{name}.min.js").write_text(f"/* {name} */ var x = '</script>';")
+    page = cli.offline_template(cli.vega_scripts(vega))
+    assert page.count("<script>") == 3 and "<\\/script>" in page and "{plot_divs}" in page
+    assert "cdn" not in page.lower()
+    project = tmp_path / "project"
+    project.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=project, check=True)
+    shutil.copytree(ROOT / ".dvc" / "plots", project / ".dvc" / "plots")
+    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
+    shutil.copy(ROOT / "params.yaml", project / "params.yaml")
+    shutil.copytree(ROOT / "results", project / "results", ignore=shutil.ignore_patterns("cells"))
+    monkeypatch.chdir(project)
+    assert cli.main(["plots", "--vega-dir", str(vega), "-o", "out"]) == 0
+    html = (project / "out" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in html and "/* vega-lite */" in html
+    for plot in ("fid_vs_w", "is_vs_w", "fid_vs_is"):
+        assert f'id = "{plot}"' in html, plot
+    assert '"type": "symlog"' in html, "w on a symlog axis"
+
+
+def test_lab_without_jupyterlab_says_how_to_install_it(monkeypatch):
+    if shutil.which("jupyter-lab", path=str(Path(sys.executable).parent)):
+        pytest.skip("JupyterLab is installed here")
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit, match=r"install -e '\.\[notebook\]'"):
+        cli.main(["lab"])
