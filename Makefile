@@ -8,8 +8,12 @@ STAMP := $(VENV)/.installed
 # `make TORCH='torch --index-url https://download.pytorch.org/whl/cu128' test`
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PORT  ?= 5000
+# the daily verbs: each target below is a thin call of `cfg-lab VERB` (cfg/cli.py), which finds dvc, python and
+# jupyter in this venv whether it is activated or not. Overrides: `make repro SET='sample.steps=16 train.lr=1e-3'`
+CFG_LAB := $(VENV)/bin/cfg-lab
+SET_FLAGS = $(foreach kv,$(SET),-S $(kv))
 
-.PHONY: env repro test test-slow lint ui sync bench preset notebook screenshot
+.PHONY: env repro test test-slow lint ui sync bench preset notebook lab compare plots exp-show screenshot
 
 env: $(STAMP)
 
@@ -19,10 +23,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# the whole pipeline on params.yaml (digits, CPU or GPU), then the trade-off table
+# the whole pipeline on params.yaml (digits, CPU or GPU), then the trade-off table; SET='k=v ...' makes it a
+# `dvc exp run -S k=v ...` in the workspace
 repro: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+	$(CFG_LAB) repro $(SET_FLAGS)
 	@cat results/report.md 2>/dev/null | sed -n '1,40p' || true
+
+# did this checkout's results/ reproduce the committed run? (REF: a git revision or folder, default HEAD)
+REF ?= HEAD
+compare: $(STAMP)
+	$(CFG_LAB) compare $(REF)
+
+# `dvc exp show` with the columns worth reading (cfg-lab exp show --all: every column)
+exp-show: $(STAMP)
+	$(CFG_LAB) exp show
+
+# `dvc plots show` into dvc_plots/index.html, readable offline (the vega scripts are fetched once, inlined)
+plots: $(STAMP)
+	$(CFG_LAB) plots
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -38,19 +56,19 @@ lint: $(STAMP)
 # the MLflow UI on localhost against the project's store (MLFLOW_TRACKING_URI, else tracking_uri in the untracked
 # .cfg-lab.local.yaml, else mlflow.db); the URI is printed with its password masked
 ui: $(STAMP)
-	$(PY) -m cfg.study.tracking ui --port $(PORT)
+	$(CFG_LAB) ui --port $(PORT)
 
 # replay the MLflow logging that stages queued in .mlflow-queue/ while the store failed; end runs of killed stages
 sync: $(STAMP)
-	$(PY) -m cfg.study.tracking sync
+	$(CFG_LAB) sync
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_throughput.py
+	$(CFG_LAB) bench
 
 # apply a preset through DVC experiments, e.g. `make preset PRESET=presets/fashion_mnist_gpu.yaml`
 PRESET ?= presets/fashion_mnist_gpu.yaml
 preset: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" python -m cfg.study.presets $(PRESET) --run
+	$(CFG_LAB) exp run --preset $(PRESET) $(SET_FLAGS)
 
 # Optuna search over params.yaml's search.space (not a DVC stage). `make search` makes the inputs and runs one
 # worker; on more machines `PGPASSWORD=... make search-worker STORAGE=postgresql://user@host/db` (same params.yaml, the
@@ -61,13 +79,16 @@ SEARCH_ARGS = --data data/prepared.pt --classifier models/classifier.pt --refere
 DASHBOARD_PORT ?= 8080
 .PHONY: search search-worker search-apply dashboard
 
+# overrides: `make search N_TRIALS=5 SET='train.steps=200'` (every worker of a study needs the same SET)
+SEARCH_OVERRIDES = $(if $(N_TRIALS),--n-trials $(N_TRIALS)) $(SET_FLAGS)
 search: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro prepare classifier reference
-	$(MAKE) search-worker
+	$(CFG_LAB) search --out-dir $(SEARCH_OUT) $(if $(STORAGE),--storage $(STORAGE)) \
+		$(if $(GPUS),--gpus $(GPUS)) $(if $(WORKERS),--workers $(WORKERS)) $(SEARCH_OVERRIDES)
 
 # GPUS=0,1: one worker per GPU, each pinned by CUDA_VISIBLE_DEVICES; WORKERS=N: N per GPU, or N CPU workers
 search-worker: $(STAMP)
-	$(PY) pipelines/search.py run $(SEARCH_ARGS) $(if $(GPUS),--gpus $(GPUS)) $(if $(WORKERS),--workers $(WORKERS))
+	$(PY) pipelines/search.py run $(SEARCH_ARGS) $(if $(GPUS),--gpus $(GPUS)) $(if $(WORKERS),--workers $(WORKERS)) \
+		$(SEARCH_OVERRIDES)
 
 search-apply: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" python pipelines/search.py apply $(SEARCH_OUT)/best_params.yaml --run
@@ -77,9 +98,14 @@ dashboard: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" python pipelines/search.py dashboard --port $(DASHBOARD_PORT) \
 		$(if $(STORAGE),--storage $(STORAGE))
 
-# the trade-off notebook, run headless on this project's store, outputs saved in place
+# the trade-off notebook, run headless on this project's store; the executed copy goes to results/notebook/
 notebook: $(STAMP)
-	$(PY) -m analysis.notebook
+	$(CFG_LAB) notebook
+
+# JupyterLab on analysis/tradeoff.ipynb with this venv's kernel (installs the notebook extra once)
+lab: $(STAMP)
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q -e '.[notebook]'
+	$(CFG_LAB) lab
 
 # docs/mlflow_compare.png: the MLflow compare view of the workspace's cell runs (needs chromium)
 screenshot: $(STAMP)
