@@ -54,9 +54,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check cfg pipelines analysis tests benchmarks scripts
 
 # the MLflow UI on localhost against the project's store (MLFLOW_TRACKING_URI, else tracking_uri in the untracked
-# .cfg-lab.local.yaml, else mlflow.db); the URI is printed with its password masked
+# .cfg-lab.local.yaml, else mlflow.db; printed with its password masked): one worker, no job runner. It prints
+# links into the latest study (STUDY=<DVC experiment> for another): its cells' runs table and its charts
 ui: $(STAMP)
-	$(CFG_LAB) ui --port $(PORT)
+	$(CFG_LAB) ui --port $(PORT) $(if $(STUDY),--study '$(STUDY)')
 
 # replay the MLflow logging that stages queued in .mlflow-queue/ while the store failed; end runs of killed stages
 sync: $(STAMP)
@@ -107,6 +108,6 @@ lab: $(STAMP)
 	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q -e '.[notebook]'
 	$(CFG_LAB) lab
 
-# docs/mlflow_compare.png: the MLflow compare view of the workspace's cell runs (needs chromium)
+# docs/mlflow_compare.png: the MLflow charts view of the workspace's study (the link `make ui` prints; needs chromium)
 screenshot: $(STAMP)
 	$(PY) scripts/screenshot_mlflow.py
