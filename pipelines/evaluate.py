@@ -40,7 +40,7 @@ def main() -> None:
     params_hash = params.section_hash("sample", "evaluate")
 
     log = get_logger("evaluate")
-    cells = len(params.train.p_uncond) * len(params.sample.w)
+    cells = len(params.train.p_uncond) * len(params.sample.guidance) * len(params.sample.w)
     progress = Progress(f"evaluate on {device.type}", cells, "cells", every_s=0)
     noise, every, scored = None, [], [0]  # scored: cells so far, for the progress lines
     for p in params.train.p_uncond:
@@ -65,7 +65,7 @@ def main() -> None:
             m = record.metrics
             shown = "  ".join(f"{k} {v:.4g}" for k, v in m.items() if not k.endswith(("_std", "_mean")))
             scored[0] += 1
-            progress.update(scored[0], f"p_uncond={record.p_uncond} w={record.w:g}: {shown}")
+            progress.update(scored[0], f"{record.name.removeprefix('cell ')}: {shown}")
 
         records = evaluate_samples(
             samples,

@@ -72,8 +72,32 @@ class Dimension:
         return [value] if self.key in _ONE_VALUE_KEYS else value
 
 
-def _key_type(key: str, where: str) -> type:
-    """The scalar type the schema gives `key` (the item type for train.p_uncond / sample.w)."""
+def _guidance_option_type(key: str, raw_params: dict, where: str) -> type:
+    """The type of `sample.guidance.<label>.<option>`: its default's in the method's registry entry."""
+    from cfg.maths.guidance import GUIDANCE
+
+    parts = key.split(".")
+    entries = (raw_params.get("sample") or {}).get("guidance") or {"cfg": {}}
+    if len(parts) != 4 or parts[2] not in entries:
+        raise SearchError(
+            f"{where}: guidance options are searched as sample.guidance.<label>.<option> with <label> an entry "
+            f"of sample.guidance ({sorted(entries)}), got {key!r}"
+        )
+    label, option = parts[2], parts[3]
+    method = (entries[label] or {}).get("method", label)
+    options = GUIDANCE.options(method) if method in GUIDANCE else {}
+    if option not in options:
+        raise SearchError(
+            f"{where}: {option!r} is not an option of guidance method {method!r}; its options: {sorted(options)}"
+        )
+    return type(options[option])
+
+
+def _key_type(key: str, where: str, raw_params: dict | None = None) -> type:
+    """The scalar type the schema gives `key` (the item type for train.p_uncond / sample.w; a guidance option's
+    default's type for sample.guidance.<label>.<option>)."""
+    if key.startswith("sample.guidance."):
+        return _guidance_option_type(key, raw_params or {}, where)
     section, _, name = key.partition(".")
     cls = _SEARCHABLE.get(section)
     if cls is None:
@@ -149,7 +173,7 @@ def parse_space(space: dict, raw_params: dict) -> list[Dimension]:
     dims = []
     for key, spec in space.items():
         where = f"search.space.{key}"
-        dim = _dimension(key, spec, _key_type(key, where), where)
+        dim = _dimension(key, spec, _key_type(key, where, raw_params), where)
         for value in dim.choices or (dim.low, dim.high):
             try:
                 params_from_dict(merged_params(raw_params, {key: dim.override(value)}))
@@ -237,6 +261,16 @@ def check_search(raw: dict) -> SearchSpec:
         raise SearchError(
             f"train.p_uncond = {params.train.p_uncond}: a trial trains one model; put train.p_uncond in "
             "search.space or give it one value"
+        )
+    guidance = params.sample.guidance
+    if (
+        len(guidance) != 1
+        or next(iter(guidance)) == "autoguidance"
+        or any((o or {}).get("method") == "autoguidance" for o in guidance.values())
+    ):
+        raise SearchError(
+            f"sample.guidance = {guidance}: a trial scores one guidance method without a guide network; give "
+            "sample.guidance one entry (its options may be searched as sample.guidance.<label>.<option>)"
         )
     if s.objective == "fid_is" and "sample.w" not in keys and len(s.w) != 1:
         raise SearchError(

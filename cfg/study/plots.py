@@ -262,7 +262,15 @@ def methods_figure(df: pd.DataFrame) -> plt.Figure:
             ax.plot(g["is"], g["fid"], "o", mfc="none", color=c, ms=5, alpha=0.6)
             front = g[pareto_mask(g["fid"].to_numpy(), g["is"].to_numpy())].sort_values("is")
             ax.plot(front["is"], front["fid"], "o-", color=c, ms=5, lw=1.5, label=m)
-            _annotate_w(ax, g, c)
+            for _, r in g.iterrows():
+                ax.annotate(
+                    f"{r['w']:g}",
+                    (r["is"], r["fid"]),
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                    fontsize=6,
+                    color=c,
+                )
         ax.set_xlabel("IS (higher: more fidelity)")
         ax.set_ylabel("FID (lower: closer to data)")
         ax.set_title(f"p_uncond={p:g}: Pareto fronts (filled) per guidance method", fontsize=9)
