@@ -58,14 +58,25 @@ def merged_params(base: dict, overrides: dict[str, object]) -> dict:
     return merged
 
 
-def set_flags(overrides: dict[str, object]) -> list[str]:
-    """`-S key=value` arguments for `dvc exp run`, values in YAML flow style (lists as [a, b], None as null)."""
+def set_flags(overrides: dict[str, object], base: dict | None = None) -> list[str]:
+    """`-S key=value` arguments for `dvc exp run`, values in YAML flow style (lists as [a, b], None as null);
+    a key that `base` (params.yaml) lacks is `-S +key=value`, DVC's (Hydra's) form for adding one, e.g. a new
+    entry of sample.guidance."""
     flags = []
     for key, value in overrides.items():
         text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
         text = text.removesuffix("\n...").removesuffix("...").strip()
-        flags += ["-S", f"{key}={text}"]
+        flags += ["-S", f"{'' if base is None or _has_key(base, key) else '+'}{key}={text}"]
     return flags
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+    node: object = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def exp_run_command(
@@ -82,7 +93,7 @@ def exp_run_command(
     except ParamsError as e:
         raise ParamsError(f"override would make params.yaml invalid: {e}") from None
     cmd = ["dvc", "exp", "run", *(["--name", name] if name else []), *(extra or [])]
-    return cmd + set_flags(overrides)
+    return cmd + set_flags(overrides, base)
 
 
 def main(argv: list[str] | None = None) -> None:
