@@ -115,3 +115,58 @@ def test_lab_without_jupyterlab_says_how_to_install_it(monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit, match=r"install -e '\.\[notebook\]'"):
         cli.main(["lab"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Slow: on the real tiny pipeline (tests/test_analysis.py's session study) and the real vega scripts
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from tests.test_analysis import tiny_study
+
+    return tiny_study(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_the_daily_verbs_on_a_real_study(tiny):
+    tracked = (ROOT / "analysis" / "tradeoff.ipynb").read_bytes()
+    out = run_cli("notebook", cwd=tiny)
+    assert out.returncode == 0, out.stderr
+    executed = tiny / "results" / "notebook" / "tradeoff.ipynb"
+    assert executed.stat().st_size > 10 * len(tracked), "the copy holds the outputs"
+    assert (tiny / "analysis" / "tradeoff.ipynb").read_bytes() == tracked, "the tracked notebook stays clean"
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=tiny, capture_output=True, text=True).stdout
+    assert "tradeoff.ipynb" not in status and "results/notebook" not in status, status
+
+    same = run_cli("compare", cwd=tiny)  # the committed baseline against the workspace: the same run
+    assert same.returncode == 0 and same.stdout.rstrip().endswith("REPRODUCED"), same.stdout + same.stderr
+    shown = run_cli("exp", "show", "--csv", cwd=tiny)
+    assert shown.returncode == 0 and "wide-w" in shown.stdout, shown.stderr
+
+
+@pytest.mark.slow
+def test_plots_render_offline_in_a_browser(tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not (shutil.which("npm") and chromium):
+        pytest.skip("needs npm (to fetch the vega builds once) and chromium")
+    out = run_cli("plots", "-o", str(tmp_path / "plots"))
+    assert out.returncode == 0, out.stderr
+    page = tmp_path / "plots" / "index.html"
+    assert "cdn.jsdelivr" not in page.read_text()
+    dom = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    # every trade-off plot drawn by vega-embed from the inlined scripts (file://, no network)
+    assert dom.count('class="marks"') >= 3, dom[-2000:]
