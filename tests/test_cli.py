@@ -32,6 +32,8 @@ def test_the_console_script_is_installed_and_lists_the_daily_verbs():
     assert out.returncode == 0, out.stderr
     for verb in ("repro", "exp", "compare", "ui", "notebook", "lab", "search", "plots", "bench"):
         assert f"    {verb} " in out.stdout, verb
+    ui = run_cli("ui", "--help")  # handed to the MLflow UI's own entry point (cfg.study.tracking)
+    assert ui.returncode == 0 and "--port" in ui.stdout, ui.stderr
 
 
 def test_repro_with_overrides_is_a_validated_exp_run(monkeypatch, capsys):
