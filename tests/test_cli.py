@@ -78,6 +78,22 @@ def test_exp_show_keeps_the_columns_worth_reading():
     assert set(header) <= set(cli.EXP_SHOW_KEEP) and len(header) <= len(cli.EXP_SHOW_KEEP)
 
 
+def test_the_search_script_applies_overrides_before_validating(monkeypatch):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("search_script", ROOT / "pipelines" / "search.py")
+    search = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search)
+    monkeypatch.chdir(ROOT)
+    args = argparse.Namespace(set=["search.seed=7", "train.steps=120"], n_trials=5)
+    s = search._spec("params.yaml", args)
+    assert (s.search.n_trials, s.search.seed, s.params.train.steps) == (5, 7, 120)
+    with pytest.raises(SystemExit, match="search.n_trials = 0 is out of range"):
+        search._spec("params.yaml", argparse.Namespace(set=["search.n_trials=0"], n_trials=None))
+
+
+@pytest.mark.slow
 def test_search_takes_overrides_and_validates_them(tmp_path):
     out = run_cli("search", "--no-inputs", "--n-trials", "0", "--out-dir", str(tmp_path))
     assert out.returncode != 0
