@@ -10,28 +10,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.selection import require_comparable
+from cfg.study.frontier import hypervolume, pareto_mask  # one implementation: the report's
 
-
-def pareto_mask(fid: np.ndarray, is_: np.ndarray) -> np.ndarray:
-    """True where no other point has FID <= and IS >= with one of them strict (the FID-vs-IS Pareto set)."""
-    fid, is_ = np.asarray(fid, float), np.asarray(is_, float)
-    no_worse = (fid[None, :] <= fid[:, None]) & (is_[None, :] >= is_[:, None])  # [i, j]: j no worse than i
-    better = (fid[None, :] < fid[:, None]) | (is_[None, :] > is_[:, None])
-    return ~(no_worse & better).any(axis=1)
-
-
-def hypervolume(fid: np.ndarray, is_: np.ndarray, ref_fid: float, ref_is: float) -> float:
-    """Area of the (IS, FID) region the points dominate, bounded by the reference point (worst IS, worst FID)."""
-    pts = sorted(
-        ((i, f) for f, i in zip(fid, is_, strict=True) if f <= ref_fid and i >= ref_is), key=lambda p: -p[0]
-    )
-    area, best_fid = 0.0, ref_fid
-    # sweep from the largest IS down; each strip's height is its best FID yet
-    for k, (i, f) in enumerate(pts):
-        best_fid = min(best_fid, f)
-        next_is = pts[k + 1][0] if k + 1 < len(pts) else ref_is
-        area += (i - next_is) * (ref_fid - best_fid)
-    return area
+__all__ = ["curve_shapes", "frontier_fid", "frontiers", "hypervolume", "pareto_mask", "rank_frontiers"]
 
 
 def _curves(df: pd.DataFrame, by: str) -> pd.DataFrame:

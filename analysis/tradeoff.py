@@ -5,6 +5,8 @@ Each concept lives in its own module; this one re-exports their public names:
 - `analysis.loaders`: every evaluated cell from the MLflow store and the DVC experiments in one frame;
 - `analysis.selection`: which rows make one study, and the refusal to compare mixed metric fingerprints;
 - `analysis.frontiers`: FID-vs-IS Pareto fronts, their ranking and the curves' shape;
+- `cfg.study.frontier`: the guidance methods of a study compared on one protocol (`compare_methods` of the
+  cell records, `dominance_sentences`), as the report shows them;
 - `analysis.paper`: the paper's Table 1 and our shape beside it;
 - `analysis.narrative`: the findings in words.
 """
@@ -35,6 +37,7 @@ from analysis.loaders import (
 from analysis.narrative import narrative
 from analysis.paper import compare_to_paper, paper_table1
 from analysis.selection import fingerprint_groups, require_comparable, select
+from cfg.study.frontier import compare_methods, dominance_sentences, front_dominates
 
 __all__ = [
     "CELL_PARAMS",
@@ -43,12 +46,15 @@ __all__ = [
     "LEADING",
     "TAGS",
     "cell_records",
+    "compare_methods",
     "compare_to_paper",
     "curve_shapes",
     "dvc_exp_show",
     "dvc_revisions",
+    "dominance_sentences",
     "dvc_tables",
     "fingerprint_groups",
+    "front_dominates",
     "frontier_fid",
     "frontiers",
     "hypervolume",

@@ -8,6 +8,7 @@ Pure numpy / pandas; `analysis.frontiers` re-exports `pareto_mask` and `hypervol
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import numpy as np
@@ -49,47 +50,78 @@ def front_dominates(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(weak.any(axis=1).all() and strict.any())
 
 
-def compare_methods(records: list[CellRecord]) -> pd.DataFrame:
+def _cells(data: list[CellRecord] | pd.DataFrame) -> list[dict]:
+    # (p_uncond, method, w, fid, is, fid sd, per-range fid and is) of records, or of a trade-off table / tidy frame
+    if isinstance(data, pd.DataFrame):
+        out = []
+        for _, r in data.iterrows():
+            options = r["guidance_options"]
+            options = json.loads(options) if isinstance(options, str) else dict(options or {})
+            sd = r.get("fid_range_std")
+            out.append(
+                {
+                    "p_uncond": r["p_uncond"],
+                    "method": guidance_name(r["guidance"], options),
+                    "w": r["w"],
+                    "fid": r["fid"],
+                    "is": r["is"],
+                    "sd": None if pd.isna(sd) else sd,
+                    "ranges": {},
+                }
+            )
+        return out
+    return [
+        {
+            "p_uncond": r.p_uncond,
+            "method": guidance_name(r.guidance, r.guidance_options),
+            "w": r.w,
+            "fid": r.metrics["fid"],
+            "is": r.metrics["is"],
+            "sd": r.metrics.get("fid_range_std"),
+            "ranges": r.ranges,
+        }
+        for r in data
+    ]
+
+
+def compare_methods(data: list[CellRecord] | pd.DataFrame) -> pd.DataFrame:
     """Per (p_uncond, guidance method with options): its FID-vs-IS frontier against the others' on the same model.
 
     Columns: `method` (`guidance_name`), n_w, n_pareto, pareto_w; best_fid, best_fid_w and best_fid_sd (the sd
     of FID over seed ranges at that cell); `hypervolume`: the area its cells dominate up to the reference point
     (the worst IS and FID of all methods of that p_uncond, 10% of their span further) as a share of the box
     from there to the best values; `hypervolume_sd`: its sd over the seed ranges (each range's FID and IS, the
-    same reference and box); `dominates` / `dominated_by`: the methods whose cells its cells dominate as a set
-    (`front_dominates`), `;`-joined. Rows in the records' order of methods.
+    same reference and box; records only: a table has no per-range values); `dominates` / `dominated_by`: the
+    methods whose cells its cells dominate as a set (`front_dominates`), `;`-joined. Rows in the order of
+    methods in `data` (cell records, or the trade-off table / a tidy frame of one study).
     """
     rows = []
-    by_p: dict[float, dict[str, list[CellRecord]]] = {}
-    for r in records:
-        by_p.setdefault(r.p_uncond, {}).setdefault(guidance_name(r.guidance, r.guidance_options), []).append(
-            r
-        )
+    by_p: dict[float, dict[str, list[dict]]] = {}
+    for c in _cells(data):
+        by_p.setdefault(c["p_uncond"], {}).setdefault(c["method"], []).append(c)
     for p, methods in by_p.items():
-        every = [r for cells in methods.values() for r in cells]
-        fid_all = np.array([r.metrics["fid"] for r in every])
-        is_all = np.array([r.metrics["is"] for r in every])
+        every = [c for cells in methods.values() for c in cells]
+        fid_all = np.array([c["fid"] for c in every])
+        is_all = np.array([c["is"] for c in every])
         ref_fid = fid_all.max() + 0.1 * np.ptp(fid_all)
         ref_is = is_all.min() - 0.1 * np.ptp(is_all)
         box = (is_all.max() - ref_is) * (ref_fid - fid_all.min())
-        points = {
-            m: np.array([[r.metrics["fid"], r.metrics["is"]] for r in cells]) for m, cells in methods.items()
-        }
+        points = {m: np.array([[c["fid"], c["is"]] for c in cells]) for m, cells in methods.items()}
         for m, cells in methods.items():
             pts = points[m]
             front = pareto_mask(pts[:, 0], pts[:, 1])
             k = int(np.argmin(pts[:, 0]))
-            n_ranges = len(cells[0].ranges.get("fid", []))
+            ranged = all("fid" in c["ranges"] and "is" in c["ranges"] for c in cells)
+            n_ranges = len(cells[0]["ranges"].get("fid", [])) if ranged else 0
             hv_ranges = [
                 hypervolume(
-                    np.array([c.ranges["fid"][j] for c in cells]),
-                    np.array([c.ranges["is"][j] for c in cells]),
+                    np.array([c["ranges"]["fid"][j] for c in cells]),
+                    np.array([c["ranges"]["is"][j] for c in cells]),
                     ref_fid,
                     ref_is,
                 )
                 / box
                 for j in range(n_ranges)
-                if all("is" in c.ranges and "fid" in c.ranges for c in cells)
             ]
             rows.append(
                 {
@@ -97,10 +129,10 @@ def compare_methods(records: list[CellRecord]) -> pd.DataFrame:
                     "method": m,
                     "n_w": len(cells),
                     "n_pareto": int(front.sum()),
-                    "pareto_w": [c.w for c, f in zip(cells, front, strict=True) if f],
+                    "pareto_w": [c["w"] for c, f in zip(cells, front, strict=True) if f],
                     "best_fid": float(pts[k, 0]),
-                    "best_fid_w": cells[k].w,
-                    "best_fid_sd": cells[k].metrics.get("fid_range_std"),
+                    "best_fid_w": cells[k]["w"],
+                    "best_fid_sd": cells[k]["sd"],
                     "hypervolume": hypervolume(pts[:, 0], pts[:, 1], ref_fid, ref_is) / box
                     if box > 0
                     else np.nan,
