@@ -193,8 +193,11 @@ def cmd_tracking(args, rest: list[str]) -> int:
 def cmd_notebook(args, rest: list[str]) -> int:
     from analysis.notebook import main as notebook_main
 
-    os.chdir(project_root())
-    notebook_main(rest)
+    root = project_root()
+    os.chdir(root)
+    # this project's runs and results/, not those of the checkout the analysis package was installed from
+    has_project = any(a == "--project" or a.startswith("--project=") for a in rest)
+    notebook_main(rest if has_project else ["--project", str(root), *rest])
     return 0
 
 
