@@ -5,7 +5,7 @@
 
 Writes the merged params.yaml (validated first), runs `dvc repro` with the stages' output streaming, and copies
 params.yaml, the results (table, metrics, report, figure, a sample grid) and the first model's FID curve
-(eval.csv) into --out: 7 files, as a lent GPU machine returns at most 8.
+(eval.csv) and dvc.lock into --out: 8 files, as many as a lent GPU machine returns.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("preset", help="preset YAML (only what differs from params.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value (YAML values), applied after the preset")
     ap.add_argument("--out", required=True, help="folder for what comes back")
+    ap.add_argument(
+        "--targets", nargs="*", default=[], help="dvc repro only these stages (and what they need)"
+    )
     args = ap.parse_args()
     base = yaml.safe_load(Path("params.yaml").read_text())
     changes = flat_overrides(yaml.safe_load(Path(args.preset).read_text()))
@@ -40,7 +43,7 @@ def main() -> None:
     params_from_dict(merged)  # fail here, before any work
     Path("params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
     t0 = time.perf_counter()
-    rc = subprocess.call(["dvc", "repro"])
+    rc = subprocess.call(["dvc", "repro", *args.targets])
     print(f"[gpu_study] dvc repro exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,6 +59,8 @@ def main() -> None:
         shutil.copy(grid, out / "grid.png")
     for curve in sorted(Path("models").glob("p_uncond=*/eval.csv"))[:1]:
         shutil.copy(curve, out / "eval.csv")
+    if Path("dvc.lock").is_file():
+        shutil.copy("dvc.lock", out / "dvc.lock")
     if Path("results/plots/tradeoff.png").is_file():
         shutil.copy("results/plots/tradeoff.png", out / "tradeoff.png")
     sys.exit(rc)

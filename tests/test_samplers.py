@@ -169,6 +169,25 @@ def test_second_order_samplers_converge_at_second_order_on_the_exact_ode():
         assert err["ddim", steps] / err["ddim", 2 * steps] < 2.6, err  # first order: ~2
     assert err["dpmpp_2m", 32] < err["ddim", 32] / 5, err
     assert err["dpmpp_2m", 128] < 2e-3, err
-    for steps in (32, 64):  # EDM's Heun: second order too (2T - 1 evaluations)
+    for steps in (32, 64):  # EDM's Heun: second order too (2T - 3 evaluations)
         assert err["heun", steps] / err["heun", 2 * steps] > 3.0, err
     assert err["heun", 64] < err["ddim", 64] / 5, err
+
+
+def test_few_step_second_order_samplers_on_the_sampling_schedule():
+    """On the sampling schedule itself (uniform u, `sampling_lambdas`: at T = 8 the first move goes from
+    s = σ/α = e^10 down to s ≈ 4 and the last one as far into σ ≈ 0), DPM-Solver++(2M) and Heun beat DDIM against
+    the exact ODE endpoint at every few-step T. Guards the Euler first/last moves of Heun (a trapezoidal correction
+    there multiplies ε̂'s change by s ≈ e^10) and DPM-Solver++'s first-order last move (its second-order D would
+    extrapolate x̂ by 1 + 1/(2r) ≈ 5)."""
+    mean, var = torch.tensor([0.8, -0.5]), torch.tensor([0.6, 0.05])
+    model = GaussianMixtureEps(mean[None], torch.diag(var)[None])
+    z = torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.zeros(500, dtype=torch.long)
+    denoise = guided_denoiser(model, labels, torch.zeros((), dtype=torch.float64), model.null_label)
+    for steps in (5, 8, 16):
+        lambdas = sampling_lambdas(steps)
+        exact = _exact_ode_endpoint(model, z, lambdas, mean.double(), var.double())
+        err = {name: (SAMPLERS[name](denoise, z, lambdas) - exact).abs().max().item() for name in SAMPLERS}
+        assert err["dpmpp_2m"] < err["ddim"], (steps, err)
+        assert err["heun"] < err["ddim"], (steps, err)

@@ -162,7 +162,8 @@ def sample_dpmpp_2m(
     with D = x̂_λ on the first step (which is then DDIM) and on the last, to λ_T where σ ≈ 0: as k-diffusion's
     `sample_dpmpp_2m` (first order into σ = 0) and diffusers' `lower_order_final`. The last move's h is as long
     as the first's on the cosine schedule, so r = h_prev / h is small there and the second-order D would
-    extrapolate x̂ by 1 + 1/(2r) (≈ 5 at T = 8: FID 53 instead of 14 on the 8×8 digits model)."""
+    extrapolate x̂ by 1 + 1/(2r) (≈ 5 at T = 8; on the 8×8 digits model at w = 0, 300 samples: FID 53.3
+    with the second-order last move, 10.0 with the first-order one)."""
     _check_lambdas(lambdas)
     lambdas = lambdas.to(device=z.device, dtype=torch.float64)
     total = lambdas.numel()
@@ -206,8 +207,9 @@ def sample_heun(
     last, as in EDM's Alg. 1, because it ends at σ ≈ 0. The first because it starts at s = e^(−λ_min/2)
     (22,026 for λ_min = −20, far above EDM's σ_max = 80) and shrinks s by orders of magnitude: the trapezoidal
     rule weighs the slope at its end (ε̂ at the much lower noise level) like the slope at its start, an error
-    of about s·|ε̂_1 − ε̂_0|/2 (FID > 1,000 on the 8×8 digits model at any T), while the Euler step from pure
-    noise is DDIM's. Neither changes the order: a fixed number of Euler steps adds O(h²) to the global error."""
+    of about s·|ε̂_1 − ε̂_0|/2 (FID 1,442 to 2,299 at w = 0 for T = 4 to 16 on the 8×8 digits model; 12.2 at
+    T = 5 with the Euler first and last moves), while the Euler step from pure noise is DDIM's.
+    Neither changes the order: a fixed number of Euler steps adds O(h²) to the global error."""
     _check_lambdas(lambdas)
     lambdas = lambdas.to(device=z.device, dtype=torch.float64)
     total = lambdas.numel()
