@@ -1,0 +1,172 @@
+"""analysis/findings.py: the paper's three findings judged against the seed spread, on synthetic trade-off
+frames whose answer is known by hand and on the committed embedded-default results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import findings as F
+from analysis.frontiers import rank_frontiers
+
+ROOT = Path(__file__).resolve().parents[1]
+W = [0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0]
+U_FID = [10.0, 8.0, 6.0, 7.0, 9.0, 14.0, 20.0]  # minimum at w = 0.3
+RISING_IS = [5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0]
+
+
+def frame(curves: dict, fid_sd=0.1, is_sd=0.05, ranges: int = 4, w=W) -> pd.DataFrame:
+    """A trade-off table: curves = {p_uncond: (fid list, is list)}, the same range sd in every cell."""
+    rows = []
+    for p, (fid, is_) in curves.items():
+        for wi, f, i in zip(w, fid, is_, strict=True):
+            rows.append(
+                dict(
+                    p_uncond=p,
+                    w=wi,
+                    guidance="cfg",
+                    guidance_options="{}",
+                    fid=f,
+                    is_=i,
+                    fid_range_std=fid_sd,
+                    is_range_std=is_sd,
+                    n_samples=1000 * ranges,
+                    n_per_range=1000,
+                    fingerprint="fp",
+                )
+            )
+    return pd.DataFrame(rows).rename(columns={"is_": "is"})
+
+
+def verdict(out: pd.DataFrame, finding: int, p: str) -> str:
+    row = out[(out["finding"] == F.FINDINGS[finding]) & (out["p_uncond"] == p)]
+    assert len(row) == 1, out
+    return row["verdict"].iloc[0]
+
+
+def test_clear_u_with_minimum_at_0_3_is_reproduced():
+    out = F.check_findings(frame({0.1: (U_FID, RISING_IS)}))
+    assert verdict(out, 1, "0.1") == F.REPRODUCED
+    d = out.iloc[0]["detail"]
+    assert d["w_star"] == 0.3 and d["fid0_minus_star"] == pytest.approx(4.0)
+    # unpaired se of a difference: sqrt(0.1^2 + 0.1^2) / sqrt(4)
+    assert d["se0"] == pytest.approx(np.hypot(0.1, 0.1) / 2)
+
+
+def test_fid_rising_from_w0_is_not_reproduced():
+    fid = [5.0, 6.0, 7.0, 8.0, 10.0, 15.0, 20.0]
+    out = F.check_findings(frame({0.1: (fid, RISING_IS)}))
+    assert verdict(out, 1, "0.1") == F.NOT_REPRODUCED
+    assert out.iloc[0]["detail"]["closest_w"] == 0.1
+    # the same curve, but w = 0.1 only 0.1 above w = 0 with a range sd of 0.5: within the spread
+    fid[1] = 5.1
+    out = F.check_findings(frame({0.1: (fid, RISING_IS)}, fid_sd=0.5))
+    assert verdict(out, 1, "0.1") == F.INCONCLUSIVE
+
+
+def test_u_whose_dip_is_smaller_than_the_spread_is_inconclusive():
+    fid = [6.3, 6.1, 6.0, 6.2, 9.0, 14.0, 20.0]  # dip of 0.3 below w = 0; se = hypot(0.5, 0.5) / 2 = 0.35
+    out = F.check_findings(frame({0.1: (fid, RISING_IS)}, fid_sd=0.5))
+    assert verdict(out, 1, "0.1") == F.INCONCLUSIVE
+    assert "+0.3 ± 0.35" in out.iloc[0]["numbers"]
+    # no seed spread at all: nothing can be beyond it
+    bare = frame({0.1: (fid, RISING_IS)}).drop(columns=["fid_range_std", "is_range_std", "n_per_range"])
+    assert verdict(F.check_findings(bare), 1, "0.1") == F.NO_SPREAD
+
+
+def test_paired_ranges_decide_when_three_or_more_are_known():
+    # the dip (0.3) is within the unpaired spread, but every range shows it: shared noise cancels in the pair
+    fid = [6.3, 6.1, 6.0, 6.2, 9.0, 14.0, 20.0]
+    df = frame({0.1: (fid, RISING_IS)}, fid_sd=0.5)
+    offsets = np.array([-0.6, -0.2, 0.2, 0.6])  # common to every w of a range
+    df["fid_ranges"] = [list(f + offsets + 0.01 * np.arange(4) * i) for i, f in enumerate(df["fid"])]
+    out = F.check_findings(df)
+    assert verdict(out, 1, "0.1") == F.REPRODUCED
+    assert out.iloc[0]["detail"]["se_kind"] == "paired"
+    # with two ranges the paired sd (1 df) is only shown, the unpaired bound decides
+    two = frame({0.1: (fid, RISING_IS)}, fid_sd=0.5, ranges=2)
+    two["fid_ranges"] = [[f - 0.5, f + 0.5 + 0.01 * i] for i, f in enumerate(two["fid"])]
+    out = F.check_findings(two)
+    assert verdict(out, 1, "0.1") == F.INCONCLUSIVE and "[paired, 1 df" in out.iloc[0]["numbers"]
+
+
+def test_is_dip_beyond_spread_is_named():
+    is_ = [5.0, 5.5, 6.0, 5.5, 7.0, 7.5, 8.0]  # falls 0.5 from w = 0.3 to 0.5; se = hypot(.05, .05) / 2
+    out = F.check_findings(frame({0.1: (U_FID, is_)}))
+    assert verdict(out, 2, "0.1") == F.NOT_REPRODUCED
+    row = out[out["finding"] == F.FINDINGS[2]].iloc[0]
+    assert row["detail"]["falls_beyond_spread"] == ["0.3->0.5"]
+    assert "falls beyond spread: 0.3->0.5" in row["numbers"]
+    # a small dip within the spread, rising end to end beyond it: Spearman < 1 and not every step rises
+    # beyond the spread, so inconclusive, the dip listed
+    is_[3] = 5.98
+    out = F.check_findings(frame({0.1: (U_FID, is_)}, is_sd=0.2))
+    assert verdict(out, 2, "0.1") == F.INCONCLUSIVE
+    assert "dips within spread: 0.3->0.5" in out[out["finding"] == F.FINDINGS[2]].iloc[0]["numbers"]
+    assert verdict(F.check_findings(frame({0.1: (U_FID, RISING_IS)})), 2, "0.1") == F.REPRODUCED
+
+
+def frontier_curves(fid_shift_05: float) -> dict:
+    # 0.1 and 0.2 share one curve; 0.5's is that curve with FID worse by fid_shift_05 at every w
+    return {
+        0.1: (U_FID, RISING_IS),
+        0.2: (U_FID, RISING_IS),
+        0.5: ([f + fid_shift_05 for f in U_FID], RISING_IS),
+    }
+
+
+def test_frontier_where_05_is_dominated_is_reproduced():
+    out = F.check_findings(frame(frontier_curves(3.0)))
+    assert verdict(out, 3, "0.1, 0.2 vs 0.5") == F.REPRODUCED
+    # the same hypervolume shares as analysis.frontiers.rank_frontiers on those cells
+    df = frame(frontier_curves(3.0))
+    hv = rank_frontiers(df)["hypervolume"]
+    detail = out.iloc[-1]["detail"]
+    for p in (0.1, 0.2, 0.5):
+        assert detail["hypervolume"][f"{p:g}"] == pytest.approx(hv[p])
+    # 0.5 ahead beyond the spread: not reproduced; a hair behind with a wide spread: inconclusive
+    assert verdict(F.check_findings(frame(frontier_curves(-3.0))), 3, "0.1, 0.2 vs 0.5") == F.NOT_REPRODUCED
+    wide = F.check_findings(frame(frontier_curves(0.05), fid_sd=2.0, is_sd=0.5))
+    assert verdict(wide, 3, "0.1, 0.2 vs 0.5") == F.INCONCLUSIVE
+
+
+def test_frontier_without_05_is_not_testable():
+    curves = frontier_curves(3.0)
+    del curves[0.5]
+    out = F.check_findings(frame(curves))
+    assert verdict(out, 3, "0.1, 0.2 vs 0.5") == "not testable"
+    assert "0.1, 0.2" in out.iloc[-1]["numbers"]
+
+
+def test_other_methods_and_negative_w_are_left_out():
+    df = frame({0.1: (U_FID, RISING_IS)})
+    extra = df.iloc[[0]].assign(w=-1.0, fid=1.0)  # an unconditional cell far better than any: not counted
+    other = df.assign(guidance="interval", guidance_options='{"lambda_lo": -3.0}', fid=0.5)
+    out = F.check_findings(pd.concat([df, extra, other], ignore_index=True))
+    assert verdict(out, 1, "0.1") == F.REPRODUCED
+    assert out.attrs["w"] == W
+
+
+def test_committed_embedded_default_results(tmp_path, capsys):
+    df = F.load_tradeoff(ROOT / "results")
+    assert df["fid_ranges"].map(lambda v: isinstance(v, list)).all()  # the cell records were matched
+    out = F.check_findings(df)
+    ps = sorted(f"{p:g}" for p in df["p_uncond"].unique())
+    for finding in (1, 2):
+        assert sorted(out.loc[out["finding"] == F.FINDINGS[finding], "p_uncond"]) == ps
+    assert (out["finding"] == F.FINDINGS[3]).sum() == 1
+    allowed = {F.REPRODUCED, F.NOT_REPRODUCED, F.INCONCLUSIVE, F.NO_SPREAD, "not testable"}
+    assert set(out["verdict"]) <= allowed
+    # finding 2 verified from the data: IS rises at every w >= 0 step of every p_uncond in the table
+    cells = df[df["w"] >= 0].sort_values(["p_uncond", "w"])
+    if cells.groupby("p_uncond")["is"].apply(lambda s: bool(np.all(np.diff(s) > 0))).all():
+        assert (out.loc[out["finding"] == F.FINDINGS[2], "verdict"] != F.NOT_REPRODUCED).all()
+    # the command: a markdown table, JSON, exit code 0
+    assert F.main([str(ROOT / "results" / "tradeoff.csv"), "--json", str(tmp_path / "f.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "| finding | p_uncond | verdict | numbers |" in printed
+    assert len(json.loads((tmp_path / "f.json").read_text())["findings"]) == len(out)
