@@ -112,7 +112,9 @@ def tidy_mlflow(raw: pd.DataFrame) -> pd.DataFrame:
     out["train_run_id"] = (
         cells["tags.model_run_id"].fillna(parent) if "tags.model_run_id" in cells else parent
     )
-    trains = raw[raw["tags.run_kind"] == "train"].dropna(axis=1, how="all").set_index("run_id")
+    # the models' runs: train runs, or where the store lacks them (a clone) the sample stage's stand-ins
+    models = raw[raw["tags.run_kind"].isin(["train", "sample"])].dropna(axis=1, how="all")
+    trains = models.set_index("run_id") if "run_id" in models else models
     for col in sorted(c for c in trains if c.startswith("params.") and c.removeprefix("params.") not in out):
         by_run = trains[col].dropna()
         if not by_run.empty:

@@ -25,7 +25,8 @@ from analysis.tradeoff import load_runs, select  # noqa: E402
 from cfg.study.store import tracking_uri  # noqa: E402
 from cfg.study.ui import view_urls  # noqa: E402
 
-# the page is drawn: the three scatter plots (plotly; the parallel coordinates are not) and every cell's grid
+# the page is drawn: the three scatter plots (plotly; the parallel coordinates are not) and the sample grids (of
+# the first 10 cells: the UI's image card shows no more)
 DRAWN = (
     "document.querySelectorAll('.js-plotly-plot').length >= 3 && "
     "[...document.querySelectorAll('img')].filter(i => i.complete && i.naturalWidth > 0).length >= {n}"
@@ -35,7 +36,7 @@ DRAWN = (
 async def _shoot(url: str, out: Path, n_cells: int, width: int, height: int) -> None:
     async with chromium_page(width, height) as page:
         await page.open(url)
-        await page.wait_for(DRAWN.replace("{n}", str(n_cells)))
+        await page.wait_for(DRAWN.replace("{n}", str(min(n_cells, 10))))
         await page.js("document.querySelector('[aria-label=\"Hide banner\"]')?.click()")  # 'a shared view'
         await asyncio.sleep(2)  # plotly's last redraw
         shot = await page.send("Page.captureScreenshot", format="png")

@@ -106,9 +106,8 @@ def test_ui_opens_on_the_cells_of_the_latest_study_with_fid_and_is(tiny, tmp_pat
     # the charts link: the parallel coordinates of p_uncond, w, fid, is and every cell's sample grid, loaded
     parallel, samples, n_images = charts
     assert all(axis in parallel.split("\n") for axis in ("p_uncond", "w", "fid", "is")), parallel
-    assert n_images == len(cells)
-    for cell in cells.values():
-        assert cell["info"]["run_name"] in samples.split("\n")
+    assert n_images == min(len(cells), 10), "the UI's image card shows the first 10 runs"
+    assert sum(cell["info"]["run_name"] in samples.split("\n") for cell in cells.values()) == n_images
     # lean: the mlflow command and its one uvicorn worker
     assert len(processes) == 2 and "uvicorn" in processes[1] and "--workers 1" in processes[1], processes
     assert not any("huey" in p or "job_runner" in p for p in processes)
