@@ -226,7 +226,7 @@ def test_stages_relaunch_under_torchrun_and_match_one_process(project):
         [*py, "pipelines/train.py", "--p-uncond", "0.1", "--data", "data/prepared.pt", "--out-dir", "two"],
         project,
     )
-    assert "on 2 x cpu" in out.stdout
+    assert "on 2 x cpu" in out.stderr  # progress and summary lines go to the log (stderr, cfg.log)
     two_ckpt = torch.load(project / "two/checkpoint.pt", weights_only=True)
     assert two_ckpt["meta"]["processes"] == 2
     a, b = one_ckpt["state_dict"], two_ckpt["state_dict"]
@@ -235,7 +235,7 @@ def test_stages_relaunch_under_torchrun_and_match_one_process(project):
         [*py, "pipelines/sample.py", "--checkpoint", "models/p_uncond=0.1/checkpoint.pt", "--out-dir", "s2"],
         project,
     )
-    assert "2 process(es)" in out.stdout
+    assert "2 process(es)" in out.stderr
     two_samples = torch.load(project / "s2/samples.pt", weights_only=True)
     assert torch.equal(one_samples["images"], two_samples["images"])
     assert (project / "s2/grid.png").read_bytes() == (project / "samples/p_uncond=0.1/grid.png").read_bytes()
