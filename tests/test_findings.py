@@ -153,7 +153,12 @@ def test_other_methods_and_negative_w_are_left_out():
 
 def test_committed_embedded_default_results(tmp_path, capsys):
     df = F.load_tradeoff(ROOT / "results")
-    assert df["fid_ranges"].map(lambda v: isinstance(v, list)).all()  # the cell records were matched
+    # results/cells is a DVC output: absent from a fresh clone, present after dvc repro
+    if (ROOT / "results" / "cells").is_dir():
+        assert df["fid_ranges"].map(lambda v: isinstance(v, list)).all()  # the cell records were matched
+    # git-tracked cell records beside a table (docs/results/fashion_mnist/cells_*.json) are always matched
+    gpu = F.load_tradeoff(ROOT / "docs" / "results" / "fashion_mnist")
+    assert gpu["fid_ranges"].map(lambda v: isinstance(v, list) and len(v) == 4).all()
     out = F.check_findings(df)
     ps = sorted(f"{p:g}" for p in df["p_uncond"].unique())
     for finding in (1, 2):
