@@ -256,12 +256,14 @@ def methods_figure(df: pd.DataFrame) -> plt.Figure:
     colors = dict(zip(methods, sns.color_palette("tab10", len(methods)), strict=True))
     fig, axes = plt.subplots(1, len(ps), figsize=(6 * len(ps), 4.8), squeeze=False)
     for ax, p in zip(axes[0], ps, strict=True):
+        fronts = []
         for m in methods:
             g = df[(df["p_uncond"] == p) & (df["method"] == m)].sort_values("w")
             c = colors[m]
             ax.plot(g["is"], g["fid"], "o", mfc="none", color=c, ms=5, alpha=0.6)
             front = g[pareto_mask(g["fid"].to_numpy(), g["is"].to_numpy())].sort_values("is")
             ax.plot(front["is"], front["fid"], "o-", color=c, ms=5, lw=1.5, label=m)
+            fronts.append(front)
             for _, r in g.iterrows():
                 ax.annotate(
                     f"{r['w']:g}",
@@ -273,7 +275,14 @@ def methods_figure(df: pd.DataFrame) -> plt.Figure:
                 )
         ax.set_xlabel("IS (higher: more fidelity)")
         ax.set_ylabel("FID (lower: closer to data)")
-        ax.set_title(f"p_uncond={p:g}: Pareto fronts (filled) per guidance method", fontsize=9)
+        # zoom on the fronts (a method's far-off cells would squeeze them into a corner)
+        both = pd.concat(fronts)
+        span_is, span_fid = np.ptp(both["is"]) or 1.0, np.ptp(both["fid"]) or 1.0
+        ax.set_xlim(both["is"].min() - 0.15 * span_is, both["is"].max() + 0.1 * span_is)
+        ax.set_ylim(max(0.0, both["fid"].min() - 0.1 * span_fid), both["fid"].max() + 0.15 * span_fid)
+        ax.set_title(
+            f"p_uncond={p:g}: Pareto fronts (filled) per guidance method; axes span the fronts", fontsize=9
+        )
         ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
     return fig
