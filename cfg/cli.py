@@ -209,7 +209,11 @@ def cmd_lab(args, rest: list[str]) -> int:
             f"error: JupyterLab is not installed in {Path(sys.executable).parent}: "
             f"{Path(sys.executable).parent / 'pip'} install -e '.[notebook]'"
         )
-    return call([str(Path(sys.executable).parent / "jupyter-lab"), "analysis/tradeoff.ipynb", *rest], root)
+    # Jupyter refuses to start as root (containers, lent machines) unless told to
+    as_root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+    lab = str(Path(sys.executable).parent / "jupyter-lab")
+    # served from the project root (a file argument alone would serve its folder), the notebook opened
+    return call([lab, f"--ServerApp.root_dir={root}", "analysis/tradeoff.ipynb", *as_root, *rest], root)
 
 
 SEARCH_INPUTS = [

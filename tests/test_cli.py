@@ -188,3 +188,46 @@ def test_plots_render_offline_in_a_browser(tmp_path):
     ).stdout
     # every trade-off plot drawn by vega-embed from the inlined scripts (file://, no network)
     assert dom.count('class="marks"') >= 3, dom[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("jupyter-lab", path=str(Path(sys.executable).parent)) is None,
+    reason="JupyterLab not installed (the notebook extra)",
+)
+def test_lab_serves_the_project_and_opens_the_notebook_with_this_environments_kernel():
+    """`cfg-lab lab` (as root too: --allow-root) serves the project root, the notebook's contents and a python3
+    kernel whose interpreter is this environment's."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "cfg-lab"), "lab", "--no-browser", f"--port={port}"]
+    proc = subprocess.Popen([*cmd, "--ServerApp.token=t"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(
+                    f"{base}/api/contents/analysis/tradeoff.ipynb?content=0&token=t"
+                ) as r:
+                    nb = json.load(r)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.5)
+        else:
+            raise AssertionError("JupyterLab did not answer within 60 s")
+        assert nb["path"] == "analysis/tradeoff.ipynb" and nb["type"] == "notebook"
+        with urllib.request.urlopen(f"{base}/api/kernelspecs?token=t") as r:
+            specs = json.load(r)
+        argv = specs["kernelspecs"][specs["default"]]["spec"]["argv"]
+        # the kernel runs this interpreter: "python" resolves through jupyter's own sys.executable
+        assert argv[0] in ("python", sys.executable) and "ipykernel_launcher" in argv
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
