@@ -7,6 +7,7 @@ import csv
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -207,7 +208,9 @@ def test_lab_serves_the_project_and_opens_the_notebook_with_this_environments_ke
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [str(Path(sys.executable).parent / "cfg-lab"), "lab", "--no-browser", f"--port={port}"]
-    proc = subprocess.Popen([*cmd, "--ServerApp.token=t"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cmd, "--ServerApp.token=t"], cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
@@ -228,6 +231,6 @@ def test_lab_serves_the_project_and_opens_the_notebook_with_this_environments_ke
         argv = specs["kernelspecs"][specs["default"]]["spec"]["argv"]
         # the kernel runs this interpreter: "python" resolves through jupyter's own sys.executable
         assert argv[0] in ("python", sys.executable) and "ipykernel_launcher" in argv
-    finally:
-        proc.terminate()
+    finally:  # cfg-lab and the jupyter-lab it started: the whole process group
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

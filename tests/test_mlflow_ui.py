@@ -85,7 +85,7 @@ def test_ui_opens_on_the_cells_of_the_latest_study_with_fid_and_is(tiny, tmp_pat
         assert len(cells) == 2 * len(EXP_W)
         table, charts = asyncio.run(_browse(links))
         processes = subprocess.run(
-            ["ps", "-o", "args=", "-s", str(proc.pid)], capture_output=True, text=True
+            ["ps", "-ww", "-o", "args=", "-s", str(proc.pid)], capture_output=True, text=True
         ).stdout.splitlines()
     finally:
         _stop(proc)

@@ -181,7 +181,7 @@ def test_killed_train_stage_resumes_and_ends_at_the_uninterrupted_weights(projec
     # the rerun resumes, also with another checkpoint_every (it does not change the result)
     shrink_params(project / "params.yaml", {"train": {"checkpoint_every": 30}})
     rerun = run(_train_stage(project, "models/killed"), project)
-    resumed_at = int(rerun.stdout.split("resumed from step ")[1].split()[0])
+    resumed_at = int(rerun.stderr.split("resumed from step ")[1].split()[0])  # a log record (stderr)
     assert resumed_at == killed_at
     assert not resume_root.exists() or not any(resume_root.iterdir())
 
