@@ -184,6 +184,27 @@ class DevTools:
         )
 
 
+def _stop_group(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM to the process group `proc` leads (SIGKILL after timeout_s), then wait until none is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # any member left?
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
 @asynccontextmanager
 async def chromium_page(
     width: int = 1400,  # viewport, pixels
@@ -196,7 +217,8 @@ async def chromium_page(
     chromium = chromium or chromium_binary()
     if chromium is None:
         raise FileNotFoundError("no Chromium on PATH: apt-get install -y chromium")
-    with tempfile.TemporaryDirectory() as profile:
+    # the profile is removed afterwards; a file a helper process wrote late must not fail the caller
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         argv = [
             chromium,
             *CHROMIUM_FLAGS,
@@ -204,7 +226,9 @@ async def chromium_page(
             "--remote-debugging-port=0",
             "about:blank",
         ]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
             deadline = time.monotonic() + 30
@@ -227,5 +251,6 @@ async def chromium_page(
                     )
                     yield page
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            # the browser and its renderer, GPU and utility processes (one process group), which write into
+            # the profile until they exit: stop them all before the profile is removed
+            _stop_group(proc)
