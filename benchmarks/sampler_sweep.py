@@ -35,6 +35,7 @@ from cfg.engine.device import resolve_device  # noqa: E402
 from cfg.engine.generate import generate_w_grid  # noqa: E402
 from cfg.eval.cells import evaluate_samples  # noqa: E402
 from cfg.eval.stats import load_reference_stats  # noqa: E402
+from cfg.io import write_csv  # noqa: E402
 from cfg.maths.samplers import SAMPLERS  # noqa: E402
 from cfg.nets.unet import load_checkpoint  # noqa: E402
 from cfg.study.records import SampleSet  # noqa: E402
@@ -208,11 +209,8 @@ def main() -> None:
                 f"({seconds:.1f} s, {len(w) * args.n_samples / seconds:,.0f} img/s)",
                 flush=True,
             )
-        # after every setting: a cut-off run keeps its rows
-        with open(out / "sweep.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        # after every setting, atomically: a cut-off run keeps its rows and never a half-written file
+        write_csv(out / "sweep.csv", rows, list(rows[0]))
     report(rows, settings, w, out)
 
 
