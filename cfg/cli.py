@@ -2,6 +2,7 @@
 
     cfg-lab repro [STAGE ...]                 dvc repro, with this environment's tools on PATH
     cfg-lab repro -S sample.steps=16          ... with overrides (or --preset FILE): a dvc exp run in the workspace
+    cfg-lab repro --parallel [--gpus 0,1,2,3] the p_uncond arms side by side (cfg/study/parallel.py)
     cfg-lab exp run --preset FILE [-S k=v]    dvc exp run, validated against the params schema first
     cfg-lab exp show [--all]                  dvc exp show with the columns worth reading
     cfg-lab compare [REF] [MINE]              did my run reproduce the committed one? per cell, against seed spread
@@ -124,8 +125,34 @@ def _exp_run(args, root: Path, extra: list[str]) -> int:
     return call(cmd, root)
 
 
+def _apply_to_params(overrides: dict, root: Path) -> None:
+    """Write `overrides` into params.yaml, validated first (what `dvc exp run -S` does in the workspace)."""
+    import yaml
+
+    from cfg.study.config import ParamsError, params_from_dict
+    from cfg.study.presets import merged_params
+
+    merged = merged_params(yaml.safe_load((root / "params.yaml").read_text()), overrides)
+    try:
+        params_from_dict(merged)
+    except ParamsError as e:
+        raise SystemExit(f"error: override would make params.yaml invalid: {e}") from None
+    (root / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    print(f"params.yaml: {len(overrides)} override(s) applied", file=sys.stderr)
+
+
 def cmd_repro(args, rest: list[str]) -> int:
     root = project_root()
+    if args.parallel:  # the arms side by side: one `dvc repro` per arm (cfg/study/parallel.py)
+        from cfg.study.parallel import repro_parallel
+
+        if rest:
+            raise SystemExit(f"error: --parallel passes no dvc options on, got {shlex.join(rest)}")
+        gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else None
+        overrides = _overrides(args, root)
+        if overrides and not args.dry_run:
+            _apply_to_params(overrides, root)
+        return repro_parallel(root, args.targets, gpus=gpus, jobs=args.jobs, dry_run=args.dry_run)
     if args.set or args.preset:  # overrides: an experiment applied in the workspace, as `dvc repro` would be
         return _exp_run(args, root, [*args.targets, *rest])
     cmd = ["dvc", "repro", *args.targets, *rest]
@@ -323,6 +350,15 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("repro", help="dvc repro (with -S/--preset: dvc exp run in the workspace)")
     p.add_argument("targets", nargs="*", help="stages, e.g. train sample")
     overrides(p)
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the p_uncond arms side by side, one dvc repro each (train on disjoint GPUs, then sample)",
+    )
+    p.add_argument(
+        "--gpus", help="with --parallel: the GPUs to use, e.g. 0,1,2,3 (default: every visible one)"
+    )
+    p.add_argument("--jobs", type=int, help="with --parallel on CPU: arms at a time (default: all)")
     p.set_defaults(func=cmd_repro)
 
     p = sub.add_parser(

@@ -24,7 +24,7 @@ def main() -> None:
     setup()
     params = stage_params()
     e = params.evaluate
-    launch(n_processes(params.train.devices, params.train.device))  # under torchrun when train.devices > 1
+    launch(n_processes(params.sample.devices, params.train.device))  # under torchrun when sample.devices > 1
     d, device = init(params.train.device)
 
     reference = load_reference_stats(args.reference)

@@ -21,7 +21,7 @@ def main() -> None:
     args = ap.parse_args()
     setup()
     params = stage_params()
-    launch(n_processes(params.train.devices, params.train.device))  # under torchrun when train.devices > 1
+    launch(n_processes(params.sample.devices, params.train.device))  # under torchrun when sample.devices > 1
     d, device = init(params.train.device)
     out = Path(args.out_dir)
 

@@ -219,7 +219,7 @@ def test_stages_relaunch_under_torchrun_and_match_one_process(project):
     run(["dvc", "repro", "evaluate"], project)
     one_ckpt = torch.load(project / "models/p_uncond=0.1/checkpoint.pt", weights_only=True)
     one_samples = torch.load(project / "samples/p_uncond=0.1/samples.pt", weights_only=True)
-    params["train"]["devices"] = 2
+    params["train"]["devices"] = params["sample"]["devices"] = 2
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     py = ["python"]
     out = run(

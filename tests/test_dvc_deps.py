@@ -81,3 +81,18 @@ def test_stage_scripts_call_no_mapping_in_the_plumbing():
     assert not methods - {"section_hash", "to_dict"}, (
         f"public methods in cfg/study/config.py: {sorted(methods)}"
     )
+
+
+def test_sample_stage_params_are_every_sample_key_but_the_process_count():
+    # the sample stage lists its keys one by one to leave out sample.devices (the same bytes for any count):
+    # a sample.* key added to the schema but not here would change samples without rerunning the stage
+    import dataclasses
+
+    import yaml
+
+    from cfg.study.config import SampleParams
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    listed = {k for k in stages["sample"]["do"]["params"] if k.startswith("sample.")}
+    assert listed == {f"sample.{f.name}" for f in dataclasses.fields(SampleParams)} - {"sample.devices"}
+    assert "sample.devices" not in stages["evaluate"]["params"]

@@ -121,8 +121,8 @@ class TrainParams:
     compile: bool = _p(False, "torch.compile the model on CUDA")
     devices: int | str = _p(
         1,
-        "processes (one per GPU) of the train, sample and evaluate stages: N, or all (every GPU of the host; "
-        "one process on CPU); batch_size is the global batch",
+        "processes (one per GPU) of the train stage: N, or all (every visible GPU; one process on CPU); "
+        "batch_size is the global batch",
         ge=1,
         choices=("all",),
     )
@@ -169,6 +169,13 @@ class SampleParams:
     seed: int = _p(1, "seed of the sampling noise (the same noise for every w)")
     grid_per_class: int = _p(1, "rows per class in the sample-grid image", ge=1)
     compile: bool = _p(False, "torch.compile the network for sampling on CUDA")
+    devices: int | str = _p(
+        1,
+        "processes (one per GPU) of the sample and evaluate stages: N, or all (every visible GPU; one process "
+        "on CPU); no dep of either stage: any count gives the same samples and numbers",
+        ge=1,
+        choices=("all",),
+    )
 
 
 @dataclass
@@ -685,15 +692,18 @@ class MemoryNeed:
     how: str  # the terms, for the message
 
 
-def memory_needs(params: Params, kind: str = "cpu", processes: int = 1) -> list[MemoryNeed]:
-    """The memory each size of params needs on `kind` ("cpu" or "cuda") with `processes` processes per host:
-    the terms of the table above."""
+def memory_needs(
+    params: Params, kind: str = "cpu", processes: int = 1, sample_processes: int | None = None
+) -> list[MemoryNeed]:
+    """The memory each size of params needs on `kind` ("cpu" or "cuda") with `processes` train processes and
+    `sample_processes` (default: as many) sample and evaluate processes per host: the terms of the table above."""
     t, s, e = params.train, params.sample, params.evaluate
     channels, default_size, classes = DATA_SHAPES.get(params.data.name, (None, None, None))
     side, classes = params.data.image_size or default_size, classes or 10
     n_w, p = len(s.w), processes
+    sp = processes if sample_processes is None else sample_processes
     pixels = channels * side * side if channels and side else 0
-    copies = 1 if p == 1 else (p + 2 if kind == "cuda" else 2 * p + 2)
+    copies = 1 if sp == 1 else (sp + 2 if kind == "cuda" else 2 * sp + 2)
     feature_dim, logits = (
         (2048, 1008) if e.extractor == "inception" else (params.classifier.feature_dim, classes)
     )
@@ -787,7 +797,8 @@ def check_memory(params: Params, *, host_bytes: int | None = None, device_bytes:
     try:
         kind = resolve_device(params.train.device).type
         processes = n_processes(params.train.devices, params.train.device)
-    except (RuntimeError, ValueError):  # no GPU for train.device, too few for train.devices: launch says so
+        sample_processes = n_processes(params.sample.devices, params.train.device)
+    except (RuntimeError, ValueError):  # no GPU for train.device, too few for *.devices: launch says so
         return
     host = host_bytes if host_bytes is not None else host_memory()
     memory = {False: (host, f"this machine has {_size(host)} of memory")}
@@ -795,7 +806,7 @@ def check_memory(params: Params, *, host_bytes: int | None = None, device_bytes:
     if kind == "cuda":
         given = (device_bytes, f"the GPU has {_size(device_bytes or 0)} free")
         memory[True] = given if device_bytes is not None else _gpu_memory()
-    needs = memory_needs(params, kind, processes)
+    needs = memory_needs(params, kind, processes, sample_processes)
     for key in dict.fromkeys(need.key for need in needs):
         section, name = key.split(".")
         value = getattr(getattr(params, section), name)

@@ -195,6 +195,10 @@ def provenance_tags(stage: str, params_hash: str, extra: Mapping[str, Any] | Non
 # The study: one `dvc repro` or `dvc exp run`
 
 
+# the process whose study a stage belongs to, where it is not the DVC process that runs the stage
+STUDY_PID_ENV = "CFG_LAB_STUDY_PID"
+
+
 @dataclass(frozen=True)
 class Study:
     """The DVC run a stage belongs to; its MLflow run is the parent of the stage's runs (`Tracker.study_run`)."""
@@ -254,12 +258,18 @@ def current_study() -> Study | None:
     queued experiment `dvc exp exec-run`), found as the nearest ancestor started without DVC_STAGE, which DVC
     sets for the stage command only (so a shell, torchrun or its ranks in between are passed over). Every stage
     of one DVC run finds the same process, two DVC runs (concurrent `dvc queue` workers too) different ones.
-    None outside DVC: a stage started by hand belongs to no study. Without /proc: the parent process."""
+    None outside DVC: a stage started by hand belongs to no study. Without /proc: the parent process.
+    Under `cfg-lab repro --parallel`, which starts one DVC process per arm, the study is that cfg-lab process
+    (STUDY_PID_ENV, which it sets for its DVC processes), so every arm's runs share one study run."""
     if not os.environ.get("DVC_STAGE"):
         return None
-    pid = os.getppid()
-    while _runs_a_stage(pid) and (parent := _parent_pid(pid)) not in (None, 0, 1):
-        pid = parent
+    owner = os.environ.get(STUDY_PID_ENV, "")
+    if owner.isdigit() and Path(f"/proc/{owner}").exists():
+        pid = int(owner)
+    else:
+        pid = os.getppid()
+        while _runs_a_stage(pid) and (parent := _parent_pid(pid)) not in (None, 0, 1):
+            pid = parent
     ident = process_id(pid)
     started = _started_at(pid) or time.time()
     name = os.environ.get("DVC_EXP_NAME") or time.strftime("repro %Y-%m-%d %H:%M:%S", time.localtime(started))
