@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cfg.study.report import REPORT_COLUMNS, column_notes, markdown_table
 
@@ -52,3 +53,30 @@ def test_notes_explain_the_kid_scale_and_the_seed_range_spread():
     assert "KID × 10³" in notes and "`classifier` features" in notes and "within its noise" in notes
     assert "over 2 disjoint seed ranges of 200 samples" in notes
     assert column_notes(df[["extractor"]]) == []
+
+
+def test_a_degenerate_method_is_named_in_the_banner_table_and_metrics(tmp_path):
+    """write_report on methods whose one absurd cell is degenerate (tests/test_frontier.py's study)."""
+    import json
+    from dataclasses import replace
+
+    from cfg.study.report import write_report
+    from tests.test_frontier import ABSURD, SOUND, _study
+
+    detail = {"extractor": "classifier", "weights_hash": "w", "reference_hash": "r", "n_samples": 100}
+    detail |= {"resolution": 8, "resize": "none"}
+    records = [replace(r, fingerprint_detail=detail) for r in _study(SOUND | ABSURD)]
+    out = {
+        k: tmp_path / v
+        for k, v in {"table": "t.csv", "metrics": "m.json", "plots": "plots", "report": "r.md"}.items()
+    }
+    write_report(records, grid_images={}, classifier_accuracy=0.99, data_name="digits", experiment="e", **out)
+    report, metrics = out["report"].read_text(), json.loads(out["metrics"].read_text())
+    assert report.startswith("> **Warning:** 1 of 9 cells are degenerate")
+    assert "> - p_uncond=0.2 w=4 apg: class_acc 0.100 < 0.325: near chance" in report
+    assert "| degenerate_w |" in report and "Reference point: p_uncond=0.2: FID 19.000, IS 3.000." in report
+    apg = metrics["guidance_methods"]["apg p_uncond=0.2"]
+    assert apg["degenerate_w"] == [4.0] and apg["hypervolume"] == pytest.approx(20 / 54)
+    assert (apg["ref_fid"], apg["ref_is"]) == (19.0, 3.0)
+    ((cell),) = metrics["degenerate_cells"]
+    assert (cell["p_uncond"], cell["w"], cell["guidance"]) == (0.2, 4.0, "apg")

@@ -23,7 +23,7 @@ from torch import Tensor
 from cfg.eval.features import FeatureExtractor, extract_features
 from cfg.eval.metrics import fid
 from cfg.eval.stats import ReferenceStats
-from cfg.study.records import CellRecord
+from cfg.study.records import CellRecord, guidance_name
 
 ACC_MARGIN = 0.25  # near chance: less than this fraction of the way from chance to perfect accuracy
 ACC_SIGMAS = 3.0  # ... or within this many binomial standard deviations of chance
@@ -62,8 +62,9 @@ def noise_fid(
 
 
 def degenerate_cells(records: list[CellRecord]) -> list[dict]:
-    """The cells near chance or no better than noise (module docstring), as {"p_uncond", "w", "reasons"} in
-    record order; a check whose inputs a record lacks (no class_acc metric, no noise FID) is skipped."""
+    """The cells near chance or no better than noise (module docstring), as {"p_uncond", "w", "guidance",
+    "reasons"} in record order (guidance: `guidance_name`, the method with its options); a check whose inputs a
+    record lacks (no class_acc metric, no noise FID) is skipped."""
     flagged = []
     for r in records:
         reasons = []
@@ -78,7 +79,8 @@ def degenerate_cells(records: list[CellRecord]) -> list[dict]:
                 f"FID {f:.1f} >= {NOISE_FID_FRACTION:g} x noise FID {r.noise_fid:.1f}: no better than noise"
             )
         if reasons:
-            flagged.append({"p_uncond": r.p_uncond, "w": r.w, "reasons": reasons})
+            method = guidance_name(r.guidance, r.guidance_options)
+            flagged.append({"p_uncond": r.p_uncond, "w": r.w, "guidance": method, "reasons": reasons})
     return flagged
 
 
@@ -90,4 +92,10 @@ def describe(flagged: list[dict], n_cells: int) -> list[str]:
         f"{len(flagged)} of {n_cells} cells are degenerate (near chance or no better than noise): their "
         "FID / IS say nothing about guidance; is the model trained (steps, EMA)?"
     )
-    return [head] + [f"p_uncond={c['p_uncond']:g} w={c['w']:g}: {'; '.join(c['reasons'])}" for c in flagged]
+    return [head] + [f"{_cell(c)}: {'; '.join(c['reasons'])}" for c in flagged]
+
+
+def _cell(c: dict) -> str:
+    # `p_uncond=0.2 w=4`, then the guidance method unless it is the paper's cfg (as cell run names)
+    method = c.get("guidance", "cfg")
+    return f"p_uncond={c['p_uncond']:g} w={c['w']:g}" + ("" if method == "cfg" else f" {method}")

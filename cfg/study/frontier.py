@@ -3,17 +3,22 @@
 FID is lower-better, IS higher-better. Every method of a study is swept over the same w grid with the same
 noise and the same model (per p_uncond), so its frontier, hypervolume and best FID compare directly with the
 others'; the spread over disjoint seed ranges (`CellRecord.ranges`) says how much of a difference is noise.
-Pure numpy / pandas; `analysis.frontiers` re-exports `pareto_mask` and `hypervolume`.
+Degenerate cells (`cfg.eval.sanity`: near chance or no better than noise) say nothing about guidance: they are
+named per method and left out of its frontier, best FID, hypervolume and dominance, and out of the hypervolume's
+reference point (`reference_point`). `analysis.frontiers` re-exports `pareto_mask` and `hypervolume`.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 
+from cfg.eval.sanity import degenerate_cells
 from cfg.study.records import CellRecord, guidance_name
 
 
@@ -39,6 +44,35 @@ def hypervolume(fid: np.ndarray, is_: np.ndarray, ref_fid: float, ref_is: float)
     return area
 
 
+def reference_point(fid: np.ndarray, is_: np.ndarray, n_w: int) -> tuple[float, float, float, float]:
+    """(ref_fid, ref_is, ideal_fid, ideal_is): where the hypervolumes of methods compared on one model are
+    measured from, given every method's non-degenerate cells (fid, is) and the number of w per method.
+
+    The ideal point is the lowest FID and the highest IS of the cells; the nadir point the highest FID and the
+    lowest IS *on their joint Pareto front* (`pareto_mask` of all methods' cells together). In units of
+    nadir - ideal per objective, the reference lies 1 / (n_w - 1) beyond the nadir: for n_w points spread over
+    a linear front this is the closest reference at which the front's two end points still add area
+    (Ishibuchi et al. 2018, "How to specify a reference point in hypervolume calculation for fair performance
+    comparison", Evol. Comput. 26(3)), so each front's extreme cells count.
+
+    Why not the worst cells, with a margin (what this did before): one far-off cell then sets the box. In the
+    guidance-methods preset on the digits, APG's FID 424 at w = 4 made the box ~50x taller than the region
+    where the methods differ, and every method scored 0.95-1.00; leaving degenerate cells out is not enough,
+    as the next-worst cells (CFG++ at w = 4, FID 185; IS 7.4 at w = -1) lie far behind the joint front too and
+    stretch the box over a region that no method's trade-off is decided in. Cells behind the joint front's
+    nadir add nothing: a method has hypervolume 0 when none of its cells comes near the best of the others'
+    (its `dominated_by` then says whose cells beat it). Where the joint front is one point (no span in an
+    objective), that objective's span over all cells stands in for nadir - ideal.
+    """
+    fid, is_ = np.asarray(fid, float), np.asarray(is_, float)
+    front = pareto_mask(fid, is_)
+    ideal_fid, ideal_is = float(fid.min()), float(is_.max())
+    span_fid = float(fid[front].max()) - ideal_fid or float(np.ptp(fid))
+    span_is = ideal_is - float(is_[front].min()) or float(np.ptp(is_))
+    margin = 1 / max(n_w - 1, 1)
+    return ideal_fid + (1 + margin) * span_fid, ideal_is - (1 + margin) * span_is, ideal_fid, ideal_is
+
+
 def front_dominates(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether point set `a` (rows (fid, is)) dominates set `b`: every point of b is weakly dominated by a point
     of a, and some point of b strictly."""
@@ -51,13 +85,23 @@ def front_dominates(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _cells(data: list[CellRecord] | pd.DataFrame) -> list[dict]:
-    # (p_uncond, method, w, fid, is, fid sd, per-range fid and is) of records, or of a trade-off table / tidy frame
+    # (p_uncond, method, w, fid, is, fid sd, per-range fid and is, degenerate) of records, or of a trade-off
+    # table / tidy frame (degenerate as far as its columns tell: class_acc, chance_acc, noise_fid)
     if isinstance(data, pd.DataFrame):
         out = []
         for _, r in data.iterrows():
             options = r["guidance_options"]
             options = json.loads(options) if isinstance(options, str) else dict(options or {})
-            sd = r.get("fid_range_std")
+            row = SimpleNamespace(
+                p_uncond=r["p_uncond"],
+                w=r["w"],
+                guidance=r["guidance"],
+                guidance_options=options,
+                metrics={k: _value(r, k) for k in ("fid", "class_acc")},
+                n_samples=_value(r, "n_samples"),
+                chance_acc=_value(r, "chance_acc"),
+                noise_fid=_value(r, "noise_fid"),
+            )
             out.append(
                 {
                     "p_uncond": r["p_uncond"],
@@ -65,8 +109,9 @@ def _cells(data: list[CellRecord] | pd.DataFrame) -> list[dict]:
                     "w": r["w"],
                     "fid": r["fid"],
                     "is": r["is"],
-                    "sd": None if pd.isna(sd) else sd,
+                    "sd": _value(r, "fid_range_std"),
                     "ranges": {},
+                    "degenerate": bool(degenerate_cells([row])),
                 }
             )
         return out
@@ -79,99 +124,139 @@ def _cells(data: list[CellRecord] | pd.DataFrame) -> list[dict]:
             "is": r.metrics["is"],
             "sd": r.metrics.get("fid_range_std"),
             "ranges": r.ranges,
+            "degenerate": bool(degenerate_cells([r])),
         }
         for r in data
     ]
 
 
+def _value(row: pd.Series, column: str):
+    # a table cell, None where the column is missing or empty
+    v = row.get(column)
+    return None if v is None or pd.isna(v) else v
+
+
 def compare_methods(data: list[CellRecord] | pd.DataFrame) -> pd.DataFrame:
     """Per (p_uncond, guidance method with options): its FID-vs-IS frontier against the others' on the same model.
 
-    Columns: `method` (`guidance_name`), n_w, n_pareto, pareto_w; best_fid, best_fid_w and best_fid_sd (the sd
-    of FID over seed ranges at that cell); `hypervolume`: the area its cells dominate up to the reference point
-    (the worst IS and FID of all methods of that p_uncond, 10% of their span further) as a share of the box
-    from there to the best values; `hypervolume_sd`: its sd over the seed ranges (each range's FID and IS, the
-    same reference and box; records only: a table has no per-range values); `dominates` / `dominated_by`: the
-    methods whose cells its cells dominate as a set (`front_dominates`), `;`-joined. Rows in the order of
-    methods in `data` (cell records, or the trade-off table / a tidy frame of one study).
+    Columns: `method` (`guidance_name`), n_w (its cells), `degenerate_w` (the w of its degenerate cells, which
+    every other column leaves out), n_pareto, pareto_w; best_fid, best_fid_w and best_fid_sd (the sd of FID over
+    seed ranges at that cell); `hypervolume`: the area its cells dominate up to the reference point
+    (`reference_point` of all methods' non-degenerate cells of that p_uncond: `ref_fid`, `ref_is`) as a share of
+    the box from there to the ideal point (lowest FID, highest IS); `hypervolume_sd`: its sd over the seed ranges,
+    each range compared on its own (its cells' FID and IS, its own reference point: the methods share each
+    range's examples and noise, and a range's smaller sample count biases every FID upwards; records only: a
+    table has no per-range values); `dominates` / `dominated_by`: the methods whose cells its cells dominate as
+    a set (`front_dominates`), `;`-joined. A method whose every cell is degenerate keeps its row, with NaN
+    numbers and empty fronts. Rows in the order of methods in `data` (cell records, or the trade-off table /
+    a tidy frame of one study).
     """
     rows = []
     by_p: dict[float, dict[str, list[dict]]] = {}
     for c in _cells(data):
         by_p.setdefault(c["p_uncond"], {}).setdefault(c["method"], []).append(c)
     for p, methods in by_p.items():
-        every = [c for cells in methods.values() for c in cells]
-        fid_all = np.array([c["fid"] for c in every])
-        is_all = np.array([c["is"] for c in every])
-        ref_fid = fid_all.max() + 0.1 * np.ptp(fid_all)
-        ref_is = is_all.min() - 0.1 * np.ptp(is_all)
-        box = (is_all.max() - ref_is) * (ref_fid - fid_all.min())
-        points = {m: np.array([[c["fid"], c["is"]] for c in cells]) for m, cells in methods.items()}
-        for m, cells in methods.items():
+        valid = {m: [c for c in cells if not c["degenerate"]] for m, cells in methods.items()}
+        every = [c for cells in valid.values() for c in cells]
+        n_w = max(len(cells) for cells in methods.values())
+        hv, ref_fid, ref_is = _hypervolumes(valid, n_w, lambda c: (c["fid"], c["is"]))
+        ranged = every and all("fid" in c["ranges"] and "is" in c["ranges"] for c in every)
+        n_ranges = min(len(c["ranges"]["fid"]) for c in every) if ranged else 0
+        hv_ranges = [
+            _hypervolumes(valid, n_w, lambda c, j=j: (c["ranges"]["fid"][j], c["ranges"]["is"][j]))[0]
+            for j in range(n_ranges)
+        ]
+        points = {
+            m: np.array([[c["fid"], c["is"]] for c in cells]).reshape(-1, 2) for m, cells in valid.items()
+        }
+        for m, cells in valid.items():
             pts = points[m]
-            front = pareto_mask(pts[:, 0], pts[:, 1])
-            k = int(np.argmin(pts[:, 0]))
-            ranged = all("fid" in c["ranges"] and "is" in c["ranges"] for c in cells)
-            n_ranges = len(cells[0]["ranges"].get("fid", [])) if ranged else 0
-            hv_ranges = [
-                hypervolume(
-                    np.array([c["ranges"]["fid"][j] for c in cells]),
-                    np.array([c["ranges"]["is"][j] for c in cells]),
-                    ref_fid,
-                    ref_is,
-                )
-                / box
-                for j in range(n_ranges)
-            ]
-            rows.append(
-                {
-                    "p_uncond": p,
-                    "method": m,
-                    "n_w": len(cells),
+            row = {
+                "p_uncond": p,
+                "method": m,
+                "n_w": len(methods[m]),
+                "degenerate_w": [c["w"] for c in methods[m] if c["degenerate"]],
+                "n_pareto": 0,
+                "pareto_w": [],
+                "best_fid": np.nan,
+                "best_fid_w": np.nan,
+                "best_fid_sd": None,
+                "hypervolume": hv[m],
+                "hypervolume_sd": None,
+                "ref_fid": ref_fid,
+                "ref_is": ref_is,
+                "dominates": ";".join(o for o in methods if o != m and front_dominates(pts, points[o])),
+                "dominated_by": ";".join(o for o in methods if o != m and front_dominates(points[o], pts)),
+            }
+            if cells:
+                front = pareto_mask(pts[:, 0], pts[:, 1])
+                k = int(np.argmin(pts[:, 0]))
+                row |= {
                     "n_pareto": int(front.sum()),
                     "pareto_w": [c["w"] for c, f in zip(cells, front, strict=True) if f],
                     "best_fid": float(pts[k, 0]),
                     "best_fid_w": cells[k]["w"],
                     "best_fid_sd": cells[k]["sd"],
-                    "hypervolume": hypervolume(pts[:, 0], pts[:, 1], ref_fid, ref_is) / box
-                    if box > 0
-                    else np.nan,
-                    "hypervolume_sd": statistics.stdev(hv_ranges) if len(hv_ranges) > 1 else None,
-                    "dominates": ";".join(o for o in methods if o != m and front_dominates(pts, points[o])),
-                    "dominated_by": ";".join(
-                        o for o in methods if o != m and front_dominates(points[o], pts)
-                    ),
+                    "hypervolume_sd": statistics.stdev(h[m] for h in hv_ranges) if n_ranges > 1 else None,
                 }
-            )
+            rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _hypervolumes(
+    valid: dict[str, list[dict]], n_w: int, point: Callable[[dict], tuple[float, float]]
+) -> tuple[dict[str, float], float, float]:
+    """({method: hypervolume share}, ref_fid, ref_is) of the methods' cells, (fid, is) = point(cell), with the
+    reference point of all of them; NaN where there is no cell or no box."""
+    every = [point(c) for cells in valid.values() for c in cells]
+    if not every:
+        return {m: np.nan for m in valid}, np.nan, np.nan
+    fid, is_ = np.array(every).T
+    ref_fid, ref_is, ideal_fid, ideal_is = reference_point(fid, is_, n_w)
+    box = (ideal_is - ref_is) * (ref_fid - ideal_fid)
+    shares = {}
+    for m, cells in valid.items():
+        mine = np.array([point(c) for c in cells]).reshape(-1, 2)
+        area = hypervolume(mine[:, 0], mine[:, 1], ref_fid, ref_is)
+        shares[m] = area / box if cells and box > 0 else np.nan
+    return shares, ref_fid, ref_is
 
 
 def dominance_sentences(table: pd.DataFrame, baseline: str = "cfg") -> list[str]:
     """`compare_methods`' verdicts in words, per p_uncond: which methods' cells dominate which, how each
-    compares with `baseline` in hypervolume and best FID against the seed spread."""
+    compares with `baseline` in hypervolume and best FID against the seed spread, which cells are degenerate."""
     lines = []
     for p, g in table.groupby("p_uncond", sort=False):
-        base = g[g["method"] == baseline]
+        base = g[(g["method"] == baseline) & g["best_fid"].notna()]
         for _, r in g.iterrows():
-            text = f"p_uncond={p:g}, `{r['method']}`: hypervolume {r['hypervolume']:.3f}"
-            if r["hypervolume_sd"] is not None and not pd.isna(r["hypervolume_sd"]):
-                text += f" (± {r['hypervolume_sd']:.3f} over seed ranges)"
-            sd = r["best_fid_sd"]
-            text += f", best FID {r['best_fid']:.3f}" + (
-                f" ± {sd:.3f}" if sd is not None and not pd.isna(sd) else ""
-            )
+            head = f"p_uncond={p:g}, `{r['method']}`: "
+            ws = ", ".join(f"{w:g}" for w in r["degenerate_w"])
+            if pd.isna(r["best_fid"]):
+                lines.append(head + f"every cell degenerate (w = {ws}): no frontier, compared with nothing")
+                continue
+            hv_sd, sd = r["hypervolume_sd"], r["best_fid_sd"]
+            text = head + f"hypervolume {r['hypervolume']:.3f}"
+            text += f" (± {hv_sd:.3f} over seed ranges)" if _known(hv_sd) else ""
+            text += f", best FID {r['best_fid']:.3f}" + (f" ± {sd:.3f}" if _known(sd) else "")
             text += f" at w = {r['best_fid_w']:g}"
             if len(base) and r["method"] != baseline:
                 b = base.iloc[0]
-                diff = r["best_fid"] - b["best_fid"]
-                spread = max(v for v in (sd, b["best_fid_sd"], 0.0) if v is not None and not pd.isna(v))
-                verdict = "within" if spread and abs(diff) <= spread else "beyond"
-                text += (
-                    f"; best FID {diff:+.3f} against {baseline} ({verdict} the larger seed sd {spread:.3f})"
-                )
+                for what, col in (("hypervolume", "hypervolume"), ("best FID", "best_fid")):
+                    spread = max(v for v in (r[f"{col}_sd"], b[f"{col}_sd"], 0.0) if _known(v))
+                    diff = r[col] - b[col]
+                    verdict = "within" if spread and abs(diff) <= spread else "beyond"
+                    text += (
+                        f"; {what} {diff:+.3f} against {baseline} ({verdict} the larger seed sd {spread:.3f})"
+                    )
+            if ws:
+                text += f"; degenerate at w = {ws} (left out of its frontier and the reference point)"
             if r["dominates"]:
                 text += f"; dominates {', '.join(f'`{m}`' for m in r['dominates'].split(';'))}"
             if r["dominated_by"]:
                 text += f"; dominated by {', '.join(f'`{m}`' for m in r['dominated_by'].split(';'))}"
             lines.append(text)
     return lines
+
+
+def _known(v) -> bool:
+    return v is not None and not pd.isna(v)

@@ -210,16 +210,28 @@ def _methods_section(methods: pd.DataFrame | None, plots_rel: str | Path) -> lis
     if methods is None:
         return []
     table = methods.copy()
-    table["pareto_w"] = [", ".join(f"{w:g}" for w in ws) for ws in table["pareto_w"]]
+    for col in ("pareto_w", "degenerate_w"):
+        table[col] = [", ".join(f"{w:g}" for w in ws) for ws in table[col]]
     cols = ["p_uncond", "method", "best_fid", "best_fid_sd", "best_fid_w", "hypervolume", "hypervolume_sd"]
-    cols += ["pareto_w", "dominates", "dominated_by"]
+    cols += ["pareto_w", "degenerate_w", "dominates", "dominated_by"]
+    refs = methods.drop_duplicates("p_uncond")
     return [
         "## Guidance methods",
         "",
         "Every method sampled the same examples from the same noise with the same model and w grid. "
-        "`hypervolume`: the share of the (IS, FID) box that a method's cells dominate, up to a reference point "
-        "10% beyond the worst IS and FID of all methods of that model (higher: a better trade-off); `_sd`: the "
-        "sd over disjoint seed ranges; `dominates`: the methods each of whose cells one of its cells dominates.",
+        "`hypervolume`: the share of the (IS, FID) box that a method's cells dominate, between the ideal point "
+        "(lowest FID, highest IS of all methods of that model) and a reference point 1 / (number of w - 1) of "
+        "the span beyond the nadir of all methods' joint Pareto front (highest FID and lowest IS on it; "
+        "`cfg.study.frontier.reference_point`), so only cells near the best trade-offs count (higher: a better "
+        "trade-off; 0: no cell comes near the joint front); `_sd`: its sd over disjoint seed ranges, each "
+        "compared on its own; `degenerate_w`: cells near chance or no better than noise (the banner above), "
+        "left out of the method's columns and of the reference point; `dominates`: the methods each of whose "
+        "cells one of its cells dominates. Reference point: "
+        + "; ".join(
+            f"p_uncond={r['p_uncond']:g}: FID {r['ref_fid']:.3f}, IS {r['ref_is']:.3f}"
+            for _, r in refs.iterrows()
+        )
+        + ".",
         "",
         f"![methods]({plots_rel}/methods.png)",
         "",
@@ -228,6 +240,11 @@ def _methods_section(methods: pd.DataFrame | None, plots_rel: str | Path) -> lis
         *(f"- {line}" for line in dominance_sentences(methods, methods["method"].iloc[0])),
         "",
     ]
+
+
+def _json(value) -> float | None:
+    # a number for metrics.json: NaN (a method with no sound cell) and a missing sd as null
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def write_report(
@@ -263,9 +280,18 @@ def write_report(
         summ["guidance"] = names.iloc[0]
         summ["guidance_methods"] = {
             f"{r['method']} p_uncond={r['p_uncond']:g}": {
-                k: r[k] for k in ("best_fid", "best_fid_sd", "best_fid_w", "hypervolume", "hypervolume_sd")
+                k: _json(r[k])
+                for k in (
+                    "best_fid",
+                    "best_fid_sd",
+                    "best_fid_w",
+                    "hypervolume",
+                    "hypervolume_sd",
+                    "ref_fid",
+                    "ref_is",
+                )
             }
-            | {"dominates": r["dominates"], "dominated_by": r["dominated_by"]}
+            | {k: r[k] for k in ("degenerate_w", "dominates", "dominated_by")}
             for _, r in methods.iterrows()
         }
     write_json(metrics, summ)
