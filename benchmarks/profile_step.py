@@ -20,6 +20,7 @@ from bench_throughput import flops_per_image, matmul_rate, sync
 from torch.profiler import ProfilerActivity, profile
 
 from cfg.engine.device import autocast, configure_cuda
+from cfg.engine.training import train_diffusion
 from cfg.maths.diffusion import diffusion_loss
 from cfg.maths.guidance import guided_eps
 from cfg.nets.unet import UNet, UNetConfig
@@ -86,6 +87,21 @@ def sample_fn(config, fmt, mode, batch):
     return step
 
 
+def loop_rate(config, batch: int, steps: int, *, compile: bool, cuda_graph: bool) -> tuple[float, float]:
+    """images/s of the real training loop (cfg.engine.training.train_diffusion: batch gather, draws, loss,
+    backward, clipping, Adam, EMA, loss bookkeeping), timed by the loop itself after its first logged interval
+    (compilation, autotuning and graph capture excluded); and the wall seconds of the whole call."""
+    n = 20_000
+    x = torch.rand(n, config.in_channels, config.image_size, config.image_size) * 2 - 1
+    y = torch.randint(0, config.num_classes, (n,))
+    t0 = time.perf_counter()
+    result = train_diffusion(
+        config, x, y, steps=steps, batch_size=batch, warmup_steps=10, device="cuda", bf16=True,
+        compile=compile, cuda_graph=cuda_graph, log_every=max(10, steps // 5),
+    )  # fmt: skip
+    return result.images_per_s, time.perf_counter() - t0
+
+
 def top_kernels(step, n: int = 12) -> list[str]:
     for _ in range(3):
         step()
@@ -103,10 +119,26 @@ def top_kernels(step, n: int = 12) -> list[str]:
     ]
 
 
+def print_table(rows, peak: float, f_train: float, f_fwd: float) -> None:
+    print(
+        f"\ndevice {torch.cuda.get_device_name(0)}, torch {torch.__version__}; matmul {peak / 1e12:.0f} TFLOP/s"
+    )
+    print(f"model FLOPs per image: train {f_train / 1e9:.2f} G, forward {f_fwd / 1e9:.2f} G")
+    print(f"{'what':<44}{'batch':>6}{'images/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'breaks':>7}{'wall s':>7}")
+    for what, b, ips, flops, breaks, wall in rows:
+        print(f"{what:<44}{b:>6}{ips:>11,.0f}{flops / 1e12:>9.1f}{flops / peak:>7.1%}{breaks:>7}{wall:>7.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="presets/fashion_mnist_gpu.yaml")
     ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument(
+        "--loop-only",
+        action="store_true",
+        help="only the real training loop: compiled vs compiled + CUDA graph (train.cuda_graph), batch 256 and 512",
+    )
+    ap.add_argument("--loop-steps", type=int, default=400, help="steps of each training-loop run")
     args = ap.parse_args()
     raw = merged_params(
         yaml.safe_load(Path("params.yaml").read_text()),
@@ -122,6 +154,16 @@ def main() -> None:
     f_fwd = flops_per_image(probe, config, torch.device("cuda"), train=False)
     cl, cf = torch.channels_last, torch.contiguous_format
     rows = []
+    loop = [(b, c, g) for b in (256, 512) for c, g in ((True, False), (True, True))]
+    for batch, compiled, graphed in loop:
+        torch._dynamo.reset()
+        ips, wall = loop_rate(config, batch, args.loop_steps, compile=compiled, cuda_graph=graphed)
+        what = "train loop compile" + (" + CUDA graph" if graphed else "")
+        rows.append((what, batch, ips, f_train * ips, 0, wall))
+        print(rows[-1], flush=True)
+    if args.loop_only:
+        print_table(rows, peak, f_train, f_fwd)
+        return
     train_variants = [
         ("eager channels_last", cl, None, 256),
         ("eager contiguous", cf, None, 256),
@@ -162,13 +204,7 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
 
-    print(
-        f"\ndevice {torch.cuda.get_device_name(0)}, torch {torch.__version__}; matmul {peak / 1e12:.0f} TFLOP/s"
-    )
-    print(f"model FLOPs per image: train {f_train / 1e9:.2f} G, forward {f_fwd / 1e9:.2f} G")
-    print(f"{'what':<44}{'batch':>6}{'images/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'breaks':>7}{'wall s':>7}")
-    for what, b, ips, flops, breaks, wall in rows:
-        print(f"{what:<44}{b:>6}{ips:>11,.0f}{flops / 1e12:>9.1f}{flops / peak:>7.1%}{breaks:>7}{wall:>7.0f}")
+    print_table(rows, peak, f_train, f_fwd)
     for key in [("eager channels_last", 256), ("compile contiguous", 256)]:
         print(f"\ntop CUDA kernels, train {key[0]} batch {key[1]} (share of device time):")
         print("\n".join(top_kernels(steps[key])))

@@ -6,6 +6,11 @@
 #   train P       dvc repro train@P (and prepare, classifier, reference first)
 #   sweep ARGS    benchmarks/sampler_sweep.py on models/p_uncond=0.1 (resumable: skips settings already in its CSV)
 #   study         dvc repro: every stage, with the overrides given after the phase
+#   gate          the CUDA-graph training test (fp32, eager network) on the last GPU: writes true/false to cg
+#   start ARGS    cfg-lab repro --parallel of the preset + ARGS in a new process session (it outlives the call
+#                 while the machine stays warm); its log in run.log, its exit status in run.rc
+#   bench         on the visible GPU(s): the GPU tests and benchmarks/profile_step.py --loop-only (bench.log)
+#   wait N        wait up to N seconds for the started run, then bundle what exists into $OUT/study.tgz
 # Every phase takes the preset's params plus `key=value` overrides; results land in $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -19,7 +24,41 @@ cd "$W" || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 phase=$1
 shift
+bundle() {  # a lent machine returns at most 8 files: everything worth keeping goes into one
+  tar -czf "$OUT/study.tgz" --ignore-failed-read params.yaml dvc.lock run.log bench.log results/tradeoff.csv \
+    results/metrics.json results/report.md results/plots results/cells results/classifier.json \
+    samples/*/grid.png samples/*/sample.json models/*/eval.csv models/*/loss.csv models/*/train.json 2>/dev/null
+  ls -la "$OUT"
+}
 case "$phase" in
+  gate)
+    gpu=$(($(nvidia-smi -L | wc -l) - 1))
+    if CUDA_VISIBLE_DEVICES=$gpu python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k "cuda_graph and False"; then
+      echo true >cg
+    else
+      echo false >cg
+    fi
+    echo "cuda_graph gate: $(cat cg)"
+    ;;
+  start)
+    rm -f run.rc
+    setsid bash -c "python scripts/gpu_study.py presets/fashion_mnist_gpu.yaml data.root=.fmnist $* --out gpu_out --parallel >run.log 2>&1; echo \$? >run.rc" </dev/null >/dev/null 2>&1 &
+    echo "started: $*"
+    ;;
+  bench)
+    {
+      python -m pytest -q -p no:cacheprovider tests/test_gpu.py
+      python benchmarks/profile_step.py --loop-only --loop-steps 300 --seconds 2
+    } 2>&1 | tee bench.log | grep -v "^\[" | tail -n 25
+    cp bench.log "$OUT/"
+    ;;
+  wait)
+    end=$((SECONDS + ${1:-540}))
+    while [ ! -f run.rc ] && [ $SECONDS -lt $end ]; do sleep 5; done
+    grep -v " ETA " run.log | tail -n 60
+    [ -f run.rc ] && echo "run exit $(cat run.rc)"
+    bundle
+    ;;
   train)
     p=$1
     shift

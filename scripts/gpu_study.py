@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument(
         "--targets", nargs="*", default=[], help="dvc repro only these stages (and what they need)"
     )
+    ap.add_argument(
+        "--parallel", action="store_true", help="cfg-lab repro --parallel: the p_uncond arms side by side"
+    )
     args = ap.parse_args()
     base = yaml.safe_load(Path("params.yaml").read_text())
     changes = flat_overrides(yaml.safe_load(Path(args.preset).read_text()))
@@ -43,8 +46,11 @@ def main() -> None:
     params_from_dict(merged)  # fail here, before any work
     Path("params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
     t0 = time.perf_counter()
-    rc = subprocess.call(["dvc", "repro", *args.targets])
-    print(f"[gpu_study] dvc repro exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.parallel:
+        rc = subprocess.call([sys.executable, "-m", "cfg.cli", "repro", "--parallel", *args.targets])
+    else:
+        rc = subprocess.call(["dvc", "repro", *args.targets])
+    print(f"[gpu_study] repro exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for src in [

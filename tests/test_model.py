@@ -142,3 +142,23 @@ def test_training_lowers_the_loss_on_digits():
     assert losses[0] > 0.5
     assert losses[-1] < 0.75 * losses[0], losses
     assert result.images_per_s > 0
+
+
+def test_ema_apply_with_a_tensor_decay_equals_update():
+    # the CUDA-graph path's EMA (decay a tensor, no Python number) against update's lerp
+    from cfg.nets.unet import EMA
+
+    torch.manual_seed(0)
+    model = UNet(
+        UNetConfig(image_size=8, base_width=8, channel_mult=(1,), attention_resolutions=(), head_channels=8)
+    )
+    a, b = EMA(model, 0.99, warmup=True), EMA(model, 0.99, warmup=True)
+    for _ in range(5):
+        for p in model.parameters():
+            p.data.add_(torch.randn_like(p))
+        decay = torch.tensor(b.decay_at(b.num_updates))
+        a.update(model)
+        b.apply_(model, decay)
+        b.num_updates += 1
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

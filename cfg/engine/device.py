@@ -18,14 +18,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+def autocast(
+    device: torch.device, enabled: bool = True, cache: bool = True
+) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA for the network's matmuls and convolutions; a no-op on CPU.
 
     Only the network runs under it: the diffusion arithmetic (α, σ, x̂, the sampler update) stays float32
-    or float64, where bf16's 8-bit mantissa would visibly bias samples at high log-SNR.
+    or float64, where bf16's 8-bit mantissa would visibly bias samples at high log-SNR. `cache=False` for
+    CUDA-graph capture (PyTorch's advice: cached weight casts would outlive the graph's memory pool).
     """
     if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cfg.engine.device import autocast, configure_cuda
 from cfg.engine.distributed import Dist, all_mean
 from cfg.io import atomic_save
-from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, diffusion_loss
+from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, diffusion_loss, eps_loss, training_draws
 from cfg.nets.unet import EMA, UNet, UNetConfig
 
 # called every log_every steps with {"step", "loss", "lr", "images_per_s", "eta_s", "ema"}; may raise to stop
@@ -39,7 +39,7 @@ def train_kwargs(train) -> dict:
         "lambda_min",
         "lambda_max",
     )
-    return {k: getattr(train, k) for k in (*names, "seed", "bf16", "compile")}
+    return {k: getattr(train, k) for k in (*names, "seed", "bf16", "compile", "cuda_graph")}
 
 
 # train.* keys that do not change the trained weights or the loss curve
@@ -66,6 +66,60 @@ def resume_state_path(
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return Path(root) / ".resume" / f"train-p_uncond={p_uncond}-{digest}" / "state.pt"
+
+
+GRAPH_WARMUP = 3  # eager steps before the capture (cuDNN autotuning, compilation, Adam's state allocated)
+
+
+class GraphStep:
+    """One training step (given the batch and its draws) replayed as a CUDA graph: eps_loss, backward, gradient
+    clipping, Adam and the EMA update, the loss added to `running`. The first GRAPH_WARMUP calls run eagerly on
+    a side stream (as PyTorch's whole-network capture recipe asks); the next captures, and every call replays."""
+
+    def __init__(self, net, model, opt, ema: EMA, running: Tensor, grad_clip: float | None, bf16: bool):
+        self.net, self.model, self.opt, self.ema, self.running = net, model, opt, ema, running
+        self.grad_clip, self.bf16 = grad_clip, bf16
+        self.device = running.device
+        self.decay = torch.zeros((), device=self.device)
+        self.inputs: list[Tensor] | None = None  # x, λ, ε, c: fixed buffers the graph reads
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.calls = 0
+
+    def body(self) -> None:
+        x, lam, eps, c = self.inputs
+        with autocast(self.device, self.bf16, cache=False):
+            loss = eps_loss(self.net, x, lam, eps, c)
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.ema.apply_(self.model, self.decay)
+        self.running.add_(loss.detach())
+
+    def __call__(self, x: Tensor, lam: Tensor, eps: Tensor, c: Tensor) -> None:
+        if self.inputs is None:
+            self.inputs = [t.clone(memory_format=torch.preserve_format) for t in (x, lam, eps, c)]
+        else:
+            for buf, t in zip(self.inputs, (x, lam, eps, c), strict=True):
+                buf.copy_(t)
+        self.decay.fill_(self.ema.decay_at(self.ema.num_updates))
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.calls < GRAPH_WARMUP:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.opt.zero_grad(set_to_none=True)
+                self.body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        else:
+            self.opt.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.body()
+            self.graph.replay()  # capturing ran nothing: this step happens now
+        self.ema.num_updates += 1
+        self.calls += 1
 
 
 @dataclass
@@ -96,6 +150,7 @@ def train_diffusion(
     device: torch.device | str = "cpu",
     bf16: bool = True,  # bf16 autocast on CUDA
     compile: bool = False,  # torch.compile the network on CUDA
+    cuda_graph: bool = False,  # on CUDA, one process: replay each step (loss to EMA) as one CUDA graph
     log_every: int = 50,  # steps between history entries / callback calls
     callback: StepCallback | None = None,
     resume_path: str | Path | None = None,  # training state file: continued from if it exists, written below
@@ -112,8 +167,21 @@ def train_diffusion(
     rows; DDP averages the gradients, so N processes take the steps one process would at the same global
     batch and learning rate (equal up to float reassociation of the gradient sum). Rank 0 alone calls
     `callback` and writes the resume state.
+
+    `cuda_graph`: a step launches hundreds of small kernels (forward, backward, clipping, Adam, EMA), and at
+    the GPU preset's batch the GPU waits on their launches more than it computes. The step's deterministic part
+    is captured once, after GRAPH_WARMUP eager steps, into one CUDA graph that each later step replays with
+    one launch; the batch, λ, ε and label drops are drawn eagerly into fixed buffers in the same order as
+    without it, the learning rate and the EMA decay are tensors filled before each replay (Adam runs with
+    capturable=True), dropout draws from CUDA's default generator, which graphs advance per replay. The
+    weights equal the eager step's up to rounding (the EMA's d·a + (1 − d)·b, Adam's capturable kernel).
     """
     d = dist or Dist()
+    if cuda_graph and d.world > 1:
+        raise ValueError(
+            f"train.cuda_graph needs one process (train.devices: 1), got {d.world}: DDP's gradient all-reduce "
+            "is not captured here"
+        )
     if batch_size % d.world:
         raise ValueError(f"train.batch_size = {batch_size} must be a multiple of the {d.world} processes")
     rows = (
@@ -143,6 +211,9 @@ def train_diffusion(
         "bf16": bf16,
         "log_every": log_every,
     }
+    graphed = cuda_graph and device.type == "cuda"
+    if graphed:  # another kernel path (rounding): a state of the eager path is not continued, nor the reverse
+        settings["cuda_graph"] = True
     resume_path = Path(resume_path) if resume_path is not None else None
     state = None
     if resume_path is not None and resume_path.exists():
@@ -163,7 +234,12 @@ def train_diffusion(
         step_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     step_model = torch.compile(step_model) if compile and device.type == "cuda" else step_model
     # the fused kernel: one pass over all parameters (about 5% of a CPU step for the embedded default's U-Net)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+    opt = torch.optim.Adam(
+        model.parameters(),
+        lr=torch.tensor(lr, device=device) if graphed else lr,  # a tensor the scheduler fills: no re-capture
+        fused=device.type in ("cpu", "cuda"),
+        capturable=graphed,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
     gen = torch.Generator(device=device).manual_seed(seed)
     x_all, y_all = train_x.to(device), train_y.to(device)
@@ -189,32 +265,42 @@ def train_diffusion(
         t_start, t_last = t_start - state["elapsed_s"], t_last - state["since_log_s"]
     first_interval = True  # holds compilation and warm-up: not timed
     model.train()
+    graph_step = GraphStep(step_model, model, opt, ema, running, grad_clip, bf16) if graphed else None
     for step in range(start + 1, steps + 1):
         idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen, device=device)
         x, y = x_all[idx], y_all[idx]
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, bf16):
-            loss = diffusion_loss(
-                step_model,
-                x,
-                y,
-                p_uncond=p_uncond,
-                null_label=config.null_label,
-                generator=gen,
-                lambda_min=lambda_min,
-                lambda_max=lambda_max,
-                rows=rows,
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        sched.step()
-        ema.update(model)
-        running += loss.detach()
-        n_running += 1
+        if graph_step is not None:
+            draws = training_draws(
+                x, y, p_uncond=p_uncond, null_label=config.null_label, generator=gen,
+                lambda_min=lambda_min, lambda_max=lambda_max,
+            )  # fmt: skip
+            graph_step(x, *draws)
+            sched.step()
+            n_running += 1
+        else:
+            with autocast(device, bf16):
+                loss = diffusion_loss(
+                    step_model,
+                    x,
+                    y,
+                    p_uncond=p_uncond,
+                    null_label=config.null_label,
+                    generator=gen,
+                    lambda_min=lambda_min,
+                    lambda_max=lambda_max,
+                    rows=rows,
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            sched.step()
+            ema.update(model)
+            running += loss.detach()
+            n_running += 1
         if step % log_every == 0 or step == steps:
             mean_loss = float(all_mean(running, d)) / n_running  # the only host sync, once per interval
             if not math.isfinite(mean_loss):
@@ -227,13 +313,14 @@ def train_diffusion(
             entry = {
                 "step": step,
                 "loss": mean_loss,
-                "lr": sched.get_last_lr()[0],
+                "lr": float(sched.get_last_lr()[0]),  # a tensor under cuda_graph
                 "images_per_s": rate,
                 "elapsed_s": now - t_start,
                 "eta_s": (steps - step) * batch_size / rate,
             }
             history.append(entry)
-            running, n_running, t_last, first_interval = torch.zeros_like(running), 0, now, False
+            running.zero_()  # in place: a CUDA graph adds into this very tensor
+            n_running, t_last, first_interval = 0, now, False
             if callback is not None and d.main:
                 # "ema": the weights a checkpoint evaluation samples; its values are kept (and resumed) in history
                 entry.update(callback({**entry, "ema": ema.model}) or {})

@@ -106,13 +106,34 @@ def diffusion_loss(
 
     λ, ε and the label drops are drawn for the whole batch x in every process, and the loss is taken over
     `rows` only: data-parallel processes then see exactly the draws a single process would."""
+    lam, eps, c = training_draws(
+        x, labels, p_uncond=p_uncond, null_label=null_label, generator=generator,
+        lambda_min=lambda_min, lambda_max=lambda_max,
+    )  # fmt: skip
+    if rows is not None:
+        x, lam, eps, c = x[rows], lam[rows], eps[rows], c[rows]
+    return eps_loss(model, x, lam, eps, c)
+
+
+def training_draws(
+    x: Tensor,
+    labels: Tensor,
+    *,
+    p_uncond: float,
+    null_label: int,
+    generator: torch.Generator | None = None,
+    lambda_min: float = LAMBDA_MIN,
+    lambda_max: float = LAMBDA_MAX,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The random part of `diffusion_loss` for a batch x, in its order: λ, ε and the labels after dropout."""
     lam = sample_training_lambda(
         x.shape[0], generator=generator, device=x.device, lambda_min=lambda_min, lambda_max=lambda_max
     )
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    c = drop_labels(labels, p_uncond, null_label, generator=generator)
-    if rows is not None:
-        x, lam, eps, c = x[rows], lam[rows], eps[rows], c[rows]
-    z = q_sample(x, lam, eps)
-    eps_hat = model(z, lam, c)
+    return lam, eps, drop_labels(labels, p_uncond, null_label, generator=generator)
+
+
+def eps_loss(model: torch.nn.Module, x: Tensor, lam: Tensor, eps: Tensor, c: Tensor) -> Tensor:
+    """The deterministic part of `diffusion_loss`: ‖ε_θ(α_λ x + σ_λ ε, λ, c) − ε‖² averaged."""
+    eps_hat = model(q_sample(x, lam, eps), lam, c)
     return F.mse_loss(eps_hat.float(), eps)

@@ -222,6 +222,17 @@ class EMA(nn.Module):
             b_ema.copy_(b)
         self.num_updates += 1
 
+    @torch.no_grad()
+    def apply_(self, model: nn.Module, decay: Tensor) -> None:
+        """θ_ema ← d·θ_ema + (1 − d)·θ with d a tensor on the weights' device: the kernels of `update` with no
+        Python number in them, so a CUDA graph can replay it (the caller fills d with `decay_at` and counts
+        `num_updates`). Equal to `update` up to rounding (d·a + (1 − d)·b instead of lerp)."""
+        ema_p = list(self.model.parameters())
+        torch._foreach_mul_(ema_p, decay)
+        torch._foreach_add_(ema_p, torch._foreach_mul([p.detach() for p in model.parameters()], 1.0 - decay))
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
     def get_extra_state(self) -> dict:
         return {"num_updates": self.num_updates}
 

@@ -119,6 +119,11 @@ class TrainParams:
     device: str = _p("auto", "auto (CUDA when present), cpu or cuda", choices=DEVICE_NAMES)
     bf16: bool = _p(True, "bf16 autocast on CUDA (ignored on CPU)")
     compile: bool = _p(False, "torch.compile the model on CUDA")
+    cuda_graph: bool = _p(
+        False,
+        "on CUDA with one process: replay each training step as one CUDA graph (the step is launch-bound at "
+        "small models and batches); weights equal the eager step's up to rounding",
+    )
     devices: int | str = _p(
         1,
         "processes (one per GPU) of the train stage: N, or all (every visible GPU; one process on CPU); "
