@@ -1,5 +1,6 @@
 """Optuna searches a guidance method's options: `sample.guidance.<label>.<option>` keys in search.space, checked
-against the method's registry entry, applied to the trial's params, and a real study that scores the method."""
+against the method's registry entry, applied to the trial's params, and a real study that scores the method; with
+several entries, a trial picks one (`sample.guidance`) and gets only that entry's options."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import yaml
 
 from cfg.engine.generate import sampling_kwargs
-from cfg.search.results import best_params_yaml, best_trials
-from cfg.search.space import SearchError, check_search, trial_params
+from cfg.search.results import best_params_yaml, best_trials, summary, trial_guidance, trial_overrides
+from cfg.search.space import GUIDANCE_KEY, SearchError, check_search, trial_params
 from cfg.search.worker import run_worker
 
 from .test_search import input_files, inputs, mlflow_store, tiny_raw  # noqa: F401  (fixtures)
@@ -18,6 +19,9 @@ SPACE = {
     "sample.guidance.interval.lambda_lo": {"low": -6.0, "high": -1.0},
     "sample.guidance.interval.lambda_hi": {"low": 0.0, "high": 6.0},
 }
+# two entries at once: interval's λ range and rescale's φ
+TWO = {"interval": {}, "rescale": None}
+TWO_SPACE = {**SPACE, "sample.guidance.rescale.phi": {"low": 0.3, "high": 1.0}}
 
 
 def _raw(tmp_path, guidance=None, **search):
@@ -80,17 +84,81 @@ def test_guidance_options_are_search_dimensions_applied_to_the_trial(tmp_path):
             {"sample.guidance.schedule.shape": {"choices": ["linear", "square"]}},
             r"shape = 'square' is not allowed",
         ),
+        ({"autoguidance": {}}, {"train.lr": {"low": 1e-4, "high": 1e-2}}, r"needs a guide network"),
         (
-            {"cfg": {}, "interval": {}},
+            {"cfg": {}, "ag": {"method": "autoguidance"}},
             {"train.lr": {"low": 1e-4, "high": 1e-2}},
-            r"a trial scores one guidance method",
+            r"sample\.guidance\.ag is autoguidance.*search\.space\.sample\.guidance: \{choices: \['cfg'\]\}",
         ),
-        ({"autoguidance": {}}, {"train.lr": {"low": 1e-4, "high": 1e-2}}, r"without a guide network"),
+        (
+            TWO,
+            {"sample.guidance": {"choices": ["interval", "rescale_07"]}},
+            r"search\.space\.sample\.guidance\.choices = .*'rescale_07' is not an entry of sample\.guidance; "
+            r"its labels: \['interval', 'rescale'\]",
+        ),
+        (
+            TWO,
+            {"sample.guidance": {"low": 0, "high": 1}},
+            r"search\.space\.sample\.guidance = .* is searched as \{choices: \[labels\]\}",
+        ),
+        (
+            TWO,
+            {"sample.guidance.apg.eta": {"low": 0.0, "high": 1.0}},
+            r"search\.space\.sample\.guidance\.apg\.eta: .*<label> an entry of sample\.guidance "
+            r"\(\['interval', 'rescale'\]\), got 'sample\.guidance\.apg\.eta'",
+        ),
+        (
+            TWO,
+            {"sample.guidance.rescale.lambda_lo": {"low": -3.0, "high": 0.0}},
+            r"search\.space\.sample\.guidance\.rescale\.lambda_lo: 'lambda_lo' is not an option of guidance "
+            r"method 'rescale'",
+        ),
+        (
+            TWO,
+            {"sample.guidance": {"choices": ["rescale"]}, **SPACE},
+            r"search\.space\.sample\.guidance\.interval\.lambda_lo: entry 'interval' is not among those a trial "
+            r"scores",
+        ),
     ],
 )
 def test_bad_guidance_dimensions_are_refused_naming_key_and_value(tmp_path, guidance, space, message):
     with pytest.raises((SearchError, ValueError), match=message):
         check_search(_raw(tmp_path, guidance, space=space))
+
+
+def test_two_entries_a_trial_picks_one_and_gets_only_its_options(tmp_path):
+    spec = check_search(_raw(tmp_path, TWO, space=TWO_SPACE))
+    # the entry a trial scores: a dimension of its own, suggested first
+    assert [(d.key, d.choices) for d in spec.space[:1]] == [(GUIDANCE_KEY, ("interval", "rescale"))]
+    assert [d.entry for d in spec.space[1:]] == ["interval", "interval", "rescale"]
+    # a FixedTrial refuses any parameter it was not given: rescale's trial is never asked for interval's λ
+    fixed = optuna.trial.FixedTrial({GUIDANCE_KEY: "rescale", "sample.guidance.rescale.phi": 0.5})
+    overrides = spec.suggest(fixed)
+    assert overrides == {GUIDANCE_KEY: "rescale", "sample.guidance.rescale.phi": 0.5}
+    p = trial_params(spec, overrides)
+    assert p.sample.guidance == {"rescale": {"phi": 0.5}}  # the lone entry the trial scores
+    kw = sampling_kwargs(p)
+    assert (kw["guidance"], kw["guidance_options"]) == ("rescale", {"phi": 0.5})
+    fixed = optuna.trial.FixedTrial(
+        {
+            GUIDANCE_KEY: "interval",
+            "sample.guidance.interval.lambda_lo": -2.0,
+            "sample.guidance.interval.lambda_hi": 1.0,
+        }
+    )
+    p = trial_params(spec, spec.suggest(fixed))
+    assert p.sample.guidance == {"interval": {"lambda_lo": -2.0, "lambda_hi": 1.0}}
+    # a subset of the entries, given in the space: only rescale is scored, and an entry without searched options
+    spec = check_search(
+        _raw(
+            tmp_path,
+            {"cfg": {}, **TWO},
+            space={GUIDANCE_KEY: {"choices": ["cfg", "rescale"]}, "train.lr": {"low": 1e-4, "high": 1e-2}},
+        )
+    )
+    assert [d.key for d in spec.space] == [GUIDANCE_KEY, "train.lr"]
+    p = trial_params(spec, spec.suggest(optuna.trial.FixedTrial({GUIDANCE_KEY: "cfg", "train.lr": 1e-3})))
+    assert p.sample.guidance == {"cfg": {}} and p.train.lr == 1e-3
 
 
 @pytest.mark.slow
@@ -120,3 +188,39 @@ def test_a_study_searches_the_guidance_interval(tmp_path, inputs):  # noqa: F811
     assert trial_params(spec, overrides).sample.guidance["interval"]["lambda_hi"] == pytest.approx(
         best.params["sample.guidance.interval.lambda_hi"]
     )
+
+
+@pytest.mark.slow
+def test_a_study_searches_two_guidance_entries_at_once(tmp_path, inputs):  # noqa: F811
+    """Two real trials on real storage, one per entry: interval with its λ range, rescale with its φ; each trains
+    the same model and scores its own method, and the best one's overrides reproduce it."""
+    space = {"train.steps": {"low": 20, "high": 30, "step": 10}, **TWO_SPACE}
+    # no pruner: both trials are to finish, whichever method trains worse at step 10
+    spec = check_search(
+        _raw(tmp_path, TWO, space=space, n_trials=2, w=[1.0], pruner="none", pruner_options={})
+    )
+    queued = optuna.create_study(study_name="cfg-search", storage=spec.search.storage)
+    interval = {"sample.guidance.interval.lambda_lo": -1.5, "sample.guidance.interval.lambda_hi": 0.5}
+    queued.enqueue_trial({GUIDANCE_KEY: "interval", "train.steps": 20, **interval})
+    queued.enqueue_trial({GUIDANCE_KEY: "rescale", "train.steps": 20, "sample.guidance.rescale.phi": 0.5})
+    study = run_worker(spec, inputs, log=lambda _: None)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    # each trial holds its entry and that entry's options only
+    assert trials[0].params == {GUIDANCE_KEY: "interval", "train.steps": 20, **interval}
+    assert trials[1].params == {
+        GUIDANCE_KEY: "rescale",
+        "train.steps": 20,
+        "sample.guidance.rescale.phi": 0.5,
+    }
+    assert [trial_guidance(t) for t in trials] == ["interval", "rescale"]
+    assert trials[0].value != trials[1].value  # the same model and noise, another method
+    (best,) = best_trials(study)
+    assert summary(study)["best"][0]["guidance"] == trial_guidance(best)
+    # best_params.yaml: the entry's options (applied to params.yaml's entry; the run samples both entries)
+    text = best_params_yaml(study, best)
+    assert f"with guidance entry '{trial_guidance(best)}'" in text
+    overrides = yaml.safe_load(text)
+    assert GUIDANCE_KEY not in overrides and overrides == trial_overrides(best)
+    again = trial_params(spec, best.user_attrs["overrides"])
+    assert list(again.sample.guidance) == [trial_guidance(best)]

@@ -101,7 +101,7 @@ class Objective:
 
     def __call__(self, trial: Trial) -> float | tuple[float, float]:
         self.lock.release()  # the trial exists and counts: other workers may start theirs
-        overrides = {d.key: d.override(d.suggest(trial)) for d in self.spec.space}
+        overrides = self.spec.suggest(trial)
         p = trial_params(self.spec, overrides)
         w_values = p.sample.w if "sample.w" in overrides else p.search.w
         trial.set_user_attr("overrides", overrides)

@@ -8,6 +8,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from cfg.search.space import GUIDANCE_KEY
 from cfg.search.storage import retry_of
 
 
@@ -16,8 +17,16 @@ def trial_overrides(trial: FrozenTrial) -> dict[str, Any]:
 
     The whole grid, not only its best w: the sample stage then draws the very batches and noise the trial drew
     (generate_w_grid batches by the number of w), so the pipeline's cell at the best w has the trial's FID.
+    The guidance entry a trial scored (`trial_guidance`) is no override: the pipeline samples every entry of
+    sample.guidance, each with the same noise, so that entry's cells are the trial's and the others' compare.
     """
-    return {**trial.user_attrs["overrides"], "sample.w": trial.user_attrs["w_grid"]}
+    overrides = {k: v for k, v in trial.user_attrs["overrides"].items() if k != GUIDANCE_KEY}
+    return {**overrides, "sample.w": trial.user_attrs["w_grid"]}
+
+
+def trial_guidance(trial: FrozenTrial) -> str | None:
+    """The sample.guidance label a trial scored, where it picked one of several entries."""
+    return trial.user_attrs["overrides"].get(GUIDANCE_KEY)
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -40,6 +49,7 @@ def summary(study: optuna.Study) -> dict:
             "number": t.number,
             **dict(zip(names, t.values, strict=True)),
             "w": t.user_attrs["w"],
+            **({"guidance": trial_guidance(t)} if trial_guidance(t) else {}),
             "overrides": trial_overrides(t),
             "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
             "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
@@ -60,9 +70,17 @@ def summary(study: optuna.Study) -> dict:
 def best_params_yaml(study: optuna.Study, trial: FrozenTrial) -> str:
     """A params file of dotted overrides reproducing `trial` through the pipeline (cfg.study.presets applies it)."""
     values = ", ".join(f"{n} {v:.4g}" for n, v in zip(("FID", "IS"), trial.values, strict=False))
+    label = trial_guidance(trial)
     header = (
-        f"# Trial {trial.number} of Optuna study {study.study_name!r}: {values} at w = {trial.user_attrs['w']:g}.\n"
+        f"# Trial {trial.number} of Optuna study {study.study_name!r}: {values} at w = {trial.user_attrs['w']:g}"
+        + (f" with guidance entry {label!r}" if label else "")
+        + ".\n"
         "# Reproduce it through the pipeline:  python pipelines/search.py apply <this file> --run\n"
         "#                             (runs:  dvc exp run -S key=value ...)\n"
+        + (
+            f"# The run samples every entry of sample.guidance with the same noise: {label!r}'s cells are this trial's.\n"
+            if label
+            else ""
+        )
     )
     return header + yaml.safe_dump(trial_overrides(trial), sort_keys=False, default_flow_style=None)

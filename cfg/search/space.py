@@ -3,6 +3,11 @@
 `parse_space` turns search.space into `Dimension`s, each a params.yaml key with its range or choices, checked
 against the params schema; `check_search` validates the whole params file into a `SearchSpec`; `trial_params`
 applies a trial's values to it.
+
+A trial scores one guidance method. With several entries in sample.guidance, the trial picks one: the categorical
+dimension `sample.guidance` over their labels (added to the space, or given there as `{choices: [labels]}` to search
+a subset), and only that entry's options (`sample.guidance.<label>.<option>`) are suggested: a conditional space,
+as Optuna's define-by-run trials allow, so each method's options are learnt from the trials that scored it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ _ONE_VALUE_KEYS = ("train.p_uncond", "sample.w")
 # FIDs of different sample counts are not comparable
 _FIXED_KEYS = ("sample.n_samples",)
 _SPEC_FIELDS = {"low", "high", "log", "step", "choices"}
+# the categorical dimension over sample.guidance's labels: the entry a trial scores
+GUIDANCE_KEY = "sample.guidance"
 
 
 class SearchError(ValueError):
@@ -71,20 +78,37 @@ class Dimension:
         """The params.yaml value of a suggestion: a one-element list for train.p_uncond and sample.w."""
         return [value] if self.key in _ONE_VALUE_KEYS else value
 
+    @property
+    def entry(self) -> str | None:
+        """The sample.guidance label whose option this is (sample.guidance.<label>.<option>), else None."""
+        parts = self.key.split(".")
+        return parts[2] if len(parts) == 4 and self.key.startswith(GUIDANCE_KEY + ".") else None
+
+
+def _entries(raw_params: dict) -> dict:
+    """params.yaml's sample.guidance as read: label -> its options ({} for null), the default {cfg: {}}."""
+    entries = (raw_params.get("sample") or {}).get("guidance") or {"cfg": {}}
+    return {label: options or {} for label, options in entries.items()} if isinstance(entries, dict) else {}
+
+
+def _method(raw_params: dict, label: str) -> str:
+    """The guidance method of a sample.guidance entry: its `method` option, else its label."""
+    return _entries(raw_params)[label].get("method", label)
+
 
 def _guidance_option_type(key: str, raw_params: dict, where: str) -> type:
     """The type of `sample.guidance.<label>.<option>`: its default's in the method's registry entry."""
     from cfg.maths.guidance import GUIDANCE
 
     parts = key.split(".")
-    entries = (raw_params.get("sample") or {}).get("guidance") or {"cfg": {}}
+    entries = _entries(raw_params)
     if len(parts) != 4 or parts[2] not in entries:
         raise SearchError(
             f"{where}: guidance options are searched as sample.guidance.<label>.<option> with <label> an entry "
             f"of sample.guidance ({sorted(entries)}), got {key!r}"
         )
     label, option = parts[2], parts[3]
-    method = (entries[label] or {}).get("method", label)
+    method = _method(raw_params, label)
     options = GUIDANCE.options(method) if method in GUIDANCE else {}
     if option not in options:
         raise SearchError(
@@ -163,6 +187,25 @@ def _dimension(key: str, spec: Any, typ: type, where: str) -> Dimension:
     return Dimension(key, typ.__name__, low=low, high=high, log=log, step=step)
 
 
+def _guidance_dimension(spec: Any, raw_params: dict, where: str) -> Dimension:
+    """`sample.guidance: {choices: [labels]}`: the sample.guidance entries a trial may score."""
+    labels = sorted(_entries(raw_params))
+    if not isinstance(spec, dict) or set(spec) != {"choices"} or not isinstance(spec["choices"], list):
+        raise SearchError(
+            f"{where} = {spec!r}: the guidance entry a trial scores is searched as {{choices: [labels]}} with "
+            f"labels of sample.guidance ({labels})"
+        )
+    choices = spec["choices"]
+    unknown = [c for c in choices if c not in labels]
+    if not choices or unknown:
+        raise SearchError(
+            f"{where}.choices = {choices!r}: {unknown[0]!r} is not an entry of sample.guidance; its labels: {labels}"
+            if unknown
+            else f"{where}.choices is empty; give labels of sample.guidance ({labels})"
+        )
+    return Dimension(GUIDANCE_KEY, "categorical", choices=tuple(dict.fromkeys(choices)))
+
+
 def parse_space(space: dict, raw_params: dict) -> list[Dimension]:
     """search.space as dimensions, every bound and choice checked against the params schema."""
     if not space:
@@ -173,14 +216,30 @@ def parse_space(space: dict, raw_params: dict) -> list[Dimension]:
     dims = []
     for key, spec in space.items():
         where = f"search.space.{key}"
-        dim = _dimension(key, spec, _key_type(key, where, raw_params), where)
+        if key == GUIDANCE_KEY:
+            dim = _guidance_dimension(spec, raw_params, where)
+        else:
+            dim = _dimension(key, spec, _key_type(key, where, raw_params), where)
         for value in dim.choices or (dim.low, dim.high):
+            overrides = {key: dim.override(value)} | ({GUIDANCE_KEY: dim.entry} if dim.entry else {})
             try:
-                params_from_dict(merged_params(raw_params, {key: dim.override(value)}))
+                params_from_dict(_merged(raw_params, overrides))
             except ParamsError as e:
                 raise SearchError(f"{where}: {e}") from None
         dims.append(dim)
     return dims
+
+
+def _merged(raw_params: dict, overrides: dict[str, Any]) -> dict:
+    """params.yaml as a dict with a trial's overrides applied; a label at sample.guidance (GUIDANCE_KEY) keeps
+    that entry alone, with its option overrides."""
+    label = overrides.get(GUIDANCE_KEY)
+    base = json.loads(json.dumps(raw_params))
+    base.setdefault("sample", {})["guidance"] = _entries(raw_params)
+    merged = merged_params(base, {k: v for k, v in overrides.items() if k != GUIDANCE_KEY})
+    if label is not None:
+        merged["sample"]["guidance"] = {label: merged["sample"]["guidance"][label]}
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,6 +257,16 @@ class SearchSpec:
     @property
     def search(self) -> SearchParams:
         return self.params.search
+
+    def suggest(self, trial: Trial) -> dict[str, Any]:
+        """A trial's overrides, {params.yaml key: value}: the guidance entry it scores first (GUIDANCE_KEY, where
+        the space has it), then every other dimension but the options of the entries it does not score."""
+        label = next((d.suggest(trial) for d in self.space if d.key == GUIDANCE_KEY), None)
+        overrides = {} if label is None else {GUIDANCE_KEY: label}
+        for d in self.space:
+            if d.key != GUIDANCE_KEY and (label is None or d.entry in (None, label)):
+                overrides[d.key] = d.override(d.suggest(trial))
+        return overrides
 
     @property
     def multi(self) -> bool:
@@ -262,16 +331,27 @@ def check_search(raw: dict) -> SearchSpec:
             f"train.p_uncond = {params.train.p_uncond}: a trial trains one model; put train.p_uncond in "
             "search.space or give it one value"
         )
-    guidance = params.sample.guidance
-    if (
-        len(guidance) != 1
-        or next(iter(guidance)) == "autoguidance"
-        or any((o or {}).get("method") == "autoguidance" for o in guidance.values())
-    ):
+    labels = list(_entries(raw))
+    if GUIDANCE_KEY not in keys and len(labels) > 1:  # the trial picks the entry it scores
+        space = [Dimension(GUIDANCE_KEY, "categorical", choices=tuple(labels)), *space]
+    scored = next((list(d.choices) for d in space if d.key == GUIDANCE_KEY), labels)
+    guided = [label for label in scored if _method(raw, label) == "autoguidance"]
+    if guided:
+        others = [label for label in scored if label not in guided]
         raise SearchError(
-            f"sample.guidance = {guidance}: a trial scores one guidance method without a guide network; give "
-            "sample.guidance one entry (its options may be searched as sample.guidance.<label>.<option>)"
+            f"sample.guidance.{guided[0]} is autoguidance, which needs a guide network that a trial does not train; "
+            + (
+                f"score the other entries: search.space.{GUIDANCE_KEY}: {{choices: {others}}}"
+                if others
+                else "give sample.guidance an entry without one"
+            )
         )
+    for d in space:
+        if d.entry is not None and d.entry not in scored:
+            raise SearchError(
+                f"search.space.{d.key}: entry {d.entry!r} is not among those a trial scores "
+                f"(search.space.{GUIDANCE_KEY}.choices = {scored}): its option would never be used"
+            )
     if s.objective == "fid_is" and "sample.w" not in keys and len(s.w) != 1:
         raise SearchError(
             f"search.w = {s.w}: objective fid_is scores one (FID, IS) point per trial; put sample.w in "
@@ -293,5 +373,6 @@ def check_search(raw: dict) -> SearchSpec:
 
 
 def trial_params(spec: SearchSpec, overrides: dict[str, Any]) -> Params:
-    """The parameters a trial runs with: params.yaml with the trial's values applied."""
-    return params_from_dict(merged_params(spec.raw, overrides))
+    """The parameters a trial runs with: params.yaml with the trial's values applied (`SearchSpec.suggest`;
+    sample.guidance: the lone entry it scores)."""
+    return params_from_dict(_merged(spec.raw, overrides))
