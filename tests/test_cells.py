@@ -142,3 +142,61 @@ def test_metric_options_come_from_the_registry():
 def test_p_uncond_name_matches_dvc_foreach():
     assert [p_uncond_name(p) for p in (0.1, 0.5, 0.25)] == ["p_uncond=0.1", "p_uncond=0.5", "p_uncond=0.25"]
     assert CellRecord.__dataclass_fields__.keys() >= {"sampler_options", "guidance_options"}
+
+
+def test_two_variants_of_one_method_are_told_apart_by_their_labels(setup, tmp_path, monkeypatch):
+    """sample.guidance labels reach the samples, the records and the cells' MLflow run names: rescale with
+    φ = 0.5 and φ = 0.7 under two labels had one run name (`p_uncond=0.1 w=1 rescale`)."""
+    import yaml
+
+    from cfg.engine.generate import sample_checkpoint
+    from cfg.nets.unet import UNet, UNetConfig
+    from cfg.study.config import params_from_dict
+    from cfg.study.store import QUEUE_DIR
+    from cfg.study.tracking import Tracker, log_cell
+
+    from .conftest import ROOT
+
+    ext, ref, _ = setup
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["sample"] |= {"w": [0.0, 1.0], "steps": 2, "n_samples": 40, "batch_size": 80}
+    raw["sample"]["guidance"] = {
+        "cfg": {},
+        "rescale_05": {"method": "rescale", "phi": 0.5},
+        "rescale_07": {"method": "rescale", "phi": 0.7},
+    }
+    params = params_from_dict(raw)
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.from_params(params.model, image_size=8, in_channels=1, num_classes=4)).eval()
+    meta = {"p_uncond": 0.1, "classes": ["a", "b", "c", "d"]}
+    samples = sample_checkpoint(model, meta, params, checkpoint="c.pt", device="cpu")
+    assert samples.guidance_label == ["cfg", "cfg", "rescale_05", "rescale_05", "rescale_07", "rescale_07"]
+    records = evaluate_samples(samples, ext, ref, metrics={"class_acc": {}})
+    names = [r.name for r in records]
+    assert names == [
+        "p_uncond=0.1 w=0",
+        "p_uncond=0.1 w=1",
+        "p_uncond=0.1 w=0 rescale_05",
+        "p_uncond=0.1 w=1 rescale_05",
+        "p_uncond=0.1 w=0 rescale_07",
+        "p_uncond=0.1 w=1 rescale_07",
+    ]
+    assert [r.guidance for r in records[2:]] == ["rescale"] * 4
+    assert CellRecord.from_dict(json.loads(json.dumps(records[4].to_dict()))).name == names[4]
+    # the runs log_cell starts (offline: the queued calls) carry those names, the label as tag and param
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("CFG_LAB_TRACKING", "offline")
+    tracker = Tracker.open("evaluate@labels", "cfg-lab", root=tmp_path)
+    for j, r in enumerate(records):
+        log_cell(tracker, r, samples.images[j], samples.labels, samples.classes, "h")
+    tracker.finish()
+    queued = sorted((tmp_path / QUEUE_DIR).glob("*.jsonl*"))
+    calls = [json.loads(line) for f in queued for line in f.read_text().splitlines()]
+    created = [c for c in calls if c["op"] == "create_run"]
+    assert [c["run_name"] for c in created] == names
+    assert [c["tags"]["guidance_label"] for c in created] == [r.label for r in records]
+    logged = [c["params"] for c in calls if c["op"] == "log_batch" and c["params"]]
+    assert [p["guidance_label"] for p in logged] == [r.label for r in records]
+    # a record of a sample file without labels (written before) is named by its method, as before
+    old = CellRecord.from_dict({k: v for k, v in records[2].to_dict().items() if k != "guidance_label"})
+    assert old.name == "p_uncond=0.1 w=0 rescale"

@@ -229,6 +229,7 @@ def sample_checkpoint(
         p_uncond=meta["p_uncond"],
         guidance=[name for name, _ in entries for _ in s.w],
         guidance_options=[dict(options) for _, options in entries for _ in s.w],
+        guidance_label=[label for label in s.guidance for _ in s.w],  # in guidance_of's order
         sampler=s.sampler,
         sampler_options=kwargs["sampler_options"],
         steps=s.steps,

@@ -115,6 +115,7 @@ def evaluate_samples(
             w=w,
             guidance=samples.guidance[j],
             guidance_options=samples.guidance_options[j],
+            guidance_label=samples.guidance_label[j],
             sampler=samples.sampler,
             sampler_options=samples.sampler_options,
             steps=samples.steps,

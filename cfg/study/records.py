@@ -45,8 +45,9 @@ def guidance_name(guidance: str, options: dict) -> str:
 class SampleSet:
     """The samples of one model: every (guidance method, w) of the grid for the same examples and noise.
 
-    Row j of `images` is guidance method `guidance[j]` with `guidance_options[j]` at `w[j]` (one method and
-    its options may be given for every row: they are expanded to per-row lists)."""
+    Row j of `images` is guidance method `guidance[j]` with `guidance_options[j]` at `w[j]`, the entry
+    `guidance_label[j]` of sample.guidance (one method, its options and label may be given for every row: they are
+    expanded to per-row lists; no label: the method's name, as in sample files written before labels were kept)."""
 
     images: Tensor  # (R, N, C, H, W) uint8: one row per (method, w)
     labels: Tensor  # (N,) int64: the class each example was conditioned on
@@ -64,6 +65,7 @@ class SampleSet:
     checkpoint_params_hash: str  # the params hash stored in the checkpoint
     device: str = "cpu"
     seconds: float = 0.0  # wall time of sampling
+    guidance_label: list[str] | None = None  # the sample.guidance key (label) of each row's entry
 
     def __post_init__(self) -> None:
         rows = len(self.w)
@@ -71,10 +73,13 @@ class SampleSet:
             self.guidance = [self.guidance] * rows
         if isinstance(self.guidance_options, dict):
             self.guidance_options = [dict(self.guidance_options) for _ in range(rows)]
-        if not len(self.guidance) == len(self.guidance_options) == rows:
+        if self.guidance_label is None or isinstance(self.guidance_label, str):
+            self.guidance_label = [self.guidance_label or g for g in self.guidance]
+        if not len(self.guidance) == len(self.guidance_options) == len(self.guidance_label) == rows:
             raise ValueError(
-                f"a sample set needs one guidance method and options per w row: {rows} w, "
-                f"{len(self.guidance)} methods, {len(self.guidance_options)} option dicts"
+                f"a sample set needs one guidance method, options and label per w row: {rows} w, "
+                f"{len(self.guidance)} methods, {len(self.guidance_options)} option dicts, "
+                f"{len(self.guidance_label)} labels"
             )
 
     @property
@@ -126,13 +131,19 @@ class CellRecord:
     chance_acc: float | None = None  # class_acc of always guessing the most common label (cfg.eval.sanity)
     noise_fid: float | None = None  # FID of as many uniform-noise images (cfg.eval.sanity.noise_fid)
     mlflow_run_id: str | None = None  # the cell's MLflow run
+    guidance_label: str | None = None  # its entry's key in sample.guidance (None: records without one)
+
+    @property
+    def label(self) -> str:
+        """The cell's sample.guidance label: what tells two variants of one method apart (`rescale_07`)."""
+        return self.guidance_label or self.guidance
 
     @property
     def name(self) -> str:
-        """The cell's run name: `p_uncond=0.1 w=0.3`, then the guidance method unless it is the paper's `cfg`
-        (short, so that the UI's runs table shows it whole)."""
-        method = "" if self.guidance == "cfg" else f" {self.guidance}"
-        return f"p_uncond={self.p_uncond:g} w={self.w:g}{method}"
+        """The cell's run name: `p_uncond=0.1 w=0.3`, then its sample.guidance label unless it is the paper's
+        `cfg` (short, so that the UI's runs table shows it whole; the method and options are params)."""
+        label = "" if self.label == self.guidance == "cfg" else f" {self.label}"
+        return f"p_uncond={self.p_uncond:g} w={self.w:g}{label}"
 
     def params(self) -> dict[str, Any]:
         """The settings as MLflow params (options as one JSON string each)."""
@@ -140,6 +151,7 @@ class CellRecord:
             **{
                 k: options_json(v) if k in OPTION_COLUMNS else v for k in CELL_KEY for v in [getattr(self, k)]
             },
+            "guidance_label": self.label,
             "extractor": self.extractor,
             "n_samples": self.n_samples,
         }

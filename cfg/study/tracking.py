@@ -442,7 +442,7 @@ class Tracker:
 
 
 def log_cell(tracker: Tracker, record, images, labels, classes: list[str], params_hash: str) -> str:
-    """A cell run named `record.name` (`p_uncond=0.1 w=0.3`), under the study run (outside a study: under its
+    """A cell run named `record.name` (`p_uncond=0.1 w=0.3`, `p_uncond=0.1 w=0.3 rescale_07`), under the study run (outside a study: under its
     model's run); tag model_run_id = its model's run (`Tracker.parent_of`); the record's settings as params
     (options as one JSON dict each), its metrics, fingerprint tags and its sample grid as the image `samples`
     (up to 8 uint8 samples of each class), which the UI's image grid shows side by side across cells."""
@@ -454,7 +454,7 @@ def log_cell(tracker: Tracker, record, images, labels, classes: list[str], param
     tags = (
         {"run_kind": "cell", "fingerprint": record.fingerprint}
         | ({"model_run_id": model} if model else {})
-        | {"guidance": record.guidance}
+        | {"guidance": record.guidance, "guidance_label": record.label}
         | ({"mlflow.parentRunId": model} if model and not tracker.study_run() else {})
         | {f"fingerprint.{k}": v for k, v in record.fingerprint_detail.items()}
     )
