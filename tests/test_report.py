@@ -80,3 +80,29 @@ def test_a_degenerate_method_is_named_in_the_banner_table_and_metrics(tmp_path):
     assert (apg["ref_fid"], apg["ref_is"]) == (19.0, 3.0)
     ((cell),) = metrics["degenerate_cells"]
     assert (cell["p_uncond"], cell["w"], cell["guidance"]) == (0.2, 4.0, "apg")
+
+
+def test_the_committed_guidance_methods_numbers_come_from_their_cell_records(tmp_path):
+    """docs/results/guidance_methods_digits: metrics.json and tradeoff.csv are what the report stage makes of the
+    committed cell records (regenerate them, as its README says, when the report's numbers change)."""
+    import json
+
+    from cfg.study.records import read_cells
+    from cfg.study.report import write_report
+
+    docs = ROOT / "docs" / "results" / "guidance_methods_digits"
+    committed = json.loads((docs / "metrics.json").read_text())
+    out = {
+        k: tmp_path / v
+        for k, v in {"table": "t.csv", "metrics": "m.json", "plots": "plots", "report": "r.md"}.items()
+    }
+    write_report(
+        read_cells(docs / "cells_p_uncond=0.2.json"),
+        grid_images={},
+        classifier_accuracy=committed["classifier_test_accuracy"],
+        data_name="digits",
+        experiment="cfg-lab",
+        **out,
+    )
+    assert json.loads(out["metrics"].read_text()) == committed
+    assert out["table"].read_text() == (docs / "tradeoff.csv").read_text()
