@@ -151,7 +151,6 @@ class CellRecord:
             **{
                 k: options_json(v) if k in OPTION_COLUMNS else v for k in CELL_KEY for v in [getattr(self, k)]
             },
-            "guidance_label": self.label,
             "extractor": self.extractor,
             "n_samples": self.n_samples,
         }
