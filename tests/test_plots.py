@@ -56,3 +56,18 @@ def test_a_grid_without_nonzero_w_still_draws():
     plots.metric_vs_w(ax, df, "fid")
     assert ax.get_xscale() == "symlog" and list(ax.get_xticks()) == [0.0]
     plt.close(fig)
+
+
+def test_methods_figure_draws_degenerate_cells_as_crosses_outside_the_fronts_and_the_zoom():
+    from tests.test_frontier import ABSURD, SOUND, _study
+
+    broken = {"threshold": [(w, 900.0 + w, 1.0) for w in (0.0, 1.0, 4.0)]}
+    table = pd.DataFrame([r.row() for r in _study(SOUND | ABSURD | broken)])
+    fig = plots.methods_figure(table.assign(method=table["guidance"]))
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["cfg", "rescale", "apg", "threshold (every cell degenerate)"]
+    crosses = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert sorted(len(line.get_xdata()) for line in crosses) == [0, 0, 1, 3]  # apg's w = 4, threshold's three
+    assert ax.get_ylim()[1] < 100  # the zoom spans the sound fronts, not FID 900-1000
+    plt.close(fig)

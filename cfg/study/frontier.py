@@ -84,24 +84,35 @@ def front_dominates(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(weak.any(axis=1).all() and strict.any())
 
 
+def degenerate_rows(df: pd.DataFrame) -> pd.Series:
+    """Per row of a trade-off table or tidy frame, whether its cell is degenerate (`cfg.eval.sanity`), as far
+    as its columns tell (class_acc, chance_acc, n_samples, noise_fid, fid; a check whose column is missing or
+    empty is skipped)."""
+    flags = []
+    for _, r in df.iterrows():
+        options = r.get("guidance_options")
+        row = SimpleNamespace(
+            p_uncond=r["p_uncond"],
+            w=r["w"],
+            guidance=r.get("guidance", "cfg"),
+            guidance_options=json.loads(options) if isinstance(options, str) else dict(options or {}),
+            metrics={k: _value(r, k) for k in ("fid", "class_acc")},
+            n_samples=_value(r, "n_samples"),
+            chance_acc=_value(r, "chance_acc"),
+            noise_fid=_value(r, "noise_fid"),
+        )
+        flags.append(bool(degenerate_cells([row])))
+    return pd.Series(flags, index=df.index, dtype=bool)
+
+
 def _cells(data: list[CellRecord] | pd.DataFrame) -> list[dict]:
     # (p_uncond, method, w, fid, is, fid sd, per-range fid and is, degenerate) of records, or of a trade-off
-    # table / tidy frame (degenerate as far as its columns tell: class_acc, chance_acc, noise_fid)
+    # table / tidy frame (degenerate as far as its columns tell: `degenerate_rows`)
     if isinstance(data, pd.DataFrame):
         out = []
-        for _, r in data.iterrows():
+        for (_, r), bad in zip(data.iterrows(), degenerate_rows(data), strict=True):
             options = r["guidance_options"]
             options = json.loads(options) if isinstance(options, str) else dict(options or {})
-            row = SimpleNamespace(
-                p_uncond=r["p_uncond"],
-                w=r["w"],
-                guidance=r["guidance"],
-                guidance_options=options,
-                metrics={k: _value(r, k) for k in ("fid", "class_acc")},
-                n_samples=_value(r, "n_samples"),
-                chance_acc=_value(r, "chance_acc"),
-                noise_fid=_value(r, "noise_fid"),
-            )
             out.append(
                 {
                     "p_uncond": r["p_uncond"],
@@ -111,7 +122,7 @@ def _cells(data: list[CellRecord] | pd.DataFrame) -> list[dict]:
                     "is": r["is"],
                     "sd": _value(r, "fid_range_std"),
                     "ranges": {},
-                    "degenerate": bool(degenerate_cells([row])),
+                    "degenerate": bad,
                 }
             )
         return out

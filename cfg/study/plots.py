@@ -248,23 +248,29 @@ def normalised_metric_vs_w(
 
 def methods_figure(df: pd.DataFrame) -> plt.Figure:
     """FID against IS, one panel per p_uncond, one colour per guidance method (column `method`): every cell
-    hollow and labelled with w, each method's Pareto front filled and joined in IS order."""
-    from cfg.study.frontier import pareto_mask
+    hollow and labelled with w, each method's Pareto front filled and joined in IS order. Degenerate cells
+    (`cfg.study.frontier.degenerate_rows`) are crosses, outside the fronts and the zoom; a method with no other
+    cell says so in the legend."""
+    from cfg.study.frontier import degenerate_rows, pareto_mask
 
     ps = sorted(df["p_uncond"].unique())
     methods = list(dict.fromkeys(df["method"]))
     colors = dict(zip(methods, sns.color_palette("tab10", len(methods)), strict=True))
+    bad = degenerate_rows(df)
     fig, axes = plt.subplots(1, len(ps), figsize=(6 * len(ps), 4.8), squeeze=False)
     for ax, p in zip(axes[0], ps, strict=True):
         fronts = []
         for m in methods:
-            g = df[(df["p_uncond"] == p) & (df["method"] == m)].sort_values("w")
+            mine = (df["p_uncond"] == p) & (df["method"] == m)
+            g, off = df[mine & ~bad].sort_values("w"), df[mine & bad]
             c = colors[m]
             ax.plot(g["is"], g["fid"], "o", mfc="none", color=c, ms=5, alpha=0.6)
+            ax.plot(off["is"], off["fid"], "x", color=c, ms=5, alpha=0.6)
             front = g[pareto_mask(g["fid"].to_numpy(), g["is"].to_numpy())].sort_values("is")
-            ax.plot(front["is"], front["fid"], "o-", color=c, ms=5, lw=1.5, label=m)
+            label = m if len(g) else f"{m} (every cell degenerate)"
+            ax.plot(front["is"], front["fid"], "o-", color=c, ms=5, lw=1.5, label=label)
             fronts.append(front)
-            for _, r in g.iterrows():
+            for _, r in pd.concat([g, off]).iterrows():
                 ax.annotate(
                     f"{r['w']:g}",
                     (r["is"], r["fid"]),
@@ -277,12 +283,14 @@ def methods_figure(df: pd.DataFrame) -> plt.Figure:
         ax.set_ylabel("FID (lower: closer to data)")
         # zoom on the fronts (a method's far-off cells would squeeze them into a corner)
         both = pd.concat(fronts)
-        span_is, span_fid = np.ptp(both["is"]) or 1.0, np.ptp(both["fid"]) or 1.0
-        ax.set_xlim(both["is"].min() - 0.15 * span_is, both["is"].max() + 0.1 * span_is)
-        ax.set_ylim(max(0.0, both["fid"].min() - 0.1 * span_fid), both["fid"].max() + 0.15 * span_fid)
-        ax.set_title(
-            f"p_uncond={p:g}: Pareto fronts (filled) per guidance method; axes span the fronts", fontsize=9
-        )
+        if len(both):
+            span_is, span_fid = np.ptp(both["is"]) or 1.0, np.ptp(both["fid"]) or 1.0
+            ax.set_xlim(both["is"].min() - 0.15 * span_is, both["is"].max() + 0.1 * span_is)
+            ax.set_ylim(max(0.0, both["fid"].min() - 0.1 * span_fid), both["fid"].max() + 0.15 * span_fid)
+        title = f"p_uncond={p:g}: Pareto fronts (filled) per guidance method; axes span the fronts"
+        if (bad & (df["p_uncond"] == p)).any():
+            title += "\nx: degenerate cells (cfg.eval.sanity), left out of the fronts"
+        ax.set_title(title, fontsize=9)
         ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
     return fig
