@@ -101,6 +101,12 @@ def traits(name: str) -> Traits:
     return GUIDANCE[name].traits
 
 
+def needs_guide_network(entries: list[tuple[str, dict]]) -> bool:
+    """Whether a method of these (method, options) pairs (`guidance_entries`) takes ε_u from a guide network
+    (`Traits.guide`, autoguidance): the sample stage then needs one, and the train_guide stage trains it."""
+    return any(traits(name).guide == "guide_network" for name, _ in entries)
+
+
 def _expand(x: Tensor, like: Tensor) -> Tensor:
     """A per-row (B,) tensor as (B, 1, …) to broadcast over `like` (dtype kept)."""
     return x.reshape(x.shape[0], *([1] * (like.dim() - 1)))

@@ -26,7 +26,7 @@ from cfg.data.datasets import DATASETS
 from cfg.eval.features import EXTRACTORS
 from cfg.eval.metrics import METRICS
 from cfg.maths import samplers as diffusion
-from cfg.maths.guidance import guidance_entries
+from cfg.maths.guidance import guidance_entries, needs_guide_network
 from cfg.search.registry import PRUNERS, SAMPLERS
 
 DEVICE_NAMES = ("auto", "cpu", "cuda")
@@ -142,6 +142,29 @@ class TrainParams:
     )
     eval_samples: int = _p(200, "samples per w of those FIDs", ge=2)
     eval_w: float = _p(0.3, "the guided w scored besides w = 0", gt=0)
+
+
+@dataclass
+class GuideParams:
+    """Autoguidance's guide network (Karras et al. 2024): a weaker version of the model, trained by the train_guide
+    stage only when an entry of sample.guidance needs one (cfg.maths.guidance.Traits.guide); it is trained with
+    the models' train.* settings but for these."""
+
+    model: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "keys of the model section that differ for the guide, e.g. {base_width: 8} (EDM2: a smaller "
+            "network); the rest is the model's"
+        },
+    )
+    steps: int = _p(200, "optimiser steps of the guide (EDM2: trained shorter than the model)", ge=1)
+    p_uncond: float = _p(
+        0.0,
+        "label dropout of the guide: autoguidance calls it with the labels only, so 0 spends all of its training on "
+        "ε(z, c); 1 would train no conditional branch",
+        ge=0,
+        lt=1,
+    )
 
 
 @dataclass
@@ -279,6 +302,7 @@ class Params:
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    guide: GuideParams = field(default_factory=GuideParams)
     sample: SampleParams = field(default_factory=SampleParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
@@ -444,7 +468,8 @@ def params_from_dict(raw: dict) -> Params:
             f"train.eval_every = {t.eval_every} must be a multiple of train.log_every = {t.log_every} (or 0)"
         )
     _check_options(params)
-    _check_levels(params)
+    _check_levels(params, params.model, "model")
+    _check_guide(params)
     _check_sample_counts(params)
     _warn_unmeant(params)
     if params.evaluate.extractor == "inception" and params.evaluate.inception_weights:
@@ -486,17 +511,53 @@ DATA_SHAPES: dict[str, tuple[int, int | None, int | None]] = {
 }
 
 
-def _check_levels(params: Params) -> None:
+def _check_levels(params: Params, model: ModelParams, where: str) -> None:
     """The U-Net halves the image between levels (cfg.nets.unet.UNetConfig): the side must divide."""
-    d, levels = params.data, len(params.model.channel_mult)
+    d, levels = params.data, len(model.channel_mult)
     side = d.image_size or DATA_SHAPES.get(d.name, (None, None, None))[1]
     if side and side % 2 ** (levels - 1):
         given = (
             f"data.image_size = {side}" if d.image_size else f"{d.name}'s side {side} (data.image_size: null)"
         )
         raise ParamsError(
-            f"model.channel_mult = {params.model.channel_mult} halves the image {levels - 1} times, so its side "
+            f"{where}.channel_mult = {model.channel_mult} halves the image {levels - 1} times, so its side "
             f"must be a multiple of {2 ** (levels - 1)}, and {given} is not: change either"
+        )
+
+
+def needs_guide(params: Params) -> bool:
+    """Whether an entry of sample.guidance takes ε_u from a guide network (autoguidance): only then does the
+    train_guide stage train one (cfg.maths.guidance.needs_guide_network)."""
+    return needs_guide_network(guidance_entries(params.sample.guidance, params.sample.sampler))
+
+
+def guide_model(params: Params) -> ModelParams:
+    """The guide network's model section: params.yaml's `model` with `guide.model`'s keys in their place."""
+    merged = dataclasses.asdict(params.model) | params.guide.model
+    return _build(ModelParams, merged, "guide.model")
+
+
+def _check_guide(params: Params) -> None:
+    """guide.model's keys and values always (its unknown keys and ranges, as every section's); when autoguidance
+    is used, also a U-Net the image fits, and a warning when the guide is not weaker than the model (no fewer
+    parameters, no fewer steps), with which autoguidance guides towards nothing."""
+    model = guide_model(params)
+    if not needs_guide(params):
+        return
+    _check_levels(params, model, "guide.model")
+    channels, default_side, classes = DATA_SHAPES.get(params.data.name, (None, None, None))
+    side = params.data.image_size or default_side
+    if not (channels and side and classes) or params.guide.steps < params.train.steps:
+        return
+    sizes = [_layer_sizes("unet", _unet_items(m, side, channels, classes))[2] for m in (model, params.model)]
+    if sizes[0] >= sizes[1]:
+        warnings.warn(
+            f"the guide network of autoguidance is not weaker than the model: {sizes[0]:,} parameters against "
+            f"{sizes[1]:,} and guide.steps = {params.guide.steps} against train.steps = {params.train.steps}; "
+            "autoguidance guides away from a weaker model's errors (Karras et al. 2024), so give guide.model a "
+            "smaller network (e.g. {base_width: 8}) or fewer guide.steps",
+            ParamsWarning,
+            stacklevel=3,
         )
 
 
@@ -686,6 +747,21 @@ def _layer_sizes(net: str, config: tuple) -> tuple[int, int, int]:
     return peak[0], total[0], sum(p.numel() for p in model.parameters())
 
 
+def _unet_items(m: ModelParams, side: int, channels: int, classes: int) -> tuple:
+    """A model section's U-Net for images of this side, channels and classes, as `_layer_sizes` takes it."""
+    return (
+        ("image_size", side),
+        ("in_channels", channels),
+        ("num_classes", classes),
+        ("base_width", m.base_width),
+        ("channel_mult", tuple(m.channel_mult)),
+        ("blocks_per_level", m.blocks_per_level),
+        ("attention_resolutions", tuple(m.attention_resolutions)),
+        ("dropout", m.dropout),
+        ("head_channels", m.head_channels),
+    )
+
+
 @dataclass(frozen=True)
 class MemoryNeed:
     """What one size of params.yaml allocates: fixed + per_unit x its value, in bytes (a lower bound)."""
@@ -732,19 +808,7 @@ def memory_needs(
     ]
     if not pixels:
         return needs
-    m = params.model
-    unet = (
-        ("image_size", side),
-        ("in_channels", channels),
-        ("num_classes", classes),
-        ("base_width", m.base_width),
-        ("channel_mult", tuple(m.channel_mult)),
-        ("blocks_per_level", m.blocks_per_level),
-        ("attention_resolutions", tuple(m.attention_resolutions)),
-        ("dropout", m.dropout),
-        ("head_channels", m.head_channels),
-    )
-    peak, every, n_params = _layer_sizes("unet", unet)
+    peak, every, n_params = _layer_sizes("unet", _unet_items(params.model, side, channels, classes))
     elem = 2 if kind == "cuda" and t.bf16 else 4  # bytes of an activation
     passes = sum(1 if w in (0.0, -1.0) else 2 for w in s.w)  # network rows per example
     needs.append(
