@@ -5,9 +5,10 @@ from pathlib import Path
 
 from cfg.data.images import class_by_w_tiles, save_grid
 from cfg.engine.distributed import finish, init, launch, n_processes
-from cfg.engine.generate import sample_checkpoint
+from cfg.engine.generate import guidance_of, load_guide, sample_checkpoint
 from cfg.io import write_json
 from cfg.log import get_logger, setup
+from cfg.maths.guidance import needs_guide_network
 from cfg.nets.unet import load_checkpoint
 from cfg.progress import Progress
 from cfg.study.stage import stage_params
@@ -17,6 +18,9 @@ from cfg.study.tracking import Tracker
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--checkpoint", required=True, help="trained model")
+    ap.add_argument(
+        "--guide", help="autoguidance's guide network (train_guide stage), read when a method needs it"
+    )
     ap.add_argument("--out-dir", required=True, help="folder for samples.pt, grid.png, sample.json")
     args = ap.parse_args()
     setup()
@@ -26,6 +30,12 @@ def main() -> None:
     out = Path(args.out_dir)
 
     model, meta = load_checkpoint(args.checkpoint, map_location=device)
+    guide = None  # autoguidance's guide network: refused here, before any sampling, unless it fits the model
+    if needs_guide_network(guidance_of(params.sample)):
+        try:
+            guide = load_guide(args.guide, model, meta, map_location=device)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
     if d.main:  # rank 0 logs: the store answers before any sampling, or the stage stops here
         tracker = Tracker.open(f"sample@{meta['p_uncond']}", params.tracking.experiment)
         # the checkpoint's train run, or in a store without it (a clone) a new run with its provenance
@@ -40,6 +50,8 @@ def main() -> None:
         device=device,
         progress=lambda i: progress.update(i["images"], total=i["total_images"]),
         dist=d,
+        guide=guide,
+        guide_checkpoint=args.guide,
     )
     if not d.main:
         return finish(d)

@@ -1,6 +1,9 @@
-"""Stage `train@<p_uncond>`: train one jointly conditional / unconditional diffusion model."""
+"""Stage `train@<p_uncond>`: train one jointly conditional / unconditional diffusion model; with `--guide`, stage
+`train_guide`: autoguidance's weaker guide network (params.yaml `guide`), or, when no entry of sample.guidance
+needs one, only a note saying so (the stage then costs seconds)."""
 
 import argparse
+import dataclasses
 import shutil
 from functools import partial
 from pathlib import Path
@@ -13,6 +16,7 @@ from cfg.io import write_csv, write_json
 from cfg.log import get_logger, setup
 from cfg.nets.unet import UNetConfig, count_parameters, save_checkpoint
 from cfg.progress import Progress
+from cfg.study.config import guide_model, needs_guide
 from cfg.study.stage import stage_params
 from cfg.study.store import flatten, project_root
 from cfg.study.tracking import Tracker
@@ -20,10 +24,17 @@ from cfg.study.tracking import Tracker
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--p-uncond", type=float, required=True, help="label-dropout probability of this model")
+    ap.add_argument(
+        "--p-uncond", type=float, help="label-dropout probability of this model (of train.p_uncond)"
+    )
+    ap.add_argument(
+        "--guide", action="store_true", help="train autoguidance's guide network instead (params.yaml guide)"
+    )
     ap.add_argument("--data", required=True, help="prepared data file")
     ap.add_argument(
-        "--out-dir", required=True, help="folder for checkpoint.pt, loss.csv, eval.csv, train.json"
+        "--out-dir",
+        required=True,
+        help="folder for checkpoint.pt, loss.csv, eval.csv, train.json (--guide without autoguidance: guide.json)",
     )
     ap.add_argument("--classifier", help="evaluation classifier (FIDs during training, train.eval_every)")
     ap.add_argument("--reference", help="reference statistics of the test set (FIDs during training)")
@@ -31,15 +42,27 @@ def main() -> None:
     setup()
     params = stage_params()
     t, m = params.train, params.model
-    if args.p_uncond not in t.p_uncond:
+    out = Path(args.out_dir)
+    if args.guide:
+        if not needs_guide(params):  # nothing to train: a note that sample@<p> reads as "no guide"
+            out.mkdir(parents=True, exist_ok=True)
+            why = "no entry of sample.guidance uses a guide network (autoguidance)"
+            write_json(out / "guide.json", {"guide": None, "why": why})
+            get_logger("train guide").info(f"{why}: no guide trained")
+            return
+        # one guide per study, whatever the models' p_uncond: it is called with the labels only
+        m, steps, p_uncond = guide_model(params), params.guide.steps, params.guide.p_uncond
+    elif args.p_uncond not in t.p_uncond:
         raise SystemExit(f"error: --p-uncond {args.p_uncond} is not in train.p_uncond = {t.p_uncond}")
+    else:
+        steps, p_uncond = t.steps, args.p_uncond
+    name = "guide" if args.guide else f"p_uncond={p_uncond}"
     if t.eval_every and not (args.classifier and args.reference):
         raise SystemExit(
             f"error: train.eval_every = {t.eval_every} needs --classifier and --reference (0: no FIDs)"
         )
     launch(n_processes(t.devices, t.device))  # under torchrun when train.devices > 1
     d, device = init(t.device)
-    out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     ds = load_prepared(args.data)
@@ -47,15 +70,16 @@ def main() -> None:
         m, image_size=ds.image_size, in_channels=ds.channels, num_classes=ds.num_classes
     )
     fingerprint = ds.fingerprint()
-    train_params = {k: v for k, v in params.to_dict()["train"].items() if k != "p_uncond"}
-    params_hash = params.section_hash("data", "model", "train")
+    train_params = {k: v for k, v in params.to_dict()["train"].items() if k != "p_uncond"} | {"steps": steps}
+    model_params = dataclasses.asdict(m)
+    params_hash = params.section_hash("data", "model", "train", *(["guide"] if args.guide else []))
     # outside the stage's outputs, which DVC deletes before the stage runs; named by the settings' hash
     resume_path = resume_state_path(
         project_root(),
-        p_uncond=args.p_uncond,
+        p_uncond=p_uncond,
         data_fingerprint=fingerprint,
-        model=params.to_dict()["model"],
-        train=params.to_dict()["train"],
+        model=model_params,
+        train=params.to_dict()["train"] | {"steps": steps},
         device=device,
     )
 
@@ -64,9 +88,9 @@ def main() -> None:
         config,
         ds.train_x,
         ds.train_y,
-        p_uncond=args.p_uncond,
+        p_uncond=p_uncond,
         device=device,
-        **train_kwargs(t),
+        **train_kwargs(t) | {"steps": steps},
         log_every=t.log_every,
         resume_path=resume_path,
         dist=d,
@@ -74,31 +98,33 @@ def main() -> None:
     if not d.main:  # the other ranks train and leave the outputs and the logging to rank 0
         train()
         return finish(d)
-    tracker = Tracker.open(f"train@{args.p_uncond}", params.tracking.experiment)  # answers, or exit now
-    run_id = tracker.start_run(
-        f"train p_uncond={args.p_uncond}", params_hash, {"run_kind": "train", "data_fingerprint": fingerprint}
-    )
+    stage = "train_guide" if args.guide else f"train@{p_uncond}"
+    tracker = Tracker.open(stage, params.tracking.experiment)  # answers, or exit now
+    tags = {"run_kind": "train", "data_fingerprint": fingerprint} | ({"role": "guide"} if args.guide else {})
+    run_id = tracker.start_run(f"train {name}", params_hash, tags)
     tracker.log(
         run_id,
         params={
-            "p_uncond": args.p_uncond,
+            "p_uncond": p_uncond,
             "data.name": ds.name,
-            **flatten(params.to_dict()["model"], "model."),
+            **flatten(model_params, "model."),
             **flatten(train_params, "train."),
         },
     )
 
-    log = get_logger(f"train p_uncond={args.p_uncond}")
-    progress = Progress(f"train p_uncond={args.p_uncond} on {device.type}", t.steps, "steps")
+    log = get_logger(f"train {name}")
+    progress = Progress(f"train {name} on {device.type}", steps, "steps")
     # the convergence curve: FID / IS of the EMA weights at w = 0 and eval_w, scored as the evaluate stage does
     if t.eval_every:
-        columns, curve = training_curve(params, args.classifier, args.reference, device)
+        # a guide without label dropout has no unconditional branch to guide with: its curve is w = 0 alone
+        w_eval = [0.0] if args.guide and p_uncond == 0 else None
+        columns, curve = training_curve(params, args.classifier, args.reference, device, w_eval)
 
     def on_log(entry: dict) -> dict | None:
         progress.update(entry["step"], f"loss {entry['loss']:.4g}")
         tracker.log(run_id, metrics={"loss": entry["loss"], "lr": entry["lr"]}, step=entry["step"])
         step = entry["step"]
-        if not t.eval_every or (step % t.eval_every and step < t.steps):
+        if not t.eval_every or (step % t.eval_every and step < steps):
             return None
         values = curve(entry["ema"])
         tracker.log(run_id, metrics=values, step=step)
@@ -111,7 +137,8 @@ def main() -> None:
         log.info(f"resumed from step {result.resumed_from}")
 
     meta = {
-        "p_uncond": args.p_uncond,
+        "p_uncond": p_uncond,
+        **({"role": "guide"} if args.guide else {}),
         "train": train_params,
         "data_fingerprint": fingerprint,
         "data_name": ds.name,

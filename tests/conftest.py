@@ -20,6 +20,7 @@ TINY = {
     "classifier": {"epochs": 3, "width": 8, "feature_dim": 32},
     "model": {"base_width": 8, "head_channels": 8},
     "train": {"p_uncond": [0.1, 0.5], "steps": 30, "log_every": 10, "warmup_steps": 5},
+    "guide": {"steps": 10},  # autoguidance's guide network, trained only where sample.guidance uses it
     "sample": {"w": [-1.0, 0.0, 1.0], "steps": 6, "n_samples": 40, "batch_size": 120},
     "evaluate": {
         "seed_ranges": 2,

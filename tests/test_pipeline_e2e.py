@@ -38,6 +38,7 @@ def test_repro_no_op_w_grid_mlflow_and_invalid_params(project):
         "reference",
         "train@0.1",
         "train@0.5",
+        "train_guide",
         "sample@0.1",
         "sample@0.5",
         "evaluate",
@@ -78,6 +79,9 @@ def test_repro_no_op_w_grid_mlflow_and_invalid_params(project):
     for png in ("tradeoff.png", "samples_p_uncond=0.1.png", "samples_p_uncond=0.5.png"):
         assert (project / "results" / "plots" / png).stat().st_size > 1000
     assert "Trade-off table" in (project / "results" / "report.md").read_text()
+    # no autoguidance in sample.guidance: the guide stage trained nothing and says so
+    assert json.loads((project / "models" / "guide" / "guide.json").read_text())["guide"] is None
+    assert not (project / "models" / "guide" / "checkpoint.pt").exists()
 
     # nothing changed: a second repro runs nothing
     second = run(["dvc", "repro"], project)

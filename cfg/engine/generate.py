@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -17,9 +18,10 @@ from cfg.data.images import to_uint8
 from cfg.engine.device import autocast, configure_cuda
 from cfg.engine.distributed import Dist, gather_rows, shard
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
-from cfg.maths.guidance import guidance_entries, guided_denoiser, traits
+from cfg.maths.guidance import guidance_entries, guided_denoiser, needs_guide_network
 from cfg.maths.noise import example_noise, stream_source
 from cfg.maths.samplers import SAMPLERS
+from cfg.nets.unet import UNet, load_checkpoint
 from cfg.study.records import SampleSet
 
 # called after every batch with {"images", "total_images", "elapsed_s", "eta_s"}
@@ -46,7 +48,7 @@ def sampling_kwargs(params) -> dict:
     scores); with several entries, or one that needs a guide network, CFG (the FID curve of training)."""
     s, t = params.sample, params.train
     entries = guidance_of(s)
-    lone = len(entries) == 1 and traits(entries[0][0]).guide != "guide_network"
+    lone = len(entries) == 1 and not needs_guide_network(entries)
     guidance, options = entries[0] if lone else ("cfg", {})
     return {
         "sampler": s.sampler,
@@ -172,13 +174,15 @@ def sample_checkpoint(
     progress: ProgressCallback | None = None,
     dist: Dist | None = None,  # several processes: each samples its shard of the examples, all get the cell
     guide: torch.nn.Module | None = None,  # autoguidance's guide network (the train_guide stage's model)
+    guide_checkpoint: str | Path | None = None,  # its path, recorded
 ) -> SampleSet:
     """The sample stage: every (guidance method, w) of params.yaml's grid from one checkpoint, as a `SampleSet`
     (method-major rows; the same noise for every row; the same bytes for any number of processes)."""
     d = dist or Dist()
     cfg, s = model.config, params.sample
     entries = guidance_of(s)
-    if guide is None and any(traits(name).guide == "guide_network" for name, _ in entries):
+    uses_guide = needs_guide_network(entries)
+    if guide is None and uses_guide:
         raise ValueError(
             "sample.guidance has autoguidance but no guide network was given (train_guide stage)"
         )
@@ -215,7 +219,7 @@ def sample_checkpoint(
             image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
             device=device,
             progress=step,
-            guide=guide if traits(name).guide == "guide_network" else None,
+            guide=guide if needs_guide_network([(name, options)]) else None,
             **kwargs,
         )
         done[0] += images.shape[0] * images.shape[1]
@@ -237,6 +241,44 @@ def sample_checkpoint(
         checkpoint=str(checkpoint),
         train_run_id=meta.get("mlflow_run_id"),
         checkpoint_params_hash=meta.get("params_hash", ""),
+        guide_checkpoint=str(guide_checkpoint) if uses_guide and guide_checkpoint else None,
         device=str(device),
         seconds=time.perf_counter() - t0,
     )
+
+
+def load_guide(
+    path: str | Path | None,  # the train_guide stage's checkpoint.pt
+    model: torch.nn.Module,  # the checkpoint's U-Net that the guide is to guide
+    meta: dict,  # its meta
+    *,
+    map_location: torch.device | str = "cpu",
+) -> UNet:
+    """Autoguidance's guide network, refused (ValueError naming both values) unless it was trained on the model's
+    data with its image size, channels, classes and λ range: its ε(z, λ, c) replaces ε(z) in Eq. 6, so it must
+    read the same z, λ and labels. Checked before any sampling."""
+    if path is None or not Path(path).is_file():
+        what = "no guide network was given" if path is None else f"there is no guide network at {path}"
+        raise FileNotFoundError(
+            f"sample.guidance uses autoguidance, but {what}: the train_guide stage trains one only when an "
+            "entry of sample.guidance needs it; rerun it (dvc repro train_guide)"
+        )
+    path = Path(path)
+    guide, guide_meta = load_checkpoint(path, map_location=map_location)
+    g, m = guide.config, model.config
+    pairs = {
+        "image_size": (g.image_size, m.image_size),
+        "in_channels": (g.in_channels, m.in_channels),
+        "num_classes": (g.num_classes, m.num_classes),
+        "classes": (guide_meta.get("classes"), meta.get("classes")),
+        "data_fingerprint": (guide_meta.get("data_fingerprint"), meta.get("data_fingerprint")),
+    }
+    for key in ("lambda_min", "lambda_max"):
+        pairs[f"train.{key}"] = (guide_meta.get("train", {}).get(key), meta.get("train", {}).get(key))
+    wrong = [f"{k} {a!r} (guide) vs {b!r} (model)" for k, (a, b) in pairs.items() if a != b]
+    if wrong:
+        raise ValueError(
+            f"the guide network {path} does not fit the model it is to guide: {'; '.join(wrong)}; retrain the "
+            "guide on the model's data and settings (dvc repro train_guide)"
+        )
+    return guide

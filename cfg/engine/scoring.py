@@ -79,16 +79,17 @@ def training_curve(
     classifier_path: str,  # models/classifier.pt
     reference_path: str,  # data/reference.pt
     device: torch.device | str,
+    w_eval: Sequence[float] | None = None,  # the w scored; default 0 and train.eval_w
 ) -> tuple[list[str], Callable[[torch.nn.Module], dict[str, float]]]:
     """The train stage's convergence curve: (its columns, a function of the EMA weights -> FID and IS at
-    w = 0 and train.eval_w, as `w_column`s), scored as the evaluate stage scores (fewer samples)."""
+    w = 0 and train.eval_w, or `w_eval`, as `w_column`s), scored as the evaluate stage scores (fewer samples)."""
     from cfg.engine.generate import sampling_kwargs
     from cfg.eval.features import extractor_by_name
     from cfg.eval.stats import load_reference_stats
     from cfg.study.stage import data_root
 
     t, e = params.train, params.evaluate
-    w_eval = [0.0, t.eval_w]
+    w_eval = [0.0, t.eval_w] if w_eval is None else list(w_eval)
     extractor = extractor_by_name(e.extractor, classifier_path, data_root(e.inception_weights), device)
     reference = load_reference_stats(reference_path)
 

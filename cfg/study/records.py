@@ -63,6 +63,7 @@ class SampleSet:
     checkpoint: str  # path of the model's checkpoint
     train_run_id: str | None  # MLflow run of the training
     checkpoint_params_hash: str  # the params hash stored in the checkpoint
+    guide_checkpoint: str | None = None  # path of autoguidance's guide network, when a method used one
     device: str = "cpu"
     seconds: float = 0.0  # wall time of sampling
     guidance_label: list[str] | None = None  # the sample.guidance key (label) of each row's entry
