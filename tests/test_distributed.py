@@ -108,9 +108,9 @@ def _evaluate(d: Dist):
     real = (torch.rand(60, 1, 8, 8, generator=g) * 255).to(torch.uint8)
     ref = reference_stats(extract_features(ext, real), ext, labels=torch.arange(60) % 3)
     samples = SampleSet(
-        images=(torch.rand(2, 31, 1, 8, 8, generator=g) * 255).to(torch.uint8),
+        images=(torch.rand(3, 31, 1, 8, 8, generator=g) * 255).to(torch.uint8),
         labels=torch.arange(31) % 3,
-        w=[0.0, 1.0],
+        w=[0.0, 0.5, 1.0],  # rows scored by ranks 0, 1, 0 of two
         classes=["a", "b", "c"],
         p_uncond=0.1,
         guidance="cfg",
@@ -130,10 +130,12 @@ def _evaluate(d: Dist):
         "precision_recall": {"k": 3},
         "class_acc": {},
     }
+    seen = []  # what rank 0's logging callback gets, in its order
     records = evaluate_samples(
-        samples, ext, ref, metrics=metrics, seed_ranges=2, per_class_w=1.0, batch_size=7, dist=d
-    )
-    return {"records": [r.to_dict() for r in records]}
+        samples, ext, ref, metrics=metrics, seed_ranges=2, per_class_w=1.0, batch_size=7, dist=d,
+        on_cell=(lambda r, images: seen.append((r.w, images.sum().item()))) if d.main else None,
+    )  # fmt: skip
+    return {"records": [r.to_dict() for r in records], "seen": seen}
 
 
 FNS = {"train": _train, "sample": _sample_and_features, "evaluate": _evaluate}
@@ -194,7 +196,12 @@ def test_samples_and_features_are_identical_for_one_and_two_processes(tmp_path):
 
 def test_evaluation_is_identical_for_one_and_two_processes(tmp_path):
     one, two = _run("evaluate", 1, tmp_path), _run("evaluate", 2, tmp_path)
-    assert len(one["records"]) == 2 and one["records"][0]["metrics"]["fid"] > 0
+    assert len(one["records"]) == 3 and one["records"][0]["metrics"]["fid"] > 0
+    assert [w for w, _ in one["seen"]] == [
+        0.0,
+        0.5,
+        1.0,
+    ]  # every row to the callback, in order, with its images
     assert one == two
 
 

@@ -52,6 +52,9 @@ def launch(n: int) -> None:
     """Re-run this script under torchrun with n local processes, unless n is 1 or this already is a rank."""
     if n <= 1 or "LOCAL_RANK" in os.environ:
         return
+    # torchrun gives every process one CPU thread unless told otherwise, which starves the CPU parts of a stage
+    # (data preparation, metric arithmetic): share the host's cores instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     sys.stdout.flush()
     args = [
         "-m",

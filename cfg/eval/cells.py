@@ -78,7 +78,13 @@ def evaluate_samples(
     dist: Dist | None = None,  # several processes: each extracts its shard's features; all get every record
 ) -> list[CellRecord]:
     """One record per (guidance method, w) row of `samples`, in their order (the same numbers for any number
-    of processes)."""
+    of processes).
+
+    With several processes each extracts its shard of every row's features (gathered on every rank), and the
+    rows' scoring (FID, KID's subsets, the k-NN distances of precision/recall, each seed range again) is dealt
+    out: row j is scored by rank j mod world, and the records are gathered at the end, where `on_cell` then
+    sees them in order. Scoring every row on every rank took 6.5 min for the Fashion-MNIST preset's 45 rows
+    on 4 GPUs, all of it done four times over."""
     d = dist or Dist()
     rows = shard(samples.n_samples, d, block=batch_size)  # whole extractor batches, as one process runs them
 
@@ -90,14 +96,16 @@ def evaluate_samples(
         gather = {"d": d, "n": n, "block": batch_size}
         return replace(f, features=gather_rows(f.features, **gather), logits=gather_rows(f.logits, **gather))
 
-    records = []
+    mine: list[tuple[int, CellRecord]] = []  # (row, record) of the rows this rank scores
     chance = chance_accuracy(samples.labels)
     for j, w in enumerate(samples.w):
         images = samples.images[j]  # (N, C, H, W) uint8
-        gen = features(extractor, images)
+        gen = features(extractor, images)  # a collective: every rank takes part for every row
         logits = gen.logits
         if classifier is not None and classifier is not extractor:
             logits = features(classifier, images).logits
+        if j % d.world != d.rank:
+            continue
         kw = {"seed": samples.seed, "device": device}
         values = score(gen, samples.labels, reference, metrics, class_logits=logits, **kw)
         per_range, n_per_range = {}, None
@@ -133,9 +141,17 @@ def evaluate_samples(
             chance_acc=chance,
             noise_fid=noise_fid,
         )
-        if on_cell is not None:
-            on_cell(record, images)
-        records.append(record)
+        if on_cell is not None and d.world == 1:
+            on_cell(record, images)  # one process: as soon as it is scored
+        mine.append((j, record))
+    if d.world == 1:
+        return [record for _, record in mine]
+    parts: list[list[tuple[int, CellRecord]] | None] = [None] * d.world
+    torch.distributed.all_gather_object(parts, mine)
+    records = [record for _, record in sorted((x for part in parts for x in part), key=lambda x: x[0])]
+    if on_cell is not None:
+        for j, record in enumerate(records):
+            on_cell(record, samples.images[j])
     return records
 
 
