@@ -180,6 +180,20 @@ def test_precision_recall_matches_brute_force_numpy():
         precision_recall(Features(y), ref_of(x), k=55)
 
 
+def test_precision_recall_equals_torch_fidelity_on_a_realistic_size():
+    # the routine it replaces (torch-fidelity's, which computes on the host): the very same counts on features
+    # of the evaluation classifier's width, with several distance blocks and ties at the radius impossible
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    x, y = gaussian(700, 128, seed=16), gaussian(600, 128, seed=17, shift=0.3)
+    theirs = prc_features_to_metric(
+        y.double(), x.double(), prc_neighborhood=3, prc_batch_size=250, save_cpu_ram=True, verbose=False
+    )
+    ours = precision_recall(Features(y), ref_of(x), k=3, batch_size=250)
+    assert 0.05 < ours[0] < 0.95 and 0.05 < ours[1] < 0.95  # not degenerate
+    assert ours == (round(theirs["precision"] * 600) / 600, round(theirs["recall"] * 700) / 700)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Class accuracy
 
