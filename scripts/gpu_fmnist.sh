@@ -33,7 +33,7 @@ bundle() {  # a lent machine returns at most 8 files: everything worth keeping g
 case "$phase" in
   gate)
     gpu=$(($(nvidia-smi -L | wc -l) - 1))
-    if CUDA_VISIBLE_DEVICES=$gpu python -m pytest -q -x -p no:cacheprovider tests/test_gpu.py -k "cuda_graph and False"; then
+    if CUDA_VISIBLE_DEVICES=$gpu python -m pytest -q -x -p no:cacheprovider -m gpu tests/test_gpu.py -k "cuda_graph and eager_net"; then
       echo true >cg
     else
       echo false >cg
@@ -47,7 +47,7 @@ case "$phase" in
     ;;
   bench)
     {
-      python -m pytest -q -p no:cacheprovider tests/test_gpu.py
+      python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
       python benchmarks/profile_step.py --loop-only --loop-steps 300 --seconds 2
     } 2>&1 | tee bench.log | grep -v "^\[" | tail -n 25
     cp bench.log "$OUT/"

@@ -99,7 +99,7 @@ def test_bf16_training_and_sampling_on_cuda():
     assert images.float().std() > 10, "samples must not collapse to a constant"
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager_net", "compiled_net"])
 def test_cuda_graph_training_matches_the_eager_step(compiled):
     """train.cuda_graph: the same draws, the step replayed as one graph; weights, EMA and loss curve equal the
     eager step's up to rounding (fp32 here, so rounding is all that differs: EMA's d·a + (1 − d)·b, Adam's
