@@ -125,22 +125,6 @@ def _exp_run(args, root: Path, extra: list[str]) -> int:
     return call(cmd, root)
 
 
-def _apply_to_params(overrides: dict, root: Path) -> None:
-    """Write `overrides` into params.yaml, validated first (what `dvc exp run -S` does in the workspace)."""
-    import yaml
-
-    from cfg.study.config import ParamsError, params_from_dict
-    from cfg.study.presets import merged_params
-
-    merged = merged_params(yaml.safe_load((root / "params.yaml").read_text()), overrides)
-    try:
-        params_from_dict(merged)
-    except ParamsError as e:
-        raise SystemExit(f"error: override would make params.yaml invalid: {e}") from None
-    (root / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
-    print(f"params.yaml: {len(overrides)} override(s) applied", file=sys.stderr)
-
-
 def cmd_repro(args, rest: list[str]) -> int:
     root = project_root()
     if args.parallel:  # the arms side by side: one `dvc repro` per arm (cfg/study/parallel.py)
@@ -149,10 +133,14 @@ def cmd_repro(args, rest: list[str]) -> int:
         if rest:
             raise SystemExit(f"error: --parallel passes no dvc options on, got {shlex.join(rest)}")
         gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else None
-        overrides = _overrides(args, root)
-        if overrides and not args.dry_run:
-            _apply_to_params(overrides, root)
-        return repro_parallel(root, args.targets, gpus=gpus, jobs=args.jobs, dry_run=args.dry_run)
+        return repro_parallel(
+            root,
+            args.targets,
+            gpus=gpus,
+            jobs=args.jobs,
+            dry_run=args.dry_run,
+            overrides=_overrides(args, root),
+        )
     if args.set or args.preset:  # overrides: an experiment applied in the workspace, as `dvc repro` would be
         return _exp_run(args, root, [*args.targets, *rest])
     cmd = ["dvc", "repro", *args.targets, *rest]

@@ -24,7 +24,9 @@ def main() -> None:
     setup()
     params = stage_params()
     e = params.evaluate
-    launch(n_processes(params.sample.devices, params.train.device))  # under torchrun when sample.devices > 1
+    launch(
+        n_processes(params.sample.devices, params.train.device, "sample.devices")
+    )  # under torchrun when sample.devices > 1
     d, device = init(params.train.device)
 
     reference = load_reference_stats(args.reference)

@@ -25,7 +25,9 @@ def main() -> None:
     args = ap.parse_args()
     setup()
     params = stage_params()
-    launch(n_processes(params.sample.devices, params.train.device))  # under torchrun when sample.devices > 1
+    launch(
+        n_processes(params.sample.devices, params.train.device, "sample.devices")
+    )  # under torchrun when sample.devices > 1
     d, device = init(params.train.device)
     out = Path(args.out_dir)
 

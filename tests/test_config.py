@@ -443,3 +443,14 @@ def test_activation_sizes_come_from_the_real_network():
     assert (peak2, n2) == (4 * peak, n) and 3.5 * every < every2 <= 4 * every  # the embeddings do not grow
     peak3, every3, n3 = _layer_sizes("unet", tuple((config | {"base_width": 32}).items()))
     assert 1.9 * peak < peak3 <= 2 * peak and n3 > 3.5 * n
+
+
+def test_cuda_graph_needs_one_train_process():
+    raw = _raw()
+    raw["train"] |= {"cuda_graph": True, "devices": 2}
+    with pytest.raises(
+        ParamsError, match=r"train\.cuda_graph = true needs one train process .* train\.devices = 2"
+    ):
+        params_from_dict(raw)
+    raw["train"]["devices"] = 1
+    assert params_from_dict(raw).train.cuda_graph

@@ -102,8 +102,8 @@ def test_bf16_training_and_sampling_on_cuda():
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager_net", "compiled_net"])
 def test_cuda_graph_training_matches_the_eager_step(compiled):
     """train.cuda_graph: the same draws, the step replayed as one graph; weights, EMA and loss curve equal the
-    eager step's up to rounding (fp32 here, so rounding is all that differs: EMA's d·a + (1 − d)·b, Adam's
-    capturable kernel), and a state of one path is not resumed by the other."""
+    eager step's up to rounding (fp32 autocast off; train_diffusion turns TF32 matmuls on for both paths, and
+    EMA's d·a + (1 − d)·b and Adam's capturable kernel round differently)."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     ds = load_dataset("digits", image_size=8)
     config = UNetConfig(**{**CONFIG.to_dict(), "dropout": 0.0})
@@ -115,3 +115,36 @@ def test_cuda_graph_training_matches_the_eager_step(compiled):
         for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.allclose(p, q, rtol=1e-3, atol=1e-4), name
     assert [round(h["loss"], 4) for h in eager.history] == [round(h["loss"], 4) for h in graph.history]
+
+
+def test_cuda_graph_training_resumed_mid_warm_up_matches_an_uninterrupted_run(tmp_path):
+    """A resume state is loaded onto the CPU; the learning rate must go back to the GPU before the capture, or
+    fused Adam reads it once and the graph keeps a warm-up learning rate for the rest of the run."""
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(step):
+        def callback(entry):
+            if entry["step"] == step:
+                raise Stop
+
+        return callback
+
+    ds = load_dataset("digits", image_size=8)
+    config = UNetConfig(**{**CONFIG.to_dict(), "dropout": 0.0})
+    kw = dict(p_uncond=0.2, steps=60, batch_size=64, lr=1e-3, warmup_steps=50, seed=0, device="cuda")
+    kw |= dict(bf16=False, log_every=10, ema_decay=0.9, cuda_graph=True)
+    whole = train_diffusion(config, ds.train_x, ds.train_y, **kw)
+    state = tmp_path / "state.pt"
+    with pytest.raises(Stop):
+        train_diffusion(
+            config, ds.train_x, ds.train_y, **kw, resume_path=state, checkpoint_every=10, callback=stop_at(20)
+        )
+    resumed = train_diffusion(config, ds.train_x, ds.train_y, **kw, resume_path=state, checkpoint_every=10)
+    assert resumed.resumed_from == 10
+    assert [h["lr"] for h in resumed.history] == pytest.approx([h["lr"] for h in whole.history])
+    for (name, p), q in zip(
+        whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(p, q, rtol=1e-3, atol=1e-4), name

@@ -35,7 +35,7 @@ def cuda_plan(train_devices, sample_devices, gpus=GPUS):
 def test_train_arms_get_disjoint_gpus_and_sample_arms_share_all_of_them():
     p = cuda_plan(1, "all")
     assert p.upstream == sorted(UP)
-    assert p.train == ["train@0.1", "train@0.2", "train@0.5", "train_guide"]
+    assert p.train == ["train_guide", "train@0.1", "train@0.2", "train@0.5"]  # the short guide job first
     assert p.sample == ["sample@0.1", "sample@0.2", "sample@0.5"]
     assert [s["CUDA_VISIBLE_DEVICES"] for s in p.train_slots] == GPUS  # one GPU each: 4 arms, 4 GPUs
     assert p.sample_shared and p.sample_slots == [{"CUDA_VISIBLE_DEVICES": "0,1,2,3"}]
@@ -53,6 +53,14 @@ def test_slots_follow_the_process_counts():
         "9",
     ]
     assert cuda_plan("all", 2).train_slots == [{"CUDA_VISIBLE_DEVICES": g} for g in GPUS]  # all = the slot
+
+
+def test_targets_run_only_the_arms_they_need():
+    p = plan(GRAPH, targets=["sample@0.1"], kind="cpu", train_devices=1, sample_devices=1)
+    assert p.train == ["train_guide", "train@0.1"] and p.sample == ["sample@0.1"]
+    assert p.upstream == sorted(UP)
+    with pytest.raises(ParallelError, match=r"no stage 'sample@0\.3' in dvc\.yaml; stages: classifier, "):
+        plan(GRAPH, targets=["sample@0.3"], kind="cpu", train_devices=1, sample_devices=1)
 
 
 def test_cpu_runs_arms_side_by_side_without_pinning():
@@ -123,3 +131,15 @@ def test_parallel_arms_end_where_a_sequential_repro_ends(project):
     assert all(torch.equal(before_w[k], after_w[k]) for k in before_w)
     assert torch.equal(before_s, after_s)
     assert json.loads((project / "results/metrics.json").read_text())
+
+
+def test_dry_run_plans_with_the_overrides_and_writes_nothing(project):
+    before = (project / "params.yaml").read_text()
+    out = run(
+        [f"{VENV_BIN}/cfg-lab", "repro", "--parallel", "--dry-run", "-S", "sample.devices=all"], project
+    )
+    assert "train arms: train_guide train@0.1 train@0.5" in out.stdout
+    assert (project / "params.yaml").read_text() == before
+    bad = run([f"{VENV_BIN}/cfg-lab", "repro", "--parallel", "-S", "sample.devices=0"], project, check=False)
+    assert bad.returncode != 0 and "sample.devices = 0 is not allowed" in bad.stderr
+    assert (project / "params.yaml").read_text() == before  # refused before anything is written

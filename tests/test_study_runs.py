@@ -157,3 +157,12 @@ def test_offline_stages_queue_one_study_run_that_the_replay_creates_once(tmp_pat
     )
     found = client.search_runs([study.info.experiment_id], state["searchFilter"])
     assert [r.info.run_id for r in found] == [by_kind["cell"].info.run_id]
+
+
+def test_a_study_pid_that_is_no_ancestor_is_ignored():
+    # CFG_LAB_STUDY_PID (cfg-lab repro --parallel) names the launcher above the stage; a stale or exported
+    # value that names no ancestor must not attach runs to another process's study
+    from cfg.study.store import _is_ancestor
+
+    assert _is_ancestor(os.getppid())
+    assert not _is_ancestor(os.getpid()) and not _is_ancestor(999_999_999)

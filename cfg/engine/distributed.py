@@ -36,15 +36,15 @@ class Dist:
         return self.rank == 0
 
 
-def n_processes(devices: int | str, device: str = "auto") -> int:
-    """Processes for params.yaml's `train.devices` ("all" or N) on `train.device`: every GPU of the host for
-    "all" on CUDA, one process for "all" on CPU; N is checked against the GPUs present."""
+def n_processes(devices: int | str, device: str = "auto", key: str = "train.devices") -> int:
+    """Processes for params.yaml's `train.devices` or `sample.devices` (`key`; "all" or N) on `train.device`:
+    every visible GPU for "all" on CUDA, one process for "all" on CPU; N is checked against the GPUs present."""
     kind = resolve_device(device).type
     if devices == "all":
         return torch.cuda.device_count() if kind == "cuda" else 1
     n = int(devices)
     if kind == "cuda" and n > torch.cuda.device_count():
-        raise ValueError(f"train.devices = {n} but this host has {torch.cuda.device_count()} GPUs")
+        raise ValueError(f"{key} = {n} but this host has {torch.cuda.device_count()} GPUs")
     return n
 
 
@@ -54,7 +54,7 @@ def launch(n: int) -> None:
         return
     # torchrun gives every process one CPU thread unless told otherwise, which starves the CPU parts of a stage
     # (data preparation, metric arithmetic): share the host's cores instead
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // n)))
     sys.stdout.flush()
     args = [
         "-m",

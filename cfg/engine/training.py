@@ -255,6 +255,11 @@ def train_diffusion(
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if (
+            graphed
+        ):  # the loaded lr is a CPU tensor, which fused Adam would read once, at capture: back on the GPU
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
         gen.set_state(state["generator"])
         torch.set_rng_state(state["cpu_rng"])  # dropout draws from the global generators
         if device.type == "cuda":

@@ -463,6 +463,11 @@ def params_from_dict(raw: dict) -> Params:
             f"train.lambda_min = {params.train.lambda_min} must be below train.lambda_max = {params.train.lambda_max}"
         )
     t = params.train
+    if t.cuda_graph and t.devices != 1:
+        raise ParamsError(
+            f"train.cuda_graph = true needs one train process (train.devices: 1), got train.devices = "
+            f"{t.devices!r}: DDP's gradient all-reduce is not captured in the graph"
+        )
     if t.eval_every % t.log_every:
         raise ParamsError(
             f"train.eval_every = {t.eval_every} must be a multiple of train.log_every = {t.log_every} (or 0)"
@@ -866,7 +871,7 @@ def check_memory(params: Params, *, host_bytes: int | None = None, device_bytes:
     try:
         kind = resolve_device(params.train.device).type
         processes = n_processes(params.train.devices, params.train.device)
-        sample_processes = n_processes(params.sample.devices, params.train.device)
+        sample_processes = n_processes(params.sample.devices, params.train.device, "sample.devices")
     except (RuntimeError, ValueError):  # no GPU for train.device, too few for *.devices: launch says so
         return
     host = host_bytes if host_bytes is not None else host_memory()

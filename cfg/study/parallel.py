@@ -18,8 +18,9 @@ step is too small to split (README "Several GPUs": DDP over 2 GPUs trained slowe
 batch of 256), while arms on disjoint GPUs do not slow each other. Sampling splits well (its batches are large),
 so its arms share every GPU, which also keeps every GPU busy when there are fewer arms than GPUs.
 
-A failed arm does not stop the others: what finished is recorded in dvc.lock (rerunning repeats only what is
-missing), the failures are named at the end and phase 4 is not started. On CPU the arms run side by side
+A failed arm does not stop the other arms of its phase: what finished is recorded in dvc.lock (rerunning
+repeats only what is missing), the failures are named and the next phases are not started. TARGETS limit the
+arms to those the targets need (e.g. `sample@0.1` runs one arm) and are what phase 4 reproduces. On CPU the arms run side by side
 without pinning (`jobs` of them at a time), which is how the tests exercise it.
 """
 
@@ -97,6 +98,7 @@ def visible_gpus() -> list[str]:
 def plan(
     graph: dict[str, set[str]],
     *,
+    targets: Sequence[str] = (),  # the stages asked for: only the arms they need run (none: every arm)
     kind: str,  # "cuda" or "cpu": train.device resolved
     train_devices: int | str,  # params.yaml's train.devices
     sample_devices: int | str,  # params.yaml's sample.devices
@@ -104,11 +106,17 @@ def plan(
     jobs: int | None = None,  # CPU: arms at a time (default: every arm at once)
 ) -> Plan:
     """Which stages run in which phase, and on which GPUs."""
-    train = sorted(s for s in graph if _is(s, TRAIN_ARMS))
-    sample = sorted(s for s in graph if _is(s, SAMPLE_ARMS))
+    unknown = [t for t in targets if t not in graph]
+    if unknown:
+        raise ParallelError(
+            f"no stage {', '.join(map(repr, unknown))} in dvc.yaml; stages: {', '.join(sorted(graph))}"
+        )
+    needed = set(graph) if not targets else set(targets).union(*(graph[t] for t in targets))
+    train = sorted((s for s in needed if _is(s, TRAIN_ARMS)), key=lambda s: (s != "train_guide", s))
+    sample = sorted(s for s in needed if _is(s, SAMPLE_ARMS))
     if not train:
         raise ParallelError(
-            f"no stage named {' or '.join(TRAIN_ARMS)}* in dvc.yaml: nothing to run side by side"
+            f"no stage named {' or '.join(TRAIN_ARMS)}* among the stages to run: nothing to run side by side"
         )
     for s in train:  # an arm that needs another arm could not run beside it
         if graph[s] & set(train):
@@ -163,7 +171,14 @@ def dvc_repro(stages: list[str], root: Path, env: dict[str, str], *, single: boo
     full[STUDY_PID_ENV] = str(os.getpid())  # every arm's runs under one study run: this process's
     try:
         proc = subprocess.Popen(
-            cmd, cwd=root, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            cmd,
+            cwd=root,
+            env=full,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",  # a stage's stray bytes must not end the stream (and the arm's record)
+            bufsize=1,
         )
     except FileNotFoundError:
         raise SystemExit(f"error: dvc is not installed in {bin_dir}") from None
@@ -188,7 +203,12 @@ def run_arms(
                 stage = todo.get_nowait()
             except Empty:
                 return
-            results[stage] = dvc_repro([stage], root, env, single=True, tag=stage)
+            t0 = time.perf_counter()
+            try:
+                results[stage] = dvc_repro([stage], root, env, single=True, tag=stage)
+            except (Exception, SystemExit) as e:  # recorded as failed; the other arms go on
+                print(f"[{stage}] could not run: {e}", file=sys.stderr, flush=True)
+                results[stage] = ArmResult(stage, 1, time.perf_counter() - t0, env)
 
     threads = [threading.Thread(target=work, args=(env,), daemon=True) for env in workers]
     for i, t in enumerate(threads):
@@ -218,16 +238,27 @@ def repro_parallel(
     gpus: list[str] | None = None,
     jobs: int | None = None,
     dry_run: bool = False,
+    overrides: dict | None = None,  # dotted key -> value, written into params.yaml once the plan stands
 ) -> int:
     """The four phases of the module docstring; returns 0 when every `dvc repro` succeeded."""
+    import yaml
+
     from cfg.engine.device import resolve_device
-    from cfg.study.config import ParamsError, load_params
+    from cfg.study.config import ParamsError, params_from_dict
+    from cfg.study.presets import merged_params
 
     try:
-        params = load_params(root / "params.yaml")
+        raw = merged_params(yaml.safe_load((root / "params.yaml").read_text()), overrides or {})
+        try:
+            params = params_from_dict(raw)
+        except ParamsError as e:
+            raise ParamsError(
+                f"override would make params.yaml invalid: {e}" if overrides else str(e)
+            ) from None
         kind = resolve_device(params.train.device).type
         p = plan(
             stage_graph(root),
+            targets=targets,
             kind=kind,
             train_devices=params.train.devices,
             sample_devices=params.sample.devices,
@@ -246,6 +277,17 @@ def repro_parallel(
         print(f"sample arms: {' '.join(p.sample)} {mode} {slots}")
         print(f"then: dvc repro {' '.join(targets)}".rstrip())
         return 0
+    if overrides:  # as `dvc exp run -S` does in the workspace, comments kept (DVC's own YAML writer)
+        from dvc.utils.serialize import modify_yaml
+
+        with modify_yaml(root / "params.yaml") as data:
+            for dotted, value in overrides.items():
+                node = data
+                *parents, leaf = dotted.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+        print(f"params.yaml: {len(overrides)} override(s) applied", file=sys.stderr)
     phases: list[tuple[str, list[ArmResult], float]] = []
     t0 = time.perf_counter()
     if p.upstream:

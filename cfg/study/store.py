@@ -217,6 +217,16 @@ def _parent_pid(pid: int) -> int | None:
         return None
 
 
+def _is_ancestor(pid: int) -> bool:
+    """Whether process `pid` is a parent, grandparent, … of this process."""
+    at = os.getppid()
+    while at not in (None, 0, 1):
+        if at == pid:
+            return True
+        at = _parent_pid(at)
+    return False
+
+
 def _runs_a_stage(pid: int) -> bool:
     """Whether DVC_STAGE is in the environment process `pid` was started with (False where it cannot tell)."""
     try:
@@ -264,7 +274,7 @@ def current_study() -> Study | None:
     if not os.environ.get("DVC_STAGE"):
         return None
     owner = os.environ.get(STUDY_PID_ENV, "")
-    if owner.isdigit() and Path(f"/proc/{owner}").exists():
+    if owner.isdigit() and _is_ancestor(int(owner)):  # a stale or exported value names no ancestor: ignored
         pid = int(owner)
     else:
         pid = os.getppid()
