@@ -87,17 +87,17 @@ def call(cmd: list[str], root: Path) -> int:
 
 
 def _overrides(args, root: Path) -> dict:
+    import yaml
+
     from cfg.study.config import ParamsError
     from cfg.study.presets import flat_overrides, parse_set
 
     overrides: dict = {}
-    if getattr(args, "preset", None):
-        import yaml
-
-        path = Path(args.preset)
-        path = path if path.is_file() else root / args.preset  # from here, else from the project root
+    for preset in getattr(args, "preset", None) or []:  # in the order given: a later one wins
+        path = Path(preset)
+        path = path if path.is_file() else root / preset  # from here, else from the project root
         if not path.is_file():
-            raise SystemExit(f"error: preset {args.preset!r} not found (presets/ holds the shipped ones)")
+            raise SystemExit(f"error: preset {preset!r} not found (presets/ holds the shipped ones)")
         overrides |= flat_overrides(yaml.safe_load(path.read_text()) or {})
     try:
         overrides |= parse_set(args.set or [])
@@ -332,7 +332,11 @@ def parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a params.yaml key (repeatable)",
         )
-        p.add_argument("--preset", help="a YAML file of overrides, e.g. presets/fashion_mnist_gpu.yaml")
+        p.add_argument(
+            "--preset",
+            action="append",
+            help="a YAML file of overrides, e.g. presets/fashion_mnist_gpu.yaml (repeatable: later ones win)",
+        )
         p.add_argument("--dry-run", action="store_true", help="print the dvc command, do not run it")
 
     p = sub.add_parser("repro", help="dvc repro (with -S/--preset: dvc exp run in the workspace)")

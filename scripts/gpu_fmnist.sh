@@ -7,7 +7,7 @@
 #   sweep ARGS    benchmarks/sampler_sweep.py on models/p_uncond=0.1 (resumable: skips settings already in its CSV)
 #   study         dvc repro: every stage, with the overrides given after the phase
 #   gate          the CUDA-graph training test (fp32, eager network) on the last GPU: writes true/false to cg
-#   start ARGS    cfg-lab repro --parallel of the preset + ARGS in a new process session (it outlives the call
+#   start ARGS    cfg-lab repro --parallel of the preset + ARGS (key=value or more preset files) in a new process session (it outlives the call
 #                 while the machine stays warm); its log in run.log, its exit status in run.rc
 #   bench         on the visible GPU(s): the GPU tests and benchmarks/profile_step.py --loop-only (bench.log)
 #   wait N        wait up to N seconds for the started run, then bundle what exists into $OUT/study.tgz

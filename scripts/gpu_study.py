@@ -28,7 +28,9 @@ from cfg.study.presets import flat_overrides, merged_params  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("preset", help="preset YAML (only what differs from params.yaml)")
-    ap.add_argument("overrides", nargs="*", help="key=value (YAML values), applied after the preset")
+    ap.add_argument(
+        "overrides", nargs="*", help="key=value (YAML values) or more preset files (*.yaml), applied in order"
+    )
     ap.add_argument("--out", required=True, help="folder for what comes back")
     ap.add_argument(
         "--targets", nargs="*", default=[], help="dvc repro only these stages (and what they need)"
@@ -40,6 +42,9 @@ def main() -> None:
     base = yaml.safe_load(Path("params.yaml").read_text())
     changes = flat_overrides(yaml.safe_load(Path(args.preset).read_text()))
     for item in args.overrides:
+        if item.endswith((".yaml", ".yml")) and "=" not in item:  # another preset on top
+            changes |= flat_overrides(yaml.safe_load(Path(item).read_text()))
+            continue
         key, _, value = item.partition("=")
         changes[key] = yaml.safe_load(value)
     merged = merged_params(base, changes)

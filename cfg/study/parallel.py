@@ -231,6 +231,20 @@ def summary(phases: list[tuple[str, list[ArmResult], float]]) -> str:
     return "\n".join(lines)
 
 
+def _write_overrides(params_file: Path, overrides: dict) -> None:
+    """Dotted overrides into params.yaml as `dvc exp run -S` does in the workspace (DVC's YAML writer: comments
+    and order kept)."""
+    from dvc.utils.serialize import modify_yaml
+
+    with modify_yaml(params_file) as data:
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+
+
 def repro_parallel(
     root: Path,
     targets: list[str],
@@ -238,7 +252,7 @@ def repro_parallel(
     gpus: list[str] | None = None,
     jobs: int | None = None,
     dry_run: bool = False,
-    overrides: dict | None = None,  # dotted key -> value, written into params.yaml once the plan stands
+    overrides: dict | None = None,  # dotted key -> value, written into params.yaml (kept if the plan stands)
 ) -> int:
     """The four phases of the module docstring; returns 0 when every `dvc repro` succeeded."""
     import yaml
@@ -247,8 +261,10 @@ def repro_parallel(
     from cfg.study.config import ParamsError, params_from_dict
     from cfg.study.presets import merged_params
 
+    params_file = root / "params.yaml"
+    original = params_file.read_text()
     try:
-        raw = merged_params(yaml.safe_load((root / "params.yaml").read_text()), overrides or {})
+        raw = merged_params(yaml.safe_load(original), overrides or {})
         try:
             params = params_from_dict(raw)
         except ParamsError as e:
@@ -256,6 +272,8 @@ def repro_parallel(
                 f"override would make params.yaml invalid: {e}" if overrides else str(e)
             ) from None
         kind = resolve_device(params.train.device).type
+        if overrides:  # the DAG's arms come from params.yaml (foreach over train.p_uncond): write them first
+            _write_overrides(params_file, overrides)
         p = plan(
             stage_graph(root),
             targets=targets,
@@ -266,8 +284,10 @@ def repro_parallel(
             jobs=jobs,
         )
     except (ParamsError, ParallelError, RuntimeError) as e:
+        params_file.write_text(original)  # refused: params.yaml as it was
         raise SystemExit(f"error: {e}") from None
     if dry_run:
+        params_file.write_text(original)
         print(f"upstream: {' '.join(p.upstream) or '-'}  {p.everything or ''}")
         print(
             f"train arms: {' '.join(p.train)} in slots {[s.get('CUDA_VISIBLE_DEVICES', 'cpu') for s in p.train_slots]}"
@@ -277,16 +297,7 @@ def repro_parallel(
         print(f"sample arms: {' '.join(p.sample)} {mode} {slots}")
         print(f"then: dvc repro {' '.join(targets)}".rstrip())
         return 0
-    if overrides:  # as `dvc exp run -S` does in the workspace, comments kept (DVC's own YAML writer)
-        from dvc.utils.serialize import modify_yaml
-
-        with modify_yaml(root / "params.yaml") as data:
-            for dotted, value in overrides.items():
-                node = data
-                *parents, leaf = dotted.split(".")
-                for part in parents:
-                    node = node.setdefault(part, {})
-                node[leaf] = value
+    if overrides:
         print(f"params.yaml: {len(overrides)} override(s) applied", file=sys.stderr)
     phases: list[tuple[str, list[ArmResult], float]] = []
     t0 = time.perf_counter()
