@@ -236,13 +236,10 @@ def _write_overrides(params_file: Path, overrides: dict) -> None:
     and order kept)."""
     from dvc.utils.serialize import modify_yaml
 
+    from cfg.study.presets import apply_overrides
+
     with modify_yaml(params_file) as data:
-        for dotted, value in overrides.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+        apply_overrides(data, overrides)
 
 
 def repro_parallel(

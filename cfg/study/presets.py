@@ -46,15 +46,21 @@ def parse_set(items: list[str]) -> dict[str, object]:
     return out
 
 
-def merged_params(base: dict, overrides: dict[str, object]) -> dict:
-    """params.yaml as a dict with dotted overrides applied (new keys are kept so validation names them)."""
-    merged = json.loads(json.dumps(base))
+def apply_overrides(data, overrides: dict[str, object]) -> None:
+    """Set dotted overrides in a params mapping in place (a dict, or the YAML document DVC's writer edits);
+    missing sections are created."""
     for dotted, value in overrides.items():
-        node = merged
+        node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+
+
+def merged_params(base: dict, overrides: dict[str, object]) -> dict:
+    """params.yaml as a dict with dotted overrides applied (new keys are kept so validation names them)."""
+    merged = json.loads(json.dumps(base))
+    apply_overrides(merged, overrides)
     return merged
 
 
