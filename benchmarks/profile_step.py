@@ -1,11 +1,23 @@
 """Where a training step's and a guided sampling step's time goes, and which settings make them faster.
 
     python benchmarks/profile_step.py [--preset presets/fashion_mnist_gpu.yaml] [--seconds 4]
+        [--only loop,kernels,cell,variants] [--loop-steps 400] [--autotune]
 
-For each variant (memory format, torch.compile mode, batch) prints images/s and MFU (model FLOPs per image
-from torch's FLOP counter x images/s / the matmul rate measured in the same run), then a torch.profiler
-table of the top CUDA kernels of the eager and the best compiled training step with their share of the
-step's device time. Graph breaks of the compiled variants are counted.
+Parts (all by default, in this order):
+  loop      the real training loop (`train_diffusion`) compiled, and compiled + CUDA graph, batch 256 and 512
+  kernels   torch.profiler over the preset's steps as they run: the compiled training step replayed as one
+            CUDA graph (`GraphStep`, train.cuda_graph), the compiled training step launched kernel by kernel, and
+            the compiled guided sampling step; per step the top kernels and the device time by kind
+            (convolution/matmul, attention, fused elementwise, norm, copies, optimizer), and how busy the GPU
+            was (summed kernel time / wall time: below ~90% the step waits on the host)
+  cell      a whole sampling cell as the sample stage runs it (`generate_w_grid`: the preset's w grid, batch
+            and steps, per-example noise, the guided sampler, uint8 images to the host): images/s and MFU
+            with the network passes CFG really runs (w = 0 rows skip ε(z), w = −1 rows skip ε(z, c))
+  variants  memory formats, compile modes and batches of a training and a sampling step (with --autotune
+            also torch.compile mode max-autotune-no-cudagraphs, which benchmarks Triton/cuDNN choices per
+            convolution: minutes of compilation)
+Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
+matmul rate measured in the same run). Graph breaks of the compiled variants are counted.
 """
 
 from __future__ import annotations
@@ -20,10 +32,11 @@ from bench_throughput import flops_per_image, matmul_rate, sync
 from torch.profiler import ProfilerActivity, profile
 
 from cfg.engine.device import autocast, configure_cuda
-from cfg.engine.training import train_diffusion
-from cfg.maths.diffusion import diffusion_loss
-from cfg.maths.guidance import guided_eps
-from cfg.nets.unet import UNet, UNetConfig
+from cfg.engine.generate import generate_w_grid, sampler_options
+from cfg.engine.training import GraphStep, train_diffusion
+from cfg.maths.diffusion import diffusion_loss, training_draws
+from cfg.maths.guidance import guided_eps, needed_passes
+from cfg.nets.unet import EMA, UNet, UNetConfig
 from cfg.study.config import params_from_dict
 from cfg.study.presets import flat_overrides, merged_params
 
@@ -71,6 +84,24 @@ def train_fn(config, fmt, mode, batch):
     return step
 
 
+def graph_train_fn(config, batch):
+    """The training step of train.cuda_graph (compiled network, channels-last, bf16): `GraphStep` on one fixed
+    batch and draw, after its eager warm-up and capture."""
+    model, net = build(config, torch.channels_last, "default")
+    opt = torch.optim.Adam(
+        model.parameters(), lr=torch.tensor(1e-4, device="cuda"), fused=True, capturable=True
+    )
+    ema = EMA(model, 0.9999, warmup=True)
+    running = torch.zeros((), device="cuda")
+    c, s = config.in_channels, config.image_size
+    x = torch.randn(batch, c, s, s, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    draws = training_draws(x, y, p_uncond=0.1, null_label=10, generator=gen)
+    step = GraphStep(net, model, opt, ema, running, 1.0, True)
+    return lambda: step(x, *draws)
+
+
 def sample_fn(config, fmt, mode, batch):
     model, net = build(config, fmt, mode)
     model.eval()
@@ -102,21 +133,82 @@ def loop_rate(config, batch: int, steps: int, *, compile: bool, cuda_graph: bool
     return result.images_per_s, time.perf_counter() - t0
 
 
-def top_kernels(step, n: int = 12) -> list[str]:
+# kinds of CUDA kernels by (lower-case) name, the first match wins; Inductor's Triton kernels are named after the
+# ops they fuse (a conv's bias add gives "..._convolution_..."), so they are told apart by prefix first
+KERNEL_KINDS = [
+    ("convolution / matmul", ("triton_tem",)),  # Inductor's GEMM/conv templates (max-autotune)
+    ("fused elementwise / reduction (Triton)", ("triton",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("optimizer / EMA", ("adam", "multi_tensor", "foreach")),
+    ("convolution / matmul", ("conv", "cudnn", "xmma", "gemm", "cutlass", "wgrad", "dgrad", "sm90", "sm80")),
+    ("group norm", ("groupnorm", "moments", "computeinternalgradients", "group_norm")),
+    ("copy / cast", ("copy", "cast")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(low.startswith(k) if k.startswith("triton") else k in low for k in keys):
+            return kind
+    return "other elementwise / reduction"
+
+
+def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str]]:
+    """The top kernels of `calls` steps by device time, the device time by kernel kind, and how busy the GPU was:
+    summed kernel time / wall time of the same steps (kernels of one stream do not overlap here)."""
     for _ in range(3):
         step()
     sync(torch.device("cuda"))
+    wall = timed(step, 2.0)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+        for _ in range(calls):
             step()
         sync(torch.device("cuda"))
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.self_device_time_total for e in events)
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)  # µs over `calls` steps
+    if total == 0:
+        return wall, [f"  step {wall * 1e3:.2f} ms wall; the profiler recorded no kernels"]
     events.sort(key=lambda e: -e.self_device_time_total)
-    return [
-        f"  {e.self_device_time_total / total:6.1%}  {e.count // 5:>4}/step  {e.key[:100]}"
+    kinds: dict[str, float] = {}
+    for e in events:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total
+    busy = total / calls / 1e6 / wall
+    lines = [
+        f"  step {wall * 1e3:.2f} ms wall, {total / calls / 1e3:.2f} ms of kernels: GPU busy {busy:.0%}; "
+        f"{sum(e.count for e in events) // calls} kernels/step",
+        "  by kind: "
+        + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])),
+    ]
+    return wall, lines + [
+        f"  {e.self_device_time_total / total:6.1%}  {e.count // calls:>4}/step  {e.key[:100]}"
         for e in events[:n]
     ]
+
+
+def cell_rate(config, params, n_examples: int, f_fwd: float) -> tuple[float, float, float]:
+    """A whole sampling cell of the preset's grid as the sample stage runs it: (images/s, model FLOP/s,
+    wall s of the timed call). One untimed call of one batch compiles first."""
+    s = params.sample
+    model = UNet(config).cuda().eval()
+    for p in model.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    kwargs = dict(
+        num_classes=10, image_shape=(config.in_channels, config.image_size, config.image_size),
+        sampler=s.sampler, sampler_options=sampler_options(s), steps=s.steps, batch_size=s.batch_size, device="cuda", bf16=True,
+        compile=s.compile, lambda_min=params.train.lambda_min, lambda_max=params.train.lambda_max,
+    )  # fmt: skip
+    per_batch = max(1, s.batch_size // len(s.w))
+    generate_w_grid(model, s.w, per_batch, **kwargs)
+    sync(torch.device("cuda"))
+    t0 = time.perf_counter()
+    generate_w_grid(model, s.w, n_examples, **kwargs)
+    sync(torch.device("cuda"))
+    wall = time.perf_counter() - t0
+    images = n_examples * len(s.w)
+    cond, uncond = needed_passes(torch.tensor(s.w), len(s.w))
+    passes_per_image = (cond.numel() + uncond.numel()) / len(s.w)
+    return images / wall, images / wall * s.steps * passes_per_image * f_fwd, wall
 
 
 def print_table(rows, peak: float, f_train: float, f_fwd: float) -> None:
@@ -134,12 +226,19 @@ def main() -> None:
     ap.add_argument("--preset", default="presets/fashion_mnist_gpu.yaml")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument(
-        "--loop-only",
-        action="store_true",
-        help="only the real training loop: compiled vs compiled + CUDA graph (train.cuda_graph), batch 256 and 512",
+        "--only",
+        default="loop,kernels,cell,variants",
+        help="comma-separated parts: loop, kernels, cell, variants",
     )
     ap.add_argument("--loop-steps", type=int, default=400, help="steps of each training-loop run")
+    ap.add_argument("--cell-examples", type=int, default=2000, help="examples per w of the timed cell")
+    ap.add_argument(
+        "--autotune", action="store_true", help="variants: add compile mode max-autotune-no-cudagraphs"
+    )
     args = ap.parse_args()
+    parts = set(args.only.split(","))
+    if unknown := parts - {"loop", "kernels", "cell", "variants"}:
+        ap.error(f"--only {args.only}: unknown part(s) {sorted(unknown)}; use loop, kernels, cell, variants")
     raw = merged_params(
         yaml.safe_load(Path("params.yaml").read_text()),
         flat_overrides(yaml.safe_load(Path(args.preset).read_text())),
@@ -155,14 +254,42 @@ def main() -> None:
     cl, cf = torch.channels_last, torch.contiguous_format
     rows = []
     loop = [(b, c, g) for b in (256, 512) for c, g in ((True, False), (True, True))]
-    for batch, compiled, graphed in loop:
+    for batch, compiled, graphed in loop if "loop" in parts else []:
         torch._dynamo.reset()
         ips, wall = loop_rate(config, batch, args.loop_steps, compile=compiled, cuda_graph=graphed)
         what = "train loop compile" + (" + CUDA graph" if graphed else "")
         rows.append((what, batch, ips, f_train * ips, 0, wall))
         print(rows[-1], flush=True)
-    if args.loop_only:
+    kernels = []  # (title, lines)
+    if "kernels" in parts:
+        batch, nb = params.train.batch_size, params.sample.batch_size
+        for title, make, images, flops in [
+            (f"train step, compile + CUDA graph (train.cuda_graph), batch {batch}",
+             lambda: graph_train_fn(config, batch), batch, f_train),
+            (f"train step, compile, batch {batch}",
+             lambda: train_fn(config, torch.channels_last, "default", batch), batch, f_train),
+            (f"guided sampling step, compile, batch {nb} (both passes)",
+             lambda: sample_fn(config, torch.channels_last, "default", nb), nb, 2 * f_fwd),
+        ]:  # fmt: skip
+            torch._dynamo.reset()
+            wall, lines = top_kernels(make())
+            lines.insert(
+                1,
+                f"  {images / wall:,.0f} images/s, {images / wall * flops / 1e12:.1f} TFLOP/s, MFU {images / wall * flops / peak:.1%}",
+            )
+            kernels.append((title, lines))
+            print(f"\n{title}:\n" + "\n".join(lines), flush=True)
+    if "cell" in parts:
+        torch._dynamo.reset()
+        ips, flops, wall = cell_rate(config, params, args.cell_examples, f_fwd)
+        s = params.sample
+        what = f"sample cell {len(s.w)} w x {args.cell_examples}, T={s.steps}"
+        rows.append((what, s.batch_size, ips, flops, 0, wall))
+        print(rows[-1], flush=True)
+    if "variants" not in parts:
         print_table(rows, peak, f_train, f_fwd)
+        for title, lines in kernels:
+            print(f"\ntop CUDA kernels, {title} (share of device time):\n" + "\n".join(lines))
         return
     train_variants = [
         ("eager channels_last", cl, None, 256),
@@ -172,6 +299,8 @@ def main() -> None:
         ("compile contiguous", cf, "default", 512),
         ("compile contiguous", cf, "default", 1024),
     ]
+    if args.autotune:
+        train_variants.append(("compile max-autotune-no-cg ch_last", cl, "max-autotune-no-cudagraphs", 256))
     steps = {}
     for name, fmt, mode, batch in train_variants:
         torch._dynamo.reset()
@@ -191,7 +320,10 @@ def main() -> None:
         ("compile contiguous", cf, "default", 4096),
         ("compile reduce-overhead contig.", cf, "reduce-overhead", 4096),
         ("compile contiguous", cf, "default", 8192),
+        ("compile channels_last", cl, "default", 8192),
     ]
+    if args.autotune:
+        sample_variants.append(("compile max-autotune-no-cg ch_last", cl, "max-autotune-no-cudagraphs", 4096))
     for name, fmt, mode, batch in sample_variants:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
@@ -205,9 +337,10 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     print_table(rows, peak, f_train, f_fwd)
-    for key in [("eager channels_last", 256), ("compile contiguous", 256)]:
-        print(f"\ntop CUDA kernels, train {key[0]} batch {key[1]} (share of device time):")
-        print("\n".join(top_kernels(steps[key])))
+    for title, lines in kernels:
+        print(f"\ntop CUDA kernels, {title} (share of device time):\n" + "\n".join(lines))
+    print("\ntop CUDA kernels, train eager channels_last batch 256 (share of device time):")
+    print("\n".join(top_kernels(steps[("eager channels_last", 256)])[1]))
 
 
 if __name__ == "__main__":

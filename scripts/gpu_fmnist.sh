@@ -8,8 +8,12 @@
 #   study         dvc repro: every stage, with the overrides given after the phase
 #   gate          the CUDA-graph training test (fp32, eager network) on the last GPU: writes true/false to cg
 #   start ARGS    cfg-lab repro --parallel of the preset + ARGS (key=value or more preset files) in a new process session (it outlives the call
-#                 while the machine stays warm); its log in run.log, its exit status in run.rc
-#   bench         on the visible GPU(s): the GPU tests and benchmarks/profile_step.py --loop-only (bench.log)
+#                 while the machine stays warm); its log in run.log, its exit status in run.rc; GPUS=0,1,2 limits its GPUs
+#   bench         on the visible GPU(s): the GPU tests and benchmarks/profile_step.py --only loop (bench.log)
+#   benchmarks G  in a new process session on GPU G alone: benchmarks/bench_throughput.py (with its diffusers peer
+#                 rows once `extra` has brought the wheels, waiting up to 3 min for them), benchmarks/profile_step.py's
+#                 kernels + cell parts, the GPU tests, its loop and variants parts; log bench.log, exit status bench.rc
+#   extra         copy the synced .whl_extra/ (diffusers and what it needs, for the peer rows) to the work copy
 #   wait N        wait up to N seconds for the started run, then bundle what exists into $OUT/study.tgz
 # Every phase takes the preset's params plus `key=value` overrides; results land in $OUT.
 set -uo pipefail
@@ -42,21 +46,44 @@ case "$phase" in
     ;;
   start)
     rm -f run.rc
+    [ -n "${GPUS:-}" ] && export CUDA_VISIBLE_DEVICES=$GPUS
     setsid bash -c "python scripts/gpu_study.py presets/fashion_mnist_gpu.yaml data.root=.fmnist $* --out gpu_out --parallel >run.log 2>&1; echo \$? >run.rc" </dev/null >/dev/null 2>&1 &
     echo "started: $*"
     ;;
   bench)
     {
       python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-      python benchmarks/profile_step.py --loop-only --loop-steps 300 --seconds 2
+      python benchmarks/profile_step.py --only loop --loop-steps 300 --seconds 2
     } 2>&1 | tee bench.log | grep -v "^\[" | tail -n 25
     cp bench.log "$OUT/"
+    ;;
+  benchmarks)
+    rm -f bench.rc
+    setsid bash -c "CUDA_VISIBLE_DEVICES=$1 bash scripts/gpu_fmnist.sh benchmarks-run >bench.log 2>&1; echo \$? >bench.rc" </dev/null >/dev/null 2>&1 &
+    echo "benchmarks started on GPU $1"
+    ;;
+  benchmarks-run)  # what `benchmarks` runs in the background
+    for _ in $(seq 36); do [ -d .whl_extra ] && break; sleep 5; done
+    if [ -d .whl_extra ]; then  # diffusers' own versions of its dependencies, first on the path of this run only
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl_extra/*.whl
+      PYTHONPATH=/tmp/site2:$PYTHONPATH timeout 900 python benchmarks/bench_throughput.py --preset presets/fashion_mnist_gpu.yaml --seconds 3
+    else
+      timeout 900 python benchmarks/bench_throughput.py --preset presets/fashion_mnist_gpu.yaml --seconds 3
+    fi
+    timeout 600 python benchmarks/profile_step.py --only kernels,cell --seconds 2
+    timeout 600 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+    timeout 600 python benchmarks/profile_step.py --only loop --loop-steps 300 --seconds 2
+    timeout 1200 python benchmarks/profile_step.py --only variants --autotune --seconds 2
+    ;;
+  extra)
+    cp -r "$SRC/.whl_extra" "$W/.whl_extra.tmp" && mv "$W/.whl_extra.tmp" "$W/.whl_extra" && ls .whl_extra | wc -l
     ;;
   wait)
     end=$((SECONDS + ${1:-540}))
     while [ ! -f run.rc ] && [ $SECONDS -lt $end ]; do sleep 5; done
     grep -v " ETA " run.log | tail -n 60
     [ -f run.rc ] && echo "run exit $(cat run.rc)"
+    [ -f bench.log ] && { echo "--- bench.log (rc $(cat bench.rc 2>/dev/null))"; grep -v "^\[\|ETA\|it/s" bench.log | tail -n 40; }
     bundle
     ;;
   train)
