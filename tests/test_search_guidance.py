@@ -12,8 +12,10 @@ from cfg.engine.generate import sampling_kwargs
 from cfg.search.results import best_params_yaml, best_trials, summary, trial_guidance, trial_overrides
 from cfg.search.space import GUIDANCE_KEY, SearchError, check_search, trial_params
 from cfg.search.worker import run_worker
+from cfg.study.config import params_from_dict
+from cfg.study.presets import exp_run_command, flat_overrides, merged_params
 
-from .test_search import input_files, inputs, mlflow_store, tiny_raw  # noqa: F401  (fixtures)
+from .test_search import input_files, inputs, mlflow_store, tiny_raw, write_params  # noqa: F401  (fixtures)
 
 SPACE = {
     "sample.guidance.interval.lambda_lo": {"low": -6.0, "high": -1.0},
@@ -159,6 +161,43 @@ def test_two_entries_a_trial_picks_one_and_gets_only_its_options(tmp_path):
     assert [d.key for d in spec.space] == [GUIDANCE_KEY, "train.lr"]
     p = trial_params(spec, spec.suggest(optuna.trial.FixedTrial({GUIDANCE_KEY: "cfg", "train.lr": 1e-3})))
     assert p.sample.guidance == {"cfg": {}} and p.train.lr == 1e-3
+
+
+def test_the_best_trial_applies_to_an_entry_given_as_null(tmp_path):
+    """params.yaml's entries as `null` (the method's defaults): a search over both reports a best trial with
+    the interval's own λ range, and best_params.yaml applies to that params.yaml (`pipelines/search.py apply`
+    runs exp_run_command; it raised TypeError setting lambda_lo inside the null entry). DVC's `-S` then gives
+    the entry the trial's options and keeps the other one."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    raw = _raw(tmp_path, {"cfg": None, "interval": None}, space=SPACE)
+    params = write_params(tmp_path, raw)
+    spec = check_search(raw)
+    scored = {
+        GUIDANCE_KEY: "interval",
+        "sample.guidance.interval.lambda_lo": -2.0,
+        "sample.guidance.interval.lambda_hi": 1.0,
+    }
+    assert spec.suggest(optuna.trial.FixedTrial(scored)) == scored  # what a trial of this search records
+    study = optuna.create_study()
+    study.add_trial(
+        optuna.trial.create_trial(value=9.0, user_attrs={"overrides": scored, "w_grid": [0.0], "w": 0.0})
+    )
+    (best,) = best_trials(study)
+    applied = flat_overrides(yaml.safe_load(best_params_yaml(study, best)))
+    assert applied == {
+        "sample.guidance.interval.lambda_lo": -2.0,
+        "sample.guidance.interval.lambda_hi": 1.0,
+        "sample.w": [0.0],
+    }
+    cmd = exp_run_command(applied, params_file=params)
+    flags = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-S"]
+    assert "+sample.guidance.interval.lambda_lo=-2.0" in flags  # a key the null entry lacks: DVC's `+` form
+    dvc_apply_overrides(str(params), flags)  # what `dvc exp run -S ...` does to params.yaml
+    after = yaml.safe_load(params.read_text())
+    assert after["sample"]["guidance"] == {"cfg": None, "interval": {"lambda_lo": -2.0, "lambda_hi": 1.0}}
+    assert params_from_dict(after).sample.guidance == after["sample"]["guidance"]
+    assert merged_params(raw, applied)["sample"]["guidance"] == after["sample"]["guidance"]
 
 
 @pytest.mark.slow

@@ -48,12 +48,15 @@ def parse_set(items: list[str]) -> dict[str, object]:
 
 def apply_overrides(data, overrides: dict[str, object]) -> None:
     """Set dotted overrides in a params mapping in place (a dict, or the YAML document DVC's writer edits);
-    missing sections are created."""
+    missing sections are created, and so are null ones: a `null` mapping reads as empty (a sample.guidance
+    entry `interval: null` takes the method's defaults), so `sample.guidance.interval.lambda_lo` goes into it."""
     for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
         node[leaf] = value
 
 
