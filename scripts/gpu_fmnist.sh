@@ -11,18 +11,24 @@
 #                 while the machine stays warm); its log in run.log, its exit status in run.rc; GPUS=0,1,2 limits its GPUs
 #   bench         on the visible GPU(s): the GPU tests and benchmarks/profile_step.py --only loop (bench.log)
 #   benchmarks G  in a new process session on GPU G alone: benchmarks/bench_throughput.py (with its diffusers peer
-#                 rows once `extra` has brought the wheels, waiting up to 3 min for them), benchmarks/profile_step.py's
+#                 rows once a call has carried .whl_extra/, waiting up to 3 min for it), benchmarks/profile_step.py's
 #                 kernels + cell parts, the GPU tests, its loop and variants parts; log bench.log, exit status bench.rc
-#   extra         copy the synced .whl_extra/ (diffusers and what it needs, for the peer rows) to the work copy
 #   wait N        wait up to N seconds for the started run, then bundle what exists into $OUT/study.tgz
-# Every phase takes the preset's params plus `key=value` overrides; results land in $OUT.
+# Every phase takes the preset's params plus `key=value` overrides; results land in $OUT. A call carries any of .whl/
+# (the wheels of ../shared/device/wheels.sh), .fmnist/ (the IDX files) and .whl_extra/ (diffusers and its
+# dependencies, py3.12 wheels, for the peer rows); the first call needs .gpu/src.tgz and .whl.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 SRC=$PWD
 W=/tmp/study
 if [ ! -d "$W" ]; then
-  mkdir -p "$W" && tar -xzf "$SRC/.gpu/src.tgz" -C "$W" && cp -r "$SRC/.whl" "$SRC/.fmnist" "$W/"
+  mkdir -p "$W" && tar -xzf "$SRC/.gpu/src.tgz" -C "$W" || exit 1
 fi
+# the ignored helper folders this call carried (all of them may not fit one call's 64 MiB: they can come in turns),
+# copied whole before they appear, so a run waiting for one never reads it half-copied
+for d in .whl .fmnist .whl_extra; do
+  if [ -d "$SRC/$d" ] && [ ! -d "$W/$d" ]; then cp -r "$SRC/$d" "$W/$d.tmp" && mv "$W/$d.tmp" "$W/$d"; fi
+done
 cd "$W" || exit 1
 . .whl/gpu-env.sh >/dev/null || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
@@ -45,6 +51,7 @@ case "$phase" in
     echo "cuda_graph gate: $(cat cg)"
     ;;
   start)
+    [ -d .fmnist ] || { echo "no .fmnist/ in $W: carry it with this call" >&2; exit 1; }
     rm -f run.rc
     [ -n "${GPUS:-}" ] && export CUDA_VISIBLE_DEVICES=$GPUS
     setsid bash -c "python scripts/gpu_study.py presets/fashion_mnist_gpu.yaml data.root=.fmnist $* --out gpu_out --parallel >run.log 2>&1; echo \$? >run.rc" </dev/null >/dev/null 2>&1 &
@@ -74,9 +81,6 @@ case "$phase" in
     timeout 600 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
     timeout 600 python benchmarks/profile_step.py --only loop --loop-steps 300 --seconds 2
     timeout 1200 python benchmarks/profile_step.py --only variants --autotune --seconds 2
-    ;;
-  extra)
-    cp -r "$SRC/.whl_extra" "$W/.whl_extra.tmp" && mv "$W/.whl_extra.tmp" "$W/.whl_extra" && ls .whl_extra | wc -l
     ;;
   wait)
     end=$((SECONDS + ${1:-540}))
