@@ -38,13 +38,17 @@ The rules.
     step (each named); "reproduced" when it rises beyond the spread on every step, or when it rises on every
     step in the point estimates (Spearman correlation of IS with w = 1) and from the first w to the last
     beyond the spread; inconclusive otherwise. Dips within the spread are listed too.
-(3) Hypervolume of each of p_uncond 0.1, 0.2, 0.5's FID-vs-IS Pareto fronts, as `analysis.frontiers
-    .rank_frontiers` computes it on the cells of these three: the area the front dominates up to a common
-    reference point (the worst FID and IS of the three curves, 10% of their span further) as a share of the box
-    between it and the best values (higher: better). Spread of HV(p) - HV(0.5): paired over ranges (each range's
-    own three curves and reference point) when every cell has R >= 3 known ranges, otherwise a parametric
-    bootstrap (every cell's FID and IS drawn independently from normals of sd s / sqrt(R), reference point
-    and box fixed; again conservative). "reproduced" when HV(0.1) - HV(0.5) and HV(0.2) - HV(0.5) both exceed
+(3) Hypervolume of each of p_uncond 0.1, 0.2, 0.5's FID-vs-IS Pareto fronts, as the methods report measures
+    a guidance method's (`cfg.study.frontier`, each p_uncond's curve in place of a method): the area the front
+    dominates up to a common reference point as a share of the box between it and the ideal point (the lowest
+    FID, the highest IS; higher: better). The reference point is `cfg.study.frontier.reference_point` of the
+    three curves' cells: 1 / (n_w - 1) of the span beyond the nadir of their joint Pareto front (n_w: the w per
+    curve), so that cells far behind every front (FID 67 at w = 4 on Fashion-MNIST) do not set the box.
+    Degenerate cells (`cfg.study.frontier.degenerate_rows`: near chance or no better than noise) are left out
+    of the fronts and the reference point, and named. Spread of HV(p) - HV(0.5): paired over ranges (each
+    range's own three curves and reference point) when every cell has R >= 3 known ranges, otherwise a
+    parametric bootstrap (every cell's FID and IS drawn independently from normals of sd s / sqrt(R), reference
+    point and box fixed; again conservative). "reproduced" when HV(0.1) - HV(0.5) and HV(0.2) - HV(0.5) both exceed
     k * se; "not reproduced" when either is below -k * se (0.5 ahead beyond the spread); inconclusive
     otherwise; "not testable" when a p_uncond of {0.1, 0.2, 0.5} is missing.
 Without any spread (no seed ranges) nothing is beyond it: the verdict is "inconclusive (no seed spread)".
@@ -64,6 +68,7 @@ import pandas as pd
 from analysis.columns import type_cells
 from analysis.frontiers import hypervolume, pareto_mask
 from analysis.selection import require_comparable
+from cfg.study.frontier import degenerate_rows, reference_point
 from cfg.study.records import guidance_name
 
 __all__ = ["check_findings", "load_tradeoff", "markdown", "main"]
@@ -276,13 +281,14 @@ def _is_rises(g: pd.DataFrame, k: float) -> tuple[str, str, dict]:
 
 
 def _hv_shares(
-    fid: np.ndarray, is_: np.ndarray, p: np.ndarray, ref: tuple | None = None
+    fid: np.ndarray, is_: np.ndarray, p: np.ndarray, n_w: int, ref: tuple | None = None
 ) -> tuple[dict, tuple]:
-    """Hypervolume share of each p's Pareto front; the common reference point and box as rank_frontiers makes
-    them (10% of the span beyond the worst FID and IS), or `ref` = (ref_fid, ref_is, box) kept fixed."""
+    """Hypervolume share of each p's Pareto front; the common reference point and box as the methods report
+    makes them (`reference_point` of all the cells, n_w w per curve), or `ref` = (ref_fid, ref_is, box) kept
+    fixed."""
     if ref is None:
-        ref_fid, ref_is = fid.max() + 0.1 * np.ptp(fid), is_.min() - 0.1 * np.ptp(is_)
-        ref = (ref_fid, ref_is, (is_.max() - ref_is) * (ref_fid - fid.min()))
+        ref_fid, ref_is, ideal_fid, ideal_is = reference_point(fid, is_, n_w)
+        ref = (ref_fid, ref_is, (ideal_is - ref_is) * (ref_fid - ideal_fid))
     ref_fid, ref_is, box = ref
     out = {}
     for q in np.unique(p):
@@ -299,16 +305,27 @@ def _frontier(cells: pd.DataFrame, k: float, n_boot: int, seed: int) -> tuple[st
     if any(v is None for v in paper.values()):
         return "not testable", f"p_uncond present: {', '.join(f'{p:g}' for p in have)}", {"p_uncond": have}
     sub = cells[cells["p_uncond"].isin(list(paper.values()))].reset_index(drop=True)
+    n_w = int(sub.groupby("p_uncond").size().max())
+    # degenerate cells say nothing about guidance: out of the fronts and the reference point, named
+    bad = degenerate_rows(sub).to_numpy()
+    left_out = [f"p_uncond={r.p_uncond:g} w={r.w:g}" for r in sub[bad].itertuples()]
+    sub = sub[~bad].reset_index(drop=True)
+    gone = [q for q, v in paper.items() if not np.isclose(sub["p_uncond"], v).any()]
+    if gone:
+        text = (
+            f"every cell of p_uncond {', '.join(f'{q:g}' for q in gone)} degenerate ({', '.join(left_out)})"
+        )
+        return "not testable", text, {"degenerate": left_out}
     p = sub["p_uncond"].map({v: q for q, v in paper.items()}).to_numpy(float)
     fid, is_ = sub["fid"].to_numpy(float), sub["is"].to_numpy(float)
-    hv, ref = _hv_shares(fid, is_, p)
+    hv, ref = _hv_shares(fid, is_, p, n_w)
     fr, ir = [_ranges(r, "fid") for _, r in sub.iterrows()], [_ranges(r, "is") for _, r in sub.iterrows()]
     lens = {len(v) if v is not None else 0 for v in fr + ir}
     diffs = {q: [] for q in (0.1, 0.2)}
     if len(lens) == 1 and (n := lens.pop()) >= MIN_PAIRED:
         how = f"paired over {n} ranges"
         for r in range(n):
-            s, _ = _hv_shares(np.array([v[r] for v in fr]), np.array([v[r] for v in ir]), p)
+            s, _ = _hv_shares(np.array([v[r] for v in fr]), np.array([v[r] for v in ir]), p, n_w)
             for q in diffs:
                 diffs[q].append(s[q] - s[0.5])
         se = {q: float(np.std(v, ddof=1) / math.sqrt(n)) for q, v in diffs.items()}
@@ -328,7 +345,7 @@ def _frontier(cells: pd.DataFrame, k: float, n_boot: int, seed: int) -> tuple[st
             how = f"bootstrap of cell noise, {n_boot} draws"
             rng = np.random.default_rng(seed)
             for _ in range(n_boot):
-                s, _ = _hv_shares(fid + rng.normal(0, sd_f), is_ + rng.normal(0, sd_i), p, ref)
+                s, _ = _hv_shares(fid + rng.normal(0, sd_f), is_ + rng.normal(0, sd_i), p, n_w, ref)
                 for q in diffs:
                     diffs[q].append(s[q] - s[0.5])
             se = {q: float(np.std(v, ddof=1)) for q, v in diffs.items()}
@@ -337,13 +354,18 @@ def _frontier(cells: pd.DataFrame, k: float, n_boot: int, seed: int) -> tuple[st
     d = {q: hv[q] - hv[0.5] for q in (0.1, 0.2)}
     text = (
         f"HV share 0.1: {hv[0.1]:.3f}, 0.2: {hv[0.2]:.3f}, 0.5: {hv[0.5]:.3f}; "
-        f"0.1−0.5 {_pm(d[0.1], se[0.1])}; 0.2−0.5 {_pm(d[0.2], se[0.2])} ({how})"
+        f"0.1−0.5 {_pm(d[0.1], se[0.1])}; 0.2−0.5 {_pm(d[0.2], se[0.2])} ({how}); "
+        f"reference point FID {ref[0]:.4g}, IS {ref[1]:.4g}"
+        + (f"; degenerate, left out: {', '.join(left_out)}" if left_out else "")
     )
     detail = {
         "hypervolume": {f"{q:g}": hv[q] for q in PAPER_P},
         "diff_vs_0.5": {f"{q:g}": d[q] for q in d},
         "se": {f"{q:g}": se[q] for q in se},
         "spread": how,
+        "ref_fid": ref[0],
+        "ref_is": ref[1],
+        "degenerate": left_out,
     }
     signs = [_beyond(d[q], se[q], k) for q in d]
     if any(s < 0 for s in signs):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from analysis import findings as F
-from analysis.frontiers import rank_frontiers
+from cfg.study.frontier import compare_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 W = [0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0]
@@ -119,19 +119,61 @@ def frontier_curves(fid_shift_05: float) -> dict:
     }
 
 
+def as_methods(df: pd.DataFrame) -> pd.DataFrame:
+    """The p_uncond curves of a frame as guidance methods of one model: what the methods report compares."""
+    return df.assign(guidance=[f"p{p:g}" for p in df["p_uncond"]], p_uncond=0.2)
+
+
 def test_frontier_where_05_is_dominated_is_reproduced():
-    out = F.check_findings(frame(frontier_curves(3.0)))
-    assert verdict(out, 3, "0.1, 0.2 vs 0.5") == F.REPRODUCED
-    # the same hypervolume shares as analysis.frontiers.rank_frontiers on those cells
     df = frame(frontier_curves(3.0))
-    hv = rank_frontiers(df)["hypervolume"]
+    out = F.check_findings(df)
+    assert verdict(out, 3, "0.1, 0.2 vs 0.5") == F.REPRODUCED
+    # the same hypervolume shares and reference point as the methods report's (cfg.study.frontier) on those
+    # cells, each p_uncond's curve as a method
+    report = compare_methods(as_methods(df)).set_index("method")
     detail = out.iloc[-1]["detail"]
     for p in (0.1, 0.2, 0.5):
-        assert detail["hypervolume"][f"{p:g}"] == pytest.approx(hv[p])
+        assert detail["hypervolume"][f"{p:g}"] == pytest.approx(report.loc[f"p{p:g}", "hypervolume"])
+    assert (detail["ref_fid"], detail["ref_is"]) == pytest.approx(
+        (report["ref_fid"].iloc[0], report["ref_is"].iloc[0])
+    )
+    assert detail["degenerate"] == [] and "reference point FID" in out.iloc[-1]["numbers"]
     # 0.5 ahead beyond the spread: not reproduced; a hair behind with a wide spread: inconclusive
     assert verdict(F.check_findings(frame(frontier_curves(-3.0))), 3, "0.1, 0.2 vs 0.5") == F.NOT_REPRODUCED
     wide = F.check_findings(frame(frontier_curves(0.05), fid_sd=2.0, is_sd=0.5))
     assert verdict(wide, 3, "0.1, 0.2 vs 0.5") == F.INCONCLUSIVE
+
+
+def test_frontier_reference_point_ignores_cells_behind_the_fronts_and_degenerate_ones():
+    df = frame(frontier_curves(3.0))
+    base = F.check_findings(df).iloc[-1]["detail"]
+    zero_05 = (df["p_uncond"] == 0.5) & (df["w"] == 0.0)  # FID 13, IS 5: behind 0.5's own w = 0.1 cell
+    # that cell far off (FID 400), still behind the joint front: the reference point, and so every share, stay
+    # as they were (the worst-cell reference would have stretched the box ~20x in FID)
+    far = df.copy()
+    far.loc[zero_05, "fid"] = 400.0
+    out = F.check_findings(far).iloc[-1]
+    assert out["detail"]["hypervolume"] == pytest.approx(base["hypervolume"])
+    assert (out["detail"]["ref_fid"], out["detail"]["ref_is"]) == pytest.approx(
+        (base["ref_fid"], base["ref_is"])
+    )
+    assert out["verdict"] == F.REPRODUCED
+    # that cell degenerate (near chance) with the best FID and IS of all: left out of the front and the
+    # reference point, and named
+    cls = df.assign(class_acc=0.9, chance_acc=0.1)
+    bad = cls.copy()
+    bad.loc[zero_05, ["fid", "is", "class_acc"]] = [1.0, 9.0, 0.1]
+    out = F.check_findings(bad).iloc[-1]
+    assert out["detail"]["hypervolume"] == pytest.approx(base["hypervolume"])
+    assert out["detail"]["degenerate"] == ["p_uncond=0.5 w=0"]
+    assert "degenerate, left out: p_uncond=0.5 w=0" in out["numbers"]
+    # counted, it would have dominated every curve and made 0.5 the best frontier
+    counted = compare_methods(as_methods(bad.assign(class_acc=0.9))).set_index("method")
+    assert counted["hypervolume"].idxmax() == "p0.5"
+    # every cell of 0.5 degenerate: nothing to compare with
+    gone = cls.assign(class_acc=np.where(cls["p_uncond"] == 0.5, 0.1, 0.9))
+    out = F.check_findings(gone).iloc[-1]
+    assert out["verdict"] == "not testable" and "every cell of p_uncond 0.5 degenerate" in out["numbers"]
 
 
 def test_frontier_without_05_is_not_testable():
