@@ -424,17 +424,6 @@ def guidance_entries(
     return out
 
 
-def guidance_label(name: str, options: dict) -> str:
-    """A method and the options that differ from its defaults, e.g. `apg(eta=1, momentum=0)`: legends, run names."""
-    defaults = GUIDANCE.options(name)
-    changed = [
-        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in options.items()
-        if defaults.get(k) != v
-    ]
-    return f"{name}({', '.join(changed)})" if changed else name
-
-
 def w_to_guidance_scale(w: float) -> float:
     """Paper's w to the diffusers / Imagen ``guidance_scale`` s = 1 + w."""
     return 1.0 + w
