@@ -84,6 +84,32 @@ class GraphStep:
         self.inputs: list[Tensor] | None = None  # x, λ, ε, c: fixed buffers the graph reads
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
+        self.addresses: list[int] = []  # of the long-lived tensors the graph reads and writes, at capture
+
+    def _long_lived(self) -> list[Tensor]:
+        """Tensors allocated outside the graph's pool that every replay reads or writes in place: weights, EMA
+        weights and buffers, Adam's state, the loss accumulator. A graph replays raw addresses, so if any of
+        them is reallocated (a module converted with `.to(memory_format=...)`, `.float()`, a `load_state_dict`
+        with assign=True) the replays would go on updating freed memory while the module reads its new,
+        frozen tensors."""
+        state = [t for st in self.opt.state.values() for t in st.values() if isinstance(t, Tensor)]
+        lrs = [g["lr"] for g in self.opt.param_groups if isinstance(g["lr"], Tensor)]
+        return [
+            *self.model.parameters(), *self.ema.model.parameters(), *self.ema.model.buffers(),
+            *state, *lrs, self.running, self.decay,
+        ]  # fmt: skip
+
+    def _check_addresses(self) -> None:
+        now = [t.data_ptr() for t in self._long_lived()]
+        if now != self.addresses:
+            moved = sum(a != b for a, b in zip(now, self.addresses, strict=False)) + abs(
+                len(now) - len(self.addresses)
+            )
+            raise RuntimeError(
+                f"train.cuda_graph: {moved} tensor(s) the captured training step updates in place were reallocated "
+                "since the capture (e.g. the model or its EMA converted with .to(memory_format=...) in a callback); "
+                "the graph would write into freed memory. Convert a copy instead, or train with cuda_graph: false"
+            )
 
     def body(self) -> None:
         x, lam, eps, c = self.inputs
@@ -104,6 +130,7 @@ class GraphStep:
                 buf.copy_(t)
         self.decay.fill_(self.ema.decay_at(self.ema.num_updates))
         if self.graph is not None:
+            self._check_addresses()
             self.graph.replay()
         elif self.calls < GRAPH_WARMUP:
             side = torch.cuda.Stream(self.device)
@@ -117,6 +144,7 @@ class GraphStep:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.body()
+            self.addresses = [t.data_ptr() for t in self._long_lived()]
             self.graph.replay()  # capturing ran nothing: this step happens now
         self.ema.num_updates += 1
         self.calls += 1
@@ -226,9 +254,11 @@ def train_diffusion(
     configure_cuda()
     torch.manual_seed(seed)
     model = UNet(config).to(device)
-    ema = EMA(model, ema_decay, warmup=ema_warmup)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    # after the conversion: the EMA weights are then channels-last too, so that sampling them (generate_w_grid
+    # converts its model to channels-last) leaves their storage in place, which a CUDA-graph step updates
+    ema = EMA(model, ema_decay, warmup=ema_warmup)
     step_model = model
     if d.world > 1:
         step_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
