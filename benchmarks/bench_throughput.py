@@ -83,10 +83,15 @@ def flops_per_image(model: torch.nn.Module, config: UNetConfig, device: torch.de
 
 
 def diffusers_version() -> str | None:
-    """diffusers' version when it imports, else None."""
+    """diffusers' version when its `UNet2DModel` imports, else None (the reason printed). diffusers imports
+    lazily: the package can import while the model does not (e.g. an installed transformers/peft that wants
+    another huggingface_hub), so the model itself is imported here, before any row is timed."""
     try:
         import diffusers
-    except Exception:  # not installed, or broken against this torch / huggingface_hub
+        from diffusers import UNet2DModel  # noqa: F401
+    except Exception as e:  # not installed, or broken against this torch / huggingface_hub / peft
+        if not isinstance(e, ModuleNotFoundError) or e.name != "diffusers":
+            print(f"diffusers does not import here: {str(e).splitlines()[-1]}")
         return None
     return diffusers.__version__
 
