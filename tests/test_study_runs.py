@@ -116,6 +116,35 @@ def test_concurrent_stages_of_a_study_nest_under_one_study_run(tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def test_a_failed_stage_is_not_hidden_by_a_stage_of_the_study_that_finishes_after_it(
+    tmp_path, monkeypatch, empty_store
+):
+    # cfg-lab repro --parallel: the arms are concurrent stages of one study; one fails, another finishes later
+    _stage_project(tmp_path, monkeypatch, empty_store)
+    failed = Tracker.open("train@0.1", "cfg-lab", root=tmp_path)
+    failed.start_run("train p_uncond=0.1", "h", {"run_kind": "train"})
+    failed._at_exit()  # what the stage's exit handler does when it dies before finish()
+    later = Tracker.open("train@0.5", "cfg-lab", root=tmp_path)
+    later.start_run("train p_uncond=0.5", "h", {"run_kind": "train"})
+    later.finish()
+    runs = _runs(tmp_path / "mlflow.db")
+    (study,) = [r for r in runs if r.data.tags["run_kind"] == "study"]
+    assert study.info.status == "FAILED"
+    trains = {r.info.run_name: r.info.status for r in runs if r.data.tags["run_kind"] == "train"}
+    assert trains == {"train p_uncond=0.1": "FAILED", "train p_uncond=0.5": "FINISHED"}
+    # and a study whose stages all succeed ends FINISHED (another project: the check reads the store)
+    other = tmp_path / "other"
+    other.mkdir()
+    _stage_project(other, monkeypatch, empty_store)
+    for p in (0.1, 0.5):
+        t = Tracker.open(f"train@{p}", "cfg-lab", root=other)
+        t.start_run(f"train p_uncond={p}", "h", {"run_kind": "train"})
+        t.finish()
+    (study,) = [r for r in _runs(other / "mlflow.db") if r.data.tags["run_kind"] == "study"]
+    assert study.info.status == "FINISHED"
+
+
+@pytest.mark.slow
 def test_offline_stages_queue_one_study_run_that_the_replay_creates_once(tmp_path, monkeypatch, empty_store):
     _stage_project(tmp_path, monkeypatch, empty_store)
     monkeypatch.setenv("CFG_LAB_TRACKING", "offline")

@@ -289,10 +289,22 @@ class Tracker:
 
     def _end_study(self, status: str) -> None:
         """The study run ends with each of its stages: FINISHED after a stage that succeeded, FAILED or KILLED
-        after one that did not; its end time is the last stage's end."""
+        after one that did not; its end time is the last stage's end. A study run that a stage already ended
+        FAILED or KILLED stays so when a later stage succeeds: the arms of `cfg-lab repro --parallel` are
+        concurrent stages of one study, and an arm that finishes after a failed one must not hide the failure.
+        (Offline, the queue replays the ends in order, and the last one wins.)"""
         if self._study and self._study[1] and not self._study_ended:
             self._study_ended = True
+            if status == "FINISHED" and self._study_status() in ("FAILED", "KILLED"):
+                return
             self.end(self._study[1], status)
+
+    def _study_status(self) -> str | None:
+        """The study run's status in the store; None while it is queued or the store does not answer."""
+        run = self._resolve(self._study[1])
+        if self.offline is not None or run.startswith(QUEUED):
+            return None
+        return self._read(lambda: self.client.get_run(run).info.status, None)
 
     # -- runs named by outputs ----------------------------------------------------------------------------
 
