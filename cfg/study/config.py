@@ -545,11 +545,21 @@ def guide_model(params: Params) -> ModelParams:
 def _check_guide(params: Params) -> None:
     """guide.model's keys and values always (its unknown keys and ranges, as every section's); when autoguidance
     is used, also a U-Net the image fits, and a warning when the guide is not weaker than the model (no fewer
-    parameters, no fewer steps), with which autoguidance guides towards nothing."""
+    parameters, no fewer steps), with which autoguidance guides towards nothing, or when it trains only inside the
+    learning-rate warm-up."""
     model = guide_model(params)
     if not needs_guide(params):
         return
     _check_levels(params, model, "guide.model")
+    if params.guide.steps <= params.train.warmup_steps:
+        warnings.warn(
+            f"guide.steps = {params.guide.steps} <= train.warmup_steps = {params.train.warmup_steps}: the guide "
+            "network trains with the models' learning-rate warm-up, so it never reaches train.lr and comes out far "
+            "weaker than a shorter-trained model (a Fashion-MNIST guide of 1,000 such steps scored FID 272 alone "
+            "against the model's 6.7, and autoguidance with it lost to CFG at every w); give it more guide.steps",
+            ParamsWarning,
+            stacklevel=3,
+        )
     channels, default_side, classes = DATA_SHAPES.get(params.data.name, (None, None, None))
     side = params.data.image_size or default_side
     if not (channels and side and classes) or params.guide.steps < params.train.steps:
