@@ -82,15 +82,19 @@ def test_a_degenerate_method_is_named_in_the_banner_table_and_metrics(tmp_path):
     assert (cell["p_uncond"], cell["w"], cell["guidance"]) == (0.2, 4.0, "apg")
 
 
-def test_the_committed_guidance_methods_numbers_come_from_their_cell_records(tmp_path):
-    """docs/results/guidance_methods_digits: metrics.json and tradeoff.csv are what the report stage makes of the
-    committed cell records (regenerate them, as its README says, when the report's numbers change)."""
+@pytest.mark.parametrize(
+    "folder, data_name",
+    [("guidance_methods_digits", "digits"), ("guidance_methods_fashion_mnist", "fashion_mnist")],
+)
+def test_the_committed_guidance_methods_numbers_come_from_their_cell_records(tmp_path, folder, data_name):
+    """docs/results/guidance_methods_*: metrics.json and tradeoff.csv are what the report stage makes of the
+    committed cell records (regenerate them, as the digits README says, when the report's numbers change)."""
     import json
 
     from cfg.study.records import read_cells
     from cfg.study.report import write_report
 
-    docs = ROOT / "docs" / "results" / "guidance_methods_digits"
+    docs = ROOT / "docs" / "results" / folder
     committed = json.loads((docs / "metrics.json").read_text())
     out = {
         k: tmp_path / v
@@ -100,7 +104,7 @@ def test_the_committed_guidance_methods_numbers_come_from_their_cell_records(tmp
         read_cells(docs / "cells_p_uncond=0.2.json"),
         grid_images={},
         classifier_accuracy=committed["classifier_test_accuracy"],
-        data_name="digits",
+        data_name=data_name,
         experiment="cfg-lab",
         **out,
     )
