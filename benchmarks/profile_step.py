@@ -13,11 +13,15 @@ Parts (all by default, in this order):
   cell      a whole sampling cell as the sample stage runs it (`generate_w_grid`: the preset's w grid, batch
             and steps, per-example noise, the guided sampler, uint8 images to the host): images/s and MFU
             with the network passes CFG really runs (w = 0 rows skip ε(z), w = −1 rows skip ε(z, c))
+  copies    which aten ops launch the training step's plain copy kernels (20% of a compiled step's device time
+            on an H200), by op and input shapes, with the Python frames above them (the compiled step, not graphed,
+            so every kernel has its launching op)
   variants  memory formats, compile modes and batches of a training and a sampling step (with --autotune
             also torch.compile mode max-autotune-no-cudagraphs, which benchmarks Triton/cuDNN choices per
             convolution: minutes of compilation)
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
-matmul rate measured in the same run). Graph breaks of the compiled variants are counted.
+matmul rate measured in the same run). Graph breaks of the compiled variants are counted. `--sdpa flash|efficient|
+cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 import torch
 import yaml
 from bench_throughput import flops_per_image, matmul_rate, sync
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from cfg.engine.device import autocast, configure_cuda
@@ -186,6 +191,36 @@ def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str]]:
     ]
 
 
+def copy_sources(step, n: int = 12) -> list[str]:
+    """The aten ops under which a step's plain copy kernels (`direct_copy`, `copy_kernel`) run, by op and input
+    shapes, with their device time and the innermost Python frames that called them."""
+    for _ in range(3):
+        step()
+    sync(torch.device("cuda"))
+    with profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True
+    ) as prof:
+        for _ in range(3):
+            step()
+        sync(torch.device("cuda"))
+    ops = [
+        e
+        for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=4)
+        if e.key in ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy")
+        and e.self_device_time_total > 0
+    ]
+    ops.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in ops)
+    lines = [f"  copies launched by aten ops: {total / 3 / 1e3:.2f} ms of device time per step"]
+    for e in ops[:n]:
+        stack = " < ".join(str(f).split("/")[-1] for f in (e.stack or [])[:4])
+        lines.append(
+            f"  {e.self_device_time_total / 3 / 1e3:6.2f} ms/step {e.count // 3:>4}/step  {e.key} {e.input_shapes}"
+            + (f"\n      from {stack}" if stack else "")
+        )
+    return lines
+
+
 def cell_rate(config, params, n_examples: int, f_fwd: float) -> tuple[float, float, float]:
     """A whole sampling cell of the preset's grid as the sample stage runs it: (images/s, model FLOP/s,
     wall s of the timed call). One untimed call of one batch compiles first."""
@@ -227,8 +262,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument(
         "--only",
-        default="loop,kernels,cell,variants",
-        help="comma-separated parts: loop, kernels, cell, variants",
+        default="loop,kernels,cell,copies,variants",
+        help="comma-separated parts: loop, kernels, cell, copies, variants",
+    )
+    ap.add_argument(
+        "--sdpa",
+        choices=["flash", "efficient", "cudnn", "math"],
+        help="run with only this scaled_dot_product_attention backend (default: PyTorch's choice)",
     )
     ap.add_argument("--loop-steps", type=int, default=400, help="steps of each training-loop run")
     ap.add_argument("--cell-examples", type=int, default=2000, help="examples per w of the timed cell")
@@ -237,8 +277,24 @@ def main() -> None:
     )
     args = ap.parse_args()
     parts = set(args.only.split(","))
-    if unknown := parts - {"loop", "kernels", "cell", "variants"}:
-        ap.error(f"--only {args.only}: unknown part(s) {sorted(unknown)}; use loop, kernels, cell, variants")
+    if unknown := parts - {"loop", "kernels", "cell", "copies", "variants"}:
+        ap.error(
+            f"--only {args.only}: unknown part(s) {sorted(unknown)}; use loop, kernels, cell, copies, variants"
+        )
+    if args.sdpa:
+        backend = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[args.sdpa]
+        print(f"scaled_dot_product_attention backend: {args.sdpa} only")
+        with sdpa_kernel(backend):
+            return run(args, parts)
+    return run(args, parts)
+
+
+def run(args, parts: set[str]) -> None:
     raw = merged_params(
         yaml.safe_load(Path("params.yaml").read_text()),
         flat_overrides(yaml.safe_load(Path(args.preset).read_text())),
@@ -279,6 +335,12 @@ def main() -> None:
             )
             kernels.append((title, lines))
             print(f"\n{title}:\n" + "\n".join(lines), flush=True)
+    if "copies" in parts:
+        torch._dynamo.reset()
+        batch = params.train.batch_size
+        lines = copy_sources(train_fn(config, torch.channels_last, "default", batch))
+        kernels.append((f"copy sources, train step, compile, batch {batch}", lines))
+        print(f"\ncopy sources, train step, compile, batch {batch}:\n" + "\n".join(lines), flush=True)
     if "cell" in parts:
         torch._dynamo.reset()
         ips, flops, wall = cell_rate(config, params, args.cell_examples, f_fwd)

@@ -12,7 +12,8 @@
 #   bench         on the visible GPU(s): the GPU tests and benchmarks/profile_step.py --only loop (bench.log)
 #   benchmarks G  in a new process session on GPU G alone: benchmarks/bench_throughput.py (with its diffusers peer
 #                 rows once a call has carried .whl_extra/, waiting up to 3 min for it), benchmarks/profile_step.py's
-#                 kernels + cell parts, the GPU tests, its loop and variants parts; log bench.log, exit status bench.rc
+#                 kernels + cell + copies parts, its kernels part with flash attention only, the GPU tests, its loop
+#                 and variants parts; log bench.log, exit status bench.rc
 #   wait N        wait up to N seconds for the started run, then bundle what exists into $OUT/study.tgz
 # Every phase takes the preset's params plus `key=value` overrides; results land in $OUT. A call carries any of .whl/
 # (the wheels of ../shared/device/wheels.sh), .fmnist/ (the IDX files) and .whl_extra/ (diffusers and its
@@ -77,7 +78,8 @@ case "$phase" in
     else
       timeout 900 python benchmarks/bench_throughput.py --preset presets/fashion_mnist_gpu.yaml --seconds 3
     fi
-    timeout 600 python benchmarks/profile_step.py --only kernels,cell --seconds 2
+    timeout 600 python benchmarks/profile_step.py --only kernels,cell,copies --seconds 2
+    timeout 600 python benchmarks/profile_step.py --only kernels --sdpa flash --seconds 2
     timeout 600 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
     timeout 600 python benchmarks/profile_step.py --only loop --loop-steps 300 --seconds 2
     timeout 1200 python benchmarks/profile_step.py --only variants --autotune --seconds 2
