@@ -132,7 +132,22 @@ def test_a_failed_stage_is_not_hidden_by_a_stage_of_the_study_that_finishes_afte
     assert study.info.status == "FAILED"
     trains = {r.info.run_name: r.info.status for r in runs if r.data.tags["run_kind"] == "train"}
     assert trains == {"train p_uncond=0.1": "FAILED", "train p_uncond=0.5": "FINISHED"}
-    # and a study whose stages all succeed ends FINISHED (another project: the check reads the store)
+    # offline: the failure is recorded beside the queued study run, so the replay ends it FAILED as well
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    _stage_project(offline, monkeypatch, empty_store)
+    monkeypatch.setenv("CFG_LAB_TRACKING", "offline")
+    failed = Tracker.open("train@0.1", "cfg-lab", root=offline)
+    failed.start_run("train p_uncond=0.1", "h", {"run_kind": "train"})
+    failed._at_exit()
+    later = Tracker.open("train@0.5", "cfg-lab", root=offline)
+    later.start_run("train p_uncond=0.5", "h", {"run_kind": "train"})
+    later.finish()
+    monkeypatch.delenv("CFG_LAB_TRACKING")
+    sync(offline)
+    (study,) = [r for r in _runs(offline / "mlflow.db") if r.data.tags["run_kind"] == "study"]
+    assert study.info.status == "FAILED"
+    # and a study whose stages all succeed ends FINISHED
     other = tmp_path / "other"
     other.mkdir()
     _stage_project(other, monkeypatch, empty_store)

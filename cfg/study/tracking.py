@@ -256,7 +256,11 @@ class Tracker:
                 run = found[0].info.run_id if found else self._create_study(study)
             # entries of finished DVC runs are done with: no stage of theirs comes any more
             known = {k: v for k, v in known.items() if process_alive(v["process"])}
-            _write_private(path, json.dumps(known | {study.key: {"run": run, "process": study.process}}))
+            entry = known.get(study.key, {}) | {
+                "run": run,
+                "process": study.process,
+            }  # keeps a recorded failure
+            _write_private(path, json.dumps(known | {study.key: entry}))
         return run
 
     def _create_study(self, study: Study) -> str:
@@ -289,22 +293,26 @@ class Tracker:
 
     def _end_study(self, status: str) -> None:
         """The study run ends with each of its stages: FINISHED after a stage that succeeded, FAILED or KILLED
-        after one that did not; its end time is the last stage's end. A study run that a stage already ended
-        FAILED or KILLED stays so when a later stage succeeds: the arms of `cfg-lab repro --parallel` are
-        concurrent stages of one study, and an arm that finishes after a failed one must not hide the failure.
-        (Offline, the queue replays the ends in order, and the last one wins.)"""
-        if self._study and self._study[1] and not self._study_ended:
-            self._study_ended = True
-            if status == "FINISHED" and self._study_status() in ("FAILED", "KILLED"):
+        after one that did not; its end time is that stage's end. Once a stage of the study has failed, a later
+        stage that succeeds leaves the run FAILED/KILLED (and its end time): the arms of `cfg-lab repro --parallel`
+        are concurrent stages of one study, and an arm that finishes after a failed one must not hide the failure.
+        The failure is recorded beside the study's run in the queue folder's studies.json, read and written under
+        the lock `_join` takes, so it holds for concurrent arms and offline (the queue then never holds a FINISHED
+        after the FAILED)."""
+        if not (self._study and self._study[1]) or self._study_ended:
+            return
+        self._study_ended = True
+        study, folder = self._study[0], self.queue.folder
+        with _flock(folder / "study.lock", wait=True):
+            path = folder / STUDIES
+            known = json.loads(path.read_text()) if path.is_file() else {}
+            entry = known.get(study.key)
+            if entry is not None and status != "FINISHED":
+                entry["failed"] = status
+                _write_private(path, json.dumps(known))
+            elif entry is not None and entry.get("failed"):
                 return
             self.end(self._study[1], status)
-
-    def _study_status(self) -> str | None:
-        """The study run's status in the store; None while it is queued or the store does not answer."""
-        run = self._resolve(self._study[1])
-        if self.offline is not None or run.startswith(QUEUED):
-            return None
-        return self._read(lambda: self.client.get_run(run).info.status, None)
 
     # -- runs named by outputs ----------------------------------------------------------------------------
 
