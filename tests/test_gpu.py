@@ -155,7 +155,6 @@ def test_cuda_graph_training_with_mid_run_sampling_of_the_ema_matches_the_eager_
     channels-last). The EMA must keep its storage, which the captured step updates in place: a contiguous EMA
     was reallocated there, the replays went on writing freed memory and the final EMA was garbage (FID 1,377
     against 18.6 eager on the Fashion-MNIST preset, one H200)."""
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     ds = load_dataset("digits", image_size=8)
     config = UNetConfig(**{**CONFIG.to_dict(), "dropout": 0.0})
     kw = dict(p_uncond=0.2, steps=40, batch_size=64, lr=1e-3, warmup_steps=10, seed=0, device="cuda")
