@@ -91,7 +91,7 @@ def diffusers_version() -> str | None:
         from diffusers import UNet2DModel  # noqa: F401
     except Exception as e:  # not installed, or broken against this torch / huggingface_hub / peft
         if not isinstance(e, ModuleNotFoundError) or e.name != "diffusers":
-            print(f"diffusers does not import here: {str(e).splitlines()[-1]}")
+            print(f"diffusers does not import here: {(str(e).splitlines() or [type(e).__name__])[-1]}")
         return None
     return diffusers.__version__
 

@@ -13,9 +13,10 @@ Parts (all by default, in this order):
   cell      a whole sampling cell as the sample stage runs it (`generate_w_grid`: the preset's w grid, batch
             and steps, per-example noise, the guided sampler, uint8 images to the host): images/s and MFU
             with the network passes CFG really runs (w = 0 rows skip ε(z), w = −1 rows skip ε(z, c))
-  copies    which aten ops launch the training step's plain copy kernels (20% of a compiled step's device time
-            on an H200), by op and input shapes, with the Python frames above them (the compiled step, not graphed,
-            so every kernel has its launching op)
+  copies    where the training step's plain copy kernels (20% of a compiled step's device time on an H200) come
+            from: their device time by the op enclosing each `aten::copy_` (an autograd node, an attention op, ...)
+            and by input shapes with the Python frames above (the compiled step, not graphed, so every kernel
+            has its launching op)
   variants  memory formats, compile modes and batches of a training and a sampling step (with --autotune
             also torch.compile mode max-autotune-no-cudagraphs, which benchmarks Triton/cuDNN choices per
             convolution: minutes of compilation)
@@ -37,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from cfg.engine.device import autocast, configure_cuda
-from cfg.engine.generate import generate_w_grid, sampler_options
+from cfg.engine.generate import examples_per_batch, generate_w_grid, sampling_kwargs
 from cfg.engine.training import GraphStep, train_diffusion
 from cfg.maths.diffusion import diffusion_loss, training_draws
 from cfg.maths.guidance import guided_eps, needed_passes
@@ -160,16 +161,18 @@ def kernel_kind(name: str) -> str:
 
 
 def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str]]:
-    """The top kernels of `calls` steps by device time, the device time by kernel kind, and how busy the GPU was:
-    summed kernel time / wall time of the same steps (kernels of one stream do not overlap here)."""
+    """The top kernels of `calls` back-to-back steps by device time, the device time by kernel kind, and how busy
+    the GPU was: summed kernel time / wall time of those same steps (kernels of one stream do not overlap here;
+    the profiler's own overhead is in the wall time, so busy is if anything understated)."""
     for _ in range(3):
         step()
     sync(torch.device("cuda"))
-    wall = timed(step, 2.0)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         for _ in range(calls):
             step()
         sync(torch.device("cuda"))
+        wall = (time.perf_counter() - t0) / calls  # the profiled steps themselves, back to back
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)  # µs over `calls` steps
     if total == 0:
@@ -191,9 +194,26 @@ def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str]]:
     ]
 
 
+COPY_OPS = ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy", "aten::to", "aten::reshape")
+
+
+def launching_op(event) -> str:
+    """The nearest enclosing op of a profiled copy that is not itself a copy, and the autograd node above it if
+    there is one (e.g. `aten::mul < autograd::engine::evaluate_function: MulBackward0`, `AccumulateGrad`)."""
+    parent = event.cpu_parent
+    while parent is not None and (parent.name in COPY_OPS or parent.name.startswith("cuda")):
+        parent = parent.cpu_parent
+    if parent is None:
+        return "(top level)"
+    node = parent
+    while node is not None and not node.name.startswith(("autograd::", "torch::autograd::")):
+        node = node.cpu_parent
+    return parent.name if node is None or node is parent else f"{parent.name} < {node.name}"
+
+
 def copy_sources(step, n: int = 12) -> list[str]:
-    """The aten ops under which a step's plain copy kernels (`direct_copy`, `copy_kernel`) run, by op and input
-    shapes, with their device time and the innermost Python frames that called them."""
+    """Where a step's plain copy kernels come from: the device time of `aten::copy_` by the op that encloses it
+    (`launching_op`), then by input shapes with the innermost Python frames above."""
     for _ in range(3):
         step()
     sync(torch.device("cuda"))
@@ -203,41 +223,47 @@ def copy_sources(step, n: int = 12) -> list[str]:
         for _ in range(3):
             step()
         sync(torch.device("cuda"))
+    by_op: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.name == "aten::copy_" and e.self_device_time_total > 0:
+            entry = by_op.setdefault(launching_op(e), [0.0, 0])
+            entry[0] += e.self_device_time_total
+            entry[1] += 1
+    total = sum(t for t, _ in by_op.values())
+    lines = [f"  copies (aten::copy_) on the device: {total / 3 / 1e3:.2f} ms per step, by enclosing op:"]
+    for name, (t, count) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:n]:
+        lines.append(f"  {t / 3 / 1e3:6.2f} ms/step {count // 3:>4}/step  {name[:110]}")
     ops = [
         e
         for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=4)
-        if e.key in ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy")
-        and e.self_device_time_total > 0
+        if e.key == "aten::copy_" and e.self_device_time_total > 0
     ]
     ops.sort(key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in ops)
-    lines = [f"  copies launched by aten ops: {total / 3 / 1e3:.2f} ms of device time per step"]
+    lines.append("  by input shapes:")
     for e in ops[:n]:
         stack = " < ".join(str(f).split("/")[-1] for f in (e.stack or [])[:4])
         lines.append(
-            f"  {e.self_device_time_total / 3 / 1e3:6.2f} ms/step {e.count // 3:>4}/step  {e.key} {e.input_shapes}"
+            f"  {e.self_device_time_total / 3 / 1e3:6.2f} ms/step {e.count // 3:>4}/step  {e.input_shapes}"
             + (f"\n      from {stack}" if stack else "")
         )
     return lines
 
 
 def cell_rate(config, params, n_examples: int, f_fwd: float) -> tuple[float, float, float]:
-    """A whole sampling cell of the preset's grid as the sample stage runs it: (images/s, model FLOP/s,
-    wall s of the timed call). One untimed call of one batch compiles first."""
+    """A whole sampling cell of the preset's grid as the sample stage runs it (`sampling_kwargs`: sampler,
+    options, steps, λ range, batch, precision, compile; CFG): (images/s, model FLOP/s with the network passes CFG
+    runs — w = 0 rows skip ε(z), w = −1 rows skip ε(z, c) —, wall s of the timed call). One untimed batch
+    compiles first."""
     s = params.sample
     model = UNet(config).cuda().eval()
     for p in model.parameters():
         p.data.add_(0.01 * torch.randn_like(p))
-    kwargs = dict(
-        num_classes=10, image_shape=(config.in_channels, config.image_size, config.image_size),
-        sampler=s.sampler, sampler_options=sampler_options(s), steps=s.steps, batch_size=s.batch_size, device="cuda", bf16=True,
-        compile=s.compile, lambda_min=params.train.lambda_min, lambda_max=params.train.lambda_max,
-    )  # fmt: skip
-    per_batch = max(1, s.batch_size // len(s.w))
-    generate_w_grid(model, s.w, per_batch, **kwargs)
+    kwargs = sampling_kwargs(params) | {"guidance": "cfg", "guidance_options": {}}
+    kwargs |= {"num_classes": 10, "image_shape": (config.in_channels, config.image_size, config.image_size)}
+    generate_w_grid(model, s.w, examples_per_batch(s.batch_size, len(s.w)), device="cuda", **kwargs)
     sync(torch.device("cuda"))
     t0 = time.perf_counter()
-    generate_w_grid(model, s.w, n_examples, **kwargs)
+    generate_w_grid(model, s.w, n_examples, device="cuda", **kwargs)
     sync(torch.device("cuda"))
     wall = time.perf_counter() - t0
     images = n_examples * len(s.w)
@@ -322,7 +348,7 @@ def run(args, parts: set[str]) -> None:
         for title, make, images, flops in [
             (f"train step, compile + CUDA graph (train.cuda_graph), batch {batch}",
              lambda: graph_train_fn(config, batch), batch, f_train),
-            (f"train step, compile, batch {batch}",
+            (f"train step, compile, batch {batch} (loss, backward, Adam; no clipping or EMA)",
              lambda: train_fn(config, torch.channels_last, "default", batch), batch, f_train),
             (f"guided sampling step, compile, batch {nb} (both passes)",
              lambda: sample_fn(config, torch.channels_last, "default", nb), nb, 2 * f_fwd),
