@@ -43,7 +43,8 @@ The rules.
     dominates up to a common reference point as a share of the box between it and the ideal point (the lowest
     FID, the highest IS; higher: better). The reference point is `cfg.study.frontier.reference_point` of the
     three curves' cells: 1 / (n_w - 1) of the span beyond the nadir of their joint Pareto front (n_w: the w per
-    curve), so that cells far behind every front (FID 67 at w = 4 on Fashion-MNIST) do not set the box.
+    curve), so that cells far behind every front do not set the box (on the Fashion-MNIST study the worst FID,
+    67 at w = 4, sits on the joint front with the highest IS, so there the box only shrinks by that 1 / (n_w - 1)).
     Degenerate cells (`cfg.study.frontier.degenerate_rows`: near chance or no better than noise) are left out
     of the fronts and the reference point, and named. Spread of HV(p) - HV(0.5): paired over ranges (each
     range's own three curves and reference point) when every cell has R >= 3 known ranges, otherwise a
