@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.selection import require_comparable
-from cfg.study.frontier import hypervolume, pareto_mask  # one implementation: the report's
+from cfg.study.frontier import hypervolume, pareto_mask, reference_point  # one implementation: the report's
 
 __all__ = ["curve_shapes", "frontier_fid", "frontiers", "hypervolume", "pareto_mask", "rank_frontiers"]
 
@@ -50,17 +50,18 @@ def rank_frontiers(df: pd.DataFrame, by: str = "p_uncond") -> pd.DataFrame:
 
     Columns: n_w, n_pareto, pareto_w; `frontier_fid`, the front's mean FID at equal IS over the IS range that
     every front spans (lower: better trade-off; NaN when the fronts share no IS range); `hypervolume`, the area
-    the front dominates up to the reference point (the worst IS and FID of all curves, 10% of their span
-    further) as a share of the box between that point and the best values (higher: better; coarse on sparse
-    grids);
+    the front dominates up to the reference point (`cfg.study.frontier.reference_point` of all curves' cells, as
+    the methods report and `analysis.findings` measure it) as a share of the box between that point and the best
+    values (higher: better; coarse on sparse grids);
     `dominated_share`, the share of its Pareto points that another curve's front dominates; `rank` (1 = best),
     by frontier_fid, or by hypervolume where the fronts share no IS range.
     """
     f = frontiers(df, by)
-    # reference point 10% of the span beyond the worst IS and FID, so that extreme points count too
-    margin_fid, margin_is = 0.1 * np.ptp(f["fid"]), 0.1 * np.ptp(f["is"])
-    ref_fid, ref_is = f["fid"].max() + margin_fid, f["is"].min() - margin_is
-    box = (f["is"].max() - ref_is) * (ref_fid - f["fid"].min())
+    # the methods report's reference point (cfg.study.frontier.reference_point): 1 / (n_w - 1) of the span beyond
+    # the nadir of all curves' joint front, so that cells far behind every front do not set the box
+    n_w = int(f.groupby(by).size().max())
+    ref_fid, ref_is, ideal_fid, ideal_is = reference_point(f["fid"].to_numpy(), f["is"].to_numpy(), n_w)
+    box = (ideal_is - ref_is) * (ref_fid - ideal_fid)
     front = f[f["pareto"]]
     spans = front.groupby(by)["is"].agg(["min", "max"])
     is_lo, is_hi = spans["min"].max(), spans["max"].min()

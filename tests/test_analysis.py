@@ -409,7 +409,9 @@ def test_narrative_of_the_paper_tells_its_story():
             {0.1: [(0.0, 3.0, 2.0), (1.0, 4.0, 3.0), (2.0, 6.0, 2.5)]},
             "p_uncond ranked by frontier: paper 0.2 > 0.1",
         ),
-        ({0.1: [(1.0, 3.0, 2.0)], 0.5: [(1.0, 4.0, 3.0)]}, "Frontier ranking: 0.1 (0.09) = 0.5 (0.09)"),
+        # both points on the joint front: ideal (FID 3, IS 3), nadir (4, 2), one w -> the reference a whole span
+        # beyond the nadir, (5, 1); box 2 x 2, each point dominates 1 x 2 or 2 x 1 of it: 0.50 each
+        ({0.1: [(1.0, 3.0, 2.0)], 0.5: [(1.0, 4.0, 3.0)]}, "Frontier ranking: 0.1 (0.50) = 0.5 (0.50)"),
         (
             {0.1: [(5.0, 3.0, 2.0), (6.0, 4.0, 3.0)]},
             "each on its own w grid (they share fewer than two w values)",
