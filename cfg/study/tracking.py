@@ -256,10 +256,8 @@ class Tracker:
                 run = found[0].info.run_id if found else self._create_study(study)
             # entries of finished DVC runs are done with: no stage of theirs comes any more
             known = {k: v for k, v in known.items() if process_alive(v["process"])}
-            entry = known.get(study.key, {}) | {
-                "run": run,
-                "process": study.process,
-            }  # keeps a recorded failure
+            # an arm joining after another failed keeps the failure recorded (`_end_study`)
+            entry = known.get(study.key, {}) | {"run": run, "process": study.process}
             _write_private(path, json.dumps(known | {study.key: entry}))
         return run
 
