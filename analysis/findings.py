@@ -67,9 +67,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.columns import type_cells
-from analysis.frontiers import hypervolume, pareto_mask
 from analysis.selection import require_comparable
-from cfg.study.frontier import degenerate_rows, reference_point
+from cfg.study.frontier import degenerate_rows, hypervolume_shares
 from cfg.study.records import guidance_name
 
 __all__ = ["check_findings", "load_tradeoff", "markdown", "main"]
@@ -281,25 +280,6 @@ def _is_rises(g: pd.DataFrame, k: float) -> tuple[str, str, dict]:
     return (NO_SPREAD if not np.isfinite(end_se) else INCONCLUSIVE), text, detail
 
 
-def _hv_shares(
-    fid: np.ndarray, is_: np.ndarray, p: np.ndarray, n_w: int, ref: tuple | None = None
-) -> tuple[dict, tuple]:
-    """Hypervolume share of each p's Pareto front; the common reference point and box as the methods report
-    makes them (`reference_point` of all the cells, n_w w per curve), or `ref` = (ref_fid, ref_is, box) kept
-    fixed."""
-    if ref is None:
-        ref_fid, ref_is, ideal_fid, ideal_is = reference_point(fid, is_, n_w)
-        ref = (ref_fid, ref_is, (ideal_is - ref_is) * (ref_fid - ideal_fid))
-    ref_fid, ref_is, box = ref
-    out = {}
-    for q in np.unique(p):
-        m = p == q
-        front = pareto_mask(fid[m], is_[m])
-        hv = hypervolume(fid[m][front], is_[m][front], ref_fid, ref_is)
-        out[float(q)] = hv / box if box > 0 else np.nan
-    return out, ref
-
-
 def _frontier(cells: pd.DataFrame, k: float, n_boot: int, seed: int) -> tuple[str, str, dict]:
     have = sorted(cells["p_uncond"].unique().tolist())
     paper = {q: next((p for p in have if np.isclose(p, q)), None) for q in PAPER_P}
@@ -319,14 +299,14 @@ def _frontier(cells: pd.DataFrame, k: float, n_boot: int, seed: int) -> tuple[st
         return "not testable", text, {"degenerate": left_out}
     p = sub["p_uncond"].map({v: q for q, v in paper.items()}).to_numpy(float)
     fid, is_ = sub["fid"].to_numpy(float), sub["is"].to_numpy(float)
-    hv, ref = _hv_shares(fid, is_, p, n_w)
+    hv, ref = hypervolume_shares(fid, is_, p, n_w)
     fr, ir = [_ranges(r, "fid") for _, r in sub.iterrows()], [_ranges(r, "is") for _, r in sub.iterrows()]
     lens = {len(v) if v is not None else 0 for v in fr + ir}
     diffs = {q: [] for q in (0.1, 0.2)}
     if len(lens) == 1 and (n := lens.pop()) >= MIN_PAIRED:
         how = f"paired over {n} ranges"
         for r in range(n):
-            s, _ = _hv_shares(np.array([v[r] for v in fr]), np.array([v[r] for v in ir]), p, n_w)
+            s, _ = hypervolume_shares(np.array([v[r] for v in fr]), np.array([v[r] for v in ir]), p, n_w)
             for q in diffs:
                 diffs[q].append(s[q] - s[0.5])
         se = {q: float(np.std(v, ddof=1) / math.sqrt(n)) for q, v in diffs.items()}
@@ -346,7 +326,7 @@ def _frontier(cells: pd.DataFrame, k: float, n_boot: int, seed: int) -> tuple[st
             how = f"bootstrap of cell noise, {n_boot} draws"
             rng = np.random.default_rng(seed)
             for _ in range(n_boot):
-                s, _ = _hv_shares(fid + rng.normal(0, sd_f), is_ + rng.normal(0, sd_i), p, n_w, ref)
+                s, _ = hypervolume_shares(fid + rng.normal(0, sd_f), is_ + rng.normal(0, sd_i), p, n_w, ref)
                 for q in diffs:
                     diffs[q].append(s[q] - s[0.5])
             se = {q: float(np.std(v, ddof=1)) for q, v in diffs.items()}

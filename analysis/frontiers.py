@@ -10,7 +10,11 @@ import numpy as np
 import pandas as pd
 
 from analysis.selection import require_comparable
-from cfg.study.frontier import hypervolume, pareto_mask, reference_point  # one implementation: the report's
+from cfg.study.frontier import (  # one implementation: the report's
+    hypervolume,
+    hypervolume_shares,
+    pareto_mask,
+)
 
 __all__ = ["curve_shapes", "frontier_fid", "frontiers", "hypervolume", "pareto_mask", "rank_frontiers"]
 
@@ -60,8 +64,7 @@ def rank_frontiers(df: pd.DataFrame, by: str = "p_uncond") -> pd.DataFrame:
     # the methods report's reference point (cfg.study.frontier.reference_point): 1 / (n_w - 1) of the span beyond
     # the nadir of all curves' joint front, so that cells far behind every front do not set the box
     n_w = int(f.groupby(by).size().max())
-    ref_fid, ref_is, ideal_fid, ideal_is = reference_point(f["fid"].to_numpy(), f["is"].to_numpy(), n_w)
-    box = (ideal_is - ref_is) * (ref_fid - ideal_fid)
+    shares, _ = hypervolume_shares(f["fid"].to_numpy(), f["is"].to_numpy(), f[by].to_numpy(), n_w)
     front = f[f["pareto"]]
     spans = front.groupby(by)["is"].agg(["min", "max"])
     is_lo, is_hi = spans["min"].max(), spans["max"].min()
@@ -79,13 +82,12 @@ def rank_frontiers(df: pd.DataFrame, by: str = "p_uncond") -> pd.DataFrame:
             )
             for _, r in mine.iterrows()
         ]
-        hv = hypervolume(mine["fid"].to_numpy(), mine["is"].to_numpy(), ref_fid, ref_is)
         rows[key] = {
             "n_w": len(g),
             "n_pareto": len(mine),
             "pareto_w": mine["w"].tolist(),
             "frontier_fid": frontier_fid(mine["fid"].to_numpy(), mine["is"].to_numpy(), is_lo, is_hi),
-            "hypervolume": hv / box if box > 0 else np.nan,
+            "hypervolume": shares[key],
             "dominated_share": float(np.mean(dominated)) if dominated else np.nan,
         }
     out = pd.DataFrame.from_dict(rows, orient="index").rename_axis(by)

@@ -214,23 +214,43 @@ def compare_methods(data: list[CellRecord] | pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def hypervolume_shares(
+    fid: np.ndarray,
+    is_: np.ndarray,
+    groups: np.ndarray,
+    n_w: int,
+    ref: tuple[float, float, float] | None = None,
+) -> tuple[dict, tuple[float, float, float]]:
+    """({group: hypervolume share}, (ref_fid, ref_is, box)) of cells (fid, is_) by `groups` (a guidance method, a
+    p_uncond): the area a group's cells dominate up to the reference point, as a share of the box between that
+    point and the ideal point. The reference is `reference_point` of all the cells (n_w w per group) unless `ref`
+    = (ref_fid, ref_is, box) is given, held fixed (a bootstrap of the cells' noise). NaN where there is no box.
+    The one definition of the share: the methods report (`compare_methods`), `analysis.findings` and
+    `analysis.frontiers.rank_frontiers` use it."""
+    fid, is_, groups = np.asarray(fid, float), np.asarray(is_, float), np.asarray(groups)
+    if ref is None:
+        ref_fid, ref_is, ideal_fid, ideal_is = reference_point(fid, is_, n_w)
+        ref = (ref_fid, ref_is, (ideal_is - ref_is) * (ref_fid - ideal_fid))
+    ref_fid, ref_is, box = ref
+    shares = {}
+    for g in np.unique(groups):
+        m = groups == g
+        area = hypervolume(fid[m], is_[m], ref_fid, ref_is)  # dominated cells add nothing: no front needed
+        shares[g.item() if hasattr(g, "item") else g] = area / box if box > 0 else np.nan
+    return shares, ref
+
+
 def _hypervolumes(
     valid: dict[str, list[dict]], n_w: int, point: Callable[[dict], tuple[float, float]]
 ) -> tuple[dict[str, float], float, float]:
     """({method: hypervolume share}, ref_fid, ref_is) of the methods' cells, (fid, is) = point(cell), with the
-    reference point of all of them; NaN where there is no cell or no box."""
-    every = [point(c) for cells in valid.values() for c in cells]
-    if not every:
+    reference point of all of them (`hypervolume_shares`); NaN where there is no cell or no box."""
+    cells = [(point(c), m) for m, cs in valid.items() for c in cs]
+    if not cells:
         return {m: np.nan for m in valid}, np.nan, np.nan
-    fid, is_ = np.array(every).T
-    ref_fid, ref_is, ideal_fid, ideal_is = reference_point(fid, is_, n_w)
-    box = (ideal_is - ref_is) * (ref_fid - ideal_fid)
-    shares = {}
-    for m, cells in valid.items():
-        mine = np.array([point(c) for c in cells]).reshape(-1, 2)
-        area = hypervolume(mine[:, 0], mine[:, 1], ref_fid, ref_is)
-        shares[m] = area / box if cells and box > 0 else np.nan
-    return shares, ref_fid, ref_is
+    fid, is_ = np.array([xy for xy, _ in cells], float).T
+    shares, (ref_fid, ref_is, _) = hypervolume_shares(fid, is_, np.array([m for _, m in cells]), n_w)
+    return {m: shares.get(m, np.nan) for m in valid}, ref_fid, ref_is
 
 
 def dominance_sentences(table: pd.DataFrame, baseline: str = "cfg") -> list[str]:
