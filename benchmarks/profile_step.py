@@ -1,7 +1,7 @@
 """Where a training step's and a guided sampling step's time goes, and which settings make them faster.
 
     python benchmarks/profile_step.py [--preset presets/fashion_mnist_gpu.yaml] [--seconds 4]
-        [--only loop,kernels,cell,variants] [--loop-steps 400] [--autotune]
+        [--only loop,kernels,cell,copies,variants] [--loop-steps 400] [--autotune] [--sdpa BACKEND]
 
 Parts (all by default, in this order):
   loop      the real training loop (`train_diffusion`) compiled, and compiled + CUDA graph, batch 256 and 512
@@ -335,14 +335,13 @@ def run(args, parts: set[str]) -> None:
     f_fwd = flops_per_image(probe, config, torch.device("cuda"), train=False)
     cl, cf = torch.channels_last, torch.contiguous_format
     rows = []
-    loop = [(b, c, g) for b in (256, 512) for c, g in ((True, False), (True, True))]
-    for batch, compiled, graphed in loop if "loop" in parts else []:
+    for batch, graphed in [(b, g) for b in (256, 512) for g in (False, True)] if "loop" in parts else []:
         torch._dynamo.reset()
-        ips, wall = loop_rate(config, batch, args.loop_steps, compile=compiled, cuda_graph=graphed)
+        ips, wall = loop_rate(config, batch, args.loop_steps, compile=True, cuda_graph=graphed)
         what = "train loop compile" + (" + CUDA graph" if graphed else "")
         rows.append((what, batch, ips, f_train * ips, 0, wall))
         print(rows[-1], flush=True)
-    kernels = []  # (title, lines)
+    kernels = []  # (heading, lines), printed after the table
     if "kernels" in parts:
         batch, nb = params.train.batch_size, params.sample.batch_size
         for title, make, images, flops in [
@@ -359,7 +358,7 @@ def run(args, parts: set[str]) -> None:
                 1,
                 f"  {images / wall:,.0f} images/s, {images / wall * flops / 1e12:.1f} TFLOP/s, MFU {images / wall * flops / peak:.1%}",
             )
-            kernels.append((title, lines))
+            kernels.append((f"top CUDA kernels, {title} (share of device time)", lines))
             print(f"\n{title}:\n" + "\n".join(lines), flush=True)
     if "copies" in parts:
         torch._dynamo.reset()
@@ -374,61 +373,69 @@ def run(args, parts: set[str]) -> None:
         what = f"sample cell {len(s.w)} w x {args.cell_examples}, T={s.steps}"
         rows.append((what, s.batch_size, ips, flops, 0, wall))
         print(rows[-1], flush=True)
-    if "variants" not in parts:
-        print_table(rows, peak, f_train, f_fwd)
-        for title, lines in kernels:
-            print(f"\ntop CUDA kernels, {title} (share of device time):\n" + "\n".join(lines))
-        return
-    train_variants = [
-        ("eager channels_last", cl, None, 256),
-        ("eager contiguous", cf, None, 256),
-        ("compile channels_last", cl, "default", 256),
-        ("compile contiguous", cf, "default", 256),
-        ("compile contiguous", cf, "default", 512),
-        ("compile contiguous", cf, "default", 1024),
-    ]
-    if args.autotune:
-        train_variants.append(("compile max-autotune-no-cg ch_last", cl, "max-autotune-no-cudagraphs", 256))
-    steps = {}
-    for name, fmt, mode, batch in train_variants:
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        t0 = time.perf_counter()
-        step = train_fn(config, fmt, mode, batch)
-        s = timed(step, args.seconds)
-        breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-        rows.append(
-            (f"train {name}", batch, batch / s, f_train * batch / s, breaks, time.perf_counter() - t0)
+    if "variants" in parts:
+        train_variants = [
+            ("eager channels_last", cl, None, 256),
+            ("eager contiguous", cf, None, 256),
+            ("compile channels_last", cl, "default", 256),
+            ("compile contiguous", cf, "default", 256),
+            ("compile contiguous", cf, "default", 512),
+            ("compile contiguous", cf, "default", 1024),
+        ]
+        if args.autotune:
+            train_variants.append(
+                ("compile max-autotune-no-cg ch_last", cl, "max-autotune-no-cudagraphs", 256)
+            )
+        steps = {}
+        for name, fmt, mode, batch in train_variants:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            t0 = time.perf_counter()
+            step = train_fn(config, fmt, mode, batch)
+            s = timed(step, args.seconds)
+            breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+            rows.append(
+                (f"train {name}", batch, batch / s, f_train * batch / s, breaks, time.perf_counter() - t0)
+            )
+            steps[(name, batch)] = step
+            print(rows[-1], flush=True)
+        sample_variants = [
+            ("eager channels_last", cl, None, 4096),
+            ("compile channels_last", cl, "default", 4096),
+            ("compile contiguous", cf, "default", 4096),
+            ("compile reduce-overhead contig.", cf, "reduce-overhead", 4096),
+            ("compile contiguous", cf, "default", 8192),
+            ("compile channels_last", cl, "default", 8192),
+        ]
+        if args.autotune:
+            sample_variants.append(
+                ("compile max-autotune-no-cg ch_last", cl, "max-autotune-no-cudagraphs", 4096)
+            )
+        for name, fmt, mode, batch in sample_variants:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            t0 = time.perf_counter()
+            step = sample_fn(config, fmt, mode, batch)
+            s = timed(step, args.seconds)
+            breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+            rows.append(
+                (
+                    f"sample step {name}",
+                    batch,
+                    batch / s,
+                    2 * f_fwd * batch / s,
+                    breaks,
+                    time.perf_counter() - t0,
+                )
+            )
+            print(rows[-1], flush=True)
+        eager = top_kernels(steps[("eager channels_last", 256)])[1]
+        kernels.append(
+            ("top CUDA kernels, train eager channels_last batch 256 (share of device time)", eager)
         )
-        steps[(name, batch)] = step
-        print(rows[-1], flush=True)
-    sample_variants = [
-        ("eager channels_last", cl, None, 4096),
-        ("compile channels_last", cl, "default", 4096),
-        ("compile contiguous", cf, "default", 4096),
-        ("compile reduce-overhead contig.", cf, "reduce-overhead", 4096),
-        ("compile contiguous", cf, "default", 8192),
-        ("compile channels_last", cl, "default", 8192),
-    ]
-    if args.autotune:
-        sample_variants.append(("compile max-autotune-no-cg ch_last", cl, "max-autotune-no-cudagraphs", 4096))
-    for name, fmt, mode, batch in sample_variants:
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
-        t0 = time.perf_counter()
-        step = sample_fn(config, fmt, mode, batch)
-        s = timed(step, args.seconds)
-        breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-        rows.append(
-            (f"sample step {name}", batch, batch / s, 2 * f_fwd * batch / s, breaks, time.perf_counter() - t0)
-        )
-        print(rows[-1], flush=True)
-
     print_table(rows, peak, f_train, f_fwd)
-    for title, lines in kernels:
-        print(f"\ntop CUDA kernels, {title} (share of device time):\n" + "\n".join(lines))
-    print("\ntop CUDA kernels, train eager channels_last batch 256 (share of device time):")
-    print("\n".join(top_kernels(steps[("eager channels_last", 256)])[1]))
+    for heading, lines in kernels:
+        print(f"\n{heading}:\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
