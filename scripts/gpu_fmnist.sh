@@ -72,12 +72,9 @@ case "$phase" in
     ;;
   benchmarks-run)  # what `benchmarks` runs in the background
     for _ in $(seq 36); do [ -d .whl_extra ] && break; sleep 5; done
-    if [ -d .whl_extra ]; then  # diffusers' own versions of its dependencies, first on the path of this run only
-      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl_extra/*.whl
-      PYTHONPATH=/tmp/site2:$PYTHONPATH timeout 900 python benchmarks/bench_throughput.py --preset presets/fashion_mnist_gpu.yaml --seconds 3
-    else
-      timeout 900 python benchmarks/bench_throughput.py --preset presets/fashion_mnist_gpu.yaml --seconds 3
-    fi
+    # diffusers' own versions of its dependencies, first on the path of this run only
+    [ -d .whl_extra ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl_extra/*.whl
+    PYTHONPATH=/tmp/site2:$PYTHONPATH timeout 900 python benchmarks/bench_throughput.py --preset presets/fashion_mnist_gpu.yaml --seconds 3
     timeout 600 python benchmarks/profile_step.py --only kernels,cell,copies --seconds 2
     timeout 600 python benchmarks/profile_step.py --only kernels --sdpa flash --seconds 2
     timeout 600 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
