@@ -26,7 +26,7 @@ import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from cfg.engine.device import autocast, configure_cuda, resolve_device
+from cfg.engine.device import autocast, compile_net, configure_cuda, resolve_device
 from cfg.maths.diffusion import diffusion_loss
 from cfg.maths.guidance import guided_eps
 from cfg.nets.unet import UNet, UNetConfig, _norm, count_parameters
@@ -161,7 +161,7 @@ def bench_variant(
     model = build(config).to(device).to(memory_format=fmt)
     fwd_bwd = flops_per_image(model, config, device, train=True)
     fwd = flops_per_image(model, config, device, train=False)
-    net = torch.compile(model) if compile_ else model
+    net = compile_net(model) if compile_ else model  # the same compile options for cfg-lab and the peer
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randn(batch, c, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, config.num_classes, (batch,), device=device)

@@ -37,7 +37,7 @@ from bench_throughput import flops_per_image, matmul_rate, sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-from cfg.engine.device import autocast, configure_cuda
+from cfg.engine.device import autocast, compile_net, configure_cuda
 from cfg.engine.generate import examples_per_batch, generate_w_grid, sampling_kwargs
 from cfg.engine.training import GraphStep, train_diffusion
 from cfg.maths.diffusion import diffusion_loss, training_draws
@@ -68,8 +68,9 @@ def build(config: UNetConfig, fmt, mode: str | None):
     model = UNet(config).cuda().to(memory_format=fmt)
     for p in model.parameters():  # away from the zero init, so nothing is trivially skipped
         p.data.add_(0.01 * torch.randn_like(p))
-    net = model if mode is None else torch.compile(model, mode=None if mode == "default" else mode)
-    return model, net
+    if mode is None:
+        return model, model
+    return model, compile_net(model) if mode == "default" else torch.compile(model, mode=mode)
 
 
 def train_fn(config, fmt, mode, batch):

@@ -162,3 +162,55 @@ def test_ema_apply_with_a_tensor_decay_equals_update():
         b.num_updates += 1
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_unet_is_the_same_function_in_either_memory_format():
+    """The attention block splits heads with views of whichever layout it gets (NCHW on the CPU, NHWC on the GPU):
+    the same outputs and gradients from both, since the weights' meaning must not depend on the layout."""
+    torch.manual_seed(0)
+    config = UNetConfig(
+        image_size=16, base_width=32, channel_mult=(1, 2), attention_resolutions=(16, 8), dropout=0.0
+    )
+    model = UNet(config)
+    for p in model.parameters():
+        p.data.add_(
+            0.05 * torch.randn_like(p)
+        )  # away from the zero init, which would hide the attention output
+    x = torch.randn(3, 1, 16, 16)
+    lam, y = torch.randn(3), torch.tensor([0, 4, 10])
+    out, grads = [], []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model.zero_grad()
+        model.to(memory_format=fmt)
+        o = model(x.contiguous(memory_format=fmt), lam, y)
+        o.square().sum().backward()
+        out.append(o)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert torch.allclose(
+        out[0], out[1], rtol=1e-5, atol=1e-5
+    )  # float32: the kernels' summation orders differ
+    scale = max(g.abs().max() for g in grads[1])  # some biases ahead of a GroupNorm get ~0 gradient: absolute
+    for g0, g1 in zip(*grads, strict=True):
+        assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.slow
+def test_group_norm_compiled_on_channels_last_equals_the_native_op():
+    """Under torch.compile a channels-last GroupNorm takes its statistics from per-channel moments combined per
+    group: the output and every gradient equal nn.GroupNorm's (Inductor on the CPU compiles the same formula)."""
+    from cfg.nets.unet import GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(8, 32)
+    norm.weight.data.normal_()
+    norm.bias.data.normal_()
+    x = (3 * torch.randn(4, 32, 6, 6) + 1).contiguous(memory_format=torch.channels_last)
+    results = []
+    for fn in (lambda t: torch.nn.GroupNorm.forward(norm, t), torch.compile(norm)):
+        norm.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out, xi.grad, norm.weight.grad, norm.bias.grad])
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from cfg.data.images import to_uint8
-from cfg.engine.device import autocast, configure_cuda
+from cfg.engine.device import autocast, compile_net, configure_cuda
 from cfg.engine.distributed import Dist, gather_rows, shard
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
 from cfg.maths.guidance import guidance_entries, guided_denoiser, needs_guide_network
@@ -121,7 +121,7 @@ def generate_w_grid(
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     configure_cuda()
     model = model.to(memory_format=fmt)
-    network = torch.compile(model) if compile and device.type == "cuda" else model
+    network = compile_net(model) if compile and device.type == "cuda" else model
 
     def net(z: Tensor, lam: Tensor, c: Tensor) -> Tensor:
         with autocast(device, bf16):

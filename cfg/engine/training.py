@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from cfg.engine.device import autocast, configure_cuda
+from cfg.engine.device import autocast, compile_net, configure_cuda
 from cfg.engine.distributed import Dist, all_mean
 from cfg.io import atomic_save
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, diffusion_loss, eps_loss, training_draws
@@ -266,7 +266,7 @@ def train_diffusion(
     step_model = model
     if d.world > 1:
         step_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    step_model = torch.compile(step_model) if compile and device.type == "cuda" else step_model
+    step_model = compile_net(step_model) if compile and device.type == "cuda" else step_model
     # the fused kernel: one pass over all parameters (about 5% of a CPU step for the embedded default's U-Net)
     opt = torch.optim.Adam(
         model.parameters(),

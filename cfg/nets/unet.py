@@ -65,9 +65,38 @@ class UNetConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def _norm(ch: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and state dict) whose statistics, when torch.compile traces it on a
+    channels-last tensor, come from per-channel moments over H×W combined per group (population variance:
+    var_g = mean_c(var_c + (mean_c − mean_g)²)). With C innermost in memory a group is 2–4 channels strided by C,
+    which Inductor's reduction over the native op reads uncoalesced; per-channel moments read whole rows. On an H100
+    the per-channel form made a compiled guided sampling step 1.24× faster and a training step's kernels 1.12× faster
+    (docs/gpu/layout_h100.txt). Eager and contiguous inputs keep the native kernel. Float32 statistics and output,
+    as the native op has under autocast."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (
+            torch.compiler.is_compiling()
+            and self.affine
+            and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return super().forward(x)
+        b, c = x.shape[:2]
+        g = self.num_groups
+        var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)  # (B, C)
+        mean_c, var_c = mean_c.view(b, g, -1), var_c.view(b, g, -1)
+        mean_g = mean_c.mean(-1, keepdim=True)
+        rstd = torch.rsqrt((var_c + (mean_c - mean_g) ** 2).mean(-1, keepdim=True) + self.eps)  # (B, G, 1)
+        weight = self.weight.float().view(1, g, -1)
+        scale = rstd * weight
+        shift = self.bias.float().view(1, g, -1) - mean_g * scale
+        return x.float() * scale.view(b, c, 1, 1) + shift.view(b, c, 1, 1)
+
+
+def _norm(ch: int) -> GroupNorm:
     groups = math.gcd(32, ch) if ch >= 32 else max(1, ch // 4)
-    return nn.GroupNorm(groups, ch)
+    return GroupNorm(groups, ch)
 
 
 def sinusoidal_embedding(x: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -111,10 +140,23 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))  # (B, heads, HW, C/heads)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        d = c // self.heads
+        qkv = self.qkv(self.norm(x))  # channels (3, heads, d)
+        if qkv.is_contiguous(memory_format=torch.channels_last):
+            # (B, H, W, 3C) in memory: the heads are split and merged back as views, with no layout copy (a
+            # copy of q, k, v and of the output per block otherwise; docs/gpu/layout_h100.txt)
+            qkv = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3, self.heads, d)
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, heads, HW, d)
+            out = (
+                F.scaled_dot_product_attention(q, k, v)
+                .transpose(1, 2)
+                .reshape(b, h, w, c)
+                .permute(0, 3, 1, 2)
+            )
+        else:  # contiguous (the CPU): the views of NCHW, faster there
+            q, k, v = (t.transpose(-1, -2) for t in qkv.reshape(b, 3, self.heads, d, h * w).unbind(1))
+            out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
 
 
 class UNet(nn.Module):
