@@ -1,5 +1,7 @@
 """U-Net shapes and conditioning, EMA, checkpoints and a short real training run on digits."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -195,6 +197,10 @@ def test_unet_is_the_same_function_in_either_memory_format():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="Inductor on the CPU needs a C++ compiler",
+)
 def test_group_norm_compiled_on_channels_last_equals_the_native_op():
     """Under torch.compile a channels-last GroupNorm takes its statistics from per-channel moments combined per
     group: the output and every gradient equal nn.GroupNorm's (Inductor on the CPU compiles the same formula)."""
