@@ -9,7 +9,6 @@
 #   gate          the CUDA-graph training test (fp32, eager network) on the last GPU: writes true/false to cg
 #   start ARGS    cfg-lab repro --parallel of the preset + ARGS (key=value or more preset files) in a new process session (it outlives the call
 #                 while the machine stays warm); its log in run.log, its exit status in run.rc; GPUS=0,1,2 limits its GPUs
-#   bench         on the visible GPU(s): the GPU tests and benchmarks/profile_step.py --only loop (bench.log)
 #   benchmarks G  in a new process session on GPU G alone: benchmarks/bench_throughput.py (with its diffusers peer
 #                 rows once a call has carried .whl_extra/, waiting up to 3 min for it), benchmarks/profile_step.py's
 #                 kernels + cell + copies parts, its kernels part with flash attention only, the GPU tests, its loop
@@ -57,13 +56,6 @@ case "$phase" in
     [ -n "${GPUS:-}" ] && export CUDA_VISIBLE_DEVICES=$GPUS
     setsid bash -c "python scripts/gpu_study.py presets/fashion_mnist_gpu.yaml data.root=.fmnist $* --out gpu_out --parallel >run.log 2>&1; echo \$? >run.rc" </dev/null >/dev/null 2>&1 &
     echo "started: $*"
-    ;;
-  bench)
-    {
-      python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-      python benchmarks/profile_step.py --only loop --loop-steps 300 --seconds 2
-    } 2>&1 | tee bench.log | grep -v "^\[" | tail -n 25
-    cp bench.log "$OUT/"
     ;;
   benchmarks)
     rm -f bench.rc
