@@ -13,13 +13,14 @@ Parts (all by default, in this order):
   cell      a whole sampling cell as the sample stage runs it (`generate_w_grid`: the preset's w grid, batch
             and steps, per-example noise, the guided sampler, uint8 images to the host): images/s and MFU
             with the network passes CFG really runs (w = 0 rows skip ε(z), w = −1 rows skip ε(z, c))
-  copies    where the training step's plain copy kernels (20% of a compiled step's device time on an H200) come
-            from: their device time by the op enclosing each `aten::copy_` (an autograd node, an attention op, ...)
+  copies    where the training step's plain copy kernels come from (20% of a compiled step's device time until
+            compile_net forced channels-last layouts, docs/gpu/layout_h100.txt): their device time by the op enclosing each `aten::copy_` (an autograd node, an attention op, ...)
             and by input shapes with the Python frames above (the compiled step, not graphed, so every kernel
             has its launching op)
   variants  memory formats, compile modes and batches of a training and a sampling step (with --autotune
             also torch.compile mode max-autotune-no-cudagraphs, which benchmarks Triton/cuDNN choices per
-            convolution: minutes of compilation)
+            convolution: minutes of compilation); every compiled row through cfg's compile_net, so with forced
+            channels-last layouts inside the graph ("contiguous" is the input's and the weights' format)
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
 matmul rate measured in the same run). Graph breaks of the compiled variants are counted. `--sdpa flash|efficient|
 cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200).
@@ -70,7 +71,7 @@ def build(config: UNetConfig, fmt, mode: str | None):
         p.data.add_(0.01 * torch.randn_like(p))
     if mode is None:
         return model, model
-    return model, compile_net(model) if mode == "default" else torch.compile(model, mode=mode)
+    return model, compile_net(model, mode)
 
 
 def train_fn(config, fmt, mode, batch):

@@ -40,14 +40,17 @@ def configure_cuda() -> None:
         torch.backends.cudnn.benchmark = True
 
 
-# Inductor keeps a graph's convolutions channels-last only where its heuristic expects that to pay, and it declines
-# for U-Nets (a convolution with at most half as many output as input channels, as after a skip concatenation):
-# the training graph then hands cuDNN contiguous gradients for channels-last activations, and every convolution
-# backward copies one into the other's layout (92 copies, 20% of a compiled training step's device time on an
-# H100; docs/gpu/layout_h100.txt). Forced, every graph stays channels-last.
+# Inductor keeps a graph's convolutions channels-last only where its heuristic expects that to pay; it declines
+# for any graph with a convolution larger than 1×1 that has at most half as many output as input channels (the
+# U-Net's convolutions after a skip concatenation, its 64 → 1 output convolution). The training graph then handed
+# cuDNN contiguous gradients for channels-last activations, and every convolution backward copied one into the
+# other's layout (docs/gpu/layout_h100.txt). Forced, every graph stays channels-last.
 COMPILE_OPTIONS = {"force_layout_optimization": True}
 
 
-def compile_net(module: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile for the U-Net (training and sampling): default mode with COMPILE_OPTIONS."""
-    return torch.compile(module, options=COMPILE_OPTIONS)
+def compile_net(module: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """torch.compile for the U-Net (training, sampling, benchmarks): COMPILE_OPTIONS on top of a compile mode's
+    own options (torch.compile takes a mode or options, not both)."""
+    from torch._inductor import list_mode_options
+
+    return torch.compile(module, options=list_mode_options(mode) | COMPILE_OPTIONS)

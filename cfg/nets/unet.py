@@ -68,11 +68,10 @@ class UNetConfig:
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters and state dict) whose statistics, when torch.compile traces it on a
     channels-last tensor, come from per-channel moments over H×W combined per group (population variance:
-    var_g = mean_c(var_c + (mean_c − mean_g)²)). With C innermost in memory a group is 2–4 channels strided by C,
-    which Inductor's reduction over the native op reads uncoalesced; per-channel moments read whole rows. On an H100
-    the per-channel form made a compiled guided sampling step 1.24× faster and a training step's kernels 1.12× faster
-    (docs/gpu/layout_h100.txt). Eager and contiguous inputs keep the native kernel. Float32 statistics and output,
-    as the native op has under autocast."""
+    var_g = mean_c(var_c + (mean_c − mean_g)²)). With C innermost in memory a group is a few channels (2–12 at the
+    preset's widths) strided by C, which Inductor's reduction over the native op reads uncoalesced; per-channel
+    moments read whole rows (docs/gpu/layout_h100.txt). Eager and contiguous inputs keep the native kernel. The
+    output dtype is the native op's: float32 under CUDA autocast, the input's otherwise."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not (
@@ -84,14 +83,17 @@ class GroupNorm(nn.GroupNorm):
             return super().forward(x)
         b, c = x.shape[:2]
         g = self.num_groups
-        var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)  # (B, C)
+        xf = x.float()
+        var_c, mean_c = torch.var_mean(xf, dim=(2, 3), correction=0)  # (B, C)
         mean_c, var_c = mean_c.view(b, g, -1), var_c.view(b, g, -1)
         mean_g = mean_c.mean(-1, keepdim=True)
         rstd = torch.rsqrt((var_c + (mean_c - mean_g) ** 2).mean(-1, keepdim=True) + self.eps)  # (B, G, 1)
         weight = self.weight.float().view(1, g, -1)
         scale = rstd * weight
         shift = self.bias.float().view(1, g, -1) - mean_g * scale
-        return x.float() * scale.view(b, c, 1, 1) + shift.view(b, c, 1, 1)
+        out = xf * scale.view(b, c, 1, 1) + shift.view(b, c, 1, 1)
+        # CUDA autocast runs group_norm in float32 (the CPU's does not)
+        return out if x.is_cuda and torch.is_autocast_enabled("cuda") else out.to(x.dtype)
 
 
 def _norm(ch: int) -> GroupNorm:
