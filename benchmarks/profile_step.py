@@ -14,9 +14,9 @@ Parts (all by default, in this order):
             and steps, per-example noise, the guided sampler, uint8 images to the host): images/s and MFU
             with the network passes CFG really runs (w = 0 rows skip ε(z), w = −1 rows skip ε(z, c))
   copies    where the training step's plain copy kernels come from (20% of a compiled step's device time until
-            compile_net forced channels-last layouts, docs/gpu/layout_h100.txt): their device time by the op enclosing each `aten::copy_` (an autograd node, an attention op, ...)
-            and by input shapes with the Python frames above (the compiled step, not graphed, so every kernel
-            has its launching op)
+            compile_net forced channels-last layouts, docs/gpu/layout_h100.txt): their device time by the op
+            enclosing each `aten::copy_` (an autograd node, an attention op, ...) and by input shapes with the
+            Python frames above (the compiled step, not graphed, so every kernel has its launching op)
   variants  memory formats, compile modes and batches of a training and a sampling step (with --autotune
             also torch.compile mode max-autotune-no-cudagraphs, which benchmarks Triton/cuDNN choices per
             convolution: minutes of compilation); every compiled row through cfg's compile_net, so with forced
