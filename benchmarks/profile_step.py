@@ -388,19 +388,6 @@ def run(args, parts: set[str]) -> None:
             train_variants.append(
                 ("compile max-autotune-no-cg ch_last", cl, "max-autotune-no-cudagraphs", 256)
             )
-        steps = {}
-        for name, fmt, mode, batch in train_variants:
-            torch._dynamo.reset()
-            torch._dynamo.utils.counters.clear()
-            t0 = time.perf_counter()
-            step = train_fn(config, fmt, mode, batch)
-            s = timed(step, args.seconds)
-            breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-            rows.append(
-                (f"train {name}", batch, batch / s, f_train * batch / s, breaks, time.perf_counter() - t0)
-            )
-            steps[(name, batch)] = step
-            print(rows[-1], flush=True)
         sample_variants = [
             ("eager channels_last", cl, None, 4096),
             ("compile channels_last", cl, "default", 4096),
@@ -413,24 +400,24 @@ def run(args, parts: set[str]) -> None:
             sample_variants.append(
                 ("compile max-autotune-no-cg ch_last", cl, "max-autotune-no-cudagraphs", 4096)
             )
-        for name, fmt, mode, batch in sample_variants:
-            torch._dynamo.reset()
-            torch._dynamo.utils.counters.clear()
-            t0 = time.perf_counter()
-            step = sample_fn(config, fmt, mode, batch)
-            s = timed(step, args.seconds)
-            breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-            rows.append(
-                (
-                    f"sample step {name}",
-                    batch,
-                    batch / s,
-                    2 * f_fwd * batch / s,
-                    breaks,
-                    time.perf_counter() - t0,
+        steps = {}  # the train steps, for the kernel table below
+        for kind, make, flops, variants in (
+            ("train", train_fn, f_train, train_variants),
+            ("sample step", sample_fn, 2 * f_fwd, sample_variants),
+        ):
+            for name, fmt, mode, batch in variants:
+                torch._dynamo.reset()
+                torch._dynamo.utils.counters.clear()
+                t0 = time.perf_counter()
+                step = make(config, fmt, mode, batch)
+                s = timed(step, args.seconds)
+                breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+                rows.append(
+                    (f"{kind} {name}", batch, batch / s, flops * batch / s, breaks, time.perf_counter() - t0)
                 )
-            )
-            print(rows[-1], flush=True)
+                if kind == "train":
+                    steps[(name, batch)] = step
+                print(rows[-1], flush=True)
         eager = top_kernels(steps[("eager channels_last", 256)])[1]
         kernels.append(
             ("top CUDA kernels, train eager channels_last batch 256 (share of device time)", eager)
