@@ -345,7 +345,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--parallel",
         action="store_true",
-        help="run the p_uncond arms side by side, one dvc repro each (train on disjoint GPUs, then sample)",
+        help="run the p_uncond arms side by side, one dvc repro each "
+        "(train on disjoint GPUs; each arm samples once its model exists)",
     )
     p.add_argument(
         "--gpus", help="with --parallel: the GPUs to use, e.g. 0,1,2,3 (default: every visible one)"

@@ -4,12 +4,14 @@ side through DVC on CPU that ends where a sequential `dvc repro` ends."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 import torch
 import yaml
 
-from cfg.study.parallel import ParallelError, plan
+from cfg.study.parallel import ArmResult, ParallelError, plan, run_arms, summary
 
 from .conftest import VENV_BIN, run
 
@@ -94,6 +96,90 @@ def test_arms_that_depend_on_each_other_are_refused():
         plan(graph, kind="cpu", train_devices=1, sample_devices=1)
 
 
+class Arms:
+    """A runner for `run_arms` that stands in for `dvc repro` (the real one runs in the slow test below): each
+    arm sleeps its duration and ends with its exit code; the order of starts and ends, each arm's slot and how
+    many arms ran at once are recorded."""
+
+    def __init__(self, seconds: dict[str, float], exit_codes: dict[str, int] | None = None):
+        self.seconds, self.exit_codes = seconds, exit_codes or {}
+        self.events: list[tuple[str, str]] = []
+        self.slots: dict[str, str] = {}
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, stages, root, env):
+        (stage,) = stages
+        with self.lock:
+            self.events.append(("start", stage))
+            self.slots[stage] = env.get("CUDA_VISIBLE_DEVICES", "cpu")
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.seconds.get(stage, 0.05))
+        with self.lock:
+            self.events.append(("end", stage))
+            self.now -= 1
+        return ArmResult(stage, self.exit_codes.get(stage, 0), 0.0, env)
+
+    def at(self, what: str, stage: str) -> int:
+        return self.events.index((what, stage))
+
+
+def test_an_arm_samples_as_soon_as_its_own_model_exists():
+    """One GPU: the train arms queue for it one after another, and each sample arm starts when its model (and
+    the guide) is done, beside the models still training, not after all of them."""
+    p = cuda_plan(1, "all", gpus=["0"])
+    arms = Arms({"train@0.1": 0.2, "train@0.2": 0.2, "train@0.5": 0.2})
+    results = run_arms(p, None, runner=arms, gap=0)
+    assert [r.stage for r in results] == p.train + p.sample and all(r.status == "ok" for r in results)
+    trains = p.train
+    for a, b in zip(trains, trains[1:], strict=False):  # one slot: never two train arms at once
+        assert arms.at("end", a) < arms.at("start", b)
+    for q in P:
+        assert arms.at("start", f"sample@{q}") > arms.at("end", f"train@{q}")
+        assert arms.at("start", f"sample@{q}") > arms.at("end", "train_guide")
+    assert arms.at("start", "sample@0.1") < arms.at("end", "train@0.5")  # sampling beside training
+    assert set(arms.slots.values()) == {"0"}
+    starts = {r.stage: r.start for r in results}  # recorded offsets agree with the order seen
+    assert starts["sample@0.1"] >= starts["train@0.1"] + 0.2
+
+
+def test_a_failed_model_stops_only_its_own_arm():
+    p = cuda_plan(1, "all", gpus=["0", "1"])
+    arms = Arms({}, exit_codes={"train@0.2": 3})
+    results = {r.stage: r for r in run_arms(p, None, runner=arms, gap=0)}
+    assert results["train@0.2"].status == "exit 3"
+    assert results["sample@0.2"].not_run == ["train@0.2"] and results["sample@0.2"].status == "not run"
+    assert ("start", "sample@0.2") not in arms.events  # never started
+    assert all(results[s].status == "ok" for s in ("sample@0.1", "sample@0.5", "train@0.1", "train@0.5"))
+    table = summary([("arms", list(results.values()), 1.0)])
+    assert "sample@0.2" in table and "not run" in table and "exit 3" in table
+
+
+def test_cpu_arms_draw_on_one_pool_of_jobs_slots():
+    p = plan(GRAPH, kind="cpu", train_devices=1, sample_devices=1, jobs=2)
+    arms = Arms(dict.fromkeys([*p.train, *p.sample], 0.05))
+    run_arms(p, None, runner=arms, gap=0)
+    assert arms.most == 2  # two at a time, train and sample arms together
+    assert all(arms.at("start", f"sample@{q}") > arms.at("end", f"train@{q}") for q in P)
+
+
+def test_sample_arms_in_slots_take_one_slot_each():
+    p = cuda_plan(1, 2, gpus=["0", "1", "2", "3"])  # sample.devices: 2 -> slots 0,1 and 2,3
+    arms = Arms(dict.fromkeys(p.sample, 0.1))
+    run_arms(p, None, runner=arms, gap=0)
+    assert {arms.slots[s] for s in p.sample} <= {"0,1", "2,3"}
+    running: dict[str, str] = {}  # slot -> sample arm in it: never two in one slot
+    for what, stage in arms.events:
+        if stage in p.sample:
+            slot = arms.slots[stage]
+            if what == "start":
+                assert slot not in running, f"{stage} started in {slot} beside {running.get(slot)}"
+                running[slot] = stage
+            else:
+                del running[slot]
+
+
 @pytest.mark.slow
 def test_parallel_arms_end_where_a_sequential_repro_ends(project):
     """Every arm at once through real `dvc repro` processes on CPU: dvc.lock then records every stage
@@ -101,7 +187,7 @@ def test_parallel_arms_end_where_a_sequential_repro_ends(project):
     arms sit under one MLflow study run, and rerunning one arm alone with `dvc repro -f` gives the same weights
     and samples (the arms did not disturb each other)."""
     out = run([f"{VENV_BIN}/cfg-lab", "repro", "--parallel"], project)
-    assert "wall time per phase: upstream" in out.stderr and "rest" in out.stderr
+    assert "wall time per part: upstream" in out.stderr and "rest" in out.stderr
     status = run(["dvc", "status"], project).stdout
     assert "Data and pipelines are up to date" in status, status
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]

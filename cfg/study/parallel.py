@@ -4,24 +4,32 @@ DVC runs a pipeline's stages one after another; to run independent stages at onc
 start one `dvc repro <stage>` per branch of the DAG ("Parallel stage execution" in `dvc repro`'s reference):
 each holds DVC's repository lock only while it reads the pipeline and records its results in dvc.lock, and
 `--wait-for-lock` makes a second one wait for that lock instead of failing. That is all this module does, in
-four phases, each a set of `dvc repro` calls:
+three parts, each a set of `dvc repro` calls:
 
     1. upstream   `dvc repro prepare classifier reference …`: what every arm needs, once, on every GPU
-    2. train      `dvc repro --single-item train@<p>` (and the guide network) side by side, each pinned by
-                  CUDA_VISIBLE_DEVICES to its own slot of `train.devices` GPUs; more arms than slots queue
-    3. sample     `dvc repro --single-item sample@<p>` side by side: with `sample.devices: all` every arm
-                  shards over every GPU (the GPUs are shared), with `sample.devices: N` an arm takes a slot
-    4. the rest   `dvc repro [TARGETS]`: evaluate and report, on every GPU
+    2. the arms   one `dvc repro --single-item <arm>` each, started as soon as the arms it needs have ended and
+                  a slot of its kind is free (DVC's own DAG says which: `sample@<p>` needs `train@<p>` and the
+                  guide network), so an arm's sampling runs while the other arms still train:
+                    train   `train@<p>` and `train_guide`, each pinned by CUDA_VISIBLE_DEVICES to its own slot
+                            of `train.devices` GPUs; more arms than slots queue for the next free slot
+                    sample  `sample@<p>`: with `sample.devices: all` every arm shards over every GPU (the GPUs
+                            are shared, no slot to wait for), with `sample.devices: N` an arm takes a slot of N
+    3. the rest   `dvc repro [TARGETS]`: evaluate and report, on every GPU
 
 Why the train arms go to disjoint GPUs and not each over all of them: at the preset's model size a training
 step is too small to split (README "Several GPUs": DDP over 2 GPUs trained slower than 1 GPU at the global
 batch of 256), while arms on disjoint GPUs do not slow each other. Sampling splits well (its batches are large),
-so its arms share every GPU, which also keeps every GPU busy when there are fewer arms than GPUs.
+so its arms share every GPU, which also keeps every GPU busy when there are fewer arms than GPUs. Why an arm
+samples as soon as its model exists rather than after every model: a train arm leaves its GPU idle for minutes
+(start-up, compilation, DVC's bookkeeping), which a sample arm fills; on one GPU the arms would otherwise train
+one after another with nothing beside them. A sample arm may therefore share a GPU with a train arm still
+running (and with `sample.devices: N`, its slot's GPUs with one): they time-share the GPU.
 
-A failed arm does not stop the other arms of its phase: what finished is recorded in dvc.lock (rerunning
-repeats only what is missing), the failures are named and the next phases are not started. TARGETS limit the
-arms to those the targets need (e.g. `sample@0.1` runs one arm) and are what phase 4 reproduces. On CPU the arms run side by side
-without pinning (`jobs` of them at a time), which is how the tests exercise it.
+A failed arm does not stop the arms that do not need it: what finished is recorded in dvc.lock (rerunning
+repeats only what is missing), the failures are named, the arms that needed them are not started and the rest
+is not started. TARGETS limit the arms to those the targets need (e.g. `sample@0.1` runs one train and one
+sample arm) and are what part 3 reproduces. On CPU the arms run side by side without pinning, train and sample
+arms drawing on one pool of `jobs` slots (default: as many as train arms), which is how the tests exercise it.
 """
 
 from __future__ import annotations
@@ -32,14 +40,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Empty, Queue
+from queue import Queue
 
 from cfg.study.store import STUDY_PID_ENV
 
-# stage-name prefixes of each arm phase: the foreach stages over train.p_uncond, and the guide network
+# stage-name prefixes of each kind of arm: the foreach stages over train.p_uncond, and the guide network
 TRAIN_ARMS = ("train@", "train_guide")
 SAMPLE_ARMS = ("sample@",)
 
@@ -60,7 +68,10 @@ class Plan:
         dict[str, str]
     ]  # likewise for sample arms; with one shared slot every arm runs at once
     sample_shared: bool  # sample arms all run at once in sample_slots[0] (sample.devices: all on CUDA)
-    everything: dict[str, str] = field(default_factory=dict)  # environment of phases 1 and 4
+    everything: dict[str, str] = field(default_factory=dict)  # environment of parts 1 and 3
+    # arm -> the arms that must have succeeded before it starts
+    needs: dict[str, list[str]] = field(default_factory=dict)
+    one_pool: bool = False  # CPU: train and sample arms draw on the same slots (`jobs` arms at a time)
 
 
 def _is(name: str, prefixes: Sequence[str]) -> bool:
@@ -105,7 +116,7 @@ def plan(
     gpus: list[str] | None = None,  # CUDA: the GPUs to use (default: visible_gpus())
     jobs: int | None = None,  # CPU: arms at a time (default: every arm at once)
 ) -> Plan:
-    """Which stages run in which phase, and on which GPUs."""
+    """Which stages run in which part, after which arms, and on which GPUs."""
     unknown = [t for t in targets if t not in graph]
     if unknown:
         raise ParallelError(
@@ -125,10 +136,11 @@ def plan(
             )
     arms = set(train) | set(sample)
     upstream = sorted(set().union(*(graph[s] for s in arms)) - arms)
+    needs = {s: sorted(graph[s] & set(train)) for s in sample}
     if kind != "cuda":
         n = max(1, jobs or len(train))
         slots = [{} for _ in range(n)]
-        return Plan(upstream, train, sample, slots, slots, False)
+        return Plan(upstream, train, sample, slots, slots, False, needs=needs, one_pool=True)
     gpus = visible_gpus() if gpus is None else gpus
     if not gpus:
         raise ParallelError("train.device is cuda but no GPU is visible (CUDA_VISIBLE_DEVICES, --gpus)")
@@ -139,17 +151,25 @@ def plan(
     per_train = 1 if train_devices == "all" else int(train_devices)
     train_slots = _slots(gpus, per_train, "train.devices")
     if sample_devices == "all":
-        return Plan(upstream, train, sample, train_slots, [everything], True, everything)
+        return Plan(upstream, train, sample, train_slots, [everything], True, everything, needs)
     sample_slots = _slots(gpus, int(sample_devices), "sample.devices")
-    return Plan(upstream, train, sample, train_slots, sample_slots, False, everything)
+    return Plan(upstream, train, sample, train_slots, sample_slots, False, everything, needs)
 
 
 @dataclass
 class ArmResult:
     stage: str
-    returncode: int
+    returncode: int  # of its `dvc repro`; 1 as well for an arm not started (see `not_run`)
     seconds: float
     slot: dict[str, str]
+    start: float = 0.0  # seconds after its part began
+    not_run: list[str] | None = None  # the failed arms it needed: it was not started
+
+    @property
+    def status(self) -> str:
+        if self.not_run:
+            return "not run"
+        return "ok" if self.returncode == 0 else f"exit {self.returncode}"
 
 
 def _stream(proc: subprocess.Popen, prefix: str) -> None:
@@ -186,48 +206,98 @@ def dvc_repro(stages: list[str], root: Path, env: dict[str, str], *, single: boo
     return ArmResult(" ".join(stages), proc.wait(), time.perf_counter() - t0, env)
 
 
-def run_arms(
-    stages: list[str], slots: list[dict[str, str]], root: Path, *, all_at_once: bool
-) -> list[ArmResult]:
-    """Run every stage as its own `dvc repro --single-item`; each slot runs one arm at a time (all_at_once: every
-    arm at once in slots[0]). Returns the results in `stages` order once all have ended."""
-    todo: Queue[str] = Queue()
-    for s in stages:
-        todo.put(s)
+Runner = Callable[[list[str], Path, dict[str, str]], ArmResult]
+
+
+def _dvc_arm(stages: list[str], root: Path, env: dict[str, str]) -> ArmResult:
+    return dvc_repro(stages, root, env, single=True, tag=stages[0])
+
+
+def run_arms(p: Plan, root: Path, *, runner: Runner = _dvc_arm, gap: float = 0.5) -> list[ArmResult]:
+    """Every arm of `p` as its own `dvc repro --single-item` (`runner`), each started once the arms it needs
+    (`p.needs`) have succeeded and a slot of its pool is free: train arms take `p.train_slots`; sample arms take
+    `p.sample_slots`, or all run in `p.sample_slots[0]` when `p.sample_shared`; with `p.one_pool` both kinds
+    take `p.train_slots`. An arm that needs a failed one is not started. Arms become ready in plan order
+    (train arms first); consecutive starts are `gap` seconds apart, since DVC reads the pipeline under its lock
+    and arms starting together only queue for it. Returns the results in plan order once every arm has ended."""
+    t0 = time.perf_counter()
+    train_pool = list(p.train_slots)
+    sample_pool = train_pool if p.one_pool else None if p.sample_shared else list(p.sample_slots)
+    is_train = set(p.train)
+
+    def pool_of(stage: str) -> list[dict[str, str]] | None:  # None: no slot to wait for
+        return train_pool if stage in is_train else sample_pool
+
+    finished: Queue[ArmResult] = Queue()
+
+    def work(stage: str, env: dict[str, str], start: float) -> None:
+        try:
+            r = runner([stage], root, env)
+        except (Exception, SystemExit) as e:  # recorded as failed; the other arms go on
+            print(f"[{stage}] could not run: {e}", file=sys.stderr, flush=True)
+            r = ArmResult(stage, 1, time.perf_counter() - t0 - start, env)
+        r.start = start
+        finished.put(r)
+
+    pending = [*p.train, *p.sample]
     results: dict[str, ArmResult] = {}
-    workers = [slots[0]] * len(stages) if all_at_once else slots[: len(stages)]
+    running = 0
+    while pending or running:
+        last_start = None
+        for stage in list(pending):
+            needs = p.needs.get(stage, [])
+            failed = [n for n in needs if n in results and results[n].returncode]
+            if failed:  # never started: nothing of it to wait for
+                pending.remove(stage)
+                results[stage] = ArmResult(stage, 1, 0.0, {}, time.perf_counter() - t0, failed)
+                continue
+            pool = pool_of(stage)
+            if any(n not in results for n in needs) or pool == []:
+                continue
+            env = pool.pop(0) if pool is not None else p.sample_slots[0]
+            pending.remove(stage)
+            if last_start is not None:
+                time.sleep(max(0.0, gap - (time.perf_counter() - last_start)))
+            last_start = time.perf_counter()
+            threading.Thread(target=work, args=(stage, env, last_start - t0), daemon=True).start()
+            running += 1
+        if not running:  # cannot happen (train arms need no arm, and an idle pool is full): say so if it does
+            raise RuntimeError(f"arms {pending} can never start: {p}")
+        r = finished.get()
+        running -= 1
+        results[r.stage] = r
+        pool = pool_of(r.stage)
+        if pool is not None:
+            pool.append(r.slot)
+    return [results[s] for s in [*p.train, *p.sample]]
 
-    def work(env: dict[str, str]) -> None:
-        while True:
-            try:
-                stage = todo.get_nowait()
-            except Empty:
-                return
-            t0 = time.perf_counter()
-            try:
-                results[stage] = dvc_repro([stage], root, env, single=True, tag=stage)
-            except (Exception, SystemExit) as e:  # recorded as failed; the other arms go on
-                print(f"[{stage}] could not run: {e}", file=sys.stderr, flush=True)
-                results[stage] = ArmResult(stage, 1, time.perf_counter() - t0, env)
 
-    threads = [threading.Thread(target=work, args=(env,), daemon=True) for env in workers]
-    for i, t in enumerate(threads):
-        t.start()
-        if i + 1 < len(threads):
-            time.sleep(0.5)  # DVC reads the pipeline under its lock: starting together only makes them wait
-    for t in threads:
-        t.join()
-    return [results[s] for s in stages]
-
-
-def summary(phases: list[tuple[str, list[ArmResult], float]]) -> str:
-    lines = ["phase      stage                     seconds  status   devices"]
-    for phase, results, _ in phases:
+def summary(parts: list[tuple[str, list[ArmResult], float]]) -> str:
+    """One line per `dvc repro` (its part, when it started within the part, how long, how it ended, its
+    GPUs), then each part's wall time; for the arms also when the last train and the last sample arm ended."""
+    lines = ["part       stage                     start s  seconds  status   devices"]
+    for part, results, _ in parts:
         for r in results:
-            status = "ok" if r.returncode == 0 else f"exit {r.returncode}"
             gpus = r.slot.get("CUDA_VISIBLE_DEVICES", "-")
-            lines.append(f"{phase:<10} {r.stage[:25]:<25} {r.seconds:>8.1f}  {status:<8} {gpus}")
-    lines.append("wall time per phase: " + ", ".join(f"{p} {s:.1f} s" for p, _, s in phases))
+            lines.append(
+                f"{part:<10} {r.stage[:25]:<25} {r.start:>7.1f} {r.seconds:>8.1f}  {r.status:<8} {gpus}"
+            )
+    walls = []
+    for part, results, seconds in parts:
+        wall = f"{part} {seconds:.1f} s"
+        if part == "arms":
+            ends = [
+                f"{kind} ended {max(ended):.1f} s in"
+                for kind, prefixes in (("train", TRAIN_ARMS), ("sample", SAMPLE_ARMS))
+                if (
+                    ended := [
+                        r.start + r.seconds for r in results if _is(r.stage, prefixes) and not r.not_run
+                    ]
+                )
+            ]
+            wall += f" ({', '.join(ends)})" if ends else ""
+        walls.append(wall)
+    lines.append("wall time per part: " + ", ".join(walls))
     return "\n".join(lines)
 
 
@@ -251,7 +321,7 @@ def repro_parallel(
     dry_run: bool = False,
     overrides: dict | None = None,  # dotted key -> value, written into params.yaml (kept if the plan stands)
 ) -> int:
-    """The four phases of the module docstring; returns 0 when every `dvc repro` succeeded."""
+    """The three parts of the module docstring; returns 0 when every `dvc repro` succeeded."""
     import yaml
 
     from cfg.engine.device import resolve_device
@@ -289,40 +359,39 @@ def repro_parallel(
         print(
             f"train arms: {' '.join(p.train)} in slots {[s.get('CUDA_VISIBLE_DEVICES', 'cpu') for s in p.train_slots]}"
         )
-        mode = "all at once, sharing" if p.sample_shared else "in slots"
+        mode = "sharing" if p.sample_shared else "the train arms' slots" if p.one_pool else "in slots"
         slots = [s.get("CUDA_VISIBLE_DEVICES", "cpu") for s in p.sample_slots]
-        print(f"sample arms: {' '.join(p.sample)} {mode} {slots}")
+        after = "; ".join(f"{s} after {' '.join(n)}" for s, n in p.needs.items() if n)
+        print(f"sample arms: {' '.join(p.sample)} {mode} {slots}, each once it may start ({after})")
         print(f"then: dvc repro {' '.join(targets)}".rstrip())
         return 0
     if overrides:
         print(f"params.yaml: {len(overrides)} override(s) applied", file=sys.stderr)
-    phases: list[tuple[str, list[ArmResult], float]] = []
+    parts: list[tuple[str, list[ArmResult], float]] = []
     t0 = time.perf_counter()
     if p.upstream:
         r = dvc_repro(p.upstream, root, p.everything, single=False, tag="upstream")
-        phases.append(("upstream", [r], time.perf_counter() - t0))
+        parts.append(("upstream", [r], time.perf_counter() - t0))
         if r.returncode:
-            print(summary(phases), file=sys.stderr)
+            print(summary(parts), file=sys.stderr)
             return r.returncode
-    for name, stages, slots, shared in (
-        ("train", p.train, p.train_slots, False),
-        ("sample", p.sample, p.sample_slots, p.sample_shared),
-    ):
-        t1 = time.perf_counter()
-        results = run_arms(stages, slots, root, all_at_once=shared)
-        phases.append((name, results, time.perf_counter() - t1))
-        failed = [r.stage for r in results if r.returncode]
-        if failed:
-            print(summary(phases), file=sys.stderr)
-            print(
-                f"error: {', '.join(failed)} failed (output above); the arms that ended are recorded in dvc.lock, "
-                "so rerunning repeats only the rest",
-                file=sys.stderr,
-            )
-            return 1
+    t1 = time.perf_counter()
+    results = run_arms(p, root)
+    parts.append(("arms", results, time.perf_counter() - t1))
+    failed = [r.stage for r in results if r.returncode and not r.not_run]
+    if failed:
+        skipped = [r.stage for r in results if r.not_run]
+        print(summary(parts), file=sys.stderr)
+        print(
+            f"error: {', '.join(failed)} failed (output above)"
+            + (f"; not started, as they need a failed arm: {', '.join(skipped)}" if skipped else "")
+            + "; the arms that ended are recorded in dvc.lock, so rerunning repeats only the rest",
+            file=sys.stderr,
+        )
+        return 1
     t1 = time.perf_counter()
     r = dvc_repro(targets, root, p.everything, single=False, tag="rest")
-    phases.append(("rest", [r], time.perf_counter() - t1))
-    print(summary(phases), file=sys.stderr)
+    parts.append(("rest", [r], time.perf_counter() - t1))
+    print(summary(parts), file=sys.stderr)
     print(f"total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return r.returncode
