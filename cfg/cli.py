@@ -351,7 +351,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gpus", help="with --parallel: the GPUs to use, e.g. 0,1,2,3 (default: every visible one)"
     )
-    p.add_argument("--jobs", type=int, help="with --parallel on CPU: arms at a time (default: all)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="with --parallel on CPU: arms at a time, train and sample alike (default: as many as train arms)",
+    )
     p.set_defaults(func=cmd_repro)
 
     p = sub.add_parser(

@@ -145,23 +145,55 @@ def test_an_arm_samples_as_soon_as_its_own_model_exists():
 
 
 def test_a_failed_model_stops_only_its_own_arm():
-    p = cuda_plan(1, "all", gpus=["0", "1"])
+    """One GPU, so the arm after the failed one needs the slot the failure gave back."""
+    p = cuda_plan(1, "all", gpus=["0"])
     arms = Arms({}, exit_codes={"train@0.2": 3})
     results = {r.stage: r for r in run_arms(p, None, runner=arms, gap=0)}
     assert results["train@0.2"].status == "exit 3"
     assert results["sample@0.2"].not_run == ["train@0.2"] and results["sample@0.2"].status == "not run"
     assert ("start", "sample@0.2") not in arms.events  # never started
     assert all(results[s].status == "ok" for s in ("sample@0.1", "sample@0.5", "train@0.1", "train@0.5"))
+    assert arms.slots["train@0.5"] == "0"
     table = summary([("arms", list(results.values()), 1.0)])
-    assert "sample@0.2" in table and "not run" in table and "exit 3" in table
+    assert "exit 3" in table
+    (line,) = [x for x in table.splitlines() if x.split()[1:2] == ["sample@0.2"]]
+    assert line.split()[2:6] == ["-", "-", "not", "run"]  # no start or duration: it never ran
+
+
+def test_a_runner_that_raises_or_a_failed_guide_is_recorded_and_stops_what_needs_it():
+    class Raising(Arms):
+        def __call__(self, stages, root, env):
+            if stages == ["train@0.1"]:
+                raise RuntimeError("dvc vanished")
+            return super().__call__(stages, root, env)
+
+    p = cuda_plan(1, "all", gpus=["0"])
+    results = {r.stage: r for r in run_arms(p, None, runner=Raising({}), gap=0)}
+    assert results["train@0.1"].status == "exit 1" and results["train@0.1"].slot == {
+        "CUDA_VISIBLE_DEVICES": "0"
+    }
+    assert results["sample@0.1"].not_run == ["train@0.1"]
+    assert results["sample@0.2"].status == results["sample@0.5"].status == "ok"
+    results = run_arms(p, None, runner=Arms({}, exit_codes={"train_guide": 1}), gap=0)
+    assert [r.stage for r in results if r.not_run] == p.sample  # every sample arm needs the guide
 
 
 def test_cpu_arms_draw_on_one_pool_of_jobs_slots():
-    p = plan(GRAPH, kind="cpu", train_devices=1, sample_devices=1, jobs=2)
-    arms = Arms(dict.fromkeys([*p.train, *p.sample], 0.05))
+    """Three slots for train and sample arms together: the guide and the first model are quick, so their slots go
+    to the last model and the first model's sampling while the second model still trains."""
+    p = plan(GRAPH, kind="cpu", train_devices=1, sample_devices=1, jobs=3)
+    arms = Arms({"train@0.2": 0.5, "train@0.5": 0.3})
     run_arms(p, None, runner=arms, gap=0)
-    assert arms.most == 2  # two at a time, train and sample arms together
+    assert arms.most == 3  # three at a time, train and sample arms together
+    assert arms.at("start", "sample@0.1") < arms.at("end", "train@0.2")
     assert all(arms.at("start", f"sample@{q}") > arms.at("end", f"train@{q}") for q in P)
+
+
+def test_consecutive_starts_are_gap_apart():
+    p = plan(GRAPH, kind="cpu", train_devices=1, sample_devices=1)  # every train arm ready at once
+    results = run_arms(p, None, runner=Arms({}), gap=0.15)
+    starts = sorted(r.start for r in results)
+    assert all(b - a >= 0.15 for a, b in zip(starts, starts[1:], strict=False)), starts
 
 
 def test_sample_arms_in_slots_take_one_slot_each():
@@ -182,7 +214,7 @@ def test_sample_arms_in_slots_take_one_slot_each():
 
 @pytest.mark.slow
 def test_parallel_arms_end_where_a_sequential_repro_ends(project):
-    """Every arm at once through real `dvc repro` processes on CPU: dvc.lock then records every stage
+    """The arms side by side through real `dvc repro` processes on CPU: dvc.lock then records every stage
     (`dvc status` clean: no arm's record lost to another's), the results cover every p_uncond, the runs of all
     arms sit under one MLflow study run, and rerunning one arm alone with `dvc repro -f` gives the same weights
     and samples (the arms did not disturb each other)."""

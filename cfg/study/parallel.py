@@ -7,7 +7,7 @@ each holds DVC's repository lock only while it reads the pipeline and records it
 three parts, each a set of `dvc repro` calls:
 
     1. upstream   `dvc repro prepare classifier reference …`: what every arm needs, once, on every GPU
-    2. the arms   one `dvc repro --single-item <arm>` each, started as soon as the arms it needs have ended and
+    2. the arms   one `dvc repro --single-item <arm>` each, started as soon as the arms it needs have succeeded and
                   a slot of its kind is free (DVC's own DAG says which: `sample@<p>` needs `train@<p>` and the
                   guide network), so an arm's sampling runs while the other arms still train:
                     train   `train@<p>` and `train_guide`, each pinned by CUDA_VISIBLE_DEVICES to its own slot
@@ -66,8 +66,10 @@ class Plan:
     ]  # environment of each train slot (CUDA_VISIBLE_DEVICES), one arm at a time
     sample_slots: list[
         dict[str, str]
-    ]  # likewise for sample arms; with one shared slot every arm runs at once
-    sample_shared: bool  # sample arms all run at once in sample_slots[0] (sample.devices: all on CUDA)
+    ]  # likewise for sample arms; when sample_shared, no slot is waited for: sample_slots[0] is every GPU
+    sample_shared: (
+        bool  # sample arms start without waiting for a slot, in sample_slots[0] (sample.devices: all on CUDA)
+    )
     everything: dict[str, str] = field(default_factory=dict)  # environment of parts 1 and 3
     # arm -> the arms that must have succeeded before it starts
     needs: dict[str, list[str]] = field(default_factory=dict)
@@ -114,7 +116,7 @@ def plan(
     train_devices: int | str,  # params.yaml's train.devices
     sample_devices: int | str,  # params.yaml's sample.devices
     gpus: list[str] | None = None,  # CUDA: the GPUs to use (default: visible_gpus())
-    jobs: int | None = None,  # CPU: arms at a time (default: every arm at once)
+    jobs: int | None = None,  # CPU: arms at a time, train and sample alike (default: as many as train arms)
 ) -> Plan:
     """Which stages run in which part, after which arms, and on which GPUs."""
     unknown = [t for t in targets if t not in graph]
@@ -231,19 +233,24 @@ def run_arms(p: Plan, root: Path, *, runner: Runner = _dvc_arm, gap: float = 0.5
     finished: Queue[ArmResult] = Queue()
 
     def work(stage: str, env: dict[str, str], start: float) -> None:
+        r = ArmResult(stage, 1, 0.0, env, start)  # what is recorded if the runner does not return
         try:
             r = runner([stage], root, env)
         except (Exception, SystemExit) as e:  # recorded as failed; the other arms go on
             print(f"[{stage}] could not run: {e}", file=sys.stderr, flush=True)
-            r = ArmResult(stage, 1, time.perf_counter() - t0 - start, env)
-        r.start = start
-        finished.put(r)
+        finally:  # always a result for this stage and this slot: the scheduler waits for one per started arm
+            if not isinstance(r, ArmResult):
+                r = ArmResult(stage, 1, 0.0, env)
+            r.stage, r.slot, r.start = stage, env, start
+            if not r.seconds:
+                r.seconds = time.perf_counter() - t0 - start
+            finished.put(r)
 
     pending = [*p.train, *p.sample]
     results: dict[str, ArmResult] = {}
     running = 0
+    last_start: float | None = None  # consecutive starts `gap` apart, across passes of the loop
     while pending or running:
-        last_start = None
         for stage in list(pending):
             needs = p.needs.get(stage, [])
             failed = [n for n in needs if n in results and results[n].returncode]
@@ -279,15 +286,14 @@ def summary(parts: list[tuple[str, list[ArmResult], float]]) -> str:
     for part, results, _ in parts:
         for r in results:
             gpus = r.slot.get("CUDA_VISIBLE_DEVICES", "-")
-            lines.append(
-                f"{part:<10} {r.stage[:25]:<25} {r.start:>7.1f} {r.seconds:>8.1f}  {r.status:<8} {gpus}"
-            )
+            start, secs = ("-", "-") if r.not_run else (f"{r.start:.1f}", f"{r.seconds:.1f}")
+            lines.append(f"{part:<10} {r.stage[:25]:<25} {start:>7} {secs:>8}  {r.status:<8} {gpus}")
     walls = []
     for part, results, seconds in parts:
         wall = f"{part} {seconds:.1f} s"
         if part == "arms":
             ends = [
-                f"{kind} ended {max(ended):.1f} s in"
+                f"the last {kind} arm ended at {max(ended):.1f} s"
                 for kind, prefixes in (("train", TRAIN_ARMS), ("sample", SAMPLE_ARMS))
                 if (
                     ended := [
@@ -385,7 +391,8 @@ def repro_parallel(
         print(
             f"error: {', '.join(failed)} failed (output above)"
             + (f"; not started, as they need a failed arm: {', '.join(skipped)}" if skipped else "")
-            + "; the arms that ended are recorded in dvc.lock, so rerunning repeats only the rest",
+            + "; evaluate and the rest did not run. The arms that succeeded are recorded in dvc.lock, so rerunning "
+            "repeats only the others",
             file=sys.stderr,
         )
         return 1
