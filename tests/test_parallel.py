@@ -251,6 +251,54 @@ def test_parallel_arms_end_where_a_sequential_repro_ends(project):
     assert json.loads((project / "results/metrics.json").read_text())
 
 
+@pytest.mark.slow
+def test_a_stopped_parallel_run_stops_its_arms_and_a_rerun_completes(project):
+    """SIGTERM to `cfg-lab repro --parallel` while its models train (as a job scheduler or `kill` sends): every
+    `dvc repro` it started ends with its stage, none is left running, and a rerun (DVC's locks of the killed
+    arms are stale, not held) runs the study to the end."""
+    import os
+    import signal
+    import subprocess
+
+    import psutil
+
+    env = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ["PATH"], "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [f"{VENV_BIN}/cfg-lab", "repro", "--parallel", "-S", "train.steps=100000"]
+    proc = subprocess.Popen(
+        cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    me = psutil.Process(proc.pid)
+
+    def stages() -> list[psutil.Process]:
+        found = []
+        for q in me.children(recursive=True) if me.is_running() else []:
+            try:
+                if any("pipelines/train.py" in a for a in q.cmdline()):
+                    found.append(q)
+            except psutil.Error:
+                continue
+        return found
+
+    deadline = time.monotonic() + 300
+    while len(stages()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    training = stages()
+    assert len(training) >= 2, f"the train arms never ran: {proc.communicate()}"
+    started = [*me.children(recursive=True)]
+    time.sleep(2)  # into their training loops
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted: " in err and "dvc repro stopped" in err, err
+    time.sleep(1)
+    left = [q for q in started if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"still running after the stop: {[q.cmdline() for q in left]}"
+
+    out = run([f"{VENV_BIN}/cfg-lab", "repro", "--parallel", "-S", "train.steps=30"], project)
+    assert "wall time per part" in out.stderr
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], project).stdout
+
+
 def test_dry_run_plans_with_the_overrides_and_writes_nothing(project):
     before = (project / "params.yaml").read_text()
     out = run(

@@ -20,14 +20,15 @@ Why the train arms go to disjoint GPUs and not each over all of them: at the pre
 step is too small to split (README "Several GPUs": DDP over 2 GPUs trained slower than 1 GPU at the global
 batch of 256), while arms on disjoint GPUs do not slow each other. Sampling splits well (its batches are large),
 so its arms share every GPU, which also keeps every GPU busy when there are fewer arms than GPUs. Why an arm
-samples as soon as its model exists rather than after every model: a train arm leaves its GPU idle for minutes
+samples as soon as its model exists rather than after every model: a train arm leaves its GPU idle for up to minutes
 (start-up, compilation, DVC's bookkeeping), which a sample arm fills; on one GPU the arms would otherwise train
 one after another with nothing beside them. A sample arm may therefore share a GPU with a train arm still
 running (and with `sample.devices: N`, its slot's GPUs with one): they time-share the GPU.
 
 A failed arm does not stop the arms that do not need it: what finished is recorded in dvc.lock (rerunning
 repeats only what is missing), the failures are named, the arms that needed them are not started and the rest
-is not started. TARGETS limit the arms to those the targets need (e.g. `sample@0.1` runs one train and one
+is not started. Stopped (Ctrl-C, SIGTERM), it stops every `dvc repro` it started, each with its stage, instead of
+leaving them running without it. TARGETS limit the arms to those the targets need (e.g. `sample@0.1` runs one train and one
 sample arm) and are what part 3 reproduces. On CPU the arms run side by side without pinning, train and sample
 arms drawing on one pool of `jobs` slots (default: as many as train arms), which is how the tests exercise it.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -181,6 +183,52 @@ def _stream(proc: subprocess.Popen, prefix: str) -> None:
         sys.stderr.flush()
 
 
+# the `dvc repro` processes running now, each the leader of its own process group (its stage and any torchrun
+# workers in it), so that stopping the parallel run stops all of them (`stop_all`) instead of leaving them orphaned
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(proc: subprocess.Popen) -> bool:
+    """Whether a process of its group still runs (zombies aside): the leader, dvc, may be gone while its stage,
+    or torchrun stopping its workers, is still in the group."""
+    import psutil
+
+    for q in psutil.process_iter():
+        try:
+            if os.getpgid(q.pid) == proc.pid and q.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return False
+
+
+def stop_all(grace: float = 30.0) -> int:
+    """SIGTERM to every running `dvc repro`'s process group (dvc, its stage, torchrun, which stops the workers it
+    started in groups of their own); SIGKILL to a group still alive after `grace` seconds. No new `dvc repro`
+    starts afterwards. Returns how many were running."""
+    _STOPPING.set()
+    with _RUNNING_LOCK:
+        procs = list(_RUNNING)
+    for proc in procs:
+        _kill_group(proc, signal.SIGTERM)
+    end = time.monotonic() + grace
+    while any(_alive(proc) for proc in procs) and time.monotonic() < end:
+        time.sleep(0.2)
+    for proc in procs:
+        if _alive(proc):
+            _kill_group(proc, signal.SIGKILL)
+    return len(procs)
+
+
 def dvc_repro(stages: list[str], root: Path, env: dict[str, str], *, single: bool, tag: str) -> ArmResult:
     """One `dvc --wait-for-lock repro` of `stages`, its output prefixed with `tag`, in `env` on top of ours."""
     cmd = ["dvc", "--wait-for-lock", "repro", *(["--single-item"] if single else []), *stages]
@@ -201,11 +249,20 @@ def dvc_repro(stages: list[str], root: Path, env: dict[str, str], *, single: boo
             text=True,
             errors="replace",  # a stage's stray bytes must not end the stream (and the arm's record)
             bufsize=1,
+            start_new_session=True,  # its own process group: `stop_all` ends it with everything it started
         )
     except FileNotFoundError:
         raise SystemExit(f"error: dvc is not installed in {bin_dir}") from None
-    _stream(proc, tag)
-    return ArmResult(" ".join(stages), proc.wait(), time.perf_counter() - t0, env)
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc)
+    if _STOPPING.is_set():  # started while the run was being stopped
+        _kill_group(proc, signal.SIGTERM)
+    try:
+        _stream(proc, tag)
+        return ArmResult(" ".join(stages), proc.wait(), time.perf_counter() - t0, env)
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
 
 
 Runner = Callable[[list[str], Path, dict[str, str]], ArmResult]
@@ -373,6 +430,27 @@ def repro_parallel(
         return 0
     if overrides:
         print(f"params.yaml: {len(overrides)} override(s) applied", file=sys.stderr)
+
+    def terminated(signum, frame):  # SIGTERM (a job scheduler, `kill`): stop as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    _STOPPING.clear()
+    try:
+        return _run_parts(p, root, targets)
+    except KeyboardInterrupt:
+        n = stop_all()
+        print(
+            f"\ninterrupted: {n} running dvc repro stopped (each with its stage); what had finished is recorded in "
+            "dvc.lock, so rerunning repeats only the rest",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_parts(p: Plan, root: Path, targets: list[str]) -> int:
     parts: list[tuple[str, list[ArmResult], float]] = []
     t0 = time.perf_counter()
     if p.upstream:
