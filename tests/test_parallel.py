@@ -156,6 +156,9 @@ def test_a_failed_model_stops_only_its_own_arm():
     assert arms.slots["train@0.5"] == "0"
     table = summary([("arms", list(results.values()), 1.0)])
     assert "exit 3" in table
+    # the last model fails: its sampling is the last arm left, not started, and the run ends there
+    last = run_arms(p, None, runner=Arms({"train@0.5": 0.4}, exit_codes={"train@0.5": 1}), gap=0)
+    assert [r.stage for r in last if r.not_run] == ["sample@0.5"]
     (line,) = [x for x in table.splitlines() if x.split()[1:2] == ["sample@0.2"]]
     assert line.split()[2:6] == ["-", "-", "not", "run"]  # no start or duration: it never ran
 

@@ -325,8 +325,10 @@ def run_arms(p: Plan, root: Path, *, runner: Runner = _dvc_arm, gap: float = 0.5
             last_start = time.perf_counter()
             threading.Thread(target=work, args=(stage, env, last_start - t0), daemon=True).start()
             running += 1
-        if not running:  # cannot happen (train arms need no arm, and an idle pool is full): say so if it does
-            raise RuntimeError(f"arms {pending} can never start: {p}")
+        if not running:
+            if pending:  # cannot happen (train arms need no arm, and an idle pool is full): say so if it does
+                raise RuntimeError(f"arms {pending} can never start: {p}")
+            break  # the last arms were not started: nothing left to wait for
         r = finished.get()
         running -= 1
         results[r.stage] = r
