@@ -273,29 +273,53 @@ def test_a_stopped_parallel_run_stops_its_arms_and_a_rerun_completes(project):
     )
     me = psutil.Process(proc.pid)
 
-    def stages() -> list[psutil.Process]:
-        found = []
-        for q in me.children(recursive=True) if me.is_running() else []:
+    def live(procs: list) -> list:
+        out = []
+        for q in procs:
             try:
-                if any("pipelines/train.py" in a for a in q.cmdline()):
-                    found.append(q)
+                if q.is_running() and q.status() != psutil.STATUS_ZOMBIE:
+                    out.append(q)
             except psutil.Error:
                 continue
+        return out
+
+    def models_training() -> list:  # the train@<p> stages (not the guide's, which ends at once)
+        found = []
+        for q in live(me.children(recursive=True)):
+            try:
+                line = " ".join(q.cmdline())
+            except psutil.Error:
+                continue
+            if "pipelines/train.py" in line and "--p-uncond" in line:
+                found.append(q)
         return found
 
-    deadline = time.monotonic() + 300
-    while len(stages()) < 2 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    training = stages()
-    assert len(training) >= 2, f"the train arms never ran: {proc.communicate()}"
-    started = [*me.children(recursive=True)]
-    time.sleep(2)  # into their training loops
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted: " in err and "dvc repro stopped" in err, err
-    time.sleep(1)
-    left = [q for q in started if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
-    assert not left, f"still running after the stop: {[q.cmdline() for q in left]}"
+    seen: dict[int, psutil.Process] = {}  # every process of the run, for the cleanup below
+
+    def note_children() -> None:
+        try:
+            seen.update({q.pid: q for q in me.children(recursive=True)})
+        except psutil.Error:
+            pass
+
+    try:
+        deadline = time.monotonic() + 300
+        while len(models_training()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            note_children()
+            time.sleep(0.5)
+        assert len(models_training()) == 2, "the two train arms never ran"
+        time.sleep(2)  # into their training loops
+        note_children()
+        started = list(seen.values())
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 130 and "running dvc repro stopped" in err, err
+        time.sleep(1)
+        left = live(started)
+        assert not left, f"still running after the stop: {[q.cmdline() for q in left]}"
+    finally:  # whatever failed above, nothing of this run outlives the test
+        for q in live([me, *seen.values()]):
+            q.kill()
 
     out = run([f"{VENV_BIN}/cfg-lab", "repro", "--parallel", "-S", "train.steps=30"], project)
     assert "wall time per part" in out.stderr

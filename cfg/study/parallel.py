@@ -184,48 +184,76 @@ def _stream(proc: subprocess.Popen, prefix: str) -> None:
 
 
 # the `dvc repro` processes running now, each the leader of its own process group (its stage and any torchrun
-# workers in it), so that stopping the parallel run stops all of them (`stop_all`) instead of leaving them orphaned
+# in it), so that stopping the parallel run stops all of them (`stop_all`) instead of leaving them orphaned
 _RUNNING: set[subprocess.Popen] = set()
-_RUNNING_LOCK = threading.Lock()
+_RUNNING_LOCK = threading.Lock()  # held while one starts, so that `stop_all` sees it or it never starts
 _STOPPING = threading.Event()
 
 
-def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def _alive(proc: subprocess.Popen) -> bool:
-    """Whether a process of its group still runs (zombies aside): the leader, dvc, may be gone while its stage,
-    or torchrun stopping its workers, is still in the group."""
+def _members(proc: subprocess.Popen) -> list:
+    """The processes of its group and below it: dvc may be gone while its stage, or torchrun
+    stopping its workers (which torch starts in sessions of their own), still runs."""
     import psutil
 
+    found = {}
     for q in psutil.process_iter():
         try:
-            if os.getpgid(q.pid) == proc.pid and q.status() != psutil.STATUS_ZOMBIE:
-                return True
+            if os.getpgid(q.pid) == proc.pid:
+                found[q.pid] = q
+                for c in q.children(recursive=True):
+                    found[c.pid] = c
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue
-    return False
+    return list(found.values())
 
 
-def stop_all(grace: float = 30.0) -> int:
-    """SIGTERM to every running `dvc repro`'s process group (dvc, its stage, torchrun, which stops the workers it
-    started in groups of their own); SIGKILL to a group still alive after `grace` seconds. No new `dvc repro`
-    starts afterwards. Returns how many were running."""
-    _STOPPING.set()
+def _running(procs: list) -> list:
+    import psutil
+
+    live = []
+    for q in procs:
+        try:
+            if q.is_running() and q.status() != psutil.STATUS_ZOMBIE:
+                live.append(q)
+        except psutil.Error:
+            continue
+    return live
+
+
+def stop_all(interrupt_s: float = 10.0, terminate_s: float = 45.0) -> int:
+    """Stop every running `dvc repro` with its stage, as a terminal's Ctrl-C would have done before they ran in
+    groups of their own: SIGINT to each group (dvc lets its stage end, torchrun stops its workers), SIGTERM to what
+    still runs after `interrupt_s`, SIGKILL after `terminate_s` more (longer than torchrun's own 30 s for its
+    workers) to everything left, the workers included (found before the first signal: orphaned, they leave the
+    group's tree). No `dvc repro` starts afterwards. Returns how many ran."""
     with _RUNNING_LOCK:
+        _STOPPING.set()
         procs = list(_RUNNING)
+    seen = {proc.pid: _members(proc) for proc in procs}
+
+    def left(proc: subprocess.Popen) -> list:
+        return _running(seen[proc.pid] + _members(proc))
+
+    for sig, wait_s in ((signal.SIGINT, interrupt_s), (signal.SIGTERM, terminate_s)):
+        alive = [proc for proc in procs if left(proc)]
+        for proc in alive:
+            _signal_group(proc, sig)
+        end = time.monotonic() + wait_s
+        while any(left(proc) for proc in alive) and time.monotonic() < end:
+            time.sleep(0.2)
     for proc in procs:
-        _kill_group(proc, signal.SIGTERM)
-    end = time.monotonic() + grace
-    while any(_alive(proc) for proc in procs) and time.monotonic() < end:
-        time.sleep(0.2)
-    for proc in procs:
-        if _alive(proc):
-            _kill_group(proc, signal.SIGKILL)
+        for q in left(proc):
+            try:
+                q.kill()
+            except Exception:  # gone meanwhile
+                pass
     return len(procs)
 
 
@@ -239,30 +267,29 @@ def dvc_repro(stages: list[str], root: Path, env: dict[str, str], *, single: boo
     full = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **env}
     full["PYTHONUNBUFFERED"] = "1"
     full[STUDY_PID_ENV] = str(os.getpid())  # every arm's runs under one study run: this process's
-    try:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=root,
-            env=full,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",  # a stage's stray bytes must not end the stream (and the arm's record)
-            bufsize=1,
-            start_new_session=True,  # its own process group: `stop_all` ends it with everything it started
-        )
-    except FileNotFoundError:
-        raise SystemExit(f"error: dvc is not installed in {bin_dir}") from None
     with _RUNNING_LOCK:
+        if _STOPPING.is_set():
+            raise SystemExit("not started: the run is being stopped")
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=root,
+                env=full,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",  # a stage's stray bytes must not end the stream (and the arm's record)
+                bufsize=1,
+                start_new_session=True,  # its own process group: `stop_all` ends it with everything it started
+            )
+        except FileNotFoundError:
+            raise SystemExit(f"error: dvc is not installed in {bin_dir}") from None
         _RUNNING.add(proc)
-    if _STOPPING.is_set():  # started while the run was being stopped
-        _kill_group(proc, signal.SIGTERM)
-    try:
-        _stream(proc, tag)
-        return ArmResult(" ".join(stages), proc.wait(), time.perf_counter() - t0, env)
-    finally:
-        with _RUNNING_LOCK:
-            _RUNNING.discard(proc)
+    _stream(proc, tag)  # interrupted here, it stays in _RUNNING for `stop_all`
+    code = proc.wait()
+    with _RUNNING_LOCK:
+        _RUNNING.discard(proc)
+    return ArmResult(" ".join(stages), code, time.perf_counter() - t0, env)
 
 
 Runner = Callable[[list[str], Path, dict[str, str]], ArmResult]
@@ -433,23 +460,34 @@ def repro_parallel(
     if overrides:
         print(f"params.yaml: {len(overrides)} override(s) applied", file=sys.stderr)
 
-    def terminated(signum, frame):  # SIGTERM (a job scheduler, `kill`): stop as Ctrl-C does
+    def terminated(signum, frame):  # SIGTERM (a job scheduler, `kill`), SIGHUP (the terminal went): as Ctrl-C
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminated)
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in stops}
+    for sig in stops[1:]:
+        signal.signal(sig, terminated)
     _STOPPING.clear()
     try:
         return _run_parts(p, root, targets)
     except KeyboardInterrupt:
+        for sig in stops:  # a second Ctrl-C must not cut the stopping short
+            signal.signal(sig, signal.SIG_IGN)
+        print(
+            "\ninterrupted: stopping the running dvc repro (each with its stage) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         n = stop_all()
         print(
-            f"\ninterrupted: {n} running dvc repro stopped (each with its stage); what had finished is recorded in "
-            "dvc.lock, so rerunning repeats only the rest",
+            f"interrupted: {n} running dvc repro stopped; what had finished is recorded in dvc.lock, so rerunning "
+            "repeats only the rest",
             file=sys.stderr,
         )
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run_parts(p: Plan, root: Path, targets: list[str]) -> int:
