@@ -27,8 +27,8 @@ running (and with `sample.devices: N`, its slot's GPUs with one): they time-shar
 
 A failed arm does not stop the arms that do not need it: what finished is recorded in dvc.lock (rerunning
 repeats only what is missing), the failures are named, the arms that needed them are not started and the rest
-is not started. Stopped (Ctrl-C, SIGTERM), it stops every `dvc repro` it started, each with its stage, instead of
-leaving them running without it. TARGETS limit the arms to those the targets need (e.g. `sample@0.1` runs one train and one
+is not started. Stopped (Ctrl-C, SIGTERM, SIGHUP), it stops every `dvc repro` it started, each with its stage
+(`stop_all`), instead of leaving them running without it. TARGETS limit the arms to those the targets need (e.g. `sample@0.1` runs one train and one
 sample arm) and are what part 3 reproduces. On CPU the arms run side by side without pinning, train and sample
 arms drawing on one pool of `jobs` slots (default: as many as train arms), which is how the tests exercise it.
 """
