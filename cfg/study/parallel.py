@@ -63,15 +63,11 @@ class Plan:
     upstream: list[str]  # stages every arm needs: run first, one `dvc repro`
     train: list[str]  # train arms
     sample: list[str]  # sample arms
-    train_slots: list[
-        dict[str, str]
-    ]  # environment of each train slot (CUDA_VISIBLE_DEVICES), one arm at a time
-    sample_slots: list[
-        dict[str, str]
-    ]  # likewise for sample arms; when sample_shared, no slot is waited for: sample_slots[0] is every GPU
-    sample_shared: (
-        bool  # sample arms start without waiting for a slot, in sample_slots[0] (sample.devices: all on CUDA)
-    )
+    # the environment of each train slot (CUDA_VISIBLE_DEVICES), one arm at a time in each
+    train_slots: list[dict[str, str]]
+    # likewise for sample arms; when sample_shared no slot is waited for and sample_slots[0] is every GPU
+    sample_slots: list[dict[str, str]]
+    sample_shared: bool  # sample arms wait for no slot, all in sample_slots[0] (sample.devices: all, CUDA)
     everything: dict[str, str] = field(default_factory=dict)  # environment of parts 1 and 3
     # arm -> the arms that must have succeeded before it starts
     needs: dict[str, list[str]] = field(default_factory=dict)
