@@ -8,7 +8,8 @@
 #   study         dvc repro: every stage, with the overrides given after the phase
 #   gate          the CUDA-graph training test (fp32, eager network) on the last GPU: writes true/false to cg
 #   start ARGS    cfg-lab repro --parallel of the preset + ARGS (key=value or more preset files) in a new process session (it outlives the call
-#                 while the machine stays warm); its log in run.log, its exit status in run.rc; GPUS=0,1,2 limits its GPUs
+#                 while the machine stays warm); its log in run.log, its exit status in run.rc, each GPU's utilisation
+#                 every 5 s in gpu_util.csv; GPUS=0,1,2 limits its GPUs
 #   benchmarks G  in a new process session on GPU G alone: benchmarks/bench_throughput.py (with its diffusers peer
 #                 rows once a call has carried .whl_extra/, waiting up to 3 min for it), benchmarks/profile_step.py's
 #                 kernels + cell + copies parts, its kernels part with flash attention only, the GPU tests, its loop
@@ -35,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 phase=$1
 shift
 bundle() {  # a lent machine returns at most 8 files: everything worth keeping goes into one
-  tar -czf "$OUT/study.tgz" --ignore-failed-read params.yaml dvc.lock run.log bench.log results/tradeoff.csv \
+  tar -czf "$OUT/study.tgz" --ignore-failed-read params.yaml dvc.lock run.log bench.log gpu_util.csv results/tradeoff.csv \
     results/metrics.json results/report.md results/plots results/cells results/classifier.json \
     samples/*/grid.png samples/*/sample.json models/*/eval.csv models/*/loss.csv models/*/train.json 2>/dev/null
   ls -la "$OUT"
@@ -55,6 +56,8 @@ case "$phase" in
     rm -f run.rc
     [ -n "${GPUS:-}" ] && export CUDA_VISIBLE_DEVICES=$GPUS
     setsid bash -c "python scripts/gpu_study.py presets/fashion_mnist_gpu.yaml data.root=.fmnist $* --out gpu_out --parallel >run.log 2>&1; echo \$? >run.rc" </dev/null >/dev/null 2>&1 &
+    # how busy each GPU was every 5 s while the study ran (where its schedule leaves a GPU idle), until run.rc exists
+    setsid bash -c "while [ ! -f run.rc ]; do nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader; sleep 5; done >gpu_util.csv 2>&1" </dev/null >/dev/null 2>&1 &
     echo "started: $*"
     ;;
   benchmarks)
