@@ -7,21 +7,28 @@
 #   sweep ARGS    benchmarks/sampler_sweep.py on models/p_uncond=0.1 (resumable: skips settings already in its CSV)
 #   study         dvc repro: every stage, with the overrides given after the phase
 #   gate          the CUDA-graph training test (fp32, eager network) on the last GPU: writes true/false to cg
-#   start ARGS    cfg-lab repro --parallel of the preset + ARGS (key=value or more preset files) in a new process session (it outlives the call
+#   start ARGS    cfg-lab repro --parallel of the preset + ARGS (key=value or more preset files) in a new process
+#                 session (it outlives the call
 #                 while the machine stays warm); its log in run.log, its exit status in run.rc, each GPU's utilisation
 #                 every 5 s in gpu_util.csv; GPUS=0,1,2 limits its GPUs
 #   benchmarks G  in a new process session on GPU G alone: benchmarks/bench_throughput.py (with its diffusers peer
 #                 rows once a call has carried .whl_extra/, waiting up to 3 min for it), benchmarks/profile_step.py's
 #                 kernels + cell + copies parts, its kernels part with flash attention only, the GPU tests, its loop
 #                 and variants parts; log bench.log, exit status bench.rc
-#   wait N        wait up to N seconds for the started run, then bundle what exists into $OUT/study.tgz
+#   prep          only make the study dir (the copy of HEAD, the data): a later call may then start it carrying nothing
+#   wait N        wait up to N seconds for the started run, then bundle what exists into $OUT/<study dir's name>.tgz
 # Every phase takes the preset's params plus `key=value` overrides; results land in $OUT. A call carries any of .whl/
-# (the wheels of ../shared/device/wheels.sh), .fmnist/ (the IDX files) and .whl_extra/ (diffusers and its
-# dependencies, py3.12 wheels, for the peer rows); the first call needs .gpu/src.tgz and .whl.
+# (the wheels of ../shared/device/wheels.sh), .fmnist/ (the IDX files) or .fmnist_xz/ (the same, smaller) and
+# .whl_extra/ (diffusers and its dependencies, py3.12 wheels, for the peer rows); the first call needs .gpu/src.tgz
+# and .whl. NICE=19 starts a study at low CPU priority (a side run that must not slow the one measured).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 SRC=$PWD
-W=/tmp/study
+# STUDY_DIR=/tmp/s2 keeps a second study apart (two can run side by side on one host's GPUs, e.g. GPUS=0,1 and
+# GPUS=2); each study dir has its own Inductor cache, so each study compiles from an empty cache as a fresh
+# machine does, whatever ran before it on the host
+W=${STUDY_DIR:-/tmp/study}
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$(basename "$W")  # outside the study dir: DVC's git sees none of it
 if [ ! -d "$W" ]; then
   mkdir -p "$W" && tar -xzf "$SRC/.gpu/src.tgz" -C "$W" || exit 1
 fi
@@ -30,13 +37,22 @@ fi
 for d in .whl .fmnist .whl_extra; do
   if [ -d "$SRC/$d" ] && [ ! -d "$W/$d" ]; then cp -r "$SRC/$d" "$W/$d.tmp" && mv "$W/$d.tmp" "$W/$d"; fi
 done
+# or the IDX files xz-compressed (.fmnist_xz/*.xz, 26 MB against the original .gz files' 31 MB), so that .whl, the
+# data and the tree fit one call; made here by
+#   mkdir -p .fmnist_xz && for f in .fmnist/*.gz; do zcat "$f" | xz -9e >".fmnist_xz/$(basename "${f%.gz}").xz"; done
+if [ -d "$SRC/.fmnist_xz" ] && [ ! -d "$W/.fmnist" ]; then
+  mkdir -p "$W/.fmnist.tmp" && for f in "$SRC"/.fmnist_xz/*.xz; do
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+      "$f" "$W/.fmnist.tmp/$(basename "${f%.xz}")" || exit 1
+  done && mv "$W/.fmnist.tmp" "$W/.fmnist"
+fi
 cd "$W" || exit 1
 . .whl/gpu-env.sh >/dev/null || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 phase=$1
 shift
 bundle() {  # a lent machine returns at most 8 files: everything worth keeping goes into one
-  tar -czf "$OUT/study.tgz" --ignore-failed-read params.yaml dvc.lock run.log bench.log gpu_util.csv results/tradeoff.csv \
+  tar -czf "$OUT/$(basename "$W").tgz" --ignore-failed-read params.yaml dvc.lock run.log bench.log gpu_util.csv results/tradeoff.csv \
     results/metrics.json results/report.md results/plots results/cells results/classifier.json \
     samples/*/grid.png samples/*/sample.json models/*/eval.csv models/*/loss.csv models/*/train.json 2>/dev/null
   ls -la "$OUT"
@@ -55,7 +71,7 @@ case "$phase" in
     [ -d .fmnist ] || { echo "no .fmnist/ in $W: carry it with this call" >&2; exit 1; }
     rm -f run.rc
     [ -n "${GPUS:-}" ] && export CUDA_VISIBLE_DEVICES=$GPUS
-    setsid bash -c "python scripts/gpu_study.py presets/fashion_mnist_gpu.yaml data.root=.fmnist $* --out gpu_out --parallel >run.log 2>&1; echo \$? >run.rc" </dev/null >/dev/null 2>&1 &
+    setsid nice -n "${NICE:-0}" bash -c "python scripts/gpu_study.py presets/fashion_mnist_gpu.yaml data.root=.fmnist $* --out gpu_out --parallel >run.log 2>&1; echo \$? >run.rc" </dev/null >/dev/null 2>&1 &
     # how busy each GPU was every 5 s while the study ran (where its schedule leaves a GPU idle), until run.rc exists
     setsid bash -c "while [ ! -f run.rc ]; do nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader; sleep 5; done >gpu_util.csv 2>&1" </dev/null >/dev/null 2>&1 &
     echo "started: $*"
@@ -97,6 +113,9 @@ case "$phase" in
     ;;
   study)
     python scripts/gpu_study.py presets/fashion_mnist_gpu.yaml data.root=.fmnist "$@" --out "$OUT"
+    ;;
+  prep)
+    echo "study dir $W ready"
     ;;
   *)
     echo "unknown phase $phase" >&2
