@@ -140,6 +140,7 @@ def cmd_repro(args, rest: list[str]) -> int:
             jobs=args.jobs,
             dry_run=args.dry_run,
             overrides=_overrides(args, root),
+            warmup=not args.no_warmup,
         )
     if args.set or args.preset:  # overrides: an experiment applied in the workspace, as `dvc repro` would be
         return _exp_run(args, root, [*args.targets, *rest])
@@ -355,6 +356,11 @@ def parser() -> argparse.ArgumentParser:
         "--jobs",
         type=int,
         help="with --parallel on CPU: arms at a time, train and sample alike (default: as many as train arms)",
+    )
+    p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="with --parallel on GPUs: do not compile the networks ahead while the upstream stages run",
     )
     p.set_defaults(func=cmd_repro)
 

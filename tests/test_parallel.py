@@ -336,3 +336,91 @@ def test_dry_run_plans_with_the_overrides_and_writes_nothing(project):
     bad = run([f"{VENV_BIN}/cfg-lab", "repro", "--parallel", "-S", "sample.devices=0"], project, check=False)
     assert bad.returncode != 0 and "sample.devices = 0 is not allowed" in bad.stderr
     assert (project / "params.yaml").read_text() == before  # refused before anything is written
+
+
+class Recorder:
+    """A stand-in for `dvc_repro` (the parts' and the arms' runs): records what ran when, fails on request."""
+
+    def __init__(self, fail: tuple[str, ...] = ()):
+        self.fail, self.calls, self.t0 = fail, [], time.perf_counter()
+
+    def __call__(self, stages, root, env, *, single, tag):
+        start = time.perf_counter() - self.t0
+        time.sleep(0.05)
+        self.calls.append((tuple(stages), start))
+        code = 1 if set(stages) & set(self.fail) else 0
+        return ArmResult(" ".join(stages), code, time.perf_counter() - self.t0 - start, env)
+
+    def started(self, stage: str) -> float:
+        return next(start for stages, start in self.calls if stage in stages)
+
+
+def _warm_run(monkeypatch, tmp_path, *, warm_s=(0.6, 0.3), warm_rc=(0, 0), fail=()):
+    """`_run_parts` of a 4-GPU plan with a warm-up whose parts are `sleep`s ending with `warm_rc`."""
+    import sys
+
+    from cfg.study import parallel
+
+    rec = Recorder(fail)
+    monkeypatch.setattr(parallel, "dvc_repro", rec)
+    seconds = dict(zip(("train", "sample"), warm_s, strict=True))
+    codes = dict(zip(("train", "sample"), warm_rc, strict=True))
+    monkeypatch.setattr(
+        parallel.Warmup,
+        "command",
+        lambda self, part: [
+            sys.executable,
+            "-c",
+            f"import time, sys; time.sleep({seconds[part]}); print('{part} compiled'); sys.exit({codes[part]})",
+        ],
+    )
+    p = cuda_plan(1, "all")
+    p.warm, p.warm_env = ["train", "sample"], {"CUDA_VISIBLE_DEVICES": "3"}
+    t0 = time.perf_counter()
+    rc = parallel._run_parts(p, tmp_path, [])
+    return rc, rec, time.perf_counter() - t0
+
+
+def test_the_warm_up_runs_beside_the_upstream_stages_and_the_train_arms_wait_for_its_training_step(
+    monkeypatch, tmp_path, capsys
+):
+    rc, rec, _ = _warm_run(monkeypatch, tmp_path)
+    assert rc == 0
+    order = [stages for stages, _ in rec.calls]
+    assert order[:2] == [("prepare",), ("classifier", "reference")], (
+        "prepare alone first: the warm-up reads it"
+    )
+    # the upstream stages took ~0.1 s, the training step's warm-up 0.6 s: no train arm started before it ended
+    first_train = min(rec.started(s) for s in ("train@0.1", "train@0.2", "train@0.5", "train_guide"))
+    assert first_train >= 0.6 + rec.started("prepare")
+    err = capsys.readouterr().err
+    assert "[warmup train] train compiled" in err and "[warmup sample] sample compiled" in err
+    assert "the arms waited" in err
+    lines = [line for line in err.splitlines() if line.startswith("warmup ")]
+    assert [line.split()[1:3] for line in lines] == [["warmup", "train"], ["warmup", "sample"]]
+    assert all(" ok " in line and line.rstrip().endswith(" 3") for line in lines), "on the last GPU, ok"
+
+
+def test_a_failed_warm_up_leaves_the_arms_to_compile_for_themselves(monkeypatch, tmp_path, capsys):
+    rc, rec, _ = _warm_run(monkeypatch, tmp_path, warm_s=(0.1, 0.1), warm_rc=(3, 0))
+    assert rc == 0, "the study does not depend on it"
+    order = [stages for stages, _ in rec.calls]
+    assert ("train@0.1",) in order and ("sample@0.5",) in order and order[-1] == (), "arms, then the rest"
+    err = capsys.readouterr().err
+    assert "[warmup train] exit 3: its arms compile for themselves" in err
+    assert "exit 3" in next(
+        line for line in err.splitlines() if line.startswith("warmup ") and "train" in line
+    )
+
+
+def test_a_failed_prepare_starts_no_warm_up_and_a_warm_up_outliving_the_arms_is_ended(
+    monkeypatch, tmp_path, capsys
+):
+    rc, rec, _ = _warm_run(monkeypatch, tmp_path, fail=("prepare",))
+    assert rc == 1 and [stages for stages, _ in rec.calls] == [("prepare",)]
+    assert "warmup" not in capsys.readouterr().err, "nothing of it started"
+    # a sample warm-up still compiling (60 s) when the arms end is stopped with them, not waited for
+    rc, rec, wall = _warm_run(monkeypatch, tmp_path, warm_s=(0.1, 60))
+    assert rc == 0 and wall < 30
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("warmup ") and "sample" in x)
+    assert "exit -15" in line, line

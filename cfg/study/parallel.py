@@ -6,7 +6,9 @@ each holds DVC's repository lock only while it reads the pipeline and records it
 `--wait-for-lock` makes a second one wait for that lock instead of failing. That is all this module does, in
 three parts, each a set of `dvc repro` calls:
 
-    1. upstream   `dvc repro prepare classifier reference …`: what every arm needs, once, on every GPU
+    1. upstream   `dvc repro prepare classifier reference …`: what every arm needs, once, on every GPU; on GPUs,
+                  `prepare` alone first and then, beside the others, `cfg.engine.warmup` compiling the arms'
+                  networks on the last GPU (`Warmup`; the train arms start once their step is compiled)
     2. the arms   one `dvc repro --single-item <arm>` each, started as soon as the arms it needs have succeeded and
                   a slot of its kind is free (DVC's own DAG says which: `sample@<p>` needs `train@<p>` and the
                   guide network), so an arm's sampling runs while the other arms still train:
@@ -72,6 +74,10 @@ class Plan:
     # arm -> the arms that must have succeeded before it starts
     needs: dict[str, list[str]] = field(default_factory=dict)
     one_pool: bool = False  # CPU: train and sample arms draw on the same slots (`jobs` arms at a time)
+    # `cfg.engine.warmup` parts compiled while the upstream stages run (CUDA; none when nothing is compiled or
+    # no arm of theirs is out of date), and the environment they run in (the last GPU)
+    warm: list[str] = field(default_factory=list)
+    warm_env: dict[str, str] = field(default_factory=dict)
 
 
 def _is(name: str, prefixes: Sequence[str]) -> bool:
@@ -256,9 +262,16 @@ def stop_all(interrupt_s: float = 10.0, terminate_s: float = 45.0) -> int:
 def dvc_repro(stages: list[str], root: Path, env: dict[str, str], *, single: bool, tag: str) -> ArmResult:
     """One `dvc --wait-for-lock repro` of `stages`, its output prefixed with `tag`, in `env` on top of ours."""
     cmd = ["dvc", "--wait-for-lock", "repro", *(["--single-item"] if single else []), *stages]
+    t0 = time.perf_counter()
+    proc = start_logged(cmd, root, env)
+    return ArmResult(" ".join(stages), finish_logged(proc, tag), time.perf_counter() - t0, env)
+
+
+def start_logged(cmd: list[str], root: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start `cmd` (printed first) in `env` on top of ours, in a process group of its own registered for
+    `stop_all`; SystemExit when the run is being stopped or the program is missing."""
     where = f" [{', '.join(f'{k}={v}' for k, v in env.items())}]" if env else ""
     print(f"+ {shlex.join(cmd)}{where}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
     bin_dir = str(Path(sys.executable).parent)
     full = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **env}
     full["PYTHONUNBUFFERED"] = "1"
@@ -279,13 +292,18 @@ def dvc_repro(stages: list[str], root: Path, env: dict[str, str], *, single: boo
                 start_new_session=True,  # its own process group: `stop_all` ends it with everything it started
             )
         except FileNotFoundError:
-            raise SystemExit(f"error: dvc is not installed in {bin_dir}") from None
+            raise SystemExit(f"error: {cmd[0]} is not installed in {bin_dir}") from None
         _RUNNING.add(proc)
+    return proc
+
+
+def finish_logged(proc: subprocess.Popen, tag: str) -> int:
+    """Stream a `start_logged` process's output prefixed with `tag` until it ends; its exit status."""
     _stream(proc, tag)  # interrupted here, it stays in _RUNNING for `stop_all`
     code = proc.wait()
     with _RUNNING_LOCK:
         _RUNNING.discard(proc)
-    return ArmResult(" ".join(stages), code, time.perf_counter() - t0, env)
+    return code
 
 
 Runner = Callable[[list[str], Path, dict[str, str]], ArmResult]
@@ -389,6 +407,33 @@ def summary(parts: list[tuple[str, list[ArmResult], float]]) -> str:
     return "\n".join(lines)
 
 
+def stale_stages(root: Path, graph: dict[str, set[str]]) -> set[str] | None:
+    """The stages `dvc repro` would run: those `dvc status` reports changed and every stage below one of them;
+    None when DVC cannot tell (then every stage counts as stale)."""
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            changed = set(repo.status())
+    except Exception as e:  # a broken workspace fails in the stages themselves, with DVC's message
+        print(f"[warmup] dvc status failed ({e}): compiling ahead for every arm", file=sys.stderr)
+        return None
+    return {s for s, below in graph.items() if s in changed or below & changed}
+
+
+def warm_plan(parts: list[str], p: Plan, stale: set[str] | None) -> list[str]:
+    """The warm-up parts (`cfg.engine.warmup.warm_parts`) that an out-of-date arm will use: `train` for the
+    p_uncond train arms (not the guide: another network), `sample` for the sample arms and for the train arms'
+    FID curve (it samples). Nothing when every arm is up to date (a rerun that has nothing to do)."""
+
+    def out_of_date(arms: list[str]) -> bool:
+        return any(stale is None or a in stale for a in arms)
+
+    train = out_of_date([a for a in p.train if a != "train_guide"])
+    keep = {"train": train, "sample": train or out_of_date(p.sample)}
+    return [part for part in parts if keep[part]]
+
+
 def _write_overrides(params_file: Path, overrides: dict) -> None:
     """Dotted overrides into params.yaml as `dvc exp run -S` does in the workspace (DVC's YAML writer: comments
     and order kept)."""
@@ -408,11 +453,13 @@ def repro_parallel(
     jobs: int | None = None,
     dry_run: bool = False,
     overrides: dict | None = None,  # dotted key -> value, written into params.yaml (kept if the plan stands)
+    warmup: bool = True,  # CUDA: compile the arms' networks ahead, beside the upstream stages (cfg.engine.warmup)
 ) -> int:
     """The three parts of the module docstring; returns 0 when every `dvc repro` succeeded."""
     import yaml
 
     from cfg.engine.device import resolve_device
+    from cfg.engine.warmup import warm_parts
     from cfg.study.config import ParamsError, params_from_dict
     from cfg.study.presets import merged_params
 
@@ -429,8 +476,9 @@ def repro_parallel(
         kind = resolve_device(params.train.device).type
         if overrides:  # the DAG's arms come from params.yaml (foreach over train.p_uncond): write them first
             _write_overrides(params_file, overrides)
+        graph = stage_graph(root)
         p = plan(
-            stage_graph(root),
+            graph,
             targets=targets,
             kind=kind,
             train_devices=params.train.devices,
@@ -438,6 +486,10 @@ def repro_parallel(
             gpus=gpus,
             jobs=jobs,
         )
+        if warmup and (parts := warm_parts(params, kind)):
+            p.warm = warm_plan(parts, p, stale_stages(root, graph))
+        if p.warm:
+            p.warm_env = {"CUDA_VISIBLE_DEVICES": p.everything["CUDA_VISIBLE_DEVICES"].split(",")[-1]}
     except (ParamsError, ParallelError, RuntimeError) as e:
         params_file.write_text(original)  # refused: params.yaml as it was
         raise SystemExit(f"error: {e}") from None
@@ -451,6 +503,12 @@ def repro_parallel(
         slots = [s.get("CUDA_VISIBLE_DEVICES", "cpu") for s in p.sample_slots]
         after = "; ".join(f"{s} after {' '.join(n)}" for s, n in p.needs.items() if n)
         print(f"sample arms: {' '.join(p.sample)} {mode} {slots}, each once it may start ({after})")
+        if p.warm:
+            print(
+                f"warm-up: compile the {' and '.join(p.warm)} networks ahead on GPU "
+                f"{p.warm_env['CUDA_VISIBLE_DEVICES']} while the upstream stages after prepare run"
+                + ("; the train arms start once the training step is compiled" if "train" in p.warm else "")
+            )
         print(f"then: dvc repro {' '.join(targets)}".rstrip())
         return 0
     if overrides:
@@ -486,18 +544,112 @@ def repro_parallel(
             signal.signal(sig, handler)
 
 
+class Warmup:
+    """`cfg.engine.warmup`'s parts, one process after another in a thread of their own, beside the upstream
+    stages; `train_done` is set once the train part has ended (or there is none), whatever its outcome: a
+    failed warm-up only means that the arms compile for themselves."""
+
+    def __init__(self, parts: list[str], root: Path, env: dict[str, str], t0: float):
+        self.parts, self.root, self.env, self.t0 = parts, root, env, t0
+        self.results: list[ArmResult] = []
+        self.train_done = threading.Event()
+        self.proc: subprocess.Popen | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self._stopped = False
+        self._lock = threading.Lock()  # a part starts, or the warm-up is stopped, not both at once
+
+    def command(self, part: str) -> list[str]:
+        return [sys.executable, "-m", "cfg.engine.warmup", part, "--info", "data/prepared.json"]
+
+    def _run(self) -> None:
+        try:
+            for part in self.parts:
+                start = time.perf_counter()
+                with self._lock:
+                    if self._stopped:
+                        break
+                    self.proc = start_logged(self.command(part), self.root, self.env)
+                code = finish_logged(self.proc, f"warmup {part}")
+                end = time.perf_counter()
+                self.results.append(ArmResult(f"warmup {part}", code, end - start, self.env, start - self.t0))
+                if code:
+                    print(f"[warmup {part}] exit {code}: its arms compile for themselves", file=sys.stderr)
+                if part == "train":
+                    self.train_done.set()
+        except (Exception, SystemExit) as e:  # the study goes on without it
+            print(f"[warmup] could not run: {e}", file=sys.stderr, flush=True)
+        finally:
+            self.train_done.set()
+
+    def start(self) -> None:
+        if "train" not in self.parts:
+            self.train_done.set()
+        self.thread.start()
+
+    def stop(self) -> None:
+        """End a part still compiling (nothing needs it once the arms have ended)."""
+        with self._lock:
+            self._stopped = True
+            if self.proc is not None and self.proc.poll() is None:
+                _signal_group(self.proc, signal.SIGTERM)
+        if self.thread.ident is not None:  # started (not when prepare failed)
+            self.thread.join(timeout=60)
+
+
+def _upstream(p: Plan, root: Path, warm: Warmup | None, t0: float) -> list[ArmResult]:
+    """Part 1: the upstream stages in one `dvc repro`, or, with a warm-up, `prepare` first (the warm-up reads the
+    data's shape from its summary), then the warm-up started beside the others."""
+    upstream, done = list(p.upstream), []
+    if warm is not None and "prepare" in upstream:
+        upstream.remove("prepare")
+        done.append(dvc_repro(["prepare"], root, p.everything, single=False, tag="upstream"))
+        if done[0].returncode:
+            return done
+    if warm is not None:
+        warm.start()
+    if upstream:
+        start = time.perf_counter() - t0
+        done.append(dvc_repro(upstream, root, p.everything, single=False, tag="upstream"))
+        done[-1].start = start
+    return done
+
+
 def _run_parts(p: Plan, root: Path, targets: list[str]) -> int:
     parts: list[tuple[str, list[ArmResult], float]] = []
     t0 = time.perf_counter()
-    if p.upstream:
-        r = dvc_repro(p.upstream, root, p.everything, single=False, tag="upstream")
-        parts.append(("upstream", [r], time.perf_counter() - t0))
-        if r.returncode:
-            print(summary(parts), file=sys.stderr)
-            return r.returncode
+    warm = Warmup(p.warm, root, p.warm_env, t0) if p.warm else None
+    done = _upstream(p, root, warm, t0)
+    if done:
+        parts.append(("upstream", done, time.perf_counter() - t0))
+    failed_upstream = next((r for r in done if r.returncode), None)
+    if failed_upstream is not None:
+        if warm is not None:
+            warm.stop()
+        print(summary(parts), file=sys.stderr)
+        return failed_upstream.returncode
+    if warm is not None and not warm.train_done.is_set():
+        t_wait = time.perf_counter()
+        print(
+            "[warmup] the train arms start once the training step is compiled ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        warm.train_done.wait()
+        print(
+            f"[warmup] the arms waited {time.perf_counter() - t_wait:.1f} s for it",
+            file=sys.stderr,
+            flush=True,
+        )
     t1 = time.perf_counter()
     results = run_arms(p, root)
-    parts.append(("arms", results, time.perf_counter() - t1))
+    arms_s = time.perf_counter() - t1
+    if warm is not None:
+        warm.stop()
+        ends = [r.start + r.seconds for r in warm.results]
+        parts.append(
+            ("warmup", warm.results, max(ends) - min(r.start for r in warm.results) if ends else 0.0)
+        )
+    parts.append(("arms", results, arms_s))
     failed = [r.stage for r in results if r.returncode and not r.not_run]
     if failed:
         skipped = [r.stage for r in results if r.not_run]
