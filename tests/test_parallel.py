@@ -375,7 +375,8 @@ def _warm_run(monkeypatch, tmp_path, *, warm_s=(0.6, 0.3), warm_rc=(0, 0), fail=
         ],
     )
     p = cuda_plan(1, "all")
-    p.warm, p.warm_env = ["train", "sample"], {"CUDA_VISIBLE_DEVICES": "3"}
+    p.warm = ["train", "sample"]
+    p.warm_env = {"train": {"CUDA_VISIBLE_DEVICES": "3"}, "sample": p.sample_slots[0]}
     t0 = time.perf_counter()
     rc = parallel._run_parts(p, tmp_path, [])
     return rc, rec, time.perf_counter() - t0
@@ -394,11 +395,16 @@ def test_the_warm_up_runs_beside_the_upstream_stages_and_the_train_arms_wait_for
     first_train = min(rec.started(s) for s in ("train@0.1", "train@0.2", "train@0.5", "train_guide"))
     assert first_train >= 0.6 + rec.started("prepare")
     err = capsys.readouterr().err
-    assert "[warmup train] train compiled" in err and "[warmup sample] sample compiled" in err
-    assert "the arms waited" in err
+    assert "[warmup train] train compiled" in err and "the arms waited" in err
+    # the sampling network once per device index of a sample arm's ranks (its cache entries name the device)
+    assert all(f"[warmup sample cuda:{r}] sample compiled" in err for r in range(4))
     lines = [line for line in err.splitlines() if line.startswith("warmup ")]
-    assert [line.split()[1:3] for line in lines] == [["warmup", "train"], ["warmup", "sample"]]
-    assert all(" ok " in line and line.rstrip().endswith(" 3") for line in lines), "on the last GPU, ok"
+    assert [line.split()[2:4] for line in lines] == [
+        ["train", lines[0].split()[3]],
+        *(["sample", f"cuda:{r}"] for r in range(4)),
+    ]
+    assert " ok " in lines[0] and lines[0].rstrip().endswith(" 3"), "the train part on the last GPU"
+    assert all(" ok " in line and line.rstrip().endswith(" 0,1,2,3") for line in lines[1:]), "on every GPU"
 
 
 def test_a_failed_warm_up_leaves_the_arms_to_compile_for_themselves(monkeypatch, tmp_path, capsys):
@@ -422,5 +428,5 @@ def test_a_failed_prepare_starts_no_warm_up_and_a_warm_up_outliving_the_arms_is_
     # a sample warm-up still compiling (60 s) when the arms end is stopped with them, not waited for
     rc, rec, wall = _warm_run(monkeypatch, tmp_path, warm_s=(0.1, 60))
     assert rc == 0 and wall < 30
-    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("warmup ") and "sample" in x)
-    assert "exit -15" in line, line
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warmup ") and "sample" in x]
+    assert len(lines) == 4 and all("exit -15" in x for x in lines), lines

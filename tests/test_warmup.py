@@ -1,11 +1,13 @@
-"""Compiling ahead (cfg.engine.warmup): the networks the warm-up runs are those the stages run, call for call, so
-that torch.compile's caches it fills are the ones the stages look up; and `cfg-lab repro --parallel` plans it only
-where something will compile.
+"""Compiling ahead (cfg.engine.warmup): the networks the warm-up runs are those the stages run, call for call and
+in the same order, so that torch.compile's caches it fills are the ones the stages look up; and `cfg-lab repro
+--parallel` plans it only where something will compile.
 
-torch.compile runs on CUDA only, so on this CPU the tests compare what Inductor keys a compiled graph on, as far
-as the CPU shows it: the network's configuration, train/eval mode, whether its weights take gradients, whether
-autograd records, and each input's shape, dtype and memory layout. Whether the GPU then hits the cache is
-measured on a GPU (README "Several GPUs")."""
+torch.compile runs on CUDA only, so on this CPU the tests compare what a compiled graph depends on, as far as the
+CPU shows it: the network's configuration, train/eval mode, whether its weights take gradients, whether autograd
+records, each input's shape, dtype and memory layout, and the order in which a process first meets each such
+call (Dynamo makes a batch dimension dynamic once a process has seen it change, so a graph depends on the graphs
+compiled before it in that process). Whether the GPU then hits the cache is for a GPU to measure (README
+"Several GPUs")."""
 
 from __future__ import annotations
 
@@ -41,26 +43,27 @@ def _params(**sections):
 
 
 class Calls:
-    """Every U-Net forward while open: what a compiled graph is keyed on, as far as the CPU shows it."""
+    """Every distinct U-Net forward while open, in the order first met: what a compiled graph depends on, as far as
+    the CPU shows it."""
 
     def __enter__(self):
-        self.seen: set[tuple] = set()
+        self.seen: list[tuple] = []
 
         def hook(module, args):
             if isinstance(module, UNet):
                 weight = next(module.parameters())
-                self.seen.add(
-                    (
-                        json.dumps(module.config.to_dict(), sort_keys=True),
-                        module.training,
-                        weight.requires_grad,
-                        torch.is_grad_enabled(),
-                        tuple(
-                            (tuple(a.shape), a.dtype, a.is_contiguous(memory_format=torch.channels_last))
-                            for a in args
-                        ),
-                    )
+                call = (
+                    json.dumps(module.config.to_dict(), sort_keys=True),
+                    module.training,
+                    weight.requires_grad,
+                    torch.is_grad_enabled(),
+                    tuple(
+                        (tuple(a.shape), a.dtype, a.is_contiguous(memory_format=torch.channels_last))
+                        for a in args
+                    ),
                 )
+                if call not in self.seen:
+                    self.seen.append(call)
 
         self.handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
         return self
@@ -73,9 +76,9 @@ def _info(ds) -> dict:
     return {"image_size": ds.image_size, "channels": ds.channels, "classes": ds.classes}
 
 
-def _stage_calls(params, ds, tmp_path: Path) -> set[tuple]:
-    """The U-Net calls of the train stage (its step and its FID curve) and of the sample stage, through the
-    functions the stages call, on the digits."""
+def _stage_calls(params, ds, tmp_path: Path) -> dict[str, list[tuple]]:
+    """The U-Net calls of the train stage's process (its step, then its FID curve) and of the sample stage's,
+    in order, through the functions the stages call, on the digits."""
     t = params.train
     config = warmup.unet_config(params, _info(ds))
     torch.manual_seed(0)
@@ -97,7 +100,7 @@ def _stage_calls(params, ds, tmp_path: Path) -> set[tuple]:
                 )
             )
 
-    with Calls() as calls:
+    with Calls() as train:
         result = train_diffusion(
             config,
             ds.train_x,
@@ -108,19 +111,21 @@ def _stage_calls(params, ds, tmp_path: Path) -> set[tuple]:
             log_every=1,
             callback=fid_curve,
         )
-        assert curve, "the FID curve ran"
-        save_checkpoint(tmp_path / "checkpoint.pt", result.ema, {"p_uncond": 0.1, "classes": ds.classes})
-        model, meta = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert curve, "the FID curve ran"
+    save_checkpoint(tmp_path / "checkpoint.pt", result.ema, {"p_uncond": 0.1, "classes": ds.classes})
+    model, meta = load_checkpoint(tmp_path / "checkpoint.pt")
+    with Calls() as sample:
         sample_checkpoint(model, meta, params, checkpoint="checkpoint.pt", device="cpu")
-    return calls.seen
+    return {"train": train.seen, "sample": sample.seen}
 
 
-def _warm_calls(params, ds) -> set[tuple]:
+def _warm_calls(params, ds) -> dict[str, list[tuple]]:
     config = warmup.unet_config(params, _info(ds))
-    with Calls() as calls:
+    with Calls() as train:
         warmup.warm_train(params, config, torch.device("cpu"))
+    with Calls() as sample:
         warmup.warm_sample(params, config, torch.device("cpu"))
-    return calls.seen
+    return {"train": train.seen, "sample": sample.seen}
 
 
 @pytest.fixture(scope="module")
@@ -128,26 +133,36 @@ def digits():
     return load_dataset("digits", image_size=8, max_train=300, max_test=100)
 
 
-def test_the_warm_up_runs_the_networks_the_train_and_sample_stages_run(digits, tmp_path):
-    # n_samples 50 is not a multiple of the 40 examples a batch of 120 rows holds at 3 w: a short last batch
-    # (another shape) in the sample stage, which the warm-up must run too
-    params = _params(sample={"w": [-1.0, 0.0, 1.0], "steps": 3, "n_samples": 50, "batch_size": 120})
-    stage = _stage_calls(params, digits, tmp_path)
-    warm = _warm_calls(params, digits)
-    kinds = {(training, grad) for _, training, _, grad, _ in stage}
-    assert kinds == {(True, True), (False, False)}, "a training step and sampling: both kinds were seen"
-    assert len({shapes for *_, shapes in stage}) >= 4, "train, FID curve, a full and a short sample batch"
-    assert stage <= warm, f"calls of the stages the warm-up does not make: {stage - warm}"
+# n_samples 50 is not a multiple of the 40 examples a batch of 120 rows holds at 3 w: the sample stage's last
+# batch is shorter (another shape), and the warm-up must meet it too, after a full one
+CELL = {"w": [-1.0, 0.0, 1.0], "steps": 3, "n_samples": 50, "batch_size": 120}
+
+
+def test_the_warm_up_runs_the_networks_the_train_and_sample_stages_run_in_their_order(digits, tmp_path):
+    params = _params(sample=CELL)
+    stage, warm = _stage_calls(params, digits, tmp_path), _warm_calls(params, digits)
+    kinds = [(training, grad) for _, training, _, grad, _ in stage["train"]]
+    assert kinds[0] == (True, True) and set(kinds[1:]) == {(False, False)}, "the step, then the FID curve"
+    assert len(stage["sample"]) == 2, "a full batch, then the short last one"
+    assert warm == stage
+
+
+def test_with_several_guidance_methods_and_one_whose_passes_change_with_the_step(digits, tmp_path):
+    # interval guidance runs the unconditional pass only inside its λ interval: the batch the network sees
+    # changes during sampling, at steps that a shortened schedule would not reach
+    # (interval first: with CFG first, CFG's full passes would already have met every shape interval meets)
+    guidance = {"interval": {"method": "interval", "lambda_lo": -2.0, "lambda_hi": 2.0}, "cfg": {}}
+    params = _params(sample=CELL | {"steps": 8, "guidance": guidance})
+    stage, warm = _stage_calls(params, digits, tmp_path), _warm_calls(params, digits)
+    assert len(stage["sample"]) > 2, "interval's partial passes are other shapes"
+    assert warm["sample"] == stage["sample"]
 
 
 def test_the_comparison_can_fail_on_another_batch_shape(digits, tmp_path):
-    params = _params(sample={"w": [-1.0, 0.0, 1.0], "steps": 3, "n_samples": 40, "batch_size": 120})
-    stage = _stage_calls(params, digits, tmp_path)
-    other = _params(sample={"w": [-1.0, 0.0, 1.0], "steps": 3, "n_samples": 40, "batch_size": 60})
-    missing = stage - _warm_calls(other, digits)
-    assert missing and all(not training for _, training, *_ in missing), (
-        "only the sample stage's calls differ"
-    )
+    stage = _stage_calls(_params(sample=CELL), digits, tmp_path)
+    other = _warm_calls(_params(sample=CELL | {"batch_size": 60}), digits)
+    assert other["train"] != stage["train"], "the FID curve samples in batches of sample.batch_size rows too"
+    assert other["sample"] != stage["sample"]
 
 
 def test_what_is_compiled_ahead_where():
@@ -157,6 +172,10 @@ def test_what_is_compiled_ahead_where():
     assert warmup.warm_parts(_params(train={"compile": True, "devices": "all"}), "cuda")[0] == "train"
     assert "train" not in warmup.warm_parts(_params(train={"compile": True, "devices": 2}), "cuda"), "DDP"
     assert warmup.warm_parts(_params(train={"compile": False}, sample={"compile": False}), "cuda") == []
+    curve_only = _params(train={"compile": False, "eval_every": 100}, sample={"compile": True})
+    assert warmup.warm_parts(curve_only, "cuda") == ["train", "sample"], "the FID curve's sampling compiles"
+    no_curve = _params(train={"compile": False, "eval_every": 0}, sample={"compile": True})
+    assert warmup.warm_parts(no_curve, "cuda") == ["sample"]
 
 
 def test_the_warm_up_is_planned_only_for_arms_that_will_run():
@@ -174,7 +193,7 @@ def test_the_warm_up_is_planned_only_for_arms_that_will_run():
     assert warm_plan(both, p, {"train@0.5", "sample@0.5"}) == both
     assert warm_plan(both, p, {"sample@0.1"}) == ["sample"]
     assert warm_plan(both, p, {"train_guide"}) == [], "the guide is another network"
-    assert warm_plan(["sample"], p, {"train@0.1"}) == ["sample"], "the train arms' FID curve samples"
+    assert warm_plan(both, p, {"train@0.1"}) == ["train"], "the FID curve is the train part's"
 
 
 def test_the_module_reads_the_data_shape_from_prepares_summary(tmp_path, digits, capsys):

@@ -9,13 +9,19 @@ therefore runs this module on a GPU while the upstream stages (classifier, refer
 the compiled graphs from Inductor's caches (FX graph and AOTAutograd caches, on disk, shared by the host's
 processes) instead of compiling them again.
 
-The calls here go through the very functions the stages call, with stand-in data of the stages' shapes, so the
-graphs are the stages' graphs: `train_diffusion` for a few steps (the train stage's step, the CUDA graph capture
-included), `generate_w_grid` for one batch of a few sampling steps with the FID curve's w and sample count (the
-train stage's curve) and with the sample stage's w grid and batch for each guidance method (the sample stage).
+The calls here go through the very functions the stages call, with stand-in data of the stages' shapes, and in
+the order a stage's process makes them, so the graphs are the stages' graphs: torch.compile marks a batch
+dimension dynamic once a process has seen it change (Dynamo's automatic dynamic shapes), so a graph depends on
+what the process compiled before it, and Inductor's cache keys name the device index. Hence two parts, each in
+fresh processes like the stages':
+    train    `train_diffusion` for a few steps (the train stage's step, the CUDA graph's capture included), then, as
+             its callback, the FID curve's sampling of the EMA weights (w = 0 and train.eval_w, eval_samples)
+    sample   for each guidance method in order, a full batch of the sample stage's w grid and then its cell's
+             shorter last batch if it has one, with the stage's sampler and steps; one process per device index a
+             sampling rank uses (`--device cuda:R`), since rank R samples on cuda:R
 What is warmed, and what is not (a guide network, DDP training), is in `warm_parts`.
 
-    python -m cfg.engine.warmup train --info data/prepared.json     # or: sample
+    python -m cfg.engine.warmup train --info data/prepared.json     # or: sample --device cuda:1
 """
 
 from __future__ import annotations
@@ -31,22 +37,22 @@ import torch
 from cfg.engine.generate import examples_per_batch, generate_w_grid, guidance_of, sampling_kwargs
 from cfg.engine.training import GRAPH_WARMUP, train_diffusion, train_kwargs
 from cfg.maths.guidance import needs_guide_network
-from cfg.nets.unet import EMA, UNet, UNetConfig
+from cfg.nets.unet import UNet, UNetConfig
 
 PARTS = ("train", "sample")
-SAMPLING_STEPS = 2  # the network's graph does not depend on the number of steps: the fewest that run
 
 
 def warm_parts(params, kind: str) -> list[str]:
-    """The parts worth compiling ahead: `train` when the train stage compiles its step in one process, as
-    `cfg-lab repro --parallel` runs it with `train.devices` 1 or `all` (a slot's GPU; DDP's step over N GPUs is
-    another graph), `sample` when sampling compiles (the train stage's FID curve and the sample stage); none on
-    CPU, where nothing is compiled."""
+    """The parts worth compiling ahead: `train` when the train stage compiles (its step, or its FID curve's
+    sampling) in one process, as `cfg-lab repro --parallel` runs it with `train.devices` 1 or `all` (a slot's
+    GPU; DDP's step over N GPUs is another graph), `sample` when the sample stage compiles; none on CPU, where
+    nothing is compiled."""
     if kind != "cuda":
         return []
     t, s = params.train, params.sample
     parts = []
-    if t.compile and (t.devices == "all" or int(t.devices) == 1):
+    compiles = t.compile or (s.compile and t.eval_every)
+    if compiles and (t.devices == "all" or int(t.devices) == 1):
         parts.append("train")
     if s.compile:
         parts.append("sample")
@@ -63,46 +69,62 @@ def unet_config(params, info: dict) -> UNetConfig:
     )
 
 
+def _shape(config: UNetConfig) -> tuple[int, int, int]:
+    return (config.in_channels, config.image_size, config.image_size)
+
+
 def warm_train(params, config: UNetConfig, device: torch.device) -> None:
-    """The train stage's step (`train_diffusion` with its settings), for GRAPH_WARMUP + 1 steps: eager warm-up,
-    then the CUDA graph's capture when `train.cuda_graph` is on, on zeros of the stage's batch shape."""
+    """The train stage's process: its step (`train_diffusion` with its settings) for GRAPH_WARMUP + 1 steps (eager
+    warm-up, then the CUDA graph's capture when `train.cuda_graph` is on) on zeros of its batch shape, then, from
+    the step's callback as pipelines/train.py scores its curve, the sampling of the EMA weights at w = 0 and
+    train.eval_w (`score_model`'s `generate_w_grid` call, eval_samples per w)."""
     t = params.train
-    shape = (t.batch_size, config.in_channels, config.image_size, config.image_size)
+    steps = GRAPH_WARMUP + 1
+
+    def fid_curve(entry: dict) -> None:
+        if t.eval_every and entry["step"] == steps:
+            generate_w_grid(
+                entry["ema"],
+                [0.0, t.eval_w],
+                t.eval_samples,
+                num_classes=config.num_classes,
+                image_shape=_shape(config),
+                device=device,
+                **sampling_kwargs(params),
+            )
+
     train_diffusion(
         config,
-        torch.zeros(shape),
+        torch.zeros((t.batch_size, *_shape(config))),
         torch.zeros(t.batch_size, dtype=torch.int64),
         p_uncond=float(t.p_uncond[0]),
         device=device,
-        **train_kwargs(t) | {"steps": GRAPH_WARMUP + 1},
-        log_every=GRAPH_WARMUP + 1,
+        **train_kwargs(t) | {"steps": steps},
+        log_every=steps,
+        callback=fid_curve,
     )
 
 
 def warm_sample(params, config: UNetConfig, device: torch.device) -> None:
-    """The sampling network as the train stage's FID curve runs it (the EMA copy: eval mode, no gradients; w = 0
-    and train.eval_w; eval_samples) and as the sample stage runs it (a loaded checkpoint: eval mode; the w grid,
-    one batch of sample.batch_size rows, each guidance method without a guide network)."""
-    t, s = params.train, params.sample
-    shape = (config.in_channels, config.image_size, config.image_size)
-    common = {"num_classes": config.num_classes, "image_shape": shape, "device": device}
-    kwargs = sampling_kwargs(params) | {"steps": SAMPLING_STEPS}
-    if t.eval_every:  # pipelines/train.py: training_curve(...) -> score_model(ema, [0, eval_w], eval_samples)
-        model = UNet(config).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        generate_w_grid(EMA(model).model, [0.0, t.eval_w], t.eval_samples, **common, **kwargs)
-    model = UNet(config).eval()  # as load_checkpoint returns it
+    """The sample stage's process (a loaded checkpoint: eval mode): for each guidance method in order (but one
+    that needs a guide network: another network), a full batch of the w grid, then the cell's shorter last batch
+    when it has one (shards are whole batches but for that one), with the stage's sampler and steps."""
+    s = params.sample
+    model = UNet(config).eval().to(device)
     per_batch = examples_per_batch(s.batch_size, len(s.w))
-    # a full batch, and the cell's last one when it is shorter (the shards are whole batches but for that one)
-    sizes = sorted({min(per_batch, s.n_samples), s.n_samples % per_batch} - {0}, reverse=True)
+    n = min(per_batch, s.n_samples) + (s.n_samples % per_batch if s.n_samples > per_batch else 0)
     for name, options in guidance_of(s):
         if needs_guide_network([(name, options)]):
-            continue  # the guide is another network, trained by its own stage
-        for n in sizes:
-            generate_w_grid(
-                model.to(device), s.w, n, **common, **kwargs | {"guidance": name, "guidance_options": options}
-            )
+            continue
+        generate_w_grid(
+            model,
+            s.w,
+            n,
+            num_classes=config.num_classes,
+            image_shape=_shape(config),
+            device=device,
+            **sampling_kwargs(params) | {"guidance": name, "guidance_options": options},
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("part", choices=PARTS, help="which stage's networks to compile")
     ap.add_argument("--info", default="data/prepared.json", help="the prepare stage's summary")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--device", help="e.g. cuda:1, the device of the sampling rank to warm (default: cuda:0)")
     args = ap.parse_args(argv)
     params = stage_params(args.params)
     device = resolve_device(params.train.device)
+    if args.device and device.type == "cuda":
+        device = torch.device(args.device)
+        torch.cuda.set_device(device)
     if args.part not in warm_parts(params, device.type):
         print(f"[warmup] {args.part}: nothing is compiled ahead here", file=sys.stderr)
         return 0

@@ -8,7 +8,8 @@ three parts, each a set of `dvc repro` calls:
 
     1. upstream   `dvc repro prepare classifier reference …`: what every arm needs, once, on every GPU; on GPUs,
                   `prepare` alone first and then, beside the others, `cfg.engine.warmup` compiling the arms'
-                  networks on the last GPU (`Warmup`; the train arms start once their step is compiled)
+                  networks (`Warmup`: the train stage's on the last GPU, and the train arms start once it has
+                  ended; the sample stage's once per device index of its ranks)
     2. the arms   one `dvc repro --single-item <arm>` each, started as soon as the arms it needs have succeeded and
                   a slot of its kind is free (DVC's own DAG says which: `sample@<p>` needs `train@<p>` and the
                   guide network), so an arm's sampling runs while the other arms still train:
@@ -75,9 +76,10 @@ class Plan:
     needs: dict[str, list[str]] = field(default_factory=dict)
     one_pool: bool = False  # CPU: train and sample arms draw on the same slots (`jobs` arms at a time)
     # `cfg.engine.warmup` parts compiled while the upstream stages run (CUDA; none when nothing is compiled or
-    # no arm of theirs is out of date), and the environment they run in (the last GPU)
+    # no arm of theirs is out of date), and each part's environment: train on the last GPU, sample on the GPUs
+    # of a sample arm (one process per device index, as its ranks)
     warm: list[str] = field(default_factory=list)
-    warm_env: dict[str, str] = field(default_factory=dict)
+    warm_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _is(name: str, prefixes: Sequence[str]) -> bool:
@@ -423,14 +425,13 @@ def stale_stages(root: Path, graph: dict[str, set[str]]) -> set[str] | None:
 
 def warm_plan(parts: list[str], p: Plan, stale: set[str] | None) -> list[str]:
     """The warm-up parts (`cfg.engine.warmup.warm_parts`) that an out-of-date arm will use: `train` for the
-    p_uncond train arms (not the guide: another network), `sample` for the sample arms and for the train arms'
-    FID curve (it samples). Nothing when every arm is up to date (a rerun that has nothing to do)."""
+    p_uncond train arms (not the guide: another network), `sample` for the sample arms. Nothing when every arm is
+    up to date (a rerun that has nothing to do)."""
 
     def out_of_date(arms: list[str]) -> bool:
         return any(stale is None or a in stale for a in arms)
 
-    train = out_of_date([a for a in p.train if a != "train_guide"])
-    keep = {"train": train, "sample": train or out_of_date(p.sample)}
+    keep = {"train": out_of_date([a for a in p.train if a != "train_guide"]), "sample": out_of_date(p.sample)}
     return [part for part in parts if keep[part]]
 
 
@@ -489,7 +490,10 @@ def repro_parallel(
         if warmup and (parts := warm_parts(params, kind)):
             p.warm = warm_plan(parts, p, stale_stages(root, graph))
         if p.warm:
-            p.warm_env = {"CUDA_VISIBLE_DEVICES": p.everything["CUDA_VISIBLE_DEVICES"].split(",")[-1]}
+            p.warm_env = {
+                "train": {"CUDA_VISIBLE_DEVICES": p.everything["CUDA_VISIBLE_DEVICES"].split(",")[-1]},
+                "sample": p.sample_slots[0],
+            }
     except (ParamsError, ParallelError, RuntimeError) as e:
         params_file.write_text(original)  # refused: params.yaml as it was
         raise SystemExit(f"error: {e}") from None
@@ -504,9 +508,12 @@ def repro_parallel(
         after = "; ".join(f"{s} after {' '.join(n)}" for s, n in p.needs.items() if n)
         print(f"sample arms: {' '.join(p.sample)} {mode} {slots}, each once it may start ({after})")
         if p.warm:
+            where = ", ".join(
+                f"{k} on GPU {e['CUDA_VISIBLE_DEVICES']}" for k, e in p.warm_env.items() if k in p.warm
+            )
             print(
-                f"warm-up: compile the {' and '.join(p.warm)} networks ahead on GPU "
-                f"{p.warm_env['CUDA_VISIBLE_DEVICES']} while the upstream stages after prepare run"
+                f"warm-up: compile the {' and '.join(p.warm)} networks ahead ({where}) while the upstream stages "
+                "after prepare run"
                 + ("; the train arms start once the training step is compiled" if "train" in p.warm else "")
             )
         print(f"then: dvc repro {' '.join(targets)}".rstrip())
@@ -545,15 +552,16 @@ def repro_parallel(
 
 
 class Warmup:
-    """`cfg.engine.warmup`'s parts, one process after another in a thread of their own, beside the upstream
-    stages; `train_done` is set once the train part has ended (or there is none), whatever its outcome: a
-    failed warm-up only means that the arms compile for themselves."""
+    """`cfg.engine.warmup`'s parts one after another in a thread of their own, beside the upstream stages; the
+    sample part as one process per device index of a sample arm, at once. `train_done` is set once the train part
+    has ended (or there is none), whatever its outcome: a failed warm-up only means that the arms compile for
+    themselves."""
 
-    def __init__(self, parts: list[str], root: Path, env: dict[str, str], t0: float):
+    def __init__(self, parts: list[str], root: Path, env: dict[str, dict[str, str]], t0: float):
         self.parts, self.root, self.env, self.t0 = parts, root, env, t0
         self.results: list[ArmResult] = []
         self.train_done = threading.Event()
-        self.proc: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self._stopped = False
         self._lock = threading.Lock()  # a part starts, or the warm-up is stopped, not both at once
@@ -561,25 +569,49 @@ class Warmup:
     def command(self, part: str) -> list[str]:
         return [sys.executable, "-m", "cfg.engine.warmup", part, "--info", "data/prepared.json"]
 
+    def jobs(self, part: str) -> list[tuple[str, list[str]]]:
+        """(tag, command) of each process of a part: the sample part once per device index."""
+        if part != "sample":
+            return [(f"warmup {part}", self.command(part))]
+        n = len(self.env.get(part, {}).get("CUDA_VISIBLE_DEVICES", "0").split(","))
+        return [(f"warmup {part} cuda:{r}", [*self.command(part), "--device", f"cuda:{r}"]) for r in range(n)]
+
     def _run(self) -> None:
         try:
             for part in self.parts:
                 start = time.perf_counter()
+                env = self.env.get(part, {})
                 with self._lock:
                     if self._stopped:
                         break
-                    self.proc = start_logged(self.command(part), self.root, self.env)
-                code = finish_logged(self.proc, f"warmup {part}")
-                end = time.perf_counter()
-                self.results.append(ArmResult(f"warmup {part}", code, end - start, self.env, start - self.t0))
-                if code:
-                    print(f"[warmup {part}] exit {code}: its arms compile for themselves", file=sys.stderr)
+                    started = [(tag, start_logged(cmd, self.root, env)) for tag, cmd in self.jobs(part)]
+                    self.procs = [proc for _, proc in started]
+                codes: dict[str, int] = {}
+                streams = [
+                    threading.Thread(target=self._finish, args=(tag, proc, codes)) for tag, proc in started
+                ]
+                for thread in streams:
+                    thread.start()
+                for thread in streams:
+                    thread.join()
+                for tag, _ in started:
+                    code = codes.get(tag, 1)
+                    self.results.append(
+                        ArmResult(tag, code, time.perf_counter() - start, env, start - self.t0)
+                    )
+                    if code and not self._stopped:
+                        print(f"[{tag}] exit {code}: its arms compile for themselves", file=sys.stderr)
                 if part == "train":
                     self.train_done.set()
         except (Exception, SystemExit) as e:  # the study goes on without it
-            print(f"[warmup] could not run: {e}", file=sys.stderr, flush=True)
+            if not self._stopped:
+                print(f"[warmup] could not run: {e}", file=sys.stderr, flush=True)
         finally:
             self.train_done.set()
+
+    @staticmethod
+    def _finish(tag: str, proc: subprocess.Popen, codes: dict[str, int]) -> None:
+        codes[tag] = finish_logged(proc, tag)
 
     def start(self) -> None:
         if "train" not in self.parts:
@@ -590,8 +622,9 @@ class Warmup:
         """End a part still compiling (nothing needs it once the arms have ended)."""
         with self._lock:
             self._stopped = True
-            if self.proc is not None and self.proc.poll() is None:
-                _signal_group(self.proc, signal.SIGTERM)
+            for proc in self.procs:
+                if proc.poll() is None:
+                    _signal_group(proc, signal.SIGTERM)
         if self.thread.ident is not None:  # started (not when prepare failed)
             self.thread.join(timeout=60)
 
@@ -614,10 +647,23 @@ def _upstream(p: Plan, root: Path, warm: Warmup | None, t0: float) -> list[ArmRe
     return done
 
 
+# how long the train arms wait for the warm-up's training step at most (a cold compile takes ~2 min); then it is
+# stopped and the arms compile for themselves
+WARM_TRAIN_WAIT_S = 600.0
+
+
 def _run_parts(p: Plan, root: Path, targets: list[str]) -> int:
+    warm = Warmup(p.warm, root, p.warm_env, time.perf_counter()) if p.warm else None
+    try:
+        return _parts(p, root, targets, warm)
+    finally:  # whatever ends the run (a failure, an interrupt): no warm-up outlives it
+        if warm is not None:
+            warm.stop()
+
+
+def _parts(p: Plan, root: Path, targets: list[str], warm: Warmup | None) -> int:
     parts: list[tuple[str, list[ArmResult], float]] = []
-    t0 = time.perf_counter()
-    warm = Warmup(p.warm, root, p.warm_env, t0) if p.warm else None
+    t0 = warm.t0 if warm is not None else time.perf_counter()
     done = _upstream(p, root, warm, t0)
     if done:
         parts.append(("upstream", done, time.perf_counter() - t0))
@@ -634,7 +680,9 @@ def _run_parts(p: Plan, root: Path, targets: list[str]) -> int:
             file=sys.stderr,
             flush=True,
         )
-        warm.train_done.wait()
+        if not warm.train_done.wait(WARM_TRAIN_WAIT_S):
+            print(f"[warmup] not done after {WARM_TRAIN_WAIT_S:.0f} s: stopped", file=sys.stderr, flush=True)
+            warm.stop()
         print(
             f"[warmup] the arms waited {time.perf_counter() - t_wait:.1f} s for it",
             file=sys.stderr,
