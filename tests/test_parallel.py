@@ -355,14 +355,19 @@ class Recorder:
         return next(start for stages, start in self.calls if stage in stages)
 
 
-def _warm_run(monkeypatch, tmp_path, *, warm_s=(0.6, 0.3), warm_rc=(0, 0), fail=()):
-    """`_run_parts` of a 4-GPU plan with a warm-up whose parts are `sleep`s ending with `warm_rc`."""
+def _warm_run(monkeypatch, tmp_path, *, warm_s=(0.6, 0.3), warm_rc=(0, 0), fail=(), wait_s=None, arms=None):
+    """`_run_parts` of a 4-GPU plan with a warm-up whose parts are `sleep`s ending with `warm_rc`; `wait_s` caps
+    the arms' wait for it, `arms` replaces `run_arms`."""
     import sys
 
     from cfg.study import parallel
 
     rec = Recorder(fail)
     monkeypatch.setattr(parallel, "dvc_repro", rec)
+    if wait_s is not None:
+        monkeypatch.setattr(parallel, "WARM_TRAIN_WAIT_S", wait_s)
+    if arms is not None:
+        monkeypatch.setattr(parallel, "run_arms", arms)
     seconds = dict(zip(("train", "sample"), warm_s, strict=True))
     codes = dict(zip(("train", "sample"), warm_rc, strict=True))
     monkeypatch.setattr(
@@ -382,6 +387,12 @@ def _warm_run(monkeypatch, tmp_path, *, warm_s=(0.6, 0.3), warm_rc=(0, 0), fail=
     return rc, rec, time.perf_counter() - t0
 
 
+def _warm_lines(err: str) -> dict[str, str]:
+    """The summary's warm-up lines by stage (`warmup train`, `warmup sample rank 0`, …)."""
+    lines = [line for line in err.splitlines() if line.startswith("warmup ")]
+    return {" ".join(line.split()[1:3] if "train" in line else line.split()[1:5]): line for line in lines}
+
+
 def test_the_warm_up_runs_beside_the_upstream_stages_and_the_train_arms_wait_for_its_training_step(
     monkeypatch, tmp_path, capsys
 ):
@@ -396,15 +407,15 @@ def test_the_warm_up_runs_beside_the_upstream_stages_and_the_train_arms_wait_for
     assert first_train >= 0.6 + rec.started("prepare")
     err = capsys.readouterr().err
     assert "[warmup train] train compiled" in err and "the arms waited" in err
-    # the sampling network once per device index of a sample arm's ranks (its cache entries name the device)
-    assert all(f"[warmup sample cuda:{r}] sample compiled" in err for r in range(4))
-    lines = [line for line in err.splitlines() if line.startswith("warmup ")]
-    assert [line.split()[2:4] for line in lines] == [
-        ["train", lines[0].split()[3]],
-        *(["sample", f"cuda:{r}"] for r in range(4)),
-    ]
-    assert " ok " in lines[0] and lines[0].rstrip().endswith(" 3"), "the train part on the last GPU"
-    assert all(" ok " in line and line.rstrip().endswith(" 0,1,2,3") for line in lines[1:]), "on every GPU"
+    # the sampling network once per rank of a sample arm (its cache entries name the rank's device)
+    assert all(f"[warmup sample rank {r}] sample compiled" in err for r in range(4))
+    lines = _warm_lines(err)
+    assert sorted(lines) == sorted(["warmup train", *(f"warmup sample rank {r}" for r in range(4))])
+    assert " ok " in lines["warmup train"] and lines["warmup train"].rstrip().endswith(" 3"), (
+        "on the last GPU"
+    )
+    samples = [lines[f"warmup sample rank {r}"] for r in range(4)]
+    assert all(" ok " in x and x.rstrip().endswith(" 0,1,2,3") for x in samples), "on every GPU"
 
 
 def test_a_failed_warm_up_leaves_the_arms_to_compile_for_themselves(monkeypatch, tmp_path, capsys):
@@ -414,9 +425,7 @@ def test_a_failed_warm_up_leaves_the_arms_to_compile_for_themselves(monkeypatch,
     assert ("train@0.1",) in order and ("sample@0.5",) in order and order[-1] == (), "arms, then the rest"
     err = capsys.readouterr().err
     assert "[warmup train] exit 3: its arms compile for themselves" in err
-    assert "exit 3" in next(
-        line for line in err.splitlines() if line.startswith("warmup ") and "train" in line
-    )
+    assert "exit 3" in _warm_lines(err)["warmup train"]
 
 
 def test_a_failed_prepare_starts_no_warm_up_and_a_warm_up_outliving_the_arms_is_ended(
@@ -428,5 +437,27 @@ def test_a_failed_prepare_starts_no_warm_up_and_a_warm_up_outliving_the_arms_is_
     # a sample warm-up still compiling (60 s) when the arms end is stopped with them, not waited for
     rc, rec, wall = _warm_run(monkeypatch, tmp_path, warm_s=(0.1, 60))
     assert rc == 0 and wall < 30
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warmup ") and "sample" in x]
+    lines = [x for name, x in _warm_lines(capsys.readouterr().err).items() if "sample" in name]
     assert len(lines) == 4 and all("exit -15" in x for x in lines), lines
+
+
+def test_the_arms_wait_for_the_warm_up_only_so_long(monkeypatch, tmp_path, capsys):
+    rc, rec, wall = _warm_run(monkeypatch, tmp_path, warm_s=(60, 0.1), wait_s=0.5)
+    assert rc == 0 and wall < 30, "a warm-up that hangs is stopped and the arms run"
+    err = capsys.readouterr().err
+    assert "[warmup] not done after" in err
+    assert "exit -15" in _warm_lines(err)["warmup train"]
+    assert ("train@0.1",) in [stages for stages, _ in rec.calls]
+
+
+def test_no_warm_up_outlives_a_run_that_ends_in_an_error(monkeypatch, tmp_path):
+    import psutil
+
+    def broken(p, root):  # e.g. the scheduler's own error, after the warm-up started
+        raise RuntimeError("arms cannot start")
+
+    before = {q.pid for q in psutil.Process().children(recursive=True)}
+    with pytest.raises(RuntimeError, match="arms cannot start"):
+        _warm_run(monkeypatch, tmp_path, warm_s=(0.1, 60), arms=broken)
+    left = [q for q in psutil.Process().children(recursive=True) if q.pid not in before and q.is_running()]
+    assert not [q for q in left if q.status() != psutil.STATUS_ZOMBIE], left

@@ -158,6 +158,36 @@ def test_with_several_guidance_methods_and_one_whose_passes_change_with_the_step
     assert warm["sample"] == stage["sample"]
 
 
+@pytest.mark.parametrize(("n_samples", "world"), [(50, 2), (130, 2), (130, 4), (40, 3)])
+def test_each_sampling_rank_is_warmed_with_the_batches_of_its_own_shard(
+    digits, tmp_path, monkeypatch, n_samples, world
+):
+    """Under torchrun rank r samples its shard (whole batches of 40 examples here) on cuda:r, and only the rank
+    holding the cell's short last batch meets that shape; a rank whose only batch is the short one compiles it
+    first. Each rank's warm-up process meets the shapes its rank meets, in its order."""
+    import cfg.engine.generate as generate
+    from cfg.engine.distributed import Dist
+
+    monkeypatch.setattr(generate, "gather_rows", lambda t, d, n, dim=0, block=1: t)  # no process group here
+    params = _params(sample=CELL | {"n_samples": n_samples})
+    config = warmup.unet_config(params, _info(digits))
+    model = UNet(config).eval()
+    for rank in range(world):
+        d = Dist(rank, world, rank)
+        with Calls() as stage:
+            sample_checkpoint(
+                model,
+                {"p_uncond": 0.1, "classes": digits.classes},
+                params,
+                checkpoint="c",
+                device="cpu",
+                dist=d,
+            )
+        with Calls() as warm:
+            warmup.warm_sample(params, config, torch.device("cpu"), d)
+        assert warm.seen == stage.seen, (n_samples, world, rank)
+
+
 def test_the_comparison_can_fail_on_another_batch_shape(digits, tmp_path):
     stage = _stage_calls(_params(sample=CELL), digits, tmp_path)
     other = _warm_calls(_params(sample=CELL | {"batch_size": 60}), digits)
@@ -196,7 +226,10 @@ def test_the_warm_up_is_planned_only_for_arms_that_will_run():
     assert warm_plan(both, p, {"train@0.1"}) == ["train"], "the FID curve is the train part's"
 
 
-def test_the_module_reads_the_data_shape_from_prepares_summary(tmp_path, digits, capsys):
+def test_on_cpu_the_module_is_a_no_op_that_says_so(tmp_path, digits, capsys):
     (tmp_path / "prepared.json").write_text(json.dumps(_info(digits)))
     assert warmup.main(["train", "--info", str(tmp_path / "prepared.json")]) == 0
-    assert "nothing is compiled ahead here" in capsys.readouterr().err, "CPU: a no-op that says so"
+    assert "nothing is compiled ahead here" in capsys.readouterr().err
+    # what it would build on a GPU: the arms' U-Net for prepare's images
+    config = warmup.unet_config(_params(), json.loads((tmp_path / "prepared.json").read_text()))
+    assert (config.image_size, config.in_channels, config.num_classes) == (8, 1, 10)

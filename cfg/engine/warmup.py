@@ -16,12 +16,12 @@ what the process compiled before it, and Inductor's cache keys name the device i
 fresh processes like the stages':
     train    `train_diffusion` for a few steps (the train stage's step, the CUDA graph's capture included), then, as
              its callback, the FID curve's sampling of the EMA weights (w = 0 and train.eval_w, eval_samples)
-    sample   for each guidance method in order, a full batch of the sample stage's w grid and then its cell's
-             shorter last batch if it has one, with the stage's sampler and steps; one process per device index a
-             sampling rank uses (`--device cuda:R`), since rank R samples on cuda:R
+    sample   for each guidance method in order, the first batch of a rank's shard of the cell and then the
+             shard's shorter last batch if it has one, with the stage's w grid, sampler and steps; one process per
+             rank (`--rank R --world N`), on cuda:R as rank R samples
 What is warmed, and what is not (a guide network, DDP training), is in `warm_parts`.
 
-    python -m cfg.engine.warmup train --info data/prepared.json     # or: sample --device cuda:1
+    python -m cfg.engine.warmup train --info data/prepared.json     # or: sample --rank 1 --world 4
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from cfg.engine.distributed import Dist, shard
 from cfg.engine.generate import examples_per_batch, generate_w_grid, guidance_of, sampling_kwargs
 from cfg.engine.training import GRAPH_WARMUP, train_diffusion, train_kwargs
 from cfg.maths.guidance import needs_guide_network
@@ -105,21 +106,32 @@ def warm_train(params, config: UNetConfig, device: torch.device) -> None:
     )
 
 
-def warm_sample(params, config: UNetConfig, device: torch.device) -> None:
-    """The sample stage's process (a loaded checkpoint: eval mode): for each guidance method in order (but one
-    that needs a guide network: another network), a full batch of the w grid, then the cell's shorter last batch
-    when it has one (shards are whole batches but for that one), with the stage's sampler and steps."""
+def rank_batches(n_samples: int, block: int, d: Dist) -> torch.Tensor:
+    """Examples of rank d's shard of a cell (`shard`, whole blocks of `block`) that meet every batch shape the
+    rank meets, in its order: its first batch, then its last one when that is shorter (a rank whose only batch is
+    the short one starts, and compiles, with that shape)."""
+    mine = shard(n_samples, d, block)
+    short = len(mine) % block if len(mine) > block else 0
+    return torch.cat([mine[:block], mine[len(mine) - short :]]) if short else mine[:block]
+
+
+def warm_sample(params, config: UNetConfig, device: torch.device, d: Dist | None = None) -> None:
+    """Rank d's sample stage process (a loaded checkpoint: eval mode): for each guidance method in order (but one
+    that needs a guide network: another network), the batches of `rank_batches`, with the stage's sampler and
+    steps."""
     s = params.sample
     model = UNet(config).eval().to(device)
-    per_batch = examples_per_batch(s.batch_size, len(s.w))
-    n = min(per_batch, s.n_samples) + (s.n_samples % per_batch if s.n_samples > per_batch else 0)
+    examples = rank_batches(s.n_samples, examples_per_batch(s.batch_size, len(s.w)), d or Dist())
+    if not len(examples):
+        return  # a rank without examples samples nothing
     for name, options in guidance_of(s):
         if needs_guide_network([(name, options)]):
             continue
         generate_w_grid(
             model,
             s.w,
-            n,
+            len(examples),
+            examples=examples,
             num_classes=config.num_classes,
             image_shape=_shape(config),
             device=device,
@@ -135,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("part", choices=PARTS, help="which stage's networks to compile")
     ap.add_argument("--info", default="data/prepared.json", help="the prepare stage's summary")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--device", help="e.g. cuda:1, the device of the sampling rank to warm (default: cuda:0)")
+    ap.add_argument("--rank", type=int, default=0, help="sample: the sampling rank to warm (on cuda:RANK)")
+    ap.add_argument("--world", type=int, default=1, help="sample: the sampling ranks of a sample arm")
     args = ap.parse_args(argv)
     params = stage_params(args.params)
     device = resolve_device(params.train.device)
-    if args.device and device.type == "cuda":
-        device = torch.device(args.device)
+    if device.type == "cuda" and args.part == "sample":
+        device = torch.device("cuda", args.rank)
         torch.cuda.set_device(device)
     if args.part not in warm_parts(params, device.type):
         print(f"[warmup] {args.part}: nothing is compiled ahead here", file=sys.stderr)
@@ -148,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     config = unet_config(params, json.loads(Path(args.info).read_text()))
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        (warm_train if args.part == "train" else warm_sample)(params, config, device)
+        if args.part == "train":
+            warm_train(params, config, device)
+        else:
+            warm_sample(params, config, device, Dist(args.rank, args.world, args.rank))
     print(f"[warmup] {args.part}: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 

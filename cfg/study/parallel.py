@@ -9,7 +9,7 @@ three parts, each a set of `dvc repro` calls:
     1. upstream   `dvc repro prepare classifier reference …`: what every arm needs, once, on every GPU; on GPUs,
                   `prepare` alone first and then, beside the others, `cfg.engine.warmup` compiling the arms'
                   networks (`Warmup`: the train stage's on the last GPU, and the train arms start once it has
-                  ended; the sample stage's once per device index of its ranks)
+                  ended; at the same time the sample stage's, once per rank of a sample arm)
     2. the arms   one `dvc repro --single-item <arm>` each, started as soon as the arms it needs have succeeded and
                   a slot of its kind is free (DVC's own DAG says which: `sample@<p>` needs `train@<p>` and the
                   guide network), so an arm's sampling runs while the other arms still train:
@@ -552,81 +552,85 @@ def repro_parallel(
 
 
 class Warmup:
-    """`cfg.engine.warmup`'s parts one after another in a thread of their own, beside the upstream stages; the
-    sample part as one process per device index of a sample arm, at once. `train_done` is set once the train part
-    has ended (or there is none), whatever its outcome: a failed warm-up only means that the arms compile for
-    themselves."""
+    """`cfg.engine.warmup`'s parts beside the upstream stages, all at once: the train part as one process, the
+    sample part as one process per rank of a sample arm. `train_done` is set once the train part has ended (or
+    there is none), whatever its outcome: a failed warm-up only means that the arms compile for themselves."""
 
     def __init__(self, parts: list[str], root: Path, env: dict[str, dict[str, str]], t0: float):
         self.parts, self.root, self.env, self.t0 = parts, root, env, t0
         self.results: list[ArmResult] = []
         self.train_done = threading.Event()
         self.procs: list[subprocess.Popen] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.threads: list[threading.Thread] = []
         self._stopped = False
-        self._lock = threading.Lock()  # a part starts, or the warm-up is stopped, not both at once
+        self._lock = threading.Lock()  # processes start, or the warm-up is stopped, not both at once
 
     def command(self, part: str) -> list[str]:
         return [sys.executable, "-m", "cfg.engine.warmup", part, "--info", "data/prepared.json"]
 
     def jobs(self, part: str) -> list[tuple[str, list[str]]]:
-        """(tag, command) of each process of a part: the sample part once per device index."""
+        """(tag, command) of each process of a part: the sample part once per rank (its cache entries name the
+        rank's device, cuda:R)."""
         if part != "sample":
             return [(f"warmup {part}", self.command(part))]
         n = len(self.env.get(part, {}).get("CUDA_VISIBLE_DEVICES", "0").split(","))
-        return [(f"warmup {part} cuda:{r}", [*self.command(part), "--device", f"cuda:{r}"]) for r in range(n)]
+        return [
+            (f"warmup {part} rank {r}", [*self.command(part), "--rank", str(r), "--world", str(n)])
+            for r in range(n)
+        ]
 
-    def _run(self) -> None:
+    def _watch(self, tag: str, proc: subprocess.Popen, env: dict[str, str], start: float, part: str) -> None:
+        code = 1
         try:
-            for part in self.parts:
-                start = time.perf_counter()
-                env = self.env.get(part, {})
-                with self._lock:
-                    if self._stopped:
-                        break
-                    started = [(tag, start_logged(cmd, self.root, env)) for tag, cmd in self.jobs(part)]
-                    self.procs = [proc for _, proc in started]
-                codes: dict[str, int] = {}
-                streams = [
-                    threading.Thread(target=self._finish, args=(tag, proc, codes)) for tag, proc in started
-                ]
-                for thread in streams:
-                    thread.start()
-                for thread in streams:
-                    thread.join()
-                for tag, _ in started:
-                    code = codes.get(tag, 1)
-                    self.results.append(
-                        ArmResult(tag, code, time.perf_counter() - start, env, start - self.t0)
-                    )
-                    if code and not self._stopped:
-                        print(f"[{tag}] exit {code}: its arms compile for themselves", file=sys.stderr)
-                if part == "train":
-                    self.train_done.set()
-        except (Exception, SystemExit) as e:  # the study goes on without it
-            if not self._stopped:
-                print(f"[warmup] could not run: {e}", file=sys.stderr, flush=True)
+            code = finish_logged(proc, tag)
         finally:
-            self.train_done.set()
-
-    @staticmethod
-    def _finish(tag: str, proc: subprocess.Popen, codes: dict[str, int]) -> None:
-        codes[tag] = finish_logged(proc, tag)
+            end = time.perf_counter()
+            self.results.append(ArmResult(tag, code, end - start, env, start - self.t0))
+            if code and not self._stopped:
+                print(f"[{tag}] exit {code}: its arms compile for themselves", file=sys.stderr, flush=True)
+            if part == "train":
+                self.train_done.set()
 
     def start(self) -> None:
+        """Start every process (after prepare: they read its summary)."""
         if "train" not in self.parts:
             self.train_done.set()
-        self.thread.start()
+        with self._lock:
+            for part in self.parts:
+                env = self.env.get(part, {})
+                for tag, cmd in self.jobs(part):
+                    start = time.perf_counter()
+                    try:
+                        proc = start_logged(cmd, self.root, env)
+                    except (Exception, SystemExit) as e:  # the study goes on without it
+                        print(f"[{tag}] could not start: {e}", file=sys.stderr, flush=True)
+                        if part == "train":
+                            self.train_done.set()
+                        continue
+                    self.procs.append(proc)
+                    thread = threading.Thread(
+                        target=self._watch, args=(tag, proc, env, start, part), daemon=True
+                    )
+                    self.threads.append(thread)
+                    thread.start()
 
-    def stop(self) -> None:
-        """End a part still compiling (nothing needs it once the arms have ended)."""
+    def stop(self, grace_s: float = 10.0) -> None:
+        """End what still compiles (nothing needs it once the arms have ended, or the run stops): SIGTERM, then
+        SIGKILL after `grace_s`."""
         with self._lock:
             self._stopped = True
-            for proc in self.procs:
-                if proc.poll() is None:
-                    _signal_group(proc, signal.SIGTERM)
-        if self.thread.ident is not None:  # started (not when prepare failed)
-            self.thread.join(timeout=60)
+            live = [proc for proc in self.procs if proc.poll() is None]
+        for proc in live:
+            _signal_group(proc, signal.SIGTERM)
+        end = time.monotonic() + grace_s
+        while any(proc.poll() is None for proc in live) and time.monotonic() < end:
+            time.sleep(0.1)
+        for proc in live:
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGKILL)
+        for thread in self.threads:
+            thread.join(timeout=5)
+        self.train_done.set()
 
 
 def _upstream(p: Plan, root: Path, warm: Warmup | None, t0: float) -> list[ArmResult]:
