@@ -93,9 +93,19 @@ def _check_data(x: Tensor, y: Tensor | None, config: ClassifierConfig) -> None:
 
 def random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
     """Translate each image by its own integer offset in [-max_shift, max_shift]², replicating the border."""
+    return shift(x, shift_draws(len(x), max_shift, generator), max_shift)
+
+
+def shift_draws(b: int, max_shift: int, generator: torch.Generator) -> Tensor:
+    """The (2, B, 1) offsets + max_shift of `random_shift` for B images, drawn from `generator`."""
+    return torch.randint(0, 2 * max_shift + 1, (2, b, 1), generator=generator)
+
+
+def shift(x: Tensor, draws: Tensor, max_shift: int) -> Tensor:
+    """`random_shift` with its `shift_draws` given."""
     b, _, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4, mode="replicate")  # (B, C, H + 2s, W + 2s)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b, 1), generator=generator).to(x.device)
+    dy, dx = draws.to(x.device)
     rows = dy + torch.arange(h, device=x.device)  # (B, H)
     cols = dx + torch.arange(w, device=x.device)  # (B, W)
     batch = torch.arange(b, device=x.device)[:, None, None]
@@ -135,23 +145,33 @@ def train_classifier(
         model = Classifier(config).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        # the images on the device once, each epoch's batch order and shifts copied there in one go (drawn in the
+        # order a batch at a time would draw them), its sums kept there: on a GPU a step of this small network
+        # takes less time than a host-side gather, a copy from the host or a sync to read the loss, each of
+        # which would make the host wait for the GPU at every step
+        x_all, y_all = train_x.to(device, torch.float32), train_y.to(device)
         for epoch in range(1, epochs + 1):
             model.train()
-            loss_sum, correct = 0.0, 0
-            for idx in torch.randperm(n, generator=generator).split(batch_size):
-                x = train_x[idx].to(device, torch.float32)
-                y = train_y[idx].to(device)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            order = torch.randperm(n, generator=generator)
+            sizes = [len(idx) for idx in order.split(batch_size)]
+            shifts = [shift_draws(b, max_shift, generator) for b in sizes] if augment else []
+            order_d = order.to(device)
+            shifts_d = torch.cat(shifts, dim=1).to(device).split(sizes, dim=1) if augment else []
+            for i, idx in enumerate(order_d.split(batch_size)):
+                x, y = x_all[idx], y_all[idx]
                 if augment:
-                    x = random_shift(x, max_shift, generator)
+                    x = shift(x, shifts_d[i], max_shift)
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_sum += loss.item() * len(idx)
-                correct += int((logits.argmax(1) == y).sum())
-            entry = {"epoch": epoch, "loss": loss_sum / n, "train_acc": correct / n}
+                loss_sum += loss.detach().double() * len(idx)  # as Python floats summed: float64
+                correct += (logits.argmax(1) == y).sum()
+            entry = {"epoch": epoch, "loss": float(loss_sum) / n, "train_acc": int(correct) / n}
             history.append(entry)
             if progress is not None:
                 progress(entry)
