@@ -8,9 +8,8 @@
 #   study         dvc repro: every stage, with the overrides given after the phase
 #   gate          the CUDA-graph training test (fp32, eager network) on the last GPU: writes true/false to cg
 #   start ARGS    cfg-lab repro --parallel of the preset + ARGS (key=value or more preset files) in a new process
-#                 session (it outlives the call
-#                 while the machine stays warm); its log in run.log, its exit status in run.rc, each GPU's utilisation
-#                 every 5 s in gpu_util.csv; GPUS=0,1,2 limits its GPUs
+#                 session (it outlives the call while the machine stays warm); its log in run.log, its exit status
+#                 in run.rc, each GPU's utilisation every 5 s in gpu_util.csv; GPUS=0,1,2 limits its GPUs
 #   benchmarks G  in a new process session on GPU G alone: benchmarks/bench_throughput.py (with its diffusers peer
 #                 rows once a call has carried .whl_extra/, waiting up to 3 min for it), benchmarks/profile_step.py's
 #                 kernels + cell + copies parts, its kernels part with flash attention only, the GPU tests, its loop
