@@ -230,6 +230,9 @@ def test_on_cpu_the_module_is_a_no_op_that_says_so(tmp_path, digits, capsys):
     (tmp_path / "prepared.json").write_text(json.dumps(_info(digits)))
     assert warmup.main(["train", "--info", str(tmp_path / "prepared.json")]) == 0
     assert "nothing is compiled ahead here" in capsys.readouterr().err
+    # the command line a parallel run gives a sampling rank's process
+    args = ["sample", "--info", str(tmp_path / "prepared.json"), "--rank", "1", "--world", "2"]
+    assert warmup.main(args) == 0 and "nothing is compiled ahead here" in capsys.readouterr().err
     # what it would build on a GPU: the arms' U-Net for prepare's images
     config = warmup.unet_config(_params(), json.loads((tmp_path / "prepared.json").read_text()))
     assert (config.image_size, config.in_channels, config.num_classes) == (8, 1, 10)
