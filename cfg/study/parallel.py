@@ -489,7 +489,6 @@ def repro_parallel(
         )
         if warmup and (parts := warm_parts(params, kind)):
             p.warm = warm_plan(parts, p, stale_stages(root, graph))
-        if p.warm:
             p.warm_env = {
                 "train": {"CUDA_VISIBLE_DEVICES": p.everything["CUDA_VISIBLE_DEVICES"].split(",")[-1]},
                 "sample": p.sample_slots[0],
@@ -672,9 +671,7 @@ def _parts(p: Plan, root: Path, targets: list[str], warm: Warmup | None) -> int:
     if done:
         parts.append(("upstream", done, time.perf_counter() - t0))
     failed_upstream = next((r for r in done if r.returncode), None)
-    if failed_upstream is not None:
-        if warm is not None:
-            warm.stop()
+    if failed_upstream is not None:  # _run_parts stops the warm-up
         print(summary(parts), file=sys.stderr)
         return failed_upstream.returncode
     if warm is not None and not warm.train_done.is_set():
