@@ -355,11 +355,15 @@ class Recorder:
         return next(start for stages, start in self.calls if stage in stages)
 
 
-def _warm_run(monkeypatch, tmp_path, *, warm_s=(0.6, 0.3), warm_rc=(0, 0), fail=(), wait_s=None, arms=None):
-    """`_run_parts` of a 4-GPU plan with a warm-up whose parts are `sleep`s ending with `warm_rc`; `wait_s` caps
-    the arms' wait for it, `arms` replaces `run_arms`."""
+def _warm_run(
+    monkeypatch, tmp_path, *, warm_s=(0.6, 0.3), warm_rc=(0, 0), ready_s=None, fail=(), wait_s=None, arms=None
+):
+    """`_run_parts` of a 4-GPU plan with a warm-up whose parts are `sleep`s ending with `warm_rc`, the train part
+    printing the warm-up's STEP_READY line (on stderr, as cfg.engine.warmup does) after `ready_s` when given;
+    `wait_s` caps the arms' wait for it, `arms` replaces `run_arms`."""
     import sys
 
+    from cfg.engine.warmup import STEP_READY
     from cfg.study import parallel
 
     rec = Recorder(fail)
@@ -370,13 +374,19 @@ def _warm_run(monkeypatch, tmp_path, *, warm_s=(0.6, 0.3), warm_rc=(0, 0), fail=
         monkeypatch.setattr(parallel, "run_arms", arms)
     seconds = dict(zip(("train", "sample"), warm_s, strict=True))
     codes = dict(zip(("train", "sample"), warm_rc, strict=True))
+    ready = {
+        "train": f"time.sleep({ready_s}); print({STEP_READY!r} + ' in 0 s', file=sys.stderr, flush=True); "
+        if ready_s is not None
+        else ""
+    }
     monkeypatch.setattr(
         parallel.Warmup,
         "command",
         lambda self, part: [
             sys.executable,
             "-c",
-            f"import time, sys; time.sleep({seconds[part]}); print('{part} compiled'); sys.exit({codes[part]})",
+            f"import time, sys; {ready.get(part, '')}time.sleep({seconds[part]}); print('{part} compiled'); "
+            f"sys.exit({codes[part]})",
         ],
     )
     p = cuda_plan(1, "all")
@@ -418,6 +428,21 @@ def test_the_warm_up_runs_beside_the_upstream_stages_and_the_train_arms_wait_for
     assert all(" ok " in x and x.rstrip().endswith(" 0,1,2,3") for x in samples), "on every GPU"
 
 
+def test_the_train_arms_start_once_the_training_step_is_compiled_while_the_fid_curve_still_compiles(
+    monkeypatch, tmp_path, capsys
+):
+    # the train part prints that its step is compiled after 0.6 s, then compiles the FID curve's graphs for 60 s:
+    # the train arms start on the line, not on its end, and the part is ended with the run
+    rc, rec, wall = _warm_run(monkeypatch, tmp_path, warm_s=(60, 0.1), ready_s=0.6)
+    assert rc == 0 and wall < 30, "the arms did not wait for the FID curve's compilation"
+    first_train = min(rec.started(s) for s in ("train@0.1", "train@0.2", "train@0.5", "train_guide"))
+    assert first_train >= 0.6 + rec.started("prepare"), "not before the step was compiled"
+    err = capsys.readouterr().err
+    assert "[warmup train] [warmup] train: step compiled in 0 s" in err and "the arms waited" in err
+    assert "not compiled after" not in err
+    assert "exit -15" in _warm_lines(err)["warmup train"], "ended with the run"
+
+
 def test_a_failed_warm_up_leaves_the_arms_to_compile_for_themselves(monkeypatch, tmp_path, capsys):
     rc, rec, _ = _warm_run(monkeypatch, tmp_path, warm_s=(0.1, 0.1), warm_rc=(3, 0))
     assert rc == 0, "the study does not depend on it"
@@ -445,7 +470,7 @@ def test_the_arms_wait_for_the_warm_up_only_so_long(monkeypatch, tmp_path, capsy
     rc, rec, wall = _warm_run(monkeypatch, tmp_path, warm_s=(60, 0.1), wait_s=0.5)
     assert rc == 0 and wall < 30, "a warm-up that hangs is stopped and the arms run"
     err = capsys.readouterr().err
-    assert "[warmup] not done after" in err
+    assert "[warmup] the training step not compiled after" in err
     assert "exit -15" in _warm_lines(err)["warmup train"]
     assert ("train@0.1",) in [stages for stages, _ in rec.calls]
 

@@ -147,6 +147,25 @@ def test_the_warm_up_runs_the_networks_the_train_and_sample_stages_run_in_their_
     assert warm == stage
 
 
+def test_the_train_part_says_its_step_is_compiled_before_it_compiles_the_fid_curve(digits):
+    # the train arms start on `ready`: every training call must come before it, and only the FID curve's after
+    params = _params(sample=CELL)
+    config = warmup.unet_config(params, _info(digits))
+    with Calls() as calls:
+        at: list[int] = []
+        warmup.warm_train(params, config, torch.device("cpu"), ready=lambda: at.append(len(calls.seen)))
+    assert len(at) == 1, "once"
+    kinds = [(training, grad) for _, training, _, grad, _ in calls.seen]
+    assert 0 < at[0] < len(kinds), "between the two"
+    assert set(kinds[: at[0]]) == {(True, True)} and set(kinds[at[0] :]) == {(False, False)}
+    # without a FID curve the part ends with the step; `ready` still comes
+    with Calls() as calls:
+        at = []
+        no_curve = _params(sample=CELL, train={"eval_every": 0})
+        warmup.warm_train(no_curve, config, torch.device("cpu"), ready=lambda: at.append(len(calls.seen)))
+    assert at == [len(calls.seen)] and {training for _, training, *_ in calls.seen} == {True}
+
+
 def test_with_several_guidance_methods_and_one_whose_passes_change_with_the_step(digits, tmp_path):
     # interval guidance runs the unconditional pass only inside its λ interval: the batch the network sees
     # changes during sampling, at steps that a shortened schedule would not reach

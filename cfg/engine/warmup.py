@@ -15,7 +15,10 @@ dimension dynamic once a process has seen it change (Dynamo's automatic dynamic 
 what the process compiled before it, and Inductor's cache keys name the device index. Hence two parts, each in
 fresh processes like the stages':
     train    `train_diffusion` for a few steps (the train stage's step, the CUDA graph's capture included), then, as
-             its callback, the FID curve's sampling of the EMA weights (w = 0 and train.eval_w, eval_samples)
+             its callback, the FID curve's sampling of the EMA weights (w = 0 and train.eval_w, eval_samples).
+             Between the two it prints STEP_READY: the train arms start then, and the FID curve's graphs are
+             compiled while their first eval_every steps run (on 4 H100s a train arm reached its first curve
+             point ≈ 60 s after it started; on H200s a cold first point took ≈ 30 s longer than a warm one)
     sample   for each guidance method in order, the first batch of a rank's shard of the cell and then the
              shard's shorter last batch if it has one, with the stage's w grid, sampler and steps; one process per
              rank (`--rank R --world N`), on cuda:R as rank R samples
@@ -30,6 +33,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,6 +45,10 @@ from cfg.maths.guidance import needs_guide_network
 from cfg.nets.unet import UNet, UNetConfig
 
 PARTS = ("train", "sample")
+
+# what the train part prints once the training step is compiled (and, with train.cuda_graph, captured): what a
+# train arm's first steps need; `cfg-lab repro --parallel` starts the train arms when it reads it
+STEP_READY = "[warmup] train: step compiled"
 
 
 def warm_parts(params, kind: str) -> list[str]:
@@ -74,16 +82,23 @@ def _shape(config: UNetConfig) -> tuple[int, int, int]:
     return (config.in_channels, config.image_size, config.image_size)
 
 
-def warm_train(params, config: UNetConfig, device: torch.device) -> None:
+def warm_train(
+    params, config: UNetConfig, device: torch.device, ready: Callable[[], None] | None = None
+) -> None:
     """The train stage's process: its step (`train_diffusion` with its settings) for GRAPH_WARMUP + 1 steps (eager
     warm-up, then the CUDA graph's capture when `train.cuda_graph` is on) on zeros of its batch shape, then, from
     the step's callback as pipelines/train.py scores its curve, the sampling of the EMA weights at w = 0 and
-    train.eval_w (`score_model`'s `generate_w_grid` call, eval_samples per w)."""
+    train.eval_w (`score_model`'s `generate_w_grid` call, eval_samples per w). `ready` is called between the
+    two, once the step is compiled."""
     t = params.train
     steps = GRAPH_WARMUP + 1
 
     def fid_curve(entry: dict) -> None:
-        if t.eval_every and entry["step"] == steps:
+        if entry["step"] != steps:
+            return
+        if ready is not None:
+            ready()
+        if t.eval_every:
             generate_w_grid(
                 entry["ema"],
                 [0.0, t.eval_w],
@@ -160,9 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = unet_config(params, json.loads(Path(args.info).read_text()))
     t0 = time.perf_counter()
+
+    def ready() -> None:
+        print(f"{STEP_READY} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if args.part == "train":
-            warm_train(params, config, device)
+            warm_train(params, config, device, ready)
         else:
             warm_sample(params, config, device, Dist(args.rank, args.world, args.rank))
     print(f"[warmup] {args.part}: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -180,11 +180,13 @@ class ArmResult:
         return "ok" if self.returncode == 0 else f"exit {self.returncode}"
 
 
-def _stream(proc: subprocess.Popen, prefix: str) -> None:
+def _stream(proc: subprocess.Popen, prefix: str, on_line: Callable[[str], None] | None = None) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         sys.stderr.write(f"[{prefix}] {line}")
         sys.stderr.flush()
+        if on_line is not None:
+            on_line(line)
 
 
 # the `dvc repro` processes running now, each the leader of its own process group (its stage and any torchrun
@@ -299,9 +301,10 @@ def start_logged(cmd: list[str], root: Path, env: dict[str, str]) -> subprocess.
     return proc
 
 
-def finish_logged(proc: subprocess.Popen, tag: str) -> int:
-    """Stream a `start_logged` process's output prefixed with `tag` until it ends; its exit status."""
-    _stream(proc, tag)  # interrupted here, it stays in _RUNNING for `stop_all`
+def finish_logged(proc: subprocess.Popen, tag: str, on_line: Callable[[str], None] | None = None) -> int:
+    """Stream a `start_logged` process's output prefixed with `tag` (each line also to `on_line`) until it ends;
+    its exit status."""
+    _stream(proc, tag, on_line)  # interrupted here, it stays in _RUNNING for `stop_all`
     code = proc.wait()
     with _RUNNING_LOCK:
         _RUNNING.discard(proc)
@@ -552,13 +555,17 @@ def repro_parallel(
 
 class Warmup:
     """`cfg.engine.warmup`'s parts beside the upstream stages, all at once: the train part as one process, the
-    sample part as one process per rank of a sample arm. `train_done` is set once the train part has ended (or
-    there is none), whatever its outcome: a failed warm-up only means that the arms compile for themselves."""
+    sample part as one process per rank of a sample arm. `train_ready` is set once the train part has printed
+    that its training step is compiled (`STEP_READY`; it goes on with the FID curve's graphs) or has ended, or
+    when there is none, whatever its outcome: a failed warm-up only means that the arms compile for themselves."""
 
     def __init__(self, parts: list[str], root: Path, env: dict[str, dict[str, str]], t0: float):
+        from cfg.engine.warmup import STEP_READY
+
         self.parts, self.root, self.env, self.t0 = parts, root, env, t0
+        self.ready_line = STEP_READY
         self.results: list[ArmResult] = []
-        self.train_done = threading.Event()
+        self.train_ready = threading.Event()
         self.procs: list[subprocess.Popen] = []
         self.threads: list[threading.Thread] = []
         self._stopped = False
@@ -579,21 +586,25 @@ class Warmup:
         ]
 
     def _watch(self, tag: str, proc: subprocess.Popen, env: dict[str, str], start: float, part: str) -> None:
+        def on_line(line: str) -> None:
+            if part == "train" and line.startswith(self.ready_line):
+                self.train_ready.set()
+
         code = 1
         try:
-            code = finish_logged(proc, tag)
+            code = finish_logged(proc, tag, on_line)
         finally:
             end = time.perf_counter()
             self.results.append(ArmResult(tag, code, end - start, env, start - self.t0))
             if code and not self._stopped:
                 print(f"[{tag}] exit {code}: its arms compile for themselves", file=sys.stderr, flush=True)
             if part == "train":
-                self.train_done.set()
+                self.train_ready.set()
 
     def start(self) -> None:
         """Start every process (after prepare: they read its summary)."""
         if "train" not in self.parts:
-            self.train_done.set()
+            self.train_ready.set()
         with self._lock:
             for part in self.parts:
                 env = self.env.get(part, {})
@@ -604,7 +615,7 @@ class Warmup:
                     except (Exception, SystemExit) as e:  # the study goes on without it
                         print(f"[{tag}] could not start: {e}", file=sys.stderr, flush=True)
                         if part == "train":
-                            self.train_done.set()
+                            self.train_ready.set()
                         continue
                     self.procs.append(proc)
                     thread = threading.Thread(
@@ -629,7 +640,7 @@ class Warmup:
                 _signal_group(proc, signal.SIGKILL)
         for thread in self.threads:
             thread.join(timeout=5)
-        self.train_done.set()
+        self.train_ready.set()
 
 
 def _upstream(p: Plan, root: Path, warm: Warmup | None, t0: float) -> list[ArmResult]:
@@ -650,8 +661,8 @@ def _upstream(p: Plan, root: Path, warm: Warmup | None, t0: float) -> list[ArmRe
     return done
 
 
-# how long the train arms wait for the warm-up's training step at most (a cold compile takes ~2 min); then it is
-# stopped and the arms compile for themselves
+# how long the train arms wait for the warm-up's training step at most (a cold compile took ≈ 2 min on H100s and
+# H200s); then it is stopped and the arms compile for themselves
 WARM_TRAIN_WAIT_S = 600.0
 
 
@@ -674,15 +685,19 @@ def _parts(p: Plan, root: Path, targets: list[str], warm: Warmup | None) -> int:
     if failed_upstream is not None:  # _run_parts stops the warm-up
         print(summary(parts), file=sys.stderr)
         return failed_upstream.returncode
-    if warm is not None and not warm.train_done.is_set():
+    if warm is not None and not warm.train_ready.is_set():
         t_wait = time.perf_counter()
         print(
             "[warmup] the train arms start once the training step is compiled ...",
             file=sys.stderr,
             flush=True,
         )
-        if not warm.train_done.wait(WARM_TRAIN_WAIT_S):
-            print(f"[warmup] not done after {WARM_TRAIN_WAIT_S:.0f} s: stopped", file=sys.stderr, flush=True)
+        if not warm.train_ready.wait(WARM_TRAIN_WAIT_S):
+            print(
+                f"[warmup] the training step not compiled after {WARM_TRAIN_WAIT_S:.0f} s: stopped",
+                file=sys.stderr,
+                flush=True,
+            )
             warm.stop()
         print(
             f"[warmup] the arms waited {time.perf_counter() - t_wait:.1f} s for it",
