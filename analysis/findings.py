@@ -7,6 +7,7 @@ gives each finding, per p_uncond (the frontier once), one verdict: "reproduced",
 behind it. It is a report, not a gate: the command line exits 0 whatever the verdicts.
 
     .venv/bin/python -m analysis.findings results/            # or a tradeoff.csv; --json out.json; --k 2
+    .venv/bin/python -m analysis.findings seed0/ seed1/ seed2/  # several trainings of one study (below)
 
 Which cells. The cfg cells (guidance `cfg` without options) with w >= 0, the paper's range (w = -1, the
 unconditional model, is left out of every finding), one row per (p_uncond, w) and one metric fingerprint.
@@ -53,6 +54,19 @@ The rules.
     k * se; "not reproduced" when either is below -k * se (0.5 ahead beyond the spread); inconclusive
     otherwise; "not testable" when a p_uncond of {0.1, 0.2, 0.5} is missing.
 Without any spread (no seed ranges) nothing is beyond it: the verdict is "inconclusive (no seed spread)".
+
+Several trainings (`over_trainings`). The spread above is that of sampling seeds for fixed models; it leaves out
+how the models differ from one training to the next, which on the Fashion-MNIST preset was enough to flip
+finding (3) between trainings. Given m >= 2 studies that differ only in training (`dvc exp run -S
+train.seed=N` for each: the classifier and reference, hence the metric fingerprint, stay), their cfg cells are
+combined into one table whose FID and IS are the means over the trainings and whose "ranges" are the
+trainings: each training's full-sample value in place of a seed range's. The rules above then apply unchanged,
+the paired spread being over trainings (each training's own sampling noise included in it): for finding (3)
+each training's own three curves and reference point give its HV differences. With m trainings a standard
+error rests on m - 1 degrees of freedom, so k defaults to Student t's two-sided 95% point for them (3.18 for
+4 trainings, 2.78 for 5) rather than 2; with m = 2 the unpaired rule applies, as for 2 seed ranges. The studies
+must share the (p_uncond, w) grid of cfg cells and the metric fingerprint; either mismatch is an error naming
+the study and what differs.
 """
 
 from __future__ import annotations
@@ -68,10 +82,11 @@ import pandas as pd
 
 from analysis.columns import type_cells
 from analysis.selection import require_comparable
+from cfg.eval.fingerprint import FingerprintMismatch
 from cfg.study.frontier import degenerate_rows, hypervolume_shares
 from cfg.study.records import guidance_name
 
-__all__ = ["check_findings", "load_tradeoff", "markdown", "main"]
+__all__ = ["check_findings", "load_tradeoff", "markdown", "main", "over_trainings", "t_k"]
 
 K = 2.0
 MIN_PAIRED = 3  # ranges needed before a paired sd is trusted
@@ -280,7 +295,9 @@ def _is_rises(g: pd.DataFrame, k: float) -> tuple[str, str, dict]:
     return (NO_SPREAD if not np.isfinite(end_se) else INCONCLUSIVE), text, detail
 
 
-def _frontier(cells: pd.DataFrame, k: float, n_boot: int, seed: int) -> tuple[str, str, dict]:
+def _frontier(
+    cells: pd.DataFrame, k: float, n_boot: int, seed: int, unit: str = "ranges"
+) -> tuple[str, str, dict]:
     have = sorted(cells["p_uncond"].unique().tolist())
     paper = {q: next((p for p in have if np.isclose(p, q)), None) for q in PAPER_P}
     if any(v is None for v in paper.values()):
@@ -304,7 +321,7 @@ def _frontier(cells: pd.DataFrame, k: float, n_boot: int, seed: int) -> tuple[st
     lens = {len(v) if v is not None else 0 for v in fr + ir}
     diffs = {q: [] for q in (0.1, 0.2)}
     if len(lens) == 1 and (n := lens.pop()) >= MIN_PAIRED:
-        how = f"paired over {n} ranges"
+        how = f"paired over {n} {unit}"
         for r in range(n):
             s, _ = hypervolume_shares(np.array([v[r] for v in fr]), np.array([v[r] for v in ir]), p, n_w)
             for q in diffs:
@@ -375,11 +392,64 @@ def _cfg_cells(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["p_uncond", "w"]).reset_index(drop=True)
 
 
+def over_trainings(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Several trainings of one study (each a trade-off table, `load_tradeoff`) as one table for
+    `check_findings`: per cfg cell (w >= 0) `fid` and `is` are the means over the trainings, `fid_ranges` /
+    `is_ranges` each training's value, `fid_range_std` / `is_range_std` their sd, so that the spread is the one
+    between trainings (module docstring). attrs: `trainings` (m), `source` (the studies)."""
+    if len(tables) < 2:
+        raise ValueError(f"a spread over trainings needs at least 2 studies, got {len(tables)}")
+    sources = [str(t.attrs.get("source", f"study {i + 1}")) for i, t in enumerate(tables)]
+    cells = []
+    for t, src in zip(tables, sources, strict=True):
+        require_comparable(t)
+        c = _cfg_cells(t)
+        if c.empty:
+            raise ValueError(f"{src}: no cfg cells with w >= 0")
+        cells.append(c)
+    prints = [str(c["fingerprint"].iloc[0]) for c in cells]
+    if len(set(prints)) > 1:
+        raise FingerprintMismatch(
+            "the trainings' metrics are not comparable (another classifier or reference): "
+            + ", ".join(f"{src}: {fp}" for src, fp in zip(sources, prints, strict=True))
+            + "; vary only the training (dvc exp run -S train.seed=N keeps the fingerprint)",
+            ["fingerprint"],
+        )
+    grid = [list(zip(c["p_uncond"].round(9), c["w"].round(9), strict=True)) for c in cells]
+    for src, g in zip(sources[1:], grid[1:], strict=True):
+        if g != grid[0]:
+            missing, extra = sorted(set(grid[0]) - set(g)), sorted(set(g) - set(grid[0]))
+            raise ValueError(
+                f"{src} has another (p_uncond, w) grid than {sources[0]}: "
+                + "; ".join(
+                    f"{what} {', '.join(f'({p:g}, {w:g})' for p, w in cells_[:5])}"
+                    for what, cells_ in (("missing", missing), ("extra", extra))
+                    if cells_
+                )
+            )
+    out = cells[0].drop(columns=[c for c in cells[0] if c.endswith(("_ranges", "_range_std"))]).copy()
+    for metric in ("fid", "is"):
+        values = np.stack([c[metric].to_numpy(float) for c in cells], axis=1)  # cells x trainings
+        out[metric] = values.mean(axis=1)
+        out[f"{metric}_ranges"] = [list(map(float, v)) for v in values]
+        out[f"{metric}_range_std"] = values.std(axis=1, ddof=1)
+    out.attrs = {"source": " + ".join(sources), "trainings": len(tables)}
+    return out
+
+
+def t_k(m: int, level: float = 0.95) -> float:
+    """Student t's two-sided `level` point for the mean of m values (m - 1 degrees of freedom)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, m - 1))
+
+
 def check_findings(df: pd.DataFrame, k: float = K, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """The paper's three findings on one study (a trade-off table: `load_tradeoff`, or `select` of the tidy
-    run table): one row per (finding, p_uncond) with `finding`, `p_uncond` (the frontier's row: "0.1, 0.2 vs
-    0.5"), `verdict`, `numbers` (text) and `detail` (the numbers as a dict). Rules: the module docstring.
-    attrs: k, the p_uncond and w of the cells used, n_samples and seed ranges."""
+    run table), or on several trainings of one (`over_trainings`): one row per (finding, p_uncond) with
+    `finding`, `p_uncond` (the frontier's row: "0.1, 0.2 vs 0.5"), `verdict`, `numbers` (text) and `detail`
+    (the numbers as a dict). Rules: the module docstring. attrs: k, the trainings (None for one study), the
+    p_uncond and w of the cells used, n_samples and seed ranges."""
     require_comparable(df)
     cells = _cfg_cells(df)
     if cells.empty:
@@ -397,7 +467,8 @@ def check_findings(df: pd.DataFrame, k: float = K, n_boot: int = 2000, seed: int
                     "detail": detail,
                 }
             )
-    verdict, numbers, detail = _frontier(cells, k, n_boot, seed)
+    trainings = df.attrs.get("trainings")
+    verdict, numbers, detail = _frontier(cells, k, n_boot, seed, "trainings" if trainings else "ranges")
     rows.append(
         {
             "finding": FINDINGS[3],
@@ -411,6 +482,7 @@ def check_findings(df: pd.DataFrame, k: float = K, n_boot: int = 2000, seed: int
     n = cells.apply(_n_ranges, axis=1)
     out.attrs = {
         "k": k,
+        "trainings": trainings,
         "p_uncond": sorted(cells["p_uncond"].unique().tolist()),
         "w": sorted(cells["w"].unique().tolist()),
         "n_samples": sorted(cells["n_samples"].dropna().unique().tolist()) if "n_samples" in cells else [],
@@ -431,18 +503,38 @@ def markdown(findings: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.findings", description=__doc__.split("\n\n")[0])
-    ap.add_argument("path", help="a results folder (tradeoff.csv, cells/*.json) or a tradeoff.csv")
+    ap.add_argument(
+        "path",
+        nargs="+",
+        help="a results folder (tradeoff.csv, cells/*.json) or a tradeoff.csv; several: trainings of one study, "
+        "the spread then between them",
+    )
     ap.add_argument("--json", type=Path, help="also write the findings as JSON here")
-    ap.add_argument("--k", type=float, default=K, help="a difference counts beyond k standard errors (2)")
+    ap.add_argument(
+        "--k",
+        type=float,
+        help=f"a difference counts beyond k standard errors ({K:g}; over m trainings Student t's 95%% point)",
+    )
     args = ap.parse_args(argv)
-    df = load_tradeoff(args.path)
-    f = check_findings(df, k=args.k)
+    tables = [load_tradeoff(path) for path in args.path]
+    try:
+        df = over_trainings(tables) if len(tables) > 1 else tables[0]
+    except ValueError as e:  # FingerprintMismatch is one
+        raise SystemExit(f"error: {e}") from None
+    m = df.attrs.get("trainings")
+    k = args.k if args.k is not None else t_k(m) if m else K
+    f = check_findings(df, k=k)
     a = f.attrs
+    spread = (
+        f"{m} trainings (the spread between them; Student t, {m - 1} df)"
+        if m
+        else f"seed ranges {', '.join(f'{n:g}' for n in a['seed_ranges'])}"
+        f"{' (per-range values known)' if a['per_range_values'] else ''}"
+    )
     print(
         f"{df.attrs['source']}: cfg cells, w >= 0: p_uncond {', '.join(f'{p:g}' for p in a['p_uncond'])}; "
         f"{len(a['w'])} w ({', '.join(f'{w:g}' for w in a['w'])}); n_samples {', '.join(f'{n:g}' for n in a['n_samples'])}; "
-        f"seed ranges {', '.join(f'{n:g}' for n in a['seed_ranges'])}"
-        f"{' (per-range values known)' if a['per_range_values'] else ''}; beyond the spread: > {a['k']:g} se\n"
+        f"{spread}; beyond the spread: > {a['k']:.3g} se\n"
     )
     print(markdown(f))
     if args.json:

@@ -217,3 +217,107 @@ def test_committed_embedded_default_results(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| finding | p_uncond | verdict | numbers |" in printed
     assert len(json.loads((tmp_path / "f.json").read_text())["findings"]) == len(out)
+
+
+# ---------------------------------------------------------------- several trainings
+
+
+def trainings(diffs_01: list[float], fid_sd=0.01) -> list[pd.DataFrame]:
+    """Trainings of one study: FID(w = 0.1) − FID(0) is diffs_01[t] in training t (FID rising beyond w = 0.1 in
+    all), each training's own sampling spread tiny (fid_sd): alone, each is decisive."""
+    out = []
+    for t, d in enumerate(diffs_01):
+        fid = [5.0 + 0.1 * t, 5.0 + 0.1 * t + d, 8.0, 9.0, 10.0, 15.0, 20.0]
+        df = frame({0.1: (fid, RISING_IS)}, fid_sd=fid_sd)
+        df.attrs["source"] = f"seed{t}"
+        out.append(df)
+    return out
+
+
+def test_over_trainings_the_spread_is_the_one_between_trainings():
+    diffs = [0.9, -0.3, 0.8, -0.2]  # two trainings put the minimum at w = 0, two at w = 0.1
+    alone = [verdict(F.check_findings(df), 1, "0.1") for df in trainings(diffs)]
+    assert alone == [F.NOT_REPRODUCED, F.REPRODUCED, F.NOT_REPRODUCED, F.REPRODUCED], "each decisive alone"
+    both = F.over_trainings(trainings(diffs))
+    assert both.attrs["trainings"] == 4 and both.attrs["source"] == "seed0 + seed1 + seed2 + seed3"
+    # the means over trainings, each training's value a "range"
+    assert both.loc[both["w"] == 0.1, "fid"].item() == pytest.approx(
+        np.mean([5.0 + 0.1 * t + d for t, d in enumerate(diffs)])
+    )
+    assert both.loc[both["w"] == 0.0, "fid_ranges"].item() == pytest.approx([5.0, 5.1, 5.2, 5.3])
+    k = F.t_k(4)
+    out = F.check_findings(both, k=k)
+    assert verdict(out, 1, "0.1") == F.INCONCLUSIVE, "the trainings disagree: within their spread"
+    d = out.iloc[0]["detail"]
+    # w* of the mean curve is 0 (mean difference +0.3); the paired se is the sd of the trainings' differences
+    assert d["w_star"] == 0.0 and d["closest_w"] == 0.1 and d["se_kind"] == "paired"
+    assert d["fid_closest_minus_star"] == pytest.approx(np.mean(diffs))
+    assert d["se"] == pytest.approx(np.std(diffs, ddof=1) / 2)
+    # trainings that agree decide it, at Student t's k for 3 df (3.18), not 2
+    agree = F.check_findings(F.over_trainings(trainings([0.9, 0.7, 0.8, 0.75])), k=k)
+    assert verdict(agree, 1, "0.1") == F.NOT_REPRODUCED and agree.attrs["trainings"] == 4
+    assert k == pytest.approx(3.182446, abs=1e-5) and F.t_k(5) == pytest.approx(2.776445, abs=1e-5)
+    # a margin beyond 2 se but within 3.18: inconclusive at the trainings' k
+    close = [0.6, 0.1, 0.5, 0.2]  # mean 0.35, se 0.1225: 2.9 se
+    assert verdict(F.check_findings(F.over_trainings(trainings(close)), k=k), 1, "0.1") == F.INCONCLUSIVE
+    assert verdict(F.check_findings(F.over_trainings(trainings(close)), k=2.0), 1, "0.1") == F.NOT_REPRODUCED
+
+
+def test_over_trainings_the_frontier_is_judged_per_training():
+    # 0.5 behind in two trainings, ahead in two: each training decisive alone, together inconclusive; the
+    # differences are each training's own hypervolume shares (cfg.study.frontier), averaged
+    from cfg.study.frontier import hypervolume_shares
+
+    shifts = [3.0, -2.0, 2.5, -2.5]
+    tables = [frame(frontier_curves(s)) for s in shifts]
+    alone = [verdict(F.check_findings(t), 3, "0.1, 0.2 vs 0.5") for t in tables]
+    assert alone == [F.REPRODUCED, F.NOT_REPRODUCED, F.REPRODUCED, F.NOT_REPRODUCED]
+    out = F.check_findings(F.over_trainings(tables), k=F.t_k(4)).iloc[-1]
+    assert out["verdict"] == F.INCONCLUSIVE and "paired over 4 trainings" in out["numbers"]
+    per = []
+    for t in tables:
+        c = t.sort_values(["p_uncond", "w"])
+        s, _ = hypervolume_shares(c["fid"].to_numpy(), c["is"].to_numpy(), c["p_uncond"].to_numpy(), len(W))
+        per.append(s[0.1] - s[0.5])
+    assert out["detail"]["se"]["0.1"] == pytest.approx(np.std(per, ddof=1) / 2)
+    agree = F.check_findings(
+        F.over_trainings([frame(frontier_curves(s)) for s in (3.0, 2.5, 2.8)]), k=F.t_k(3)
+    )
+    assert agree.iloc[-1]["verdict"] == F.REPRODUCED
+
+
+def test_over_trainings_refuses_what_does_not_compare():
+    a, b = trainings([0.9, 0.8])
+    with pytest.raises(ValueError, match="at least 2 studies, got 1"):
+        F.over_trainings([a])
+    other = b.assign(fingerprint="fp2")
+    other.attrs["source"] = "seed1"
+    with pytest.raises(F.FingerprintMismatch, match="seed0: fp, seed1: fp2"):
+        F.over_trainings([a, other])
+    short = b[b["w"] != 0.3].copy()
+    short.attrs["source"] = "seed1"
+    with pytest.raises(
+        ValueError, match=r"seed1 has another \(p_uncond, w\) grid than seed0: missing \(0.1, 0.3\)"
+    ):
+        F.over_trainings([a, short])
+
+
+def test_over_trainings_on_the_command_line(tmp_path, capsys):
+    for t, df in enumerate(trainings([0.9, 0.7, 0.8])):
+        (tmp_path / f"seed{t}").mkdir()
+        df.to_csv(tmp_path / f"seed{t}" / "tradeoff.csv", index=False)
+    paths = [str(tmp_path / f"seed{t}") for t in range(3)]
+    assert F.main([*paths, "--json", str(tmp_path / "f.json")]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "3 trainings (the spread between them; Student t, 2 df)" in head and "> 4.3 se" in head
+    saved = json.loads((tmp_path / "f.json").read_text())
+    assert saved["trainings"] == 3 and saved["k"] == pytest.approx(F.t_k(3))
+    assert saved["findings"][0]["verdict"] == F.NOT_REPRODUCED
+    # one study stays as it was: k = 2, its seed ranges
+    assert F.main(paths[:1]) == 0 and "seed ranges 4; beyond the spread: > 2 se" in capsys.readouterr().out
+    # mismatched studies: a clear error, no traceback
+    bad = tmp_path / "other"
+    bad.mkdir()
+    trainings([0.9])[0].assign(fingerprint="x").to_csv(bad / "tradeoff.csv", index=False)
+    with pytest.raises(SystemExit, match="not comparable"):
+        F.main([paths[0], str(bad)])
