@@ -7,7 +7,7 @@ gives each finding, per p_uncond (the frontier once), one verdict: "reproduced",
 behind it. It is a report, not a gate: the command line exits 0 whatever the verdicts.
 
     .venv/bin/python -m analysis.findings results/            # or a tradeoff.csv; --json out.json; --k 2
-    .venv/bin/python -m analysis.findings seed0/ seed1/ seed2/  # several trainings of one study (below)
+    .venv/bin/python -m analysis.findings run0/ run1/ run2/     # several trainings of one study (below)
 
 Which cells. The cfg cells (guidance `cfg` without options) with w >= 0, the paper's range (w = -1, the
 unconditional model, is left out of every finding), one row per (p_uncond, w) and one metric fingerprint.
@@ -57,16 +57,18 @@ Without any spread (no seed ranges) nothing is beyond it: the verdict is "inconc
 
 Several trainings (`over_trainings`). The spread above is that of sampling seeds for fixed models; it leaves out
 how the models differ from one training to the next, which on the Fashion-MNIST preset was enough to flip
-finding (3) between trainings. Given m >= 2 studies that differ only in training (`dvc exp run -S
-train.seed=N` for each: the classifier and reference, hence the metric fingerprint, stay), their cfg cells are
-combined into one table whose FID and IS are the means over the trainings and whose "ranges" are the
-trainings: each training's full-sample value in place of a seed range's. The rules above then apply unchanged,
-the paired spread being over trainings (each training's own sampling noise included in it): for finding (3)
-each training's own three curves and reference point give its HV differences. With m trainings a standard
-error rests on m - 1 degrees of freedom, so k defaults to Student t's two-sided 95% point for them (3.18 for
-4 trainings, 2.78 for 5) rather than 2; with m = 2 the unpaired rule applies, as for 2 seed ranges. The studies
-must share the (p_uncond, w) grid of cfg cells and the metric fingerprint; either mismatch is an error naming
-the study and what differs.
+finding (3) between trainings. Given m >= 2 studies that differ only in their training and sampling seeds
+(`dvc exp run -S train.seed=N -S sample.seed=M` for each: the classifier and reference, hence the metric
+fingerprint, stay), their cfg cells are combined into one table whose FID and IS are the means over the
+trainings and whose "ranges" are the trainings: each training's full-sample value in place of a seed range's.
+The rules above then apply unchanged, the paired spread being over trainings: for finding (3) each training's
+own three curves and reference point give its HV differences. Each training's sampling noise is inside that
+spread only if it is independent between trainings; trainings sampled with the same seed share it (the same
+noise through similar models errs alike), so the spread between them would leave it out, and such studies
+are refused. With m trainings a standard error rests on m - 1 degrees of freedom, so k defaults to Student t's
+two-sided 95% point for them (3.18 for 4 trainings, 2.78 for 5) rather than 2; with m = 2 the unpaired rule
+applies, as for 2 seed ranges. The studies must also share the (p_uncond, w) grid of cfg cells and the metric
+fingerprint; each mismatch is an error naming the studies and what differs.
 """
 
 from __future__ import annotations
@@ -415,6 +417,17 @@ def over_trainings(tables: list[pd.DataFrame]) -> pd.DataFrame:
             + "; vary only the training (dvc exp run -S train.seed=N keeps the fingerprint)",
             ["fingerprint"],
         )
+    if all("seed" in c for c in cells):  # the sampling seed (a pipeline's table has it)
+        seen: dict[int, str] = {}
+        for src, c in zip(sources, cells, strict=True):
+            for sd in sorted({int(x) for x in c["seed"].dropna()}):
+                if sd in seen:
+                    raise ValueError(
+                        f"{seen[sd]} and {src} were sampled with the same seed ({sd}): their sampling noise is "
+                        "shared, so the spread between them leaves it out; vary sample.seed with train.seed "
+                        "(dvc exp run -S train.seed=N -S sample.seed=M, M different in every training)"
+                    )
+                seen[sd] = src
     grid = [list(zip(c["p_uncond"].round(9), c["w"].round(9), strict=True)) for c in cells]
     for src, g in zip(sources[1:], grid[1:], strict=True):
         if g != grid[0]:

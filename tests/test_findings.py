@@ -228,7 +228,7 @@ def trainings(diffs_01: list[float], fid_sd=0.01) -> list[pd.DataFrame]:
     out = []
     for t, d in enumerate(diffs_01):
         fid = [5.0 + 0.1 * t, 5.0 + 0.1 * t + d, 8.0, 9.0, 10.0, 15.0, 20.0]
-        df = frame({0.1: (fid, RISING_IS)}, fid_sd=fid_sd)
+        df = frame({0.1: (fid, RISING_IS)}, fid_sd=fid_sd).assign(seed=t + 1)  # its own sampling seed
         df.attrs["source"] = f"seed{t}"
         out.append(df)
     return out
@@ -294,6 +294,10 @@ def test_over_trainings_refuses_what_does_not_compare():
     other.attrs["source"] = "seed1"
     with pytest.raises(F.FingerprintMismatch, match="seed0: fp, seed1: fp2"):
         F.over_trainings([a, other])
+    same = b.assign(seed=1)  # a's sampling seed: the same noise through both models
+    same.attrs["source"] = "seed1"
+    with pytest.raises(ValueError, match=r"seed0 and seed1 were sampled with the same seed \(1\)"):
+        F.over_trainings([a, same])
     short = b[b["w"] != 0.3].copy()
     short.attrs["source"] = "seed1"
     with pytest.raises(
@@ -321,3 +325,18 @@ def test_over_trainings_on_the_command_line(tmp_path, capsys):
     trainings([0.9])[0].assign(fingerprint="x").to_csv(bad / "tradeoff.csv", index=False)
     with pytest.raises(SystemExit, match="not comparable"):
         F.main([paths[0], str(bad)])
+
+
+def test_committed_trainings_of_the_embedded_default(capsys):
+    # docs/results/embedded_default_trainings/findings.md is what the command prints on the five committed tables
+    folder = ROOT / "docs" / "results" / "embedded_default_trainings"
+    runs = sorted(str(p) for p in folder.glob("run*"))
+    assert len(runs) == 5 and F.main(runs) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("|")]
+    assert rows == [
+        line for line in (folder / "findings.md").read_text().splitlines() if line.startswith("|")
+    ]
+    assert "5 trainings (the spread between them; Student t, 4 df)" in printed
+    out = F.check_findings(F.over_trainings([F.load_tradeoff(r) for r in runs]), k=F.t_k(5))
+    assert set(out.loc[out["finding"] == F.FINDINGS[1], "verdict"]) == {F.REPRODUCED}
