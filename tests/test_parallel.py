@@ -192,6 +192,25 @@ def test_cpu_arms_draw_on_one_pool_of_jobs_slots():
     assert all(arms.at("start", f"sample@{q}") > arms.at("end", f"train@{q}") for q in P)
 
 
+def test_a_logged_process_says_when_it_started_and_ended(tmp_path, capsys):
+    # the wall-clock times beside the stages' own timestamps: where the seconds between two arms go
+    import re
+    import sys
+
+    from cfg.study.parallel import finish_logged, start_logged
+
+    lines = []
+    proc = start_logged([sys.executable, "-c", "print('one'); print('two')"], tmp_path, {"X": "1"})
+    assert finish_logged(proc, "arm", lines.append) == 0
+    assert lines == ["one\n", "two\n"], "each line to on_line too"
+    err = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"\+ \d\d:\d\d:\d\d \S+ -c .+ \[X=1\]", err[0]), err[0]
+    assert err[1:3] == ["[arm] one", "[arm] two"]
+    assert re.fullmatch(r"\[arm\] ended \d\d:\d\d:\d\d, exit 0", err[3]), err[3]
+    proc = start_logged([sys.executable, "-c", "raise SystemExit(3)"], tmp_path, {})
+    assert finish_logged(proc, "bad") == 3 and capsys.readouterr().err.rstrip().endswith(", exit 3")
+
+
 def test_consecutive_starts_are_gap_apart():
     p = plan(GRAPH, kind="cpu", train_devices=1, sample_devices=1)  # every train arm ready at once
     results = run_arms(p, None, runner=Arms({}), gap=0.15)

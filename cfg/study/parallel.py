@@ -272,10 +272,10 @@ def dvc_repro(stages: list[str], root: Path, env: dict[str, str], *, single: boo
 
 
 def start_logged(cmd: list[str], root: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start `cmd` (printed first) in `env` on top of ours, in a process group of its own registered for
-    `stop_all`; SystemExit when the run is being stopped or the program is missing."""
+    """Start `cmd` (printed first, with the wall-clock time) in `env` on top of ours, in a process group of its own
+    registered for `stop_all`; SystemExit when the run is being stopped or the program is missing."""
     where = f" [{', '.join(f'{k}={v}' for k, v in env.items())}]" if env else ""
-    print(f"+ {shlex.join(cmd)}{where}", file=sys.stderr, flush=True)
+    print(f"+ {time.strftime('%H:%M:%S')} {shlex.join(cmd)}{where}", file=sys.stderr, flush=True)
     bin_dir = str(Path(sys.executable).parent)
     full = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **env}
     full["PYTHONUNBUFFERED"] = "1"
@@ -302,12 +302,14 @@ def start_logged(cmd: list[str], root: Path, env: dict[str, str]) -> subprocess.
 
 
 def finish_logged(proc: subprocess.Popen, tag: str, on_line: Callable[[str], None] | None = None) -> int:
-    """Stream a `start_logged` process's output prefixed with `tag` (each line also to `on_line`) until it ends;
-    its exit status."""
+    """Stream a `start_logged` process's output prefixed with `tag` (each line also to `on_line`) until it ends,
+    then say when it ended (with the start line's time and the stages' own timestamps, where the time between a
+    stage's last line and the next arm's start goes); its exit status."""
     _stream(proc, tag, on_line)  # interrupted here, it stays in _RUNNING for `stop_all`
     code = proc.wait()
     with _RUNNING_LOCK:
         _RUNNING.discard(proc)
+    print(f"[{tag}] ended {time.strftime('%H:%M:%S')}, exit {code}", file=sys.stderr, flush=True)
     return code
 
 
