@@ -394,11 +394,18 @@ def _cfg_cells(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["p_uncond", "w"]).reset_index(drop=True)
 
 
+# over trainings: a training's own identifiers (left out of the combined table), and the metrics averaged beside
+# FID and IS
+PER_TRAINING = ("seed", "mlflow_run_id", "checkpoint")
+AVERAGED = ("class_acc", "kid_x1e3", "precision", "recall")
+
+
 def over_trainings(tables: list[pd.DataFrame]) -> pd.DataFrame:
     """Several trainings of one study (each a trade-off table, `load_tradeoff`) as one table for
     `check_findings`: per cfg cell (w >= 0) `fid` and `is` are the means over the trainings, `fid_ranges` /
     `is_ranges` each training's value, `fid_range_std` / `is_range_std` their sd, so that the spread is the one
-    between trainings (module docstring). attrs: `trainings` (m), `source` (the studies)."""
+    between trainings (module docstring); AVERAGED metrics are means too, PER_TRAINING columns and each
+    training's seed-range statistics are left out. attrs: `trainings` (m), `source` (the studies)."""
     if len(tables) < 2:
         raise ValueError(f"a spread over trainings needs at least 2 studies, got {len(tables)}")
     sources = [str(t.attrs.get("source", f"study {i + 1}")) for i, t in enumerate(tables)]
@@ -440,7 +447,17 @@ def over_trainings(tables: list[pd.DataFrame]) -> pd.DataFrame:
                     if cells_
                 )
             )
-    out = cells[0].drop(columns=[c for c in cells[0] if c.endswith(("_ranges", "_range_std"))]).copy()
+    # one training's own columns (its seed ranges' statistics, its runs, seed and checkpoint) say nothing of the
+    # mean: left out; the other metrics a cell has in every training (class_acc decides degenerate cells) averaged
+    own = [
+        c
+        for c in cells[0]
+        if c.endswith(("_ranges", "_range_std", "_range_mean", "_std")) or c in PER_TRAINING
+    ]
+    out = cells[0].drop(columns=own).copy()
+    for metric in AVERAGED:
+        if all(metric in c for c in cells):
+            out[metric] = np.stack([c[metric].to_numpy(float) for c in cells], axis=1).mean(axis=1)
     for metric in ("fid", "is"):
         values = np.stack([c[metric].to_numpy(float) for c in cells], axis=1)  # cells x trainings
         out[metric] = values.mean(axis=1)

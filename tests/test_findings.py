@@ -228,7 +228,7 @@ def trainings(diffs_01: list[float], fid_sd=0.01) -> list[pd.DataFrame]:
     out = []
     for t, d in enumerate(diffs_01):
         fid = [5.0 + 0.1 * t, 5.0 + 0.1 * t + d, 8.0, 9.0, 10.0, 15.0, 20.0]
-        df = frame({0.1: (fid, RISING_IS)}, fid_sd=fid_sd).assign(seed=t + 1)  # its own sampling seed
+        df = frame({0.1: (fid, RISING_IS)}, fid_sd=fid_sd).assign(seed=t + 1, fid_range_mean=fid)  # own seed
         df.attrs["source"] = f"seed{t}"
         out.append(df)
     return out
@@ -245,6 +245,10 @@ def test_over_trainings_the_spread_is_the_one_between_trainings():
         np.mean([5.0 + 0.1 * t + d for t, d in enumerate(diffs)])
     )
     assert both.loc[both["w"] == 0.0, "fid_ranges"].item() == pytest.approx([5.0, 5.1, 5.2, 5.3])
+    # a training's own seed and seed-range statistics are not the mean's; class_acc (degenerate cells) is averaged
+    assert "seed" not in both and "fid_range_mean" not in both
+    accs = F.over_trainings([df.assign(class_acc=0.1 * (t + 1)) for t, df in enumerate(trainings(diffs))])
+    assert accs["class_acc"].to_numpy() == pytest.approx(0.25)
     k = F.t_k(4)
     out = F.check_findings(both, k=k)
     assert verdict(out, 1, "0.1") == F.INCONCLUSIVE, "the trainings disagree: within their spread"
