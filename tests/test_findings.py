@@ -262,7 +262,7 @@ def test_over_trainings_the_spread_is_the_one_between_trainings():
     assert verdict(agree, 1, "0.1") == F.NOT_REPRODUCED and agree.attrs["trainings"] == 4
     assert k == pytest.approx(3.182446, abs=1e-5) and F.t_k(5) == pytest.approx(2.776445, abs=1e-5)
     # a margin beyond 2 se but within 3.18: inconclusive at the trainings' k
-    close = [0.6, 0.1, 0.5, 0.2]  # mean 0.35, se 0.1225: 2.9 se
+    close = [0.6, 0.1, 0.5, 0.2]  # mean 0.35, se 0.119: 2.9 se
     assert verdict(F.check_findings(F.over_trainings(trainings(close)), k=k), 1, "0.1") == F.INCONCLUSIVE
     assert verdict(F.check_findings(F.over_trainings(trainings(close)), k=2.0), 1, "0.1") == F.NOT_REPRODUCED
 
