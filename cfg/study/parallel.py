@@ -8,8 +8,8 @@ three parts, each a set of `dvc repro` calls:
 
     1. upstream   `dvc repro prepare classifier reference …`: what every arm needs, once, on every GPU; on GPUs,
                   `prepare` alone first and then, beside the others, `cfg.engine.warmup` compiling the arms'
-                  networks (`Warmup`: the train stage's on the last GPU, and the train arms start once it has
-                  ended; at the same time the sample stage's, once per rank of a sample arm)
+                  networks (`Warmup`: the train stage's on the last GPU, and the train arms start once its
+                  training step is compiled; at the same time the sample stage's, once per rank of a sample arm)
     2. the arms   one `dvc repro --single-item <arm>` each, started as soon as the arms it needs have succeeded and
                   a slot of its kind is free (DVC's own DAG says which: `sample@<p>` needs `train@<p>` and the
                   guide network), so an arm's sampling runs while the other arms still train:
