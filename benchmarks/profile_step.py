@@ -1,7 +1,7 @@
 """Where a training step's and a guided sampling step's time goes, and which settings make them faster.
 
     python benchmarks/profile_step.py [--preset presets/fashion_mnist_gpu.yaml] [--seconds 4]
-        [--only loop,kernels,cell,copies,variants] [--loop-steps 400] [--autotune] [--sdpa BACKEND]
+        [--only loop,kernels,cell,copies,variants,options] [--loop-steps 400] [--autotune] [--sdpa BACKEND]
 
 Parts (all by default, in this order):
   loop      the real training loop (`train_diffusion`) compiled, and compiled + CUDA graph, batch 256 and 512
@@ -21,6 +21,11 @@ Parts (all by default, in this order):
             also torch.compile mode max-autotune-no-cudagraphs, which benchmarks Triton/cuDNN choices per
             convolution: minutes of compilation); every compiled row through cfg's compile_net, so with forced
             channels-last layouts inside the graph ("contiguous" is the input's and the weights' format)
+  options   Inductor option sets (OPTION_SETS: coordinate-descent tuning of the fused kernels, max-autotune with
+            and without Triton convolution templates, GroupNorm's output kept in bf16) on the preset's guided
+            sampling step and its CUDA-graphed training step: compile seconds, wall and kernel time per step, MFU
+            and the device time by kernel kind, each against the default compile of the same run (not in `all`:
+            max-autotune compiles for minutes)
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
 matmul rate measured in the same run). Graph breaks of the compiled variants are counted. `--sdpa flash|efficient|
 cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200).
@@ -43,6 +48,7 @@ from cfg.engine.generate import examples_per_batch, generate_w_grid, sampling_kw
 from cfg.engine.training import GraphStep, train_diffusion
 from cfg.maths.diffusion import diffusion_loss, training_draws
 from cfg.maths.guidance import guided_eps, needed_passes
+from cfg.nets import unet
 from cfg.nets.unet import EMA, UNet, UNetConfig
 from cfg.study.config import params_from_dict
 from cfg.study.presets import flat_overrides, merged_params
@@ -64,14 +70,14 @@ def timed(fn, seconds: float) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def build(config: UNetConfig, fmt, mode: str | None):
+def build(config: UNetConfig, fmt, mode: str | None, options: dict | None = None):
     torch.manual_seed(0)
     model = UNet(config).cuda().to(memory_format=fmt)
     for p in model.parameters():  # away from the zero init, so nothing is trivially skipped
         p.data.add_(0.01 * torch.randn_like(p))
     if mode is None:
         return model, model
-    return model, compile_net(model, mode)
+    return model, compile_net(model, mode, options)
 
 
 def train_fn(config, fmt, mode, batch):
@@ -92,10 +98,10 @@ def train_fn(config, fmt, mode, batch):
     return step
 
 
-def graph_train_fn(config, batch):
+def graph_train_fn(config, batch, mode: str = "default", options: dict | None = None):
     """The training step of train.cuda_graph (compiled network, channels-last, bf16): `GraphStep` on one fixed
     batch and draw, after its eager warm-up and capture."""
-    model, net = build(config, torch.channels_last, "default")
+    model, net = build(config, torch.channels_last, mode, options)
     opt = torch.optim.Adam(
         model.parameters(), lr=torch.tensor(1e-4, device="cuda"), fused=True, capturable=True
     )
@@ -110,8 +116,8 @@ def graph_train_fn(config, batch):
     return lambda: step(x, *draws)
 
 
-def sample_fn(config, fmt, mode, batch):
-    model, net = build(config, fmt, mode)
+def sample_fn(config, fmt, mode, batch, options: dict | None = None):
+    model, net = build(config, fmt, mode, options)
     model.eval()
     c, s = config.in_channels, config.image_size
     z = torch.randn(batch, c, s, s, device="cuda").contiguous(memory_format=fmt)
@@ -194,6 +200,71 @@ def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str]]:
         f"  {e.self_device_time_total / total:6.1%}  {e.count // calls:>4}/step  {e.key[:100]}"
         for e in events[:n]
     ]
+
+
+# Inductor option sets of `--only options`: (compile mode, options on top of compile_net's, GroupNorm output in bf16)
+OPTION_SETS = {
+    "default": ("default", {}, False),
+    # Inductor's coordinate-descent search of each fused Triton kernel's block sizes and warps (the elementwise and
+    # reduction kernels are ~half of both steps' device time)
+    "coordinate descent": ("default", {"coordinate_descent_tuning": True}, False),
+    # GroupNorm's output in the activations' bf16 instead of autocast's float32: half the bytes of what the
+    # training graph saves for backward and of the normalised tensors it reads again there
+    "GroupNorm out bf16": ("default", {}, True),
+    "coordinate descent + GroupNorm out bf16": ("default", {"coordinate_descent_tuning": True}, True),
+    # benchmarks cuDNN against Triton templates per convolution/matmul (a template can take the neighbouring
+    # elementwise ops into its prologue/epilogue) + coordinate descent
+    "max-autotune-no-cudagraphs": ("max-autotune-no-cudagraphs", {}, False),
+    "max-autotune, Triton convs only": (
+        "max-autotune-no-cudagraphs",
+        {"max_autotune_conv_backends": "TRITON"},
+        False,
+    ),
+}
+
+
+class bf16_group_norm:
+    """Within it, cfg's GroupNorm returns its input's dtype also under CUDA autocast (where it returns float32)."""
+
+    def __enter__(self):
+        self.forward = unet.GroupNorm.forward
+        forward = self.forward
+        unet.GroupNorm.forward = lambda mod, x: forward(mod, x).to(x.dtype)
+
+    def __exit__(self, *exc):
+        unet.GroupNorm.forward = self.forward
+
+
+def option_rows(config, batch_train: int, batch_sample: int, f_train: float, f_fwd: float, peak: float):
+    """Each OPTION_SETS entry on the guided sampling step (both passes) and the CUDA-graphed training step: yields
+    printable lines, as each finishes (a set that fails to compile says so and the next one runs)."""
+    import contextlib
+
+    for kind, images, flops in (("sample", batch_sample, 2 * f_fwd), ("train graph", batch_train, f_train)):
+        for name, (mode, options, gn_bf16) in OPTION_SETS.items():
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            try:
+                with bf16_group_norm() if gn_bf16 else contextlib.nullcontext():
+                    if kind == "sample":
+                        step = sample_fn(config, torch.channels_last, mode, images, options)
+                    else:
+                        step = graph_train_fn(config, images, mode, options)
+                    step()
+                    sync(torch.device("cuda"))
+                    compile_s = time.perf_counter() - t0
+                    wall, lines = top_kernels(step, n=6)
+                    kern = float(lines[0].split(", ")[1].split(" ms")[0]) / 1e3
+            except Exception as e:  # noqa: BLE001 - one failing set must not end the comparison
+                yield f"== {kind} | {name}: failed after {time.perf_counter() - t0:.0f} s: {type(e).__name__}: {e}"[
+                    :400
+                ]
+                continue
+            yield (
+                f"== {kind} | {name}: compile {compile_s:.0f} s; {wall * 1e3:.2f} ms wall, {kern * 1e3:.2f} ms kernels"
+                f" per step of {images}; MFU {images / wall * flops / peak:.1%} wall, "
+                f"{images / kern * flops / peak:.1%} kernels\n" + "\n".join(lines[1:])
+            )
 
 
 COPY_OPS = ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy", "aten::to", "aten::reshape")
@@ -291,7 +362,7 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default="loop,kernels,cell,copies,variants",
-        help="comma-separated parts: loop, kernels, cell, copies, variants",
+        help="comma-separated parts: loop, kernels, cell, copies, variants, options (not in the default)",
     )
     ap.add_argument(
         "--sdpa",
@@ -305,9 +376,10 @@ def main() -> None:
     )
     args = ap.parse_args()
     parts = set(args.only.split(","))
-    if unknown := parts - {"loop", "kernels", "cell", "copies", "variants"}:
+    if unknown := parts - {"loop", "kernels", "cell", "copies", "variants", "options"}:
         ap.error(
-            f"--only {args.only}: unknown part(s) {sorted(unknown)}; use loop, kernels, cell, copies, variants"
+            f"--only {args.only}: unknown part(s) {sorted(unknown)}; use loop, kernels, cell, copies, variants, "
+            "options"
         )
     if args.sdpa:
         backend = {
@@ -344,6 +416,12 @@ def run(args, parts: set[str]) -> None:
         rows.append((what, batch, ips, f_train * ips, 0, wall))
         print(rows[-1], flush=True)
     kernels = []  # (heading, lines), printed after the table
+    if "options" in parts:
+        print(f"\nInductor option sets, {torch.cuda.get_device_name(0)}, matmul {peak / 1e12:.0f} TFLOP/s:")
+        for text in option_rows(
+            config, params.train.batch_size, params.sample.batch_size, f_train, f_fwd, peak
+        ):
+            print(text, flush=True)
     if "kernels" in parts:
         batch, nb = params.train.batch_size, params.sample.batch_size
         for title, make, images, flops in [

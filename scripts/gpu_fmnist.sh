@@ -14,6 +14,8 @@
 #                 rows once a call has carried .whl_extra/, waiting up to 3 min for it), benchmarks/profile_step.py's
 #                 kernels + cell + copies parts, its kernels part with flash attention only, the GPU tests, its loop
 #                 and variants parts; log bench.log, exit status bench.rc
+#   profile G ARGS  in a new process session on GPU G alone, at NICE (default 19: beside a measured study):
+#                 benchmarks/profile_step.py ARGS; log bench.log, exit status bench.rc
 #   prep          only make the study dir (the copy of HEAD, the data): a later call may then start it carrying nothing
 #   wait N        wait up to N seconds for the started run, then bundle what exists into $OUT/<study dir's name>.tgz
 # Every phase takes the preset's params plus `key=value` overrides; results land in $OUT. A call carries any of .whl/
@@ -79,6 +81,13 @@ case "$phase" in
     rm -f bench.rc
     setsid bash -c "CUDA_VISIBLE_DEVICES=$1 bash scripts/gpu_fmnist.sh benchmarks-run >bench.log 2>&1; echo \$? >bench.rc" </dev/null >/dev/null 2>&1 &
     echo "benchmarks started on GPU $1"
+    ;;
+  profile)
+    rm -f bench.rc
+    g=$1
+    shift
+    setsid nice -n "${NICE:-19}" bash -c "CUDA_VISIBLE_DEVICES=$g timeout 1700 python benchmarks/profile_step.py $* >bench.log 2>&1; echo \$? >bench.rc" </dev/null >/dev/null 2>&1 &
+    echo "profile_step.py $* started on GPU $g"
     ;;
   benchmarks-run)  # what `benchmarks` runs in the background
     for _ in $(seq 36); do [ -d .whl_extra ] && break; sleep 5; done

@@ -48,9 +48,12 @@ def configure_cuda() -> None:
 COMPILE_OPTIONS = {"force_layout_optimization": True}
 
 
-def compile_net(module: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+def compile_net(
+    module: torch.nn.Module, mode: str = "default", options: dict | None = None
+) -> torch.nn.Module:
     """torch.compile for the U-Net (training, sampling, benchmarks): COMPILE_OPTIONS on top of a compile mode's
-    own options (torch.compile takes a mode or options, not both)."""
+    own options (torch.compile takes a mode or options, not both), then `options` (Inductor config keys, e.g.
+    {"coordinate_descent_tuning": True}) on top of both."""
     from torch._inductor import list_mode_options
 
-    return torch.compile(module, options=list_mode_options(mode) | COMPILE_OPTIONS)
+    return torch.compile(module, options=list_mode_options(mode) | COMPILE_OPTIONS | (options or {}))
