@@ -193,6 +193,24 @@ def test_registry_options_and_devices_are_checked_before_any_work():
     assert params_from_dict(ok).train.devices == "all"
 
 
+@pytest.mark.parametrize("section", ["train", "sample"])
+def test_compile_is_on_off_or_a_named_variant_and_anything_else_is_refused_naming_it(section):
+    from cfg.engine.device import COMPILE_MODES
+
+    raw = _raw()
+    for value in (True, False, *COMPILE_MODES):
+        raw[section]["compile"] = value
+        assert getattr(params_from_dict(raw), section).compile == value
+    for value in ("fast", "max_autotune", 1, None):
+        raw[section]["compile"] = value
+        with pytest.raises(
+            ParamsError,
+            match=rf"^{section}\.compile = {re.escape(repr(value))} is not allowed: give true, false or one of "
+            r"\['default', 'coordinate-descent', 'max-autotune'\]",
+        ):
+            params_from_dict(raw)
+
+
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [

@@ -151,6 +151,14 @@ def originals(study: optuna.Study) -> list:
         ({"space": {"model.base_width": {"choices": [4, 8]}}}, r"base_width = 4 is out of range"),
         ({"space": {"model.channel_mult": {"choices": [1, 2]}}}, r"channel_mult is a list"),
         ({"space": {"sample.n_samples": {"low": 10, "high": 20}}}, r"sample counts do not compare"),
+        (
+            {"space": {"sample.compile": {"low": 0, "high": 1}}},
+            r"sample\.compile is a str; search it with \{choices",
+        ),
+        (
+            {"space": {"sample.compile": {"choices": [True, "fast"]}}},
+            r"sample\.compile = 'fast' is not allowed",
+        ),
         ({"space": {"train.lr": {"low": 0.001, "high": 0.01}}}, r"train\.p_uncond = \[0\.1, 0\.5\]: a trial"),
         ({"objective": "fid_is"}, r"search\.w = \[0\.0, 1\.0\]: objective fid_is scores one"),
         (

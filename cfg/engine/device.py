@@ -57,3 +57,28 @@ def compile_net(
     from torch._inductor import list_mode_options
 
     return torch.compile(module, options=list_mode_options(mode) | COMPILE_OPTIONS | (options or {}))
+
+
+# what `train.compile` / `sample.compile` may name besides true/false: (torch.compile mode, Inductor options on top of
+# COMPILE_OPTIONS). On the preset's guided sampling step (one H200, docs/gpu/inductor_options_h200.txt) "default" ran
+# 106.4 ms, "coordinate-descent" (a search of each fused Triton kernel's block sizes) 99.2 ms and "max-autotune"
+# (cuDNN against Triton templates per convolution, plus that search) 96.2 ms, for 4-5x and ~10x the compile time
+# of "default" on a cold cache; Inductor's caches keep the choices, so a warm cache compiles them as fast. No CUDA
+# graphs from Inductor: train.cuda_graph captures its own step, and sampling batches change shape.
+COMPILE_MODES = {
+    "default": ("default", {}),
+    "coordinate-descent": ("default", {"coordinate_descent_tuning": True}),
+    "max-autotune": ("max-autotune-no-cudagraphs", {}),
+}
+
+
+def compile_as(module: torch.nn.Module, setting: bool | str) -> torch.nn.Module:
+    """`module` as a `train.compile` / `sample.compile` setting says: false leaves it as it is, true compiles it
+    as "default", a name of COMPILE_MODES with that variant (through `compile_net`)."""
+    if setting is False:
+        return module
+    name = "default" if setting is True else setting
+    if name not in COMPILE_MODES:
+        raise ValueError(f"compile setting {setting!r} is not one of true, false, {list(COMPILE_MODES)}")
+    mode, options = COMPILE_MODES[name]
+    return compile_net(module, mode, options)

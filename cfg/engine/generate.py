@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from cfg.data.images import to_uint8
-from cfg.engine.device import autocast, compile_net, configure_cuda
+from cfg.engine.device import autocast, compile_as, configure_cuda
 from cfg.engine.distributed import Dist, gather_rows, shard
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
 from cfg.maths.guidance import guidance_entries, guided_denoiser, needs_guide_network
@@ -92,7 +92,7 @@ def generate_w_grid(
     # multiple of len(w_values); speed only: the images do not depend on it
     device: torch.device | str = "cpu",
     bf16: bool = True,  # bf16 autocast of the network on CUDA
-    compile: bool = False,  # torch.compile the network on CUDA (fuses the many small ops of a sampling step)
+    compile: bool | str = False,  # torch.compile on CUDA (fuses a sampling step's many small ops): compile_as
     first_index: int = 0,  # generate examples first_index … first_index + n_samples − 1 (seed ranges)
     examples: Tensor | None = None,  # or exactly these example indices (a shard of a cell); n_samples unused
     progress: ProgressCallback | None = None,
@@ -121,7 +121,7 @@ def generate_w_grid(
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     configure_cuda()
     model = model.to(memory_format=fmt)
-    network = compile_net(model) if compile and device.type == "cuda" else model
+    network = compile_as(model, compile) if device.type == "cuda" else model
 
     def net(z: Tensor, lam: Tensor, c: Tensor) -> Tensor:
         with autocast(device, bf16):

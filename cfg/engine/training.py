@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from cfg.engine.device import autocast, compile_net, configure_cuda
+from cfg.engine.device import autocast, compile_as, configure_cuda
 from cfg.engine.distributed import Dist, all_mean
 from cfg.io import atomic_save
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, diffusion_loss, eps_loss, training_draws
@@ -181,7 +181,7 @@ def train_diffusion(
     seed: int = 0,  # seeds initialisation, batches, λ, ε and label dropout
     device: torch.device | str = "cpu",
     bf16: bool = True,  # bf16 autocast on CUDA
-    compile: bool = False,  # torch.compile the network on CUDA
+    compile: bool | str = False,  # torch.compile the network on CUDA: true, false or a COMPILE_MODES name
     cuda_graph: bool = False,  # on CUDA, one process: replay each step (loss to EMA) as one CUDA graph
     log_every: int = 50,  # steps between history entries / callback calls
     callback: StepCallback | None = None,
@@ -266,7 +266,7 @@ def train_diffusion(
     step_model = model
     if d.world > 1:
         step_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    step_model = compile_net(step_model) if compile and device.type == "cuda" else step_model
+    step_model = compile_as(step_model, compile) if device.type == "cuda" else step_model
     # the fused kernel: one pass over all parameters (about 5% of a CPU step for the embedded default's U-Net)
     opt = torch.optim.Adam(
         model.parameters(),

@@ -138,7 +138,9 @@ def _key_type(key: str, where: str, raw_params: dict | None = None) -> type:
         )
     typ = hints[name]
     if typing.get_origin(typ) in (typing.Union, types.UnionType):
-        (typ,) = [a for a in typing.get_args(typ) if a is not type(None)]
+        kinds = [a for a in typing.get_args(typ) if a is not type(None)]
+        # a count or a word (train.devices: 4 | all), off/on or a word (sample.compile: true | max-autotune): choices
+        typ = kinds[0] if len(kinds) == 1 else str
     if typing.get_origin(typ) is list:
         if key not in _ONE_VALUE_KEYS:
             raise SearchError(

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from cfg.data.datasets import DATASETS
+from cfg.engine.device import COMPILE_MODES
 from cfg.eval.features import EXTRACTORS
 from cfg.eval.metrics import METRICS
 from cfg.maths import samplers as diffusion
@@ -118,7 +119,12 @@ class TrainParams:
     log_every: int = _p(50, "steps between logged loss values", ge=1)
     device: str = _p("auto", "auto (CUDA when present), cpu or cuda", choices=DEVICE_NAMES)
     bf16: bool = _p(True, "bf16 autocast on CUDA (ignored on CPU)")
-    compile: bool = _p(False, "torch.compile the model on CUDA")
+    compile: bool | str = _p(
+        False,
+        "torch.compile the model on CUDA: true, false or a variant of cfg.engine.device.COMPILE_MODES (default, "
+        "coordinate-descent, max-autotune: faster kernels for a longer first compile)",
+        choices=tuple(COMPILE_MODES),
+    )
     cuda_graph: bool = _p(
         False,
         "on CUDA with one process: replay each training step as one CUDA graph (the step is launch-bound at "
@@ -196,7 +202,13 @@ class SampleParams:
     batch_size: int = _p(2000, "images per sampler batch (all w of an example share a batch)", ge=1)
     seed: int = _p(1, "seed of the sampling noise (the same noise for every w)")
     grid_per_class: int = _p(1, "rows per class in the sample-grid image", ge=1)
-    compile: bool = _p(False, "torch.compile the network for sampling on CUDA")
+    compile: bool | str = _p(
+        False,
+        "torch.compile the network for sampling (and the FID curve's) on CUDA: true, false or a variant of "
+        "cfg.engine.device.COMPILE_MODES (default, coordinate-descent, max-autotune: faster kernels for a longer "
+        "first compile)",
+        choices=tuple(COMPILE_MODES),
+    )
     devices: int | str = _p(
         1,
         "processes (one per GPU) of the sample and evaluate stages: N, or all (every visible GPU; one process "
@@ -341,6 +353,12 @@ def _check_scalar(where: str, value: Any, typ: Any, rules: dict) -> Any:
             raise ParamsError(
                 f"{where} = {value!r} is not allowed: give an integer >= {rules.get('ge')} or one of "
                 f"{list(rules.get('choices', ()))}"
+            )
+        if kinds == [bool, str]:  # off, on or a named variant, e.g. sample.compile: true | max-autotune
+            if isinstance(value, bool) or (isinstance(value, str) and value in rules.get("choices", ())):
+                return value
+            raise ParamsError(
+                f"{where} = {value!r} is not allowed: give true, false or one of {list(rules.get('choices', ()))}"
             )
         (typ,) = kinds
     if typ is bool:
