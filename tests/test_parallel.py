@@ -486,11 +486,22 @@ def test_a_failed_prepare_starts_no_warm_up_and_a_warm_up_outliving_the_arms_is_
 
 
 def test_the_arms_wait_for_the_warm_up_only_so_long(monkeypatch, tmp_path, capsys):
-    rc, rec, wall = _warm_run(monkeypatch, tmp_path, warm_s=(60, 0.1), wait_s=0.5)
+    from cfg.study import parallel
+
+    run_arms = parallel.run_arms
+
+    def slow_arms(p, root):  # the arms outlast the sampling ranks' part (2 s)
+        time.sleep(3)
+        return run_arms(p, root)
+
+    rc, rec, wall = _warm_run(monkeypatch, tmp_path, warm_s=(60, 2), wait_s=0.5, arms=slow_arms)
     assert rc == 0 and wall < 30, "a warm-up that hangs is stopped and the arms run"
     err = capsys.readouterr().err
     assert "[warmup] the training step not compiled after" in err
-    assert "exit -15" in _warm_lines(err)["warmup train"]
+    lines = _warm_lines(err)
+    assert "exit -15" in lines["warmup train"]
+    # only the train part was stopped: the sampling ranks' part compiled on to its end
+    assert all(" ok " in lines[f"warmup sample rank {r}"] for r in range(4)), lines
     assert ("train@0.1",) in [stages for stages, _ in rec.calls]
 
 

@@ -568,7 +568,7 @@ class Warmup:
         self.ready_line = STEP_READY
         self.results: list[ArmResult] = []
         self.train_ready = threading.Event()
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[tuple[str, subprocess.Popen]] = []  # (part, process)
         self.threads: list[threading.Thread] = []
         self._stopped = False
         self._lock = threading.Lock()  # processes start, or the warm-up is stopped, not both at once
@@ -619,19 +619,20 @@ class Warmup:
                         if part == "train":
                             self.train_ready.set()
                         continue
-                    self.procs.append(proc)
+                    self.procs.append((part, proc))
                     thread = threading.Thread(
                         target=self._watch, args=(tag, proc, env, start, part), daemon=True
                     )
                     self.threads.append(thread)
                     thread.start()
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """End what still compiles (nothing needs it once the arms have ended, or the run stops): SIGTERM, then
-        SIGKILL after `grace_s`."""
+    def stop(self, grace_s: float = 10.0, part: str | None = None) -> None:
+        """End what still compiles (nothing needs it once the arms have ended, or the run stops), or only `part`'s
+        processes: SIGTERM, then SIGKILL after `grace_s`."""
         with self._lock:
-            self._stopped = True
-            live = [proc for proc in self.procs if proc.poll() is None]
+            if part is None:
+                self._stopped = True
+            live = [proc for name, proc in self.procs if part in (None, name) and proc.poll() is None]
         for proc in live:
             _signal_group(proc, signal.SIGTERM)
         end = time.monotonic() + grace_s
@@ -640,7 +641,7 @@ class Warmup:
         for proc in live:
             if proc.poll() is None:
                 _signal_group(proc, signal.SIGKILL)
-        for thread in self.threads:
+        for thread in self.threads if part is None else []:
             thread.join(timeout=5)
         self.train_ready.set()
 
@@ -663,8 +664,9 @@ def _upstream(p: Plan, root: Path, warm: Warmup | None, t0: float) -> list[ArmRe
     return done
 
 
-# how long the train arms wait for the warm-up's training step at most (a cold compile took ≈ 2 min on H100s and
-# H200s); then it is stopped and the arms compile for themselves
+# how long the train arms wait for the warm-up's training step at most (a cold compile took ≈ 1.5-2.5 min on H100s
+# and H200s with train.compile: true; max-autotune may take longer); then the train part is stopped and the arms
+# compile for themselves, while the sampling ranks' part goes on
 WARM_TRAIN_WAIT_S = 600.0
 
 
@@ -700,7 +702,7 @@ def _parts(p: Plan, root: Path, targets: list[str], warm: Warmup | None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            warm.stop()
+            warm.stop(part="train")
         print(
             f"[warmup] the arms waited {time.perf_counter() - t_wait:.1f} s for it",
             file=sys.stderr,
