@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py [--preset presets/fashion_mnist_gpu.yaml] [--seconds 4]
         [--only loop,kernels,cell,copies,variants,options] [--loop-steps 400] [--autotune] [--sdpa BACKEND]
 
-Parts (all by default, in this order):
+Parts (all but `options` by default; they run in this order: loop, options, kernels, copies, cell, variants):
   loop      the real training loop (`train_diffusion`) compiled, and compiled + CUDA graph, batch 256 and 512
   kernels   torch.profiler over the preset's steps as they run: the compiled training step replayed as one
             CUDA graph (`GraphStep`, train.cuda_graph), the compiled training step launched kernel by kernel, and
@@ -21,11 +21,12 @@ Parts (all by default, in this order):
             also torch.compile mode max-autotune-no-cudagraphs, which benchmarks Triton/cuDNN choices per
             convolution: minutes of compilation); every compiled row through cfg's compile_net, so with forced
             channels-last layouts inside the graph ("contiguous" is the input's and the weights' format)
-  options   Inductor option sets (OPTION_SETS: coordinate-descent tuning of the fused kernels, max-autotune with
-            and without Triton convolution templates, GroupNorm's output kept in bf16) on the preset's guided
-            sampling step and its CUDA-graphed training step: compile seconds, wall and kernel time per step, MFU
-            and the device time by kernel kind, each against the default compile of the same run (not in `all`:
-            max-autotune compiles for minutes)
+  options   Inductor option sets (OPTION_SETS, --sets: coordinate-descent tuning of the fused kernels,
+            max-autotune with and without Triton convolution templates, GroupNorm's output kept in bf16) on the
+            preset's guided sampling step and its CUDA-graphed training step (--kinds): compile seconds, wall and
+            kernel time per step, MFU and the device time by kernel kind; each (set, kind) in a process of its
+            own with empty Inductor and Triton caches, so every compile time is cold (--no-isolate: all in this
+            process). Not in the default parts: max-autotune compiles for minutes
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
 matmul rate measured in the same run). Graph breaks of the compiled variants are counted. `--sdpa flash|efficient|
 cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200).
@@ -168,10 +169,11 @@ def kernel_kind(name: str) -> str:
     return "other elementwise / reduction"
 
 
-def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str]]:
+def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str], float]:
     """The top kernels of `calls` back-to-back steps by device time, the device time by kernel kind, and how busy
     the GPU was: summed kernel time / wall time of those same steps (kernels of one stream do not overlap here;
-    the profiler's own overhead is in the wall time, so busy is if anything understated)."""
+    the profiler's own overhead is in the wall time, so busy is if anything understated). Returns (wall s per
+    step, printable lines, kernel s per step; 0 when the profiler recorded none)."""
     for _ in range(3):
         step()
     sync(torch.device("cuda"))
@@ -184,7 +186,7 @@ def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str]]:
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)  # µs over `calls` steps
     if total == 0:
-        return wall, [f"  step {wall * 1e3:.2f} ms wall; the profiler recorded no kernels"]
+        return wall, [f"  step {wall * 1e3:.2f} ms wall; the profiler recorded no kernels"], 0.0
     events.sort(key=lambda e: -e.self_device_time_total)
     kinds: dict[str, float] = {}
     for e in events:
@@ -196,31 +198,38 @@ def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str]]:
         "  by kind: "
         + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])),
     ]
-    return wall, lines + [
-        f"  {e.self_device_time_total / total:6.1%}  {e.count // calls:>4}/step  {e.key[:100]}"
-        for e in events[:n]
-    ]
+    return (
+        wall,
+        lines
+        + [
+            f"  {e.self_device_time_total / total:6.1%}  {e.count // calls:>4}/step  {e.key[:100]}"
+            for e in events[:n]
+        ],
+        total / calls / 1e6,
+    )
 
 
-# Inductor option sets of `--only options`: (compile mode, options on top of compile_net's, GroupNorm output in bf16)
+# Inductor option sets of `--only options`: name -> (compile mode, options on top of compile_net's, GroupNorm output
+# in bf16)
 OPTION_SETS = {
     "default": ("default", {}, False),
     # Inductor's coordinate-descent search of each fused Triton kernel's block sizes and warps (the elementwise and
     # reduction kernels are ~half of both steps' device time)
-    "coordinate descent": ("default", {"coordinate_descent_tuning": True}, False),
+    "coordinate-descent": ("default", {"coordinate_descent_tuning": True}, False),
     # GroupNorm's output in the activations' bf16 instead of autocast's float32: half the bytes of what the
     # training graph saves for backward and of the normalised tensors it reads again there
-    "GroupNorm out bf16": ("default", {}, True),
-    "coordinate descent + GroupNorm out bf16": ("default", {"coordinate_descent_tuning": True}, True),
+    "bf16-groupnorm": ("default", {}, True),
+    "coordinate-descent+bf16-groupnorm": ("default", {"coordinate_descent_tuning": True}, True),
     # benchmarks cuDNN against Triton templates per convolution/matmul (a template can take the neighbouring
     # elementwise ops into its prologue/epilogue) + coordinate descent
-    "max-autotune-no-cudagraphs": ("max-autotune-no-cudagraphs", {}, False),
-    "max-autotune, Triton convs only": (
+    "max-autotune": ("max-autotune-no-cudagraphs", {}, False),
+    "max-autotune-triton-convs": (
         "max-autotune-no-cudagraphs",
         {"max_autotune_conv_backends": "TRITON"},
         False,
     ),
 }
+OPTION_KINDS = ("sample", "train")
 
 
 class bf16_group_norm:
@@ -235,15 +244,24 @@ class bf16_group_norm:
         unet.GroupNorm.forward = self.forward
 
 
-def option_rows(config, batch_train: int, batch_sample: int, f_train: float, f_fwd: float, peak: float):
-    """Each OPTION_SETS entry on the guided sampling step (both passes) and the CUDA-graphed training step: yields
-    printable lines, as each finishes (a set that fails to compile says so and the next one runs)."""
+def option_rows(
+    config, sets, kinds, batch_train: int, batch_sample: int, f_train: float, f_fwd: float, peak: float
+):
+    """Each of `sets` (OPTION_SETS names) on each of `kinds`: "sample", the guided sampling step (both passes),
+    and "train", the CUDA-graphed training step; the kinds of a set one after the other, so that every set's rows
+    come early. Yields printable lines as each finishes (a set that fails to compile says so, the next one runs).
+    Within one process later sets find what earlier ones left in Inductor's caches: `--only options` runs each
+    (set, kind) in a process of its own with empty caches unless --no-isolate."""
     import contextlib
+    import gc
 
-    for kind, images, flops in (("sample", batch_sample, 2 * f_fwd), ("train graph", batch_train, f_train)):
-        for name, (mode, options, gn_bf16) in OPTION_SETS.items():
+    for name in sets:
+        mode, options, gn_bf16 = OPTION_SETS[name]
+        for kind in kinds:
+            images, flops = (batch_sample, 2 * f_fwd) if kind == "sample" else (batch_train, f_train)
             torch._dynamo.reset()
             t0 = time.perf_counter()
+            step = None
             try:
                 with bf16_group_norm() if gn_bf16 else contextlib.nullcontext():
                     if kind == "sample":
@@ -253,18 +271,49 @@ def option_rows(config, batch_train: int, batch_sample: int, f_train: float, f_f
                     step()
                     sync(torch.device("cuda"))
                     compile_s = time.perf_counter() - t0
-                    wall, lines = top_kernels(step, n=6)
-                    kern = float(lines[0].split(", ")[1].split(" ms")[0]) / 1e3
+                    wall, lines, kern = top_kernels(step, n=6)
+                if kern <= 0:
+                    raise RuntimeError("the profiler recorded no kernels")
             except Exception as e:  # noqa: BLE001 - one failing set must not end the comparison
                 yield f"== {kind} | {name}: failed after {time.perf_counter() - t0:.0f} s: {type(e).__name__}: {e}"[
                     :400
                 ]
                 continue
+            finally:  # the next set compiles and tunes without this one's graphs and memory
+                del step
+                gc.collect()
+                torch.cuda.empty_cache()
             yield (
                 f"== {kind} | {name}: compile {compile_s:.0f} s; {wall * 1e3:.2f} ms wall, {kern * 1e3:.2f} ms kernels"
                 f" per step of {images}; MFU {images / wall * flops / peak:.1%} wall, "
-                f"{images / kern * flops / peak:.1%} kernels\n" + "\n".join(lines[1:])
+                f"{images / kern * flops / peak:.1%} kernels\n" + "\n".join(lines)
             )
+
+
+def isolated_option_rows(args, sets, kinds):
+    """Each (set, kind) of `--only options` in a process of its own whose Inductor and Triton caches start empty,
+    so that every compile time is a cold one and no set reuses another's tuned kernels; yields each child's lines."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    for name in sets:
+        for kind in kinds:
+            with tempfile.TemporaryDirectory(prefix="cfg-options-") as tmp:
+                env = os.environ | {
+                    "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor",
+                    "TRITON_CACHE_DIR": f"{tmp}/triton",
+                }
+                cmd = [
+                    sys.executable, __file__, "--preset", args.preset, "--seconds", str(args.seconds),
+                    "--only", "options", "--sets", name, "--kinds", kind, "--no-isolate",
+                ]  # fmt: skip
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                rows = [line for line in out.stdout.splitlines() if line.startswith(("== ", "  "))]
+                if out.returncode or not rows:
+                    rows.append(f"== {kind} | {name}: process exit {out.returncode}: {out.stderr[-300:]}")
+                yield "\n".join(rows)
 
 
 COPY_OPS = ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy", "aten::to", "aten::reshape")
@@ -374,6 +423,18 @@ def main() -> None:
     ap.add_argument(
         "--autotune", action="store_true", help="variants: add compile mode max-autotune-no-cudagraphs"
     )
+    ap.add_argument(
+        "--sets",
+        default=",".join(OPTION_SETS),
+        help=f"options: which option sets, of {', '.join(OPTION_SETS)}",
+    )
+    ap.add_argument("--kinds", default=",".join(OPTION_KINDS), help="options: sample, train or both")
+    ap.add_argument(
+        "--no-isolate",
+        dest="isolate",
+        action="store_false",
+        help="options: compile every set in this process (later sets then reuse earlier ones' cache entries)",
+    )
     args = ap.parse_args()
     parts = set(args.only.split(","))
     if unknown := parts - {"loop", "kernels", "cell", "copies", "variants", "options"}:
@@ -381,6 +442,10 @@ def main() -> None:
             f"--only {args.only}: unknown part(s) {sorted(unknown)}; use loop, kernels, cell, copies, variants, "
             "options"
         )
+    if unknown := set(args.sets.split(",")) - set(OPTION_SETS):
+        ap.error(f"--sets {args.sets}: unknown set(s) {sorted(unknown)}; use {', '.join(OPTION_SETS)}")
+    if unknown := set(args.kinds.split(",")) - set(OPTION_KINDS):
+        ap.error(f"--kinds {args.kinds}: unknown kind(s) {sorted(unknown)}; use sample, train")
     if args.sdpa:
         backend = {
             "flash": SDPBackend.FLASH_ATTENTION,
@@ -417,10 +482,14 @@ def run(args, parts: set[str]) -> None:
         print(rows[-1], flush=True)
     kernels = []  # (heading, lines), printed after the table
     if "options" in parts:
+        sets, kinds = args.sets.split(","), args.kinds.split(",")
         print(f"\nInductor option sets, {torch.cuda.get_device_name(0)}, matmul {peak / 1e12:.0f} TFLOP/s:")
-        for text in option_rows(
-            config, params.train.batch_size, params.sample.batch_size, f_train, f_fwd, peak
-        ):
+        if args.isolate and len(sets) * len(kinds) > 1:
+            rows_of = isolated_option_rows(args, sets, kinds)
+        else:
+            batches = params.train.batch_size, params.sample.batch_size
+            rows_of = option_rows(config, sets, kinds, *batches, f_train, f_fwd, peak)
+        for text in rows_of:
             print(text, flush=True)
     if "kernels" in parts:
         batch, nb = params.train.batch_size, params.sample.batch_size
@@ -433,7 +502,7 @@ def run(args, parts: set[str]) -> None:
              lambda: sample_fn(config, torch.channels_last, "default", nb), nb, 2 * f_fwd),
         ]:  # fmt: skip
             torch._dynamo.reset()
-            wall, lines = top_kernels(make())
+            wall, lines, _ = top_kernels(make())
             lines.insert(
                 1,
                 f"  {images / wall:,.0f} images/s, {images / wall * flops / 1e12:.1f} TFLOP/s, MFU {images / wall * flops / peak:.1%}",

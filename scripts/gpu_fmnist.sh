@@ -15,7 +15,9 @@
 #                 kernels + cell + copies parts, its kernels part with flash attention only, the GPU tests, its loop
 #                 and variants parts; log bench.log, exit status bench.rc
 #   profile G ARGS  in a new process session on GPU G alone, at NICE (default 19: beside a measured study):
-#                 benchmarks/profile_step.py ARGS; log bench.log, exit status bench.rc
+#                 benchmarks/profile_step.py ARGS; log bench.log, exit status bench.rc. Beside a study give it a
+#                 STUDY_DIR of its own (e.g. STUDY_DIR=/tmp/prof): the same dir would share the study's Inductor
+#                 cache (warming what the study should compile cold) and its bench.log
 #   prep          only make the study dir (the copy of HEAD, the data): a later call may then start it carrying nothing
 #   wait N        wait up to N seconds for the started run, then bundle what exists into $OUT/<study dir's name>.tgz
 # Every phase takes the preset's params plus `key=value` overrides; results land in $OUT. A call carries any of .whl/

@@ -62,10 +62,11 @@ def compile_net(
 # what `train.compile` / `sample.compile` may name besides true/false: (torch.compile mode, Inductor options on top of
 # COMPILE_OPTIONS). On the preset's guided sampling step (one H200, docs/gpu/inductor_options_h200.txt) "default" ran
 # 106.4 ms, "coordinate-descent" (a search of each fused Triton kernel's block sizes) 99.2 ms and "max-autotune"
-# (cuDNN against Triton templates per convolution, plus that search) 96.2 ms, for about 5x and 12x the 46 s that
-# "default" compiled in on a cold cache (the host shared with a study). Inductor's caches keep the tuned choices, so
-# a warm cache should load them as fast as "default" (not measured). No CUDA graphs from Inductor:
-# train.cuda_graph captures its own step, and sampling batches change shape.
+# (cuDNN against Triton templates per convolution, plus that search) 96.2 ms. They compiled in 236 s and 538 s
+# against "default"'s 46 s from a cold cache, in one process whose caches the sets shared, on a host shared with a
+# study: indicative only. Inductor's caches keep the tuned choices, so a warm cache should load them as fast as
+# "default" (not measured). No CUDA graphs from Inductor: train.cuda_graph captures its own step, and sampling
+# batches change shape.
 COMPILE_MODES = {
     "default": ("default", {}),
     "coordinate-descent": ("default", {"coordinate_descent_tuning": True}),
