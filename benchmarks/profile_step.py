@@ -44,7 +44,7 @@ from bench_throughput import flops_per_image, matmul_rate, sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-from cfg.engine.device import autocast, compile_net, configure_cuda
+from cfg.engine.device import COMPILE_MODES, autocast, compile_net, configure_cuda
 from cfg.engine.generate import examples_per_batch, generate_w_grid, sampling_kwargs
 from cfg.engine.training import GraphStep, train_diffusion
 from cfg.maths.diffusion import diffusion_loss, training_draws
@@ -210,22 +210,19 @@ def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str], fl
 
 
 # Inductor option sets of `--only options`: name -> (compile mode, options on top of compile_net's, GroupNorm output
-# in bf16)
-OPTION_SETS = {
-    "default": ("default", {}, False),
-    # Inductor's coordinate-descent search of each fused Triton kernel's block sizes and warps (the elementwise and
-    # reduction kernels are ~half of both steps' device time)
-    "coordinate-descent": ("default", {"coordinate_descent_tuning": True}, False),
+# in bf16). The train.compile / sample.compile settings (COMPILE_MODES: default; coordinate descent, Inductor's
+# search of each fused Triton kernel's block sizes and warps; max-autotune, cuDNN against Triton templates per
+# convolution/matmul plus that search), exactly as the stages compile them, then variants of them:
+OPTION_SETS = {name: (mode, options, False) for name, (mode, options) in COMPILE_MODES.items()} | {
     # GroupNorm's output in the activations' bf16 instead of autocast's float32: half the bytes of what the
     # training graph saves for backward and of the normalised tensors it reads again there
-    "bf16-groupnorm": ("default", {}, True),
-    "coordinate-descent+bf16-groupnorm": ("default", {"coordinate_descent_tuning": True}, True),
-    # benchmarks cuDNN against Triton templates per convolution/matmul (a template can take the neighbouring
-    # elementwise ops into its prologue/epilogue) + coordinate descent
-    "max-autotune": ("max-autotune-no-cudagraphs", {}, False),
+    "bf16-groupnorm": (*COMPILE_MODES["default"], True),
+    "coordinate-descent+bf16-groupnorm": (*COMPILE_MODES["coordinate-descent"], True),
+    # max-autotune with only Triton's convolution templates (which can take the neighbouring elementwise ops into
+    # their prologue/epilogue), cuDNN left out
     "max-autotune-triton-convs": (
-        "max-autotune-no-cudagraphs",
-        {"max_autotune_conv_backends": "TRITON"},
+        COMPILE_MODES["max-autotune"][0],
+        COMPILE_MODES["max-autotune"][1] | {"max_autotune_conv_backends": "TRITON"},
         False,
     ),
 }
