@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cfg.engine.distributed import Dist, finish, gather_rows, init, shard
+from cfg.engine.distributed import Claims, Dist, finish, gather_rows, init, shard
 from cfg.engine.generate import generate_w_grid
 from cfg.engine.training import train_diffusion
 from cfg.eval.features import classifier_extractor, extract_features
@@ -138,7 +139,40 @@ def _evaluate(d: Dist):
     return {"records": [r.to_dict() for r in records], "seen": seen}
 
 
-FNS = {"train": _train, "sample": _sample_and_features, "evaluate": _evaluate}
+# Claims: 37 examples in batches of 4 (12 rows / 3 w): 9 full blocks handed out, the short one (example 36) to
+# rank 9 mod world; rank 1 of two sleeps after each batch, as a rank whose GPU also trains a model runs slower
+CLAIM_N, CLAIM_BLOCK = 37, 4
+
+
+def _claims(d: Dist):
+    import torch.distributed as dist
+
+    kwargs = {"num_classes": 3, "image_shape": (1, 8, 8), "steps": 5, "seed": 4, "batch_size": 12}
+    if d.world == 1:  # the reference: one process, no claims
+        images, labels = generate_w_grid(_model(), [-1.0, 0.0, 1.5], CLAIM_N, **kwargs)
+        return {"images": images, "labels": labels}
+    dist.barrier()  # both start claiming together
+    claims = Claims(CLAIM_N, d, CLAIM_BLOCK)
+    slow = (lambda info: time.sleep(0.5)) if d.rank == 1 else None
+    images, labels = generate_w_grid(_model(), [-1.0, 0.0, 1.5], 0, examples=claims, progress=slow, **kwargs)
+    rows = claims.rows()
+    taken = [None] * d.world
+    dist.all_gather_object(taken, rows.tolist())
+    try:  # every rank names its rows as 0 … len − 1: rows 0 … 3 twice, the rest missing
+        gather_rows(images, d, CLAIM_N, dim=1, rows=torch.arange(len(rows)))
+        refused = ""
+    except RuntimeError as e:
+        refused = str(e)
+    return {
+        "images": gather_rows(images, d, CLAIM_N, dim=1, rows=rows),
+        "labels": gather_rows(labels, d, CLAIM_N, rows=rows),
+        "taken": taken,
+        "expected": claims.expected(),
+        "refused": refused,
+    }
+
+
+FNS = {"train": _train, "sample": _sample_and_features, "evaluate": _evaluate, "claims": _claims}
 
 
 def _worker(rank: int, world: int, port: int, fn: str, out: str) -> None:
@@ -262,3 +296,31 @@ def test_shard_blocks_cover_every_row_once_and_gather_restores_the_order():
         assert sorted(torch.cat(parts).tolist()) == list(range(n))
         for r, p in enumerate(parts):  # whole blocks, block k to rank k mod world
             assert all(int(i) // block % world == r for i in p)
+
+
+def test_claimed_blocks_give_the_bytes_of_one_process_and_the_slow_rank_takes_fewer(tmp_path):
+    one, two = _run("claims", 1, tmp_path), _run("claims", 2, tmp_path)
+    assert one["images"].shape == (3, CLAIM_N, 1, 8, 8)
+    assert torch.equal(one["images"], two["images"]) and torch.equal(one["labels"], two["labels"])
+    fast, slow = two["taken"]
+    assert sorted(fast + slow) == list(range(CLAIM_N))
+    for rows in (fast, slow):  # whole blocks: each chunk of 4 one block, in the order claimed
+        for i in range(0, len(rows), CLAIM_BLOCK):
+            chunk = rows[i : i + CLAIM_BLOCK]
+            assert chunk[0] % CLAIM_BLOCK == 0 and chunk == list(range(chunk[0], chunk[0] + len(chunk)))
+    assert slow[-1] == CLAIM_N - 1, (
+        "the short block (9 full ones before it) is rank 9 mod 2's, after its full ones"
+    )
+    fixed = len(shard(CLAIM_N, Dist(1, 2), CLAIM_BLOCK))  # 4 full blocks and the short one
+    assert len(slow) < fixed < len(fast), (len(fast), len(slow))
+    assert two["expected"] == len(fast), "exact once the counter has run out"
+    assert "do not cover 0 … 36 once each" in two["refused"]
+
+
+def test_one_process_claims_every_block_in_order():
+    claims = Claims(10, Dist(), 4)
+    assert claims.expected() == 10
+    assert [b.tolist() for b in claims] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert claims.rows().tolist() == list(range(10)) and claims.expected() == 10
+    # of two ranks, before any claim: an even share of the 2 full blocks, and the short one for rank 2 mod 2 = 0
+    assert [Claims(10, Dist(r, 2), 4).expected() for r in (0, 1)] == [6, 4]

@@ -181,30 +181,40 @@ def test_with_several_guidance_methods_and_one_whose_passes_change_with_the_step
 def test_each_sampling_rank_is_warmed_with_the_batches_of_its_own_shard(
     digits, tmp_path, monkeypatch, n_samples, world
 ):
-    """Under torchrun rank r samples its shard (whole batches of 40 examples here) on cuda:r, and only the rank
-    holding the cell's short last batch meets that shape; a rank whose only batch is the short one compiles it
-    first. Each rank's warm-up process meets the shapes its rank meets, in its order."""
+    """Under torchrun rank r claims whole batches of 40 examples (here) on cuda:r, any rank any full batch, and
+    only the rank holding the cell's short last batch (its `shard` rank) meets that shape, after its full ones.
+    Each rank's warm-up process meets the shapes its rank meets, in its order. Each rank runs alone here (a process
+    group of one, so that its claims come from a real store): it claims every full batch, as a rank may."""
+    import torch.distributed as dist
+
     import cfg.engine.generate as generate
     from cfg.engine.distributed import Dist
 
-    monkeypatch.setattr(generate, "gather_rows", lambda t, d, n, dim=0, block=1: t)  # no process group here
+    # no peers to gather from
+    monkeypatch.setattr(generate, "gather_rows", lambda t, d, n, dim=0, block=1, rows=None: t)
     params = _params(sample=CELL | {"n_samples": n_samples})
     config = warmup.unet_config(params, _info(digits))
     model = UNet(config).eval()
     for rank in range(world):
         d = Dist(rank, world, rank)
-        with Calls() as stage:
-            sample_checkpoint(
-                model,
-                {"p_uncond": 0.1, "classes": digits.classes},
-                params,
-                checkpoint="c",
-                device="cpu",
-                dist=d,
-            )
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            with Calls() as stage:
+                sample_checkpoint(
+                    model,
+                    {"p_uncond": 0.1, "classes": digits.classes},
+                    params,
+                    checkpoint="c",
+                    device="cpu",
+                    dist=d,
+                )
+        finally:
+            dist.destroy_process_group()
         with Calls() as warm:
             warmup.warm_sample(params, config, torch.device("cpu"), d)
         assert warm.seen == stage.seen, (n_samples, world, rank)
+        short = n_samples % 40 and (n_samples // 40) % world == rank
+        assert len(stage.seen) == 1 + bool(short), "a full batch, and the short one on its rank only"
 
 
 def test_the_comparison_can_fail_on_another_batch_shape(digits, tmp_path):

@@ -5,14 +5,20 @@ A stage calls `launch(n)` first: with n > 1 and no torchrun around it, it re-run
 started (several hosts, a rendezvous) it runs as the rank it was given. `init` then joins the process group
 (NCCL on CUDA, gloo on CPU) and picks this rank's device. Rank 0 alone writes outputs and logs to MLflow.
 
-Samples depend only on (seed, example index, w, settings) (`cfg.maths.noise`), so a cell's examples are
-split by `shard` and put back in order by `gather_rows`: any number of processes gives the same bytes.
+Samples depend only on (seed, example index, w, settings) (`cfg.maths.noise`), so a cell's examples can be
+split in any way that keeps its batches whole and put back in order by `gather_rows`: any number of processes
+gives the same bytes. `shard` splits them up front, block k to rank k mod world (feature extraction, whose ranks
+run alike); `Claims` hands each block to whichever rank asks first (sampling, whose ranks may share their GPUs
+with other work).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -100,23 +106,94 @@ def shard(n: int, d: Dist, block: int = 1) -> Tensor:
     return torch.cat([torch.arange(a, min(a + block, n)) for a in starts]) if starts else torch.arange(0)
 
 
-def gather_rows(t: Tensor, d: Dist, n: int, dim: int = 0, block: int = 1) -> Tensor:
-    """Undo `shard(n, d, block)` along `dim`: every rank's rows back in the order 0 … n − 1, on every rank
-    (on the CPU). One process returns `t` as it is."""
+class Claims:
+    """The whole blocks of rows 0 … n − 1 of a cell, each taken by the rank that asks for it first: a counter in the
+    process group's store (torchrun's TCPStore) numbers the blocks, so a rank whose GPU is faster or less busy (one
+    that trains no model beside its sampling under `cfg-lab repro --parallel`) takes more of them and the ranks end
+    together, where `shard`'s fixed split leaves the fast ones idle until the slowest is done.
+
+    The blocks are `shard`'s (block k = rows [k·block, (k+1)·block)), so each batch is the very batch one process
+    runs and the bytes do not depend on which rank ran it. The cell's shorter last block, when it has one, is not
+    claimed: its `shard` rank takes it after its full blocks, the shapes `cfg.engine.warmup.rank_batches` compiles
+    ahead for that rank. One process takes every block in order. Iterate once (all ranks, in the same order of
+    Claims, since each Claims' counter is named by its place in that order); `rows()` are the rows this rank took,
+    in its order, for `gather_rows`."""
+
+    _made = itertools.count()  # the n-th Claims of every rank share the n-th counter
+
+    def __init__(self, n: int, d: Dist, block: int, store: dist.Store | None = None):
+        self.n, self.d, self.block = n, d, block
+        self.full = n // block  # the blocks claimed; a shorter last one goes to its shard rank
+        self.store = store
+        self.key = f"cfg-lab/claims/{next(Claims._made)}"
+        self.taken: list[Tensor] = []
+        self.handed = 0  # blocks handed out over all ranks, as this rank last saw the counter
+        self.short_taken = False
+
+    def _owns_short(self) -> bool:
+        return self.n % self.block > 0 and self.full % self.d.world == self.d.rank
+
+    def __iter__(self) -> Iterator[Tensor]:
+        store = None
+        if self.d.world > 1:
+            store = self.store or dist.distributed_c10d._get_default_store()
+        while True:
+            k = store.add(self.key, 1) - 1 if store is not None else len(self.taken)
+            self.handed = k + 1
+            if k >= self.full:
+                break
+            self.taken.append(torch.arange(k * self.block, (k + 1) * self.block))
+            yield self.taken[-1]
+        if self._owns_short():
+            self.taken.append(torch.arange(self.full * self.block, self.n))
+            self.short_taken = True
+            yield self.taken[-1]
+
+    def rows(self) -> Tensor:
+        return torch.cat(self.taken) if self.taken else torch.arange(0)
+
+    def expected(self) -> int:
+        """Rows this rank will have taken: its own so far, an even share of the blocks not yet handed out, and the
+        short last block if it is this rank's. Exact once the counter has run out."""
+        done = sum(len(t) for t in self.taken)
+        left = math.ceil(max(0, self.full - self.handed) / self.d.world) * self.block
+        short = self.n - self.full * self.block if self._owns_short() and not self.short_taken else 0
+        return done + left + short
+
+
+def gather_rows(
+    t: Tensor, d: Dist, n: int, dim: int = 0, block: int = 1, rows: Tensor | None = None
+) -> Tensor:
+    """Every rank's rows of 0 … n − 1 along `dim` put back in that order, on every rank (on the CPU): this rank
+    holds `rows` (in t's order; by default `shard(n, d, block)`, as `Claims.rows()` after claiming). One process
+    returns `t` as it is. Rows that are not every one of 0 … n − 1 exactly once are an error."""
     if d.world == 1:
         return t
+    mine = shard(n, d, block) if rows is None else rows.to(torch.int64).cpu()
     moved = t.movedim(dim, 0).contiguous()
-    index = [shard(n, Dist(r, d.world), block) for r in range(d.world)]
-    size = max(len(i) for i in index)  # rows of the largest shard; smaller ones are padded for all_gather
+    if len(mine) != len(moved):
+        raise ValueError(f"{len(mine)} row numbers for {len(moved)} rows")
+    cuda = dist.get_backend() == "nccl"
+
+    def all_gather(x: Tensor) -> list[Tensor]:
+        x = x.cuda() if cuda else x
+        parts = [torch.empty_like(x) for _ in range(d.world)]
+        dist.all_gather(parts, x)
+        return [p.cpu() for p in parts]
+
+    counts = [int(c) for c in all_gather(torch.tensor([len(mine)]))]
+    size = max(counts)  # rows of the largest part; smaller ones are padded for all_gather
     padded = moved.new_zeros((size, *moved.shape[1:]))
     padded[: len(moved)] = moved
-    if dist.get_backend() == "nccl":
-        padded = padded.cuda()
-    parts = [torch.empty_like(padded) for _ in range(d.world)]
-    dist.all_gather(parts, padded)
+    index = mine.new_zeros(size)
+    index[: len(mine)] = mine
     out = moved.new_empty((n, *moved.shape[1:]))
-    for rows, part in zip(index, parts, strict=True):
-        out[rows] = part[: len(rows)].cpu()
+    seen = torch.zeros(n, dtype=torch.int64)
+    for c, idx, part in zip(counts, all_gather(index), all_gather(padded), strict=True):
+        out[idx[:c]] = part[:c]
+        seen.index_add_(0, idx[:c], torch.ones(c, dtype=torch.int64))
+    if not bool((seen == 1).all()):
+        raise RuntimeError(f"the ranks' rows do not cover 0 … {n - 1} once each (counts {counts})")
     return out.movedim(0, dim)
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from cfg.data.images import to_uint8
 from cfg.engine.device import autocast, compile_as, configure_cuda
-from cfg.engine.distributed import Dist, gather_rows, shard
+from cfg.engine.distributed import Claims, Dist, gather_rows
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
 from cfg.maths.guidance import guidance_entries, guided_denoiser, needs_guide_network
 from cfg.maths.noise import example_noise, stream_source
@@ -94,12 +94,14 @@ def generate_w_grid(
     bf16: bool = True,  # bf16 autocast of the network on CUDA
     compile: bool | str = False,  # torch.compile on CUDA (fuses a sampling step's many small ops): compile_as
     first_index: int = 0,  # generate examples first_index … first_index + n_samples − 1 (seed ranges)
-    examples: Tensor | None = None,  # or exactly these example indices (a shard of a cell); n_samples unused
+    examples: Tensor | Claims | None = None,  # or exactly these example indices (a shard of a cell), or the
+    # blocks a Claims hands this rank as it goes (n_samples unused for both)
     progress: ProgressCallback | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sample every w for examples [first_index, first_index + n_samples) (or `examples`).
 
-    Returns (images uint8 (W, N, C, H, W) on CPU, labels (N,)). Example i is conditioned on class i mod K and
+    Returns (images uint8 (W, N, C, H, W) on CPU, labels (N,)), in the order the examples came (a Claims'
+    `rows()`). Example i is conditioned on class i mod K and
     draws its initial latent and step noise from its own streams (`cfg.maths.noise.example_noise`): its
     images depend only on (seed, i, w, sampler settings), never on the batch size, the other examples or
     how many processes share the cell.
@@ -111,10 +113,13 @@ def generate_w_grid(
     sample_fn = SAMPLERS[sampler]
     options = dict(sampler_options or {})
     lambdas = sampling_lambdas(steps, lambda_min=lambda_min, lambda_max=lambda_max, device=device)
-    ids_all = first_index + torch.arange(n_samples) if examples is None else examples.to(torch.int64).cpu()
-    n_samples = len(ids_all)
-    labels_all = ids_all % num_classes  # class-balanced: example i is class i mod K
-    out = torch.empty((n_w, n_samples, *image_shape), dtype=torch.uint8)
+    if isinstance(examples, Claims):
+        blocks, expected = examples, examples.expected  # claimed as the loop goes
+    else:
+        ids_all = (
+            first_index + torch.arange(n_samples) if examples is None else examples.to(torch.int64).cpu()
+        )
+        blocks, expected = [ids_all], ids_all.numel
     null_label = model.config.null_label
     w_col = torch.tensor(w_list, device=device)
 
@@ -137,31 +142,36 @@ def generate_w_grid(
 
     t0 = time.perf_counter()
     done = 0
-    for start in range(0, n_samples, per_batch):
-        k = min(per_batch, n_samples - start)
-        ids = ids_all[start : start + k].to(device)  # (k,)
+    parts, seen = [], []
+    for ids_cpu in (ids for block in blocks for ids in block.split(per_batch)):
+        k = len(ids_cpu)
+        ids = ids_cpu.to(device)  # (k,)
         # the W copies of an example (w-major rows) share its initial latent and its step noise
         z = example_noise(seed, ids, 0, image_shape).repeat(n_w, 1, 1, 1)  # (W·k, C, H, W)
         noise = stream_source(seed, ids, image_shape)
-        labels = labels_all[start : start + k].to(device).repeat(n_w)
+        labels = (ids % num_classes).repeat(n_w)  # class-balanced: example i is class i mod K
         w = w_col.repeat_interleave(k)  # (W·k,)
         denoise = guided_denoiser(
             net, labels, w, null_label, guidance, guidance_options, lambdas=lambdas, guide=guide_net
         )
         x = sample_fn(denoise, z, lambdas, noise=lambda t, src=noise: src(t).repeat(n_w, 1, 1, 1), **options)
-        out[:, start : start + k] = to_uint8(x).view(n_w, k, *image_shape).cpu()
+        parts.append(to_uint8(x).view(n_w, k, *image_shape).cpu())
+        seen.append(ids_cpu)
         done += k
         if progress is not None:
             elapsed = time.perf_counter() - t0
+            total = max(done, expected())
             progress(
                 {
                     "images": done * n_w,
-                    "total_images": n_samples * n_w,
+                    "total_images": total * n_w,
                     "elapsed_s": elapsed,
-                    "eta_s": elapsed / done * (n_samples - done),
+                    "eta_s": elapsed / done * (total - done),
                 }
             )
-    return out, labels_all
+    ids_done = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
+    out = torch.cat(parts, dim=1) if parts else torch.empty((n_w, 0, *image_shape), dtype=torch.uint8)
+    return out, ids_done % num_classes
 
 
 def sample_checkpoint(
@@ -186,9 +196,10 @@ def sample_checkpoint(
         raise ValueError(
             "sample.guidance has autoguidance but no guide network was given (train_guide stage)"
         )
-    block = examples_per_batch(s.batch_size, len(s.w))  # shards of whole batches, as one process runs them
+    # whole batches, as one process runs them, each to the rank that asks first (Claims: the same bytes for any
+    # split, and ranks whose GPUs also train a model take fewer)
+    block = examples_per_batch(s.batch_size, len(s.w))
     kwargs = sampling_kwargs(params)
-    examples = shard(s.n_samples, d, block)
     t0 = time.perf_counter()
     done = [0]  # images of the methods before the current one, for the progress callback
 
@@ -207,14 +218,16 @@ def sample_checkpoint(
                 }
             )
 
-    parts = []
+    parts = []  # (images, labels, rows) of each method: gathered after the last, so that a rank done with its
+    # blocks of one method goes on to claim the next method's while others finish theirs
     for name, options in entries:
         kwargs |= {"guidance": name, "guidance_options": options}
+        claims = Claims(s.n_samples, d, block)
         images, labels = generate_w_grid(
             model.to(device),
             s.w,
             s.n_samples,
-            examples=examples,
+            examples=claims,
             num_classes=cfg.num_classes,
             image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
             device=device,
@@ -223,11 +236,13 @@ def sample_checkpoint(
             **kwargs,
         )
         done[0] += images.shape[0] * images.shape[1]
-        parts.append(images)
-    images = torch.cat(parts)  # (M·W, n, C, H, W), method-major
+        parts.append((images, labels, claims.rows()))
+    # (M·W, n, C, H, W), method-major
+    images = torch.cat([gather_rows(i, d, s.n_samples, dim=1, rows=rows) for i, _, rows in parts])
+    labels = gather_rows(parts[0][1], d, s.n_samples, rows=parts[0][2])
     return SampleSet(
-        images=gather_rows(images, d, s.n_samples, dim=1, block=block),
-        labels=gather_rows(labels, d, s.n_samples, block=block),
+        images=images,
+        labels=labels,
         w=[float(w) for _ in entries for w in s.w],
         classes=list(meta["classes"]),
         p_uncond=meta["p_uncond"],

@@ -19,9 +19,9 @@ fresh processes like the stages':
              Between the two it prints STEP_READY: the train arms start then, and the FID curve's graphs are
              compiled while their first eval_every steps run (on 4 H100s a train arm reached its first curve
              point ≈ 60 s after it started; on H200s a cold first point took ≈ 30 s longer than a warm one)
-    sample   for each guidance method in order, the first batch of a rank's shard of the cell and then the
-             shard's shorter last batch if it has one, with the stage's w grid, sampler and steps; one process per
-             rank (`--rank R --world N`), on cuda:R as rank R samples
+    sample   for each guidance method in order, a full batch of the cell (the blocks a rank claims) and then the
+             cell's shorter last batch if it is that rank's, with the stage's w grid, sampler and steps; one
+             process per rank (`--rank R --world N`), on cuda:R as rank R samples
 What is warmed, and what is not (a guide network, DDP training), is in `warm_parts`.
 
     python -m cfg.engine.warmup train --info data/prepared.json     # or: sample --rank 1 --world 4
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from cfg.engine.distributed import Dist, shard
+from cfg.engine.distributed import Dist
 from cfg.engine.generate import examples_per_batch, generate_w_grid, guidance_of, sampling_kwargs
 from cfg.engine.training import GRAPH_WARMUP, train_diffusion, train_kwargs
 from cfg.maths.guidance import needs_guide_network
@@ -122,12 +122,15 @@ def warm_train(
 
 
 def rank_batches(n_samples: int, block: int, d: Dist) -> torch.Tensor:
-    """Examples of rank d's shard of a cell (`shard`, whole blocks of `block`) that meet every batch shape the
-    rank meets, in its order: its first batch, then its last one when that is shorter (a rank whose only batch is
-    the short one starts, and compiles, with that shape)."""
-    mine = shard(n_samples, d, block)
-    short = len(mine) % block if len(mine) > block else 0
-    return torch.cat([mine[:block], mine[len(mine) - short :]]) if short else mine[:block]
+    """Examples that meet every batch shape rank d meets as it samples a cell (`Claims`: whole blocks of `block`,
+    each to the rank that asks first; the shorter last block to its `shard` rank after its full ones), in its
+    order: a full block when the cell has one (any rank may claim one), then the short block when it is this
+    rank's. A rank that claims no full block (more ranks than blocks, or others faster) compiles its short one
+    for itself."""
+    full = n_samples // block
+    first = torch.arange(block) if full else torch.arange(0)
+    owns_short = n_samples % block and full % d.world == d.rank
+    return torch.cat([first, torch.arange(full * block, n_samples)]) if owns_short else first
 
 
 def warm_sample(params, config: UNetConfig, device: torch.device, d: Dist | None = None) -> None:
