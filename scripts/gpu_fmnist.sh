@@ -32,23 +32,32 @@ SRC=$PWD
 # machine does, whatever ran before it on the host
 W=${STUDY_DIR:-/tmp/study}
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$(basename "$W")  # outside the study dir: DVC's git sees none of it
-if [ ! -d "$W" ]; then
-  mkdir -p "$W" && tar -xzf "$SRC/.gpu/src.tgz" -C "$W" || exit 1
-fi
+# What a call carries (.gpu/src.tgz and the ignored folders below) is kept in $KEEP on the machine, since the synced
+# tree of a later call may no longer hold it: a study dir made in a later call (a second STUDY_DIR) is made from there
+KEEP=/tmp/cfg_carried
+mkdir -p "$KEEP"
+[ -f "$SRC/.gpu/src.tgz" ] && cp "$SRC/.gpu/src.tgz" "$KEEP/src.tgz"
 # the ignored helper folders this call carried (all of them may not fit one call's 64 MiB: they can come in turns),
 # copied whole before they appear, so a run waiting for one never reads it half-copied
 for d in .whl .fmnist .whl_extra; do
-  if [ -d "$SRC/$d" ] && [ ! -d "$W/$d" ]; then cp -r "$SRC/$d" "$W/$d.tmp" && mv "$W/$d.tmp" "$W/$d"; fi
+  if [ -d "$SRC/$d" ] && [ ! -d "$KEEP/$d" ]; then cp -r "$SRC/$d" "$KEEP/$d.tmp" && mv "$KEEP/$d.tmp" "$KEEP/$d"; fi
 done
 # or the IDX files xz-compressed (.fmnist_xz/*.xz, 26 MB against the original .gz files' 31 MB), so that .whl, the
 # data and the tree fit one call; made here by
 #   mkdir -p .fmnist_xz && for f in .fmnist/*.gz; do zcat "$f" | xz -9e >".fmnist_xz/$(basename "${f%.gz}").xz"; done
-if [ -d "$SRC/.fmnist_xz" ] && [ ! -d "$W/.fmnist" ]; then
-  mkdir -p "$W/.fmnist.tmp" && for f in "$SRC"/.fmnist_xz/*.xz; do
+if [ -d "$SRC/.fmnist_xz" ] && [ ! -d "$KEEP/.fmnist" ]; then
+  mkdir -p "$KEEP/.fmnist.tmp" && for f in "$SRC"/.fmnist_xz/*.xz; do
     python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-      "$f" "$W/.fmnist.tmp/$(basename "${f%.xz}")" || exit 1
-  done && mv "$W/.fmnist.tmp" "$W/.fmnist"
+      "$f" "$KEEP/.fmnist.tmp/$(basename "${f%.xz}")" || exit 1
+  done && mv "$KEEP/.fmnist.tmp" "$KEEP/.fmnist"
 fi
+if [ ! -d "$W" ]; then
+  [ -f "$KEEP/src.tgz" ] || { echo "no .gpu/src.tgz carried to this machine yet" >&2; exit 1; }
+  mkdir -p "$W" && tar -xzf "$KEEP/src.tgz" -C "$W" || exit 1
+fi
+for d in .whl .fmnist .whl_extra; do
+  if [ -d "$KEEP/$d" ] && [ ! -d "$W/$d" ]; then cp -r "$KEEP/$d" "$W/$d.tmp" && mv "$W/$d.tmp" "$W/$d"; fi
+done
 cd "$W" || exit 1
 . .whl/gpu-env.sh >/dev/null || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
