@@ -37,3 +37,26 @@ def test_every_named_variant_is_a_setting_and_an_unknown_one_is_refused_naming_t
         ValueError, match=r"'fast' is not one of true, false, \['default', 'coordinate-descent'"
     ):
         compile_as(torch.nn.Linear(2, 2), "fast")
+
+
+@pytest.mark.parametrize("setting", [False, True])
+def test_sampling_sets_cudnn_autotuning_for_its_loop_only(setting):
+    """`sample.cudnn_benchmark` holds while generate_w_grid samples and the flag is back as it was after it (the
+    FID curve samples inside a training run that autotunes)."""
+    from cfg.engine.generate import generate_w_grid
+    from cfg.nets.unet import UNet, UNetConfig
+
+    net = UNet(
+        UNetConfig(image_size=8, base_width=8, channel_mult=(1,), head_channels=8, num_classes=3)
+    ).eval()
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = not setting
+    inside = []
+    try:
+        generate_w_grid(
+            net, [0.0], 3, num_classes=3, image_shape=(1, 8, 8), steps=2, batch_size=1,
+            use_cudnn_benchmark=setting, progress=lambda i: inside.append(torch.backends.cudnn.benchmark),
+        )  # fmt: skip
+        assert inside == [setting] * 3 and torch.backends.cudnn.benchmark is (not setting)
+    finally:
+        torch.backends.cudnn.benchmark = before

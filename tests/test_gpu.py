@@ -194,3 +194,68 @@ def test_cuda_graph_training_refuses_to_replay_after_its_tensors_were_reallocate
 
     with pytest.raises(RuntimeError, match="reallocated"):
         train_diffusion(CONFIG, ds.train_x, ds.train_y, callback=reallocate, cuda_graph=True, **kw)
+
+
+CLAIM_W, CLAIM_N = [-1.0, 0.0, 0.5, 2.0], 203  # batches of 16 examples (64 rows): 12 full, a short one of 11
+
+
+def _claim_cell(examples, device: str):
+    torch.manual_seed(0)
+    model = UNet(CONFIG).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    n = CLAIM_N if examples is None else 0
+    progress = getattr(examples, "progress", None)
+    return generate_w_grid(
+        model.to(device), CLAIM_W, n, examples=examples, num_classes=10, image_shape=(1, 8, 8), steps=16, seed=3,
+        batch_size=64, device=device, bf16=True, progress=progress, use_cudnn_benchmark=False,
+    )  # fmt: skip
+
+
+def _claim_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from cfg.engine.distributed import Claims, finish, gather_rows, init
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )  # fmt: skip
+    d, device = init("cuda")
+    dist.barrier()
+    claims = Claims(CLAIM_N, d, 16)
+    claims.progress = (lambda info: time.sleep(0.2)) if rank == 1 else None  # a GPU that also trains a model
+    images, _ = _claim_cell(claims, str(device))
+    taken = [None] * world
+    dist.all_gather_object(taken, claims.rows().tolist())
+    images = gather_rows(images, d, CLAIM_N, dim=1, rows=claims.rows())
+    if d.main:
+        torch.save({"images": images, "taken": taken}, out)
+    finish(d)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_claiming_a_cells_batches_give_the_bytes_of_one(tmp_path):
+    """NCCL and torchrun's store on real GPUs: two processes (cuda:0, cuda:1) claim a cell's batches, the one on
+    cuda:1 slowed, and gather the very bytes one process samples on cuda:0 (bf16 autocast, eager), with cuDNN's
+    algorithms chosen by its heuristics (`sample.cudnn_benchmark: false`). With autotuning on, one process on
+    cuda:0 and one on cuda:1 differed in 5 of 51,968 bytes of this cell on two H200s; with it off in none."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from cfg.engine.distributed import Dist, shard
+
+    one, _ = _claim_cell(None, "cuda:0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_claim_worker, args=(2, port, str(tmp_path / "two.pt")), nprocs=2, join=True)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    fast, slow = two["taken"]
+    assert sorted(fast + slow) == list(range(CLAIM_N))
+    assert len(slow) < len(shard(CLAIM_N, Dist(1, 2), 16)) < len(fast)
+    assert torch.equal(one, two["images"])

@@ -33,11 +33,24 @@ def autocast(
 
 
 def configure_cuda() -> None:
-    """TF32 matmuls and cuDNN autotuning: free speed on Ampere/Hopper with no effect on CPU."""
+    """TF32 matmuls and cuDNN autotuning: free speed on Ampere/Hopper with no effect on CPU. Autotuning times
+    each convolution's candidate algorithms in the process and keeps the fastest, so two processes (two GPUs of
+    one model, or two runs) may round differently; `sample.cudnn_benchmark: false` turns it off for sampling."""
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool):
+    """cuDNN's autotuning on or off inside the block, as it was after (the FID curve samples inside training)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 # Inductor keeps a graph's convolutions channels-last only where its heuristic expects that to pay; it declines

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from cfg.data.images import to_uint8
-from cfg.engine.device import autocast, compile_as, configure_cuda
+from cfg.engine.device import autocast, compile_as, configure_cuda, cudnn_benchmark
 from cfg.engine.distributed import Claims, Dist, gather_rows
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
 from cfg.maths.guidance import guidance_entries, guided_denoiser, needs_guide_network
@@ -62,6 +62,7 @@ def sampling_kwargs(params) -> dict:
         "batch_size": s.batch_size,
         "bf16": t.bf16,
         "compile": s.compile,
+        "use_cudnn_benchmark": s.cudnn_benchmark,
     }
 
 
@@ -93,6 +94,8 @@ def generate_w_grid(
     device: torch.device | str = "cpu",
     bf16: bool = True,  # bf16 autocast of the network on CUDA
     compile: bool | str = False,  # torch.compile on CUDA (fuses a sampling step's many small ops): compile_as
+    use_cudnn_benchmark: bool = True,  # cuDNN times its convolution algorithms per process (speed) or picks them by
+    # its heuristics, the same on every GPU of a model (the same bytes on any GPU and any number of processes)
     first_index: int = 0,  # generate examples first_index … first_index + n_samples − 1 (seed ranges)
     examples: Tensor | Claims | None = None,  # or exactly these example indices (a shard of a cell), or the
     # blocks a Claims hands this rank as it goes (n_samples unused for both)
@@ -143,32 +146,35 @@ def generate_w_grid(
     t0 = time.perf_counter()
     done = 0
     parts, seen = [], []
-    for ids_cpu in (ids for block in blocks for ids in block.split(per_batch)):
-        k = len(ids_cpu)
-        ids = ids_cpu.to(device)  # (k,)
-        # the W copies of an example (w-major rows) share its initial latent and its step noise
-        z = example_noise(seed, ids, 0, image_shape).repeat(n_w, 1, 1, 1)  # (W·k, C, H, W)
-        noise = stream_source(seed, ids, image_shape)
-        labels = (ids % num_classes).repeat(n_w)  # class-balanced: example i is class i mod K
-        w = w_col.repeat_interleave(k)  # (W·k,)
-        denoise = guided_denoiser(
-            net, labels, w, null_label, guidance, guidance_options, lambdas=lambdas, guide=guide_net
-        )
-        x = sample_fn(denoise, z, lambdas, noise=lambda t, src=noise: src(t).repeat(n_w, 1, 1, 1), **options)
-        parts.append(to_uint8(x).view(n_w, k, *image_shape).cpu())
-        seen.append(ids_cpu)
-        done += k
-        if progress is not None:
-            elapsed = time.perf_counter() - t0
-            total = max(done, expected())
-            progress(
-                {
-                    "images": done * n_w,
-                    "total_images": total * n_w,
-                    "elapsed_s": elapsed,
-                    "eta_s": elapsed / done * (total - done),
-                }
+    with cudnn_benchmark(use_cudnn_benchmark):
+        for ids_cpu in (ids for block in blocks for ids in block.split(per_batch)):
+            k = len(ids_cpu)
+            ids = ids_cpu.to(device)  # (k,)
+            # the W copies of an example (w-major rows) share its initial latent and its step noise
+            z = example_noise(seed, ids, 0, image_shape).repeat(n_w, 1, 1, 1)  # (W·k, C, H, W)
+            noise = stream_source(seed, ids, image_shape)
+            labels = (ids % num_classes).repeat(n_w)  # class-balanced: example i is class i mod K
+            w = w_col.repeat_interleave(k)  # (W·k,)
+            denoise = guided_denoiser(
+                net, labels, w, null_label, guidance, guidance_options, lambdas=lambdas, guide=guide_net
             )
+            x = sample_fn(
+                denoise, z, lambdas, noise=lambda t, src=noise: src(t).repeat(n_w, 1, 1, 1), **options
+            )
+            parts.append(to_uint8(x).view(n_w, k, *image_shape).cpu())
+            seen.append(ids_cpu)
+            done += k
+            if progress is not None:
+                elapsed = time.perf_counter() - t0
+                total = max(done, expected())
+                progress(
+                    {
+                        "images": done * n_w,
+                        "total_images": total * n_w,
+                        "elapsed_s": elapsed,
+                        "eta_s": elapsed / done * (total - done),
+                    }
+                )
     ids_done = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
     out = torch.cat(parts, dim=1) if parts else torch.empty((n_w, 0, *image_shape), dtype=torch.uint8)
     return out, ids_done % num_classes

@@ -209,6 +209,12 @@ class SampleParams:
         "first compile)",
         choices=tuple(COMPILE_MODES),
     )
+    cudnn_benchmark: bool = _p(
+        True,
+        "CUDA: cuDNN times each convolution's algorithms in every process and keeps the fastest (true), or picks "
+        "them by its heuristics (false): the same choice on every GPU of a model, so the bytes do not depend on "
+        "which GPU or how many processes sample (with true a few pixels may differ)",
+    )
     devices: int | str = _p(
         1,
         "processes (one per GPU) of the sample and evaluate stages: N, or all (every visible GPU; one process "
