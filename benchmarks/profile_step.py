@@ -12,7 +12,9 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             was (summed kernel time / wall time: below ~90% the step waits on the host)
   cell      a whole sampling cell as the sample stage runs it (`generate_w_grid`: the preset's w grid, batch
             and steps, per-example noise, the guided sampler, uint8 images to the host): images/s and MFU
-            with the network passes CFG really runs (w = 0 rows skip ε(z), w = −1 rows skip ε(z, c))
+            with the network passes CFG really runs (w = 0 rows skip ε(z), w = −1 rows skip ε(z, c)), with
+            cuDNN's autotuning and with its heuristics (`sample.cudnn_benchmark`: true is faster by what this
+            shows; false gives the same bytes on every GPU)
   copies    where the training step's plain copy kernels come from (20% of a compiled step's device time until
             compile_net forced channels-last layouts, docs/gpu/layout_h100.txt): their device time by the op
             enclosing each `aten::copy_` (an autograd node, an attention op, ...) and by input shapes with the
@@ -368,16 +370,19 @@ def copy_sources(step, n: int = 12) -> list[str]:
     return lines
 
 
-def cell_rate(config, params, n_examples: int, f_fwd: float) -> tuple[float, float, float]:
+def cell_rate(
+    config, params, n_examples: int, f_fwd: float, cudnn_benchmark: bool = True
+) -> tuple[float, float, float]:
     """A whole sampling cell of the preset's grid as the sample stage runs it (`sampling_kwargs`: sampler,
-    options, steps, λ range, batch, precision, compile; CFG): (images/s, model FLOP/s with the network passes CFG
-    runs — w = 0 rows skip ε(z), w = −1 rows skip ε(z, c) —, wall s of the timed call). One untimed batch
-    compiles first."""
+    options, steps, λ range, batch, precision, compile; CFG), with cuDNN's autotuning on or off
+    (`sample.cudnn_benchmark`): (images/s, model FLOP/s with the network passes CFG runs — w = 0 rows skip ε(z),
+    w = −1 rows skip ε(z, c) —, wall s of the timed call). One untimed batch compiles (and autotunes) first."""
     s = params.sample
     model = UNet(config).cuda().eval()
     for p in model.parameters():
         p.data.add_(0.01 * torch.randn_like(p))
     kwargs = sampling_kwargs(params) | {"guidance": "cfg", "guidance_options": {}}
+    kwargs["use_cudnn_benchmark"] = cudnn_benchmark
     kwargs |= {"num_classes": 10, "image_shape": (config.in_channels, config.image_size, config.image_size)}
     generate_w_grid(model, s.w, examples_per_batch(s.batch_size, len(s.w)), device="cuda", **kwargs)
     sync(torch.device("cuda"))
@@ -512,11 +517,11 @@ def run(args, parts: set[str]) -> None:
         lines = copy_sources(train_fn(config, torch.channels_last, "default", batch))
         kernels.append((f"copy sources, train step, compile, batch {batch}", lines))
         print(f"\ncopy sources, train step, compile, batch {batch}:\n" + "\n".join(lines), flush=True)
-    if "cell" in parts:
+    for tuned in (True, False) if "cell" in parts else ():  # sample.cudnn_benchmark: speed against same bytes
         torch._dynamo.reset()
-        ips, flops, wall = cell_rate(config, params, args.cell_examples, f_fwd)
+        ips, flops, wall = cell_rate(config, params, args.cell_examples, f_fwd, tuned)
         s = params.sample
-        what = f"sample cell {len(s.w)} w x {args.cell_examples}, T={s.steps}"
+        what = f"sample cell {len(s.w)} w x {args.cell_examples}, T={s.steps}, cuDNN {'tuned' if tuned else 'heur.'}"
         rows.append((what, s.batch_size, ips, flops, 0, wall))
         print(rows[-1], flush=True)
     if "variants" in parts:

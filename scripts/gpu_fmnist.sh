@@ -31,7 +31,9 @@ SRC=$PWD
 # GPUS=2); each study dir has its own Inductor cache, so each study compiles from an empty cache as a fresh
 # machine does, whatever ran before it on the host
 W=${STUDY_DIR:-/tmp/study}
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$(basename "$W")  # outside the study dir: DVC's git sees none of it
+# outside the study dir: DVC's git sees none of it. INDUCTOR_OF=/tmp/s4 uses that study dir's cache instead: a second
+# study with the first one's compiled graphs, as on a lab machine that keeps its cache (a warm run)
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$(basename "${INDUCTOR_OF:-$W}")
 # What a call carries (.gpu/src.tgz and the ignored folders below) is kept in $KEEP on the machine, since the synced
 # tree of a later call may no longer hold it: a study dir made in a later call (a second STUDY_DIR) is made from there
 KEEP=/tmp/cfg_carried
