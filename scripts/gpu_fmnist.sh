@@ -38,11 +38,14 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$(basename "${INDUCTOR_OF:-$W}")
 # tree of a later call may no longer hold it: a study dir made in a later call (a second STUDY_DIR) is made from there
 KEEP=/tmp/cfg_carried
 mkdir -p "$KEEP"
-[ -f "$SRC/.gpu/src.tgz" ] && cp "$SRC/.gpu/src.tgz" "$KEEP/src.tgz"
+[ -f "$SRC/.gpu/src.tgz" ] && cp "$SRC/.gpu/src.tgz" "$KEEP/src.tgz.tmp" && mv "$KEEP/src.tgz.tmp" "$KEEP/src.tgz"
 # the ignored helper folders this call carried (all of them may not fit one call's 64 MiB: they can come in turns),
-# copied whole before they appear, so a run waiting for one never reads it half-copied
+# each replacing what an earlier call kept; copied whole before they appear, so a run waiting for one never reads
+# it half-copied
 for d in .whl .fmnist .whl_extra; do
-  if [ -d "$SRC/$d" ] && [ ! -d "$KEEP/$d" ]; then cp -r "$SRC/$d" "$KEEP/$d.tmp" && mv "$KEEP/$d.tmp" "$KEEP/$d"; fi
+  if [ -d "$SRC/$d" ]; then
+    rm -rf "$KEEP/$d.tmp" && cp -r "$SRC/$d" "$KEEP/$d.tmp" && rm -rf "$KEEP/$d" && mv "$KEEP/$d.tmp" "$KEEP/$d"
+  fi
 done
 # or the IDX files xz-compressed (.fmnist_xz/*.xz, 26 MB against the original .gz files' 31 MB), so that .whl, the
 # data and the tree fit one call; made here by
@@ -58,7 +61,9 @@ if [ ! -d "$W" ]; then
   mkdir -p "$W" && tar -xzf "$KEEP/src.tgz" -C "$W" || exit 1
 fi
 for d in .whl .fmnist .whl_extra; do
-  if [ -d "$KEEP/$d" ] && [ ! -d "$W/$d" ]; then cp -r "$KEEP/$d" "$W/$d.tmp" && mv "$W/$d.tmp" "$W/$d"; fi
+  if [ -d "$KEEP/$d" ] && [ ! -d "$W/$d" ]; then
+    rm -rf "$W/$d.tmp" && cp -r "$KEEP/$d" "$W/$d.tmp" && mv "$W/$d.tmp" "$W/$d"
+  fi
 done
 cd "$W" || exit 1
 . .whl/gpu-env.sh >/dev/null || exit 1

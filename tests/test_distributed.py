@@ -163,7 +163,13 @@ def _claims(d: Dist):
         refused = ""
     except RuntimeError as e:
         refused = str(e)
+    try:  # rank 1 names one row too few: every rank stops with the same error, none waits for it
+        gather_rows(images, d, CLAIM_N, dim=1, rows=rows[:-1] if d.rank == 1 else rows)
+        mismatch = ""
+    except ValueError as e:
+        mismatch = str(e)
     return {
+        "mismatch": mismatch,
         "images": gather_rows(images, d, CLAIM_N, dim=1, rows=rows),
         "labels": gather_rows(labels, d, CLAIM_N, rows=rows),
         "taken": taken,
@@ -315,6 +321,7 @@ def test_claimed_blocks_give_the_bytes_of_one_process_and_the_slow_rank_takes_fe
     assert len(slow) < fixed < len(fast), (len(fast), len(slow))
     assert two["expected"] == len(fast), "exact once the counter has run out"
     assert "do not cover 0 … 36 once each" in two["refused"]
+    assert f"[(1, {len(slow) - 1}, {len(slow)})]" in two["mismatch"]
 
 
 def test_one_process_claims_every_block_in_order():
@@ -324,3 +331,11 @@ def test_one_process_claims_every_block_in_order():
     assert claims.rows().tolist() == list(range(10)) and claims.expected() == 10
     # of two ranks, before any claim: an even share of the 2 full blocks, and the short one for rank 2 mod 2 = 0
     assert [Claims(10, Dist(r, 2), 4).expected() for r in (0, 1)] == [6, 4]
+
+
+def test_an_empty_cell_samples_nothing():
+    seen = []
+    images, labels = generate_w_grid(
+        _model(), [0.0, 1.0], 0, num_classes=3, image_shape=(1, 8, 8), steps=2, progress=seen.append
+    )
+    assert images.shape == (2, 0, 1, 8, 8) and labels.shape == (0,) and seen == []

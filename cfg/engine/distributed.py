@@ -171,8 +171,6 @@ def gather_rows(
         return t
     mine = shard(n, d, block) if rows is None else rows.to(torch.int64).cpu()
     moved = t.movedim(dim, 0).contiguous()
-    if len(mine) != len(moved):
-        raise ValueError(f"{len(mine)} row numbers for {len(moved)} rows")
     cuda = dist.get_backend() == "nccl"
 
     def all_gather(x: Tensor) -> list[Tensor]:
@@ -181,7 +179,12 @@ def gather_rows(
         dist.all_gather(parts, x)
         return [p.cpu() for p in parts]
 
-    counts = [int(c) for c in all_gather(torch.tensor([len(mine)]))]
+    # every rank's row count and whether it holds that many rows: a mismatch on one rank stops all of them here,
+    # rather than leaving the others waiting in the next all_gather
+    sizes = [(int(a), int(b)) for a, b in all_gather(torch.tensor([len(mine), len(moved)]))]
+    if wrong := [(r, a, b) for r, (a, b) in enumerate(sizes) if a != b]:
+        raise ValueError(f"gather_rows: row numbers vs rows per rank (rank, numbers, rows): {wrong}")
+    counts = [a for a, _ in sizes]
     size = max(counts)  # rows of the largest part; smaller ones are padded for all_gather
     padded = moved.new_zeros((size, *moved.shape[1:]))
     padded[: len(moved)] = moved

@@ -147,7 +147,7 @@ def generate_w_grid(
     done = 0
     parts, seen = [], []
     with cudnn_benchmark(use_cudnn_benchmark):
-        for ids_cpu in (ids for block in blocks for ids in block.split(per_batch)):
+        for ids_cpu in (ids for block in blocks for ids in block.split(per_batch) if len(ids)):
             k = len(ids_cpu)
             ids = ids_cpu.to(device)  # (k,)
             # the W copies of an example (w-major rows) share its initial latent and its step noise
@@ -208,10 +208,11 @@ def sample_checkpoint(
     kwargs = sampling_kwargs(params)
     t0 = time.perf_counter()
     done = [0]  # images of the methods before the current one, for the progress callback
+    method = [0]  # the current method's place in `entries`
 
     def step(info: dict) -> None:
-        if progress is not None:
-            total = info["total_images"] * len(entries)
+        if progress is not None:  # this method's share so far and estimated, the later ones' estimated alike
+            total = done[0] + info["total_images"] * (len(entries) - method[0])
             images_done = done[0] + info["images"]
             elapsed = time.perf_counter() - t0
             progress(
@@ -226,7 +227,8 @@ def sample_checkpoint(
 
     parts = []  # (images, labels, rows) of each method: gathered after the last, so that a rank done with its
     # blocks of one method goes on to claim the next method's while others finish theirs
-    for name, options in entries:
+    for m, (name, options) in enumerate(entries):
+        method[0] = m
         kwargs |= {"guidance": name, "guidance_options": options}
         claims = Claims(s.n_samples, d, block)
         images, labels = generate_w_grid(
