@@ -104,8 +104,7 @@ def generate_w_grid(
     """Sample every w for examples [first_index, first_index + n_samples) (or `examples`).
 
     Returns (images uint8 (W, N, C, H, W) on CPU, labels (N,)), in the order the examples came (a Claims'
-    `rows()`). Example i is conditioned on class i mod K and
-    draws its initial latent and step noise from its own streams (`cfg.maths.noise.example_noise`): its
+    `rows()`). Example i is conditioned on class i mod K and draws its initial latent and step noise from its own streams (`cfg.maths.noise.example_noise`): its
     images depend only on (seed, i, w, sampler settings), never on the batch size, the other examples or
     how many processes share the cell.
     """
@@ -145,7 +144,10 @@ def generate_w_grid(
 
     t0 = time.perf_counter()
     done = 0
-    parts, seen = [], []
+    # the images as they come, in one buffer (a cell can be most of the host's memory): sized for what this rank
+    # expects, exact for a fixed set of examples and for one process; a rank that claims more grows it
+    out = torch.empty((n_w, expected(), *image_shape), dtype=torch.uint8)
+    seen = []
     with cudnn_benchmark(use_cudnn_benchmark):
         for ids_cpu in (ids for block in blocks for ids in block.split(per_batch) if len(ids)):
             k = len(ids_cpu)
@@ -161,7 +163,11 @@ def generate_w_grid(
             x = sample_fn(
                 denoise, z, lambdas, noise=lambda t, src=noise: src(t).repeat(n_w, 1, 1, 1), **options
             )
-            parts.append(to_uint8(x).view(n_w, k, *image_shape).cpu())
+            if done + k > out.shape[1]:
+                grown = torch.empty((n_w, max(done + k, 2 * out.shape[1]), *image_shape), dtype=torch.uint8)
+                grown[:, :done] = out[:, :done]
+                out = grown
+            out[:, done : done + k] = to_uint8(x).view(n_w, k, *image_shape).cpu()
             seen.append(ids_cpu)
             done += k
             if progress is not None:
@@ -176,8 +182,7 @@ def generate_w_grid(
                     }
                 )
     ids_done = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
-    out = torch.cat(parts, dim=1) if parts else torch.empty((n_w, 0, *image_shape), dtype=torch.uint8)
-    return out, ids_done % num_classes
+    return (out if done == out.shape[1] else out[:, :done].clone()), ids_done % num_classes
 
 
 def sample_checkpoint(
