@@ -38,14 +38,15 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$(basename "${INDUCTOR_OF:-$W}")
 # tree of a later call may no longer hold it: a study dir made in a later call (a second STUDY_DIR) is made from there
 KEEP=/tmp/cfg_carried
 mkdir -p "$KEEP"
-[ -f "$SRC/.gpu/src.tgz" ] && cp "$SRC/.gpu/src.tgz" "$KEEP/src.tgz.tmp" && mv "$KEEP/src.tgz.tmp" "$KEEP/src.tgz"
+# $1 copied to $2, replacing it, under a temporary name first: a run waiting for $2 never reads it half-copied
+copy_whole() {
+  rm -rf "$2.tmp" && cp -r "$1" "$2.tmp" && rm -rf "$2" && mv "$2.tmp" "$2"
+}
+[ -f "$SRC/.gpu/src.tgz" ] && copy_whole "$SRC/.gpu/src.tgz" "$KEEP/src.tgz"
 # the ignored helper folders this call carried (all of them may not fit one call's 64 MiB: they can come in turns),
-# each replacing what an earlier call kept; copied whole before they appear, so a run waiting for one never reads
-# it half-copied
+# each replacing what an earlier call kept
 for d in .whl .fmnist .whl_extra; do
-  if [ -d "$SRC/$d" ]; then
-    rm -rf "$KEEP/$d.tmp" && cp -r "$SRC/$d" "$KEEP/$d.tmp" && rm -rf "$KEEP/$d" && mv "$KEEP/$d.tmp" "$KEEP/$d"
-  fi
+  [ -d "$SRC/$d" ] && copy_whole "$SRC/$d" "$KEEP/$d"
 done
 # or the IDX files xz-compressed (.fmnist_xz/*.xz, 26 MB against the original .gz files' 31 MB), so that .whl, the
 # data and the tree fit one call; made here by
@@ -61,9 +62,7 @@ if [ ! -d "$W" ]; then
   mkdir -p "$W" && tar -xzf "$KEEP/src.tgz" -C "$W" || exit 1
 fi
 for d in .whl .fmnist .whl_extra; do
-  if [ -d "$KEEP/$d" ] && [ ! -d "$W/$d" ]; then
-    rm -rf "$W/$d.tmp" && cp -r "$KEEP/$d" "$W/$d.tmp" && mv "$W/$d.tmp" "$W/$d"
-  fi
+  [ -d "$KEEP/$d" ] && [ ! -d "$W/$d" ] && copy_whole "$KEEP/$d" "$W/$d"
 done
 cd "$W" || exit 1
 . .whl/gpu-env.sh >/dev/null || exit 1

@@ -106,6 +106,12 @@ def shard(n: int, d: Dist, block: int = 1) -> Tensor:
     return torch.cat([torch.arange(a, min(a + block, n)) for a in starts]) if starts else torch.arange(0)
 
 
+def owns_short_block(n: int, block: int, d: Dist) -> bool:
+    """Whether rank d holds the shorter last block of rows 0 … n − 1 (if there is one): `shard`'s rank for it,
+    block ⌊n / block⌋ mod world, under `shard` and `Claims` alike."""
+    return n % block > 0 and n // block % d.world == d.rank
+
+
 class Claims:
     """The whole blocks of rows 0 … n − 1 of a cell, each taken by the rank that asks for it first: a counter in the
     process group's store (torchrun's TCPStore) numbers the blocks, so a rank whose GPU is faster or less busy (one
@@ -121,22 +127,19 @@ class Claims:
 
     _made = itertools.count()  # the n-th Claims of every rank share the n-th counter
 
-    def __init__(self, n: int, d: Dist, block: int, store: dist.Store | None = None):
+    def __init__(self, n: int, d: Dist, block: int):
         self.n, self.d, self.block = n, d, block
         self.full = n // block  # the blocks claimed; a shorter last one goes to its shard rank
-        self.store = store
         self.key = f"cfg-lab/claims/{next(Claims._made)}"
         self.taken: list[Tensor] = []
         self.handed = 0  # blocks handed out over all ranks, as this rank last saw the counter
         self.short_taken = False
 
     def _owns_short(self) -> bool:
-        return self.n % self.block > 0 and self.full % self.d.world == self.d.rank
+        return owns_short_block(self.n, self.block, self.d)
 
     def __iter__(self) -> Iterator[Tensor]:
-        store = None
-        if self.d.world > 1:
-            store = self.store or dist.distributed_c10d._get_default_store()
+        store = dist.distributed_c10d._get_default_store() if self.d.world > 1 else None
         while True:
             k = store.add(self.key, 1) - 1 if store is not None else len(self.taken)
             self.handed = k + 1

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from cfg.engine.distributed import Dist
+from cfg.engine.distributed import Dist, owns_short_block
 from cfg.engine.generate import examples_per_batch, generate_w_grid, guidance_of, sampling_kwargs
 from cfg.engine.training import GRAPH_WARMUP, train_diffusion, train_kwargs
 from cfg.maths.guidance import needs_guide_network
@@ -129,8 +129,9 @@ def rank_batches(n_samples: int, block: int, d: Dist) -> torch.Tensor:
     for itself."""
     full = n_samples // block
     first = torch.arange(block) if full else torch.arange(0)
-    owns_short = n_samples % block and full % d.world == d.rank
-    return torch.cat([first, torch.arange(full * block, n_samples)]) if owns_short else first
+    if owns_short_block(n_samples, block, d):
+        return torch.cat([first, torch.arange(full * block, n_samples)])
+    return first
 
 
 def warm_sample(params, config: UNetConfig, device: torch.device, d: Dist | None = None) -> None:
