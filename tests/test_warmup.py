@@ -265,3 +265,17 @@ def test_on_cpu_the_module_is_a_no_op_that_says_so(tmp_path, digits, capsys):
     # what it would build on a GPU: the arms' U-Net for prepare's images
     config = warmup.unet_config(_params(), json.loads((tmp_path / "prepared.json").read_text()))
     assert (config.image_size, config.in_channels, config.num_classes) == (8, 1, 10)
+
+
+def test_compile_summary_names_the_longest_compile_counters_in_order():
+    """What the warm-up prints of a cold compile: Dynamo's counters after a real compilation, longest first, at
+    most `top` of them, the outermost (which holds every other) among them with the compile's time."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: (x.sin() + 1).relu().sum(), backend="aot_eager")
+    fn(torch.randn(8))
+    lines = warmup.compile_summary(top=5).splitlines()
+    assert 1 <= len(lines) <= 5
+    seconds = [float(line.split()[-1]) for line in lines]
+    assert seconds == sorted(seconds, reverse=True)
+    assert lines[0].split()[0] in {"_compile.compile_inner", "compile_attempt_0"}
+    assert seconds[0] >= 0.0

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -49,6 +50,27 @@ PARTS = ("train", "sample")
 # what the train part prints once the training step is compiled (and, with train.cuda_graph, captured): what a
 # train arm's first steps need; `cfg-lab repro --parallel` starts the train arms when it reads it
 STEP_READY = "[warmup] train: step compiled"
+
+# the sampling ranks' compilations run at this lower CPU priority (os.nice, inherited by Inductor's compile workers):
+# the train arms wait for the train part's step, while a sample arm starts only once a model is trained, minutes
+# later, so on a host whose cores the parts share (4 sampling ranks, the train part and the classifier stage on
+# 4 GPUs) the train part should get the cores first
+SAMPLE_NICE = 10
+
+
+def compile_summary(top: int = 20) -> str:
+    """The `top` longest of Dynamo's compile-time counters so far (seconds, summed over this process's compiles,
+    nested: a counter includes those called inside it), one `name seconds` pair per line: where a cold compile's
+    minutes go (tracing, AOTAutograd, Inductor's lowering and code generation, waiting for Triton's compile
+    workers). A private torch API: where it fails, the reason instead."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+    except Exception as e:  # noqa: BLE001 (a report only; the warm-up goes on)
+        return f"  (torch._dynamo.utils.compile_times failed: {e!r})"
+    rows = sorted(zip(names, (float(v) for v in values), strict=True), key=lambda r: -r[1])[:top]
+    return "\n".join(f"  {name:<60s} {seconds:8.1f}" for name, seconds in rows)
 
 
 def warm_parts(params, kind: str) -> list[str]:
@@ -182,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def ready() -> None:
         print(f"{STEP_READY} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        print(f"[warmup] train: where the step's compilation went (s)\n{compile_summary()}", file=sys.stderr)
+
+    if args.part == "sample" and device.type == "cuda":
+        os.nice(SAMPLE_NICE)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if args.part == "train":
@@ -189,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             warm_sample(params, config, device, Dist(args.rank, args.world, args.rank))
     print(f"[warmup] {args.part}: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if args.part == "train":
+        print(f"[warmup] train: all its compilations (s)\n{compile_summary()}", file=sys.stderr)
     return 0
 
 
