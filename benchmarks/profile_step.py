@@ -13,8 +13,8 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
   cell      a whole sampling cell as the sample stage runs it (`generate_w_grid`: the preset's w grid, batch
             and steps, per-example noise, the guided sampler, uint8 images to the host): images/s and MFU
             with the network passes CFG really runs (w = 0 rows skip ε(z), w = −1 rows skip ε(z, c)), with
-            cuDNN's autotuning and with its heuristics (`sample.cudnn_benchmark`: true is faster by what this
-            shows; false gives the same bytes on every GPU)
+            cuDNN's autotuning and with its heuristics (`sample.cudnn_benchmark`, default false: the same bytes
+            on every GPU; on one H200 the two were within 0.3%, docs/gpu/cudnn_h200.txt)
   copies    where the training step's plain copy kernels come from (20% of a compiled step's device time until
             compile_net forced channels-last layouts, docs/gpu/layout_h100.txt): their device time by the op
             enclosing each `aten::copy_` (an autograd node, an attention op, ...) and by input shapes with the

@@ -94,8 +94,8 @@ def generate_w_grid(
     device: torch.device | str = "cpu",
     bf16: bool = True,  # bf16 autocast of the network on CUDA
     compile: bool | str = False,  # torch.compile on CUDA (fuses a sampling step's many small ops): compile_as
-    use_cudnn_benchmark: bool = True,  # cuDNN times its convolution algorithms per process (speed) or picks them by
-    # its heuristics, the same on every GPU of a model (the same bytes on any GPU and any number of processes)
+    use_cudnn_benchmark: bool = False,  # cuDNN picks its convolution algorithms by its heuristics, the same on every
+    # GPU of a model (the same bytes on any GPU and any number of processes), or times them per process
     first_index: int = 0,  # generate examples first_index … first_index + n_samples − 1 (seed ranges)
     examples: Tensor | Claims | None = None,  # or exactly these example indices (a shard of a cell), or the
     # blocks a Claims hands this rank as it goes (n_samples unused for both)

@@ -210,10 +210,11 @@ class SampleParams:
         choices=tuple(COMPILE_MODES),
     )
     cudnn_benchmark: bool = _p(
-        True,
-        "CUDA: cuDNN times each convolution's algorithms in every process and keeps the fastest (true), or picks "
-        "them by its heuristics (false): the same choice on every GPU of a model, so the bytes do not depend on "
-        "which GPU or how many processes sample (with true a few pixels may differ)",
+        False,
+        "CUDA: cuDNN picks each convolution's algorithm by its heuristics (false): the same choice on every GPU of "
+        "a model, so the bytes do not depend on which GPU or how many processes sample; or times the candidates in "
+        "every process and keeps the fastest (true: a few pixels may differ between GPUs, and each process's first "
+        "batches take longer; no faster on the preset's cell on an H200)",
     )
     devices: int | str = _p(
         1,
