@@ -24,11 +24,12 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             convolution: minutes of compilation); every compiled row through cfg's compile_net, so with forced
             channels-last layouts inside the graph ("contiguous" is the input's and the weights' format)
   options   Inductor option sets (OPTION_SETS, --sets: coordinate-descent tuning of the fused kernels,
-            max-autotune with and without Triton convolution templates, GroupNorm's output kept in bf16) on the
-            preset's guided sampling step and its CUDA-graphed training step (--kinds): compile seconds, wall and
-            kernel time per step, MFU and the device time by kernel kind; each (set, kind) in a process of its
-            own with empty Inductor and Triton caches, so every compile time is cold (--no-isolate: all in this
-            process). Not in the default parts: max-autotune compiles for minutes
+            max-autotune with and without Triton convolution templates, GroupNorm's output kept in bf16, cuDNN's
+            heuristics instead of its autotuning) on the preset's guided sampling step and its CUDA-graphed
+            training step (--kinds): compile seconds, wall and kernel time per step, MFU and the device time by
+            kernel kind; each (set, kind) in a process of its own with empty Inductor and Triton caches, so
+            every compile time is cold (--no-isolate: all in this process). Not in the default parts:
+            max-autotune compiles for minutes
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
 matmul rate measured in the same run). Graph breaks of the compiled variants are counted. `--sdpa flash|efficient|
 cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200).
@@ -47,6 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from cfg.engine.device import COMPILE_MODES, autocast, compile_net, configure_cuda
+from cfg.engine.device import cudnn_benchmark as cudnn_autotuning
 from cfg.engine.generate import examples_per_batch, generate_w_grid, sampling_kwargs
 from cfg.engine.training import GraphStep, train_diffusion
 from cfg.maths.diffusion import diffusion_loss, training_draws
@@ -212,20 +214,25 @@ def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str], fl
 
 
 # Inductor option sets of `--only options`: name -> (compile mode, options on top of compile_net's, GroupNorm output
-# in bf16). The train.compile / sample.compile settings (COMPILE_MODES: default; coordinate descent, Inductor's
+# in bf16, cuDNN autotuning). The train.compile / sample.compile settings (COMPILE_MODES: default; coordinate descent, Inductor's
 # search of each fused Triton kernel's block sizes and warps; max-autotune, cuDNN against Triton templates per
 # convolution/matmul plus that search), exactly as the stages compile them, then variants of them:
-OPTION_SETS = {name: (mode, options, False) for name, (mode, options) in COMPILE_MODES.items()} | {
+OPTION_SETS = {name: (mode, options, False, True) for name, (mode, options) in COMPILE_MODES.items()} | {
     # GroupNorm's output in the activations' bf16 instead of autocast's float32: half the bytes of what the
     # training graph saves for backward and of the normalised tensors it reads again there
-    "bf16-groupnorm": (*COMPILE_MODES["default"], True),
-    "coordinate-descent+bf16-groupnorm": (*COMPILE_MODES["coordinate-descent"], True),
+    "bf16-groupnorm": (*COMPILE_MODES["default"], True, True),
+    "coordinate-descent+bf16-groupnorm": (*COMPILE_MODES["coordinate-descent"], True, True),
+    # the default compile with cuDNN's heuristics instead of its autotuning (configure_cuda's, which the train
+    # stage keeps): the same step's speed either way decides whether training can skip autotuning's 3-15 s at a
+    # process's first step (docs/gpu/cudnn_h200.txt; sampling already does, sample.cudnn_benchmark)
+    "cudnn-heuristics": (*COMPILE_MODES["default"], False, False),
     # max-autotune with only Triton's convolution templates (which can take the neighbouring elementwise ops into
     # their prologue/epilogue), cuDNN left out
     "max-autotune-triton-convs": (
         COMPILE_MODES["max-autotune"][0],
         COMPILE_MODES["max-autotune"][1] | {"max_autotune_conv_backends": "TRITON"},
         False,
+        True,
     ),
 }
 OPTION_KINDS = ("sample", "train")
@@ -255,14 +262,14 @@ def option_rows(
     import gc
 
     for name in sets:
-        mode, options, gn_bf16 = OPTION_SETS[name]
+        mode, options, gn_bf16, tuned = OPTION_SETS[name]
         for kind in kinds:
             images, flops = (batch_sample, 2 * f_fwd) if kind == "sample" else (batch_train, f_train)
             torch._dynamo.reset()
             t0 = time.perf_counter()
             step = None
             try:
-                with bf16_group_norm() if gn_bf16 else contextlib.nullcontext():
+                with bf16_group_norm() if gn_bf16 else contextlib.nullcontext(), cudnn_autotuning(tuned):
                     if kind == "sample":
                         step = sample_fn(config, torch.channels_last, mode, images, options)
                     else:
