@@ -267,15 +267,38 @@ def test_on_cpu_the_module_is_a_no_op_that_says_so(tmp_path, digits, capsys):
     assert (config.image_size, config.in_channels, config.num_classes) == (8, 1, 10)
 
 
-def test_compile_summary_names_the_longest_compile_counters_in_order():
-    """What the warm-up prints of a cold compile: Dynamo's counters after a real compilation, longest first, at
-    most `top` of them, the outermost (which holds every other) among them with the compile's time."""
+def test_compile_summary_names_the_longest_compile_counters_in_order(monkeypatch):
+    """What the warm-up prints of a compile: the `top` longest of Dynamo's counters, longest first, with their
+    seconds; after a real compilation the outermost counter (which holds every other) is among them."""
+    from torch._dynamo import utils
+
+    names, values = ["a", "b", "c", "d"], ["0.5", "3.25", "0.0", "1.0"]
+    monkeypatch.setattr(utils, "compile_times", lambda repr, aggregate: (names, values))
+    lines = warmup.compile_summary(top=3).splitlines()
+    assert [line.split() for line in lines] == [["b", "3.2"], ["d", "1.0"], ["a", "0.5"]]
+    monkeypatch.undo()
+
     torch._dynamo.reset()
     fn = torch.compile(lambda x: (x.sin() + 1).relu().sum(), backend="aot_eager")
     fn(torch.randn(8))
     lines = warmup.compile_summary(top=5).splitlines()
     assert 1 <= len(lines) <= 5
-    seconds = [float(line.split()[-1]) for line in lines]
-    assert seconds == sorted(seconds, reverse=True)
-    assert lines[0].split()[0] in {"_compile.compile_inner", "compile_attempt_0"}
-    assert seconds[0] >= 0.0
+    assert "_compile.compile_inner" in [line.split()[0] for line in lines]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        lambda repr, aggregate: (_ for _ in ()).throw(RuntimeError("gone")),  # raises
+        lambda repr, aggregate: (["a", "b"], ["1.0"]),  # names and values of different lengths
+        lambda repr, aggregate: (["a"], ["1.0, 2.0"]),  # values not aggregated
+    ],
+)
+def test_compile_summary_reports_a_failing_counter_api_instead_of_raising(monkeypatch, broken):
+    """The counters are a private torch API read inside the training step's callback: whatever it does, the
+    warm-up gets a line saying so, not an exception that would end it before the FID curve's compilation."""
+    from torch._dynamo import utils
+
+    monkeypatch.setattr(utils, "compile_times", broken)
+    out = warmup.compile_summary()
+    assert out.startswith("  (torch._dynamo.utils.compile_times failed:")

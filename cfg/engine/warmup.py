@@ -2,8 +2,9 @@
 
 On a machine whose Inductor cache is empty (a fresh machine, a new torch, a changed model) each train arm spends
 ≈ 2 min compiling its training step before its first step, its first FID-curve point ≈ 30 s more compiling the
-sampling network, and each sampling process ≈ 50 s (the preset on 4 H200s: ≈ 180 s of a 703 s study; README
-"Several GPUs"). Those compilations are the same in every arm: the graphs depend on the network's configuration,
+sampling network, and each sampling process ≈ 50-70 s (the preset on 4 H200s: ≈ 180 s of a 703 s study without
+this module; with it, the same study took 594 s from empty caches and 518 s with warm ones; README "Several
+GPUs"). Those compilations are the same in every arm: the graphs depend on the network's configuration,
 the batch shapes and the compile settings, never on the data, the weights or p_uncond. `cfg-lab repro --parallel`
 therefore runs this module on a GPU while the upstream stages (classifier, reference) run, and the arms then load
 the compiled graphs from Inductor's caches (FX graph and AOTAutograd caches, on disk, shared by the host's
@@ -67,9 +68,9 @@ def compile_summary(top: int = 20) -> str:
         from torch._dynamo.utils import compile_times
 
         names, values = compile_times(repr="csv", aggregate=True)
-    except Exception as e:  # noqa: BLE001 (a report only; the warm-up goes on)
+        rows = sorted(zip(names, (float(v) for v in values), strict=True), key=lambda r: -r[1])[:top]
+    except Exception as e:  # noqa: BLE001 (a report only: it runs in the step's callback, the warm-up goes on)
         return f"  (torch._dynamo.utils.compile_times failed: {e!r})"
-    rows = sorted(zip(names, (float(v) for v in values), strict=True), key=lambda r: -r[1])[:top]
     return "\n".join(f"  {name:<60s} {seconds:8.1f}" for name, seconds in rows)
 
 
