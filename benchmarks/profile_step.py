@@ -24,12 +24,12 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             convolution: minutes of compilation); every compiled row through cfg's compile_net, so with forced
             channels-last layouts inside the graph ("contiguous" is the input's and the weights' format)
   options   Inductor option sets (OPTION_SETS, --sets: coordinate-descent tuning of the fused kernels,
-            max-autotune with and without Triton convolution templates, GroupNorm's output kept in bf16, cuDNN's
-            heuristics instead of its autotuning) on the preset's guided sampling step and its CUDA-graphed
-            training step (--kinds): compile seconds, wall and kernel time per step, MFU and the device time by
-            kernel kind; each (set, kind) in a process of its own with empty Inductor and Triton caches, so
-            every compile time is cold (--no-isolate: all in this process). Not in the default parts:
-            max-autotune compiles for minutes
+            max-autotune with and without Triton convolution templates, regional compilation of the repeated
+            blocks, GroupNorm's output kept in bf16, cuDNN's heuristics instead of its autotuning) on the
+            preset's guided sampling step and its CUDA-graphed training step (--kinds): compile seconds, wall
+            and kernel time per step, MFU and the device time by kernel kind; each (set, kind) in a process of
+            its own with empty Inductor and Triton caches, so every compile time is cold (--no-isolate: all in
+            this process). Not in the default parts: max-autotune compiles for minutes
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
 matmul rate measured in the same run). Graph breaks of the compiled variants are counted. `--sdpa flash|efficient|
 cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200).
@@ -75,14 +75,14 @@ def timed(fn, seconds: float) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def build(config: UNetConfig, fmt, mode: str | None, options: dict | None = None):
+def build(config: UNetConfig, fmt, mode: str | None, options: dict | None = None, regional: bool = False):
     torch.manual_seed(0)
     model = UNet(config).cuda().to(memory_format=fmt)
     for p in model.parameters():  # away from the zero init, so nothing is trivially skipped
         p.data.add_(0.01 * torch.randn_like(p))
     if mode is None:
         return model, model
-    return model, compile_net(model, mode, options)
+    return model, compile_net(model, mode, options, regional)
 
 
 def train_fn(config, fmt, mode, batch):
@@ -103,10 +103,10 @@ def train_fn(config, fmt, mode, batch):
     return step
 
 
-def graph_train_fn(config, batch, mode: str = "default", options: dict | None = None):
+def graph_train_fn(config, batch, mode: str = "default", options: dict | None = None, regional: bool = False):
     """The training step of train.cuda_graph (compiled network, channels-last, bf16): `GraphStep` on one fixed
     batch and draw, after its eager warm-up and capture."""
-    model, net = build(config, torch.channels_last, mode, options)
+    model, net = build(config, torch.channels_last, mode, options, regional)
     opt = torch.optim.Adam(
         model.parameters(), lr=torch.tensor(1e-4, device="cuda"), fused=True, capturable=True
     )
@@ -121,8 +121,8 @@ def graph_train_fn(config, batch, mode: str = "default", options: dict | None = 
     return lambda: step(x, *draws)
 
 
-def sample_fn(config, fmt, mode, batch, options: dict | None = None):
-    model, net = build(config, fmt, mode, options)
+def sample_fn(config, fmt, mode, batch, options: dict | None = None, regional: bool = False):
+    model, net = build(config, fmt, mode, options, regional)
     model.eval()
     c, s = config.in_channels, config.image_size
     z = torch.randn(batch, c, s, s, device="cuda").contiguous(memory_format=fmt)
@@ -213,11 +213,11 @@ def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str], fl
     )
 
 
-# Inductor option sets of `--only options`: name -> (compile mode, options on top of compile_net's, GroupNorm output
-# in bf16, cuDNN autotuning). The train.compile / sample.compile settings (COMPILE_MODES: default; coordinate descent, Inductor's
+# Inductor option sets of `--only options`: name -> (compile mode, options on top of compile_net's, regional
+# compilation, GroupNorm output in bf16, cuDNN autotuning). The train.compile / sample.compile settings (COMPILE_MODES: default; coordinate descent, Inductor's
 # search of each fused Triton kernel's block sizes and warps; max-autotune, cuDNN against Triton templates per
 # convolution/matmul plus that search), exactly as the stages compile them, then variants of them:
-OPTION_SETS = {name: (mode, options, False, True) for name, (mode, options) in COMPILE_MODES.items()} | {
+OPTION_SETS = {name: (*setting, False, True) for name, setting in COMPILE_MODES.items()} | {
     # GroupNorm's output in the activations' bf16 instead of autocast's float32: half the bytes of what the
     # training graph saves for backward and of the normalised tensors it reads again there
     "bf16-groupnorm": (*COMPILE_MODES["default"], True, True),
@@ -231,6 +231,7 @@ OPTION_SETS = {name: (mode, options, False, True) for name, (mode, options) in C
     "max-autotune-triton-convs": (
         COMPILE_MODES["max-autotune"][0],
         COMPILE_MODES["max-autotune"][1] | {"max_autotune_conv_backends": "TRITON"},
+        False,
         False,
         True,
     ),
@@ -262,7 +263,7 @@ def option_rows(
     import gc
 
     for name in sets:
-        mode, options, gn_bf16, tuned = OPTION_SETS[name]
+        mode, options, regional, gn_bf16, tuned = OPTION_SETS[name]
         for kind in kinds:
             images, flops = (batch_sample, 2 * f_fwd) if kind == "sample" else (batch_train, f_train)
             torch._dynamo.reset()
@@ -271,9 +272,9 @@ def option_rows(
             try:
                 with bf16_group_norm() if gn_bf16 else contextlib.nullcontext(), cudnn_autotuning(tuned):
                     if kind == "sample":
-                        step = sample_fn(config, torch.channels_last, mode, images, options)
+                        step = sample_fn(config, torch.channels_last, mode, images, options, regional)
                     else:
-                        step = graph_train_fn(config, images, mode, options)
+                        step = graph_train_fn(config, images, mode, options, regional)
                     step()
                     sync(torch.device("cuda"))
                     compile_s = time.perf_counter() - t0

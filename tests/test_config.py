@@ -206,7 +206,7 @@ def test_compile_is_on_off_or_a_named_variant_and_anything_else_is_refused_namin
         with pytest.raises(
             ParamsError,
             match=rf"^{section}\.compile = {re.escape(repr(value))} is not allowed: give true, false or one of "
-            r"\['default', 'coordinate-descent', 'max-autotune'\]",
+            r"\['default', 'coordinate-descent', 'max-autotune', 'regional'\]",
         ):
             params_from_dict(raw)
 

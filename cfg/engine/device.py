@@ -62,28 +62,66 @@ COMPILE_OPTIONS = {"force_layout_optimization": True}
 
 
 def compile_net(
-    module: torch.nn.Module, mode: str = "default", options: dict | None = None
+    module: torch.nn.Module,
+    mode: str = "default",
+    options: dict | None = None,
+    regional: bool = False,
 ) -> torch.nn.Module:
     """torch.compile for the U-Net (training, sampling, benchmarks): COMPILE_OPTIONS on top of a compile mode's
     own options (torch.compile takes a mode or options, not both), then `options` (Inductor config keys, e.g.
-    {"coordinate_descent_tuning": True}) on top of both."""
+    {"coordinate_descent_tuning": True}) on top of both. The whole network as one graph, or with `regional`
+    its repeated blocks one by one (`compile_regions`)."""
     from torch._inductor import list_mode_options
 
-    return torch.compile(module, options=list_mode_options(mode) | COMPILE_OPTIONS | (options or {}))
+    merged = list_mode_options(mode) | COMPILE_OPTIONS | (options or {})
+    if regional:
+        return compile_regions(module, merged)
+    return torch.compile(module, options=merged)
+
+
+def compile_regions(module: torch.nn.Module, options: dict) -> torch.nn.Module:
+    """Regional compilation: every block of the classes that the network's `compile_regions` attribute names (the
+    U-Net's residual and attention blocks) compiled on its own, in place, with static shapes; the rest of the
+    network (embeddings, stem, down- and up-sampling, output) runs eagerly. Dynamo compiles one graph per distinct
+    block (its code, attributes and input shapes) and reuses it for every block like it, so a cold start compiles
+    a fraction of what the whole network's graph holds (the preset's U-Net: 11 distinct graphs for 28 blocks; its
+    training step's cold compile on CPU 61 s against 95 s whole, benchmarks/compile_time.py), at the price of the
+    fusions across block boundaries. `module` itself is returned (a DDP wrapper too: its blocks are compiled);
+    train.cuda_graph still captures the whole step. Every block's compiled graphs count against one Dynamo recompile limit (they share
+    nn.Module's call code), which is raised to make room for them."""
+    classes = next((m.compile_regions for m in module.modules() if hasattr(m, "compile_regions")), ())
+    regions = [m for m in module.modules() if classes and isinstance(m, classes)]
+    if not regions:
+        raise ValueError(
+            f"regional compilation: {type(module).__name__} names no blocks to compile (a compile_regions "
+            "attribute of block classes, as cfg.nets.unet.UNet has); use compile: true for the whole network"
+        )
+    # per block: training and evaluation mode, a cell's full and shorter last batch
+    limit = 4 * len(regions)
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 2 * limit)
+    for block in regions:
+        block.compile(dynamic=False, options=options)
+    return module
 
 
 # what `train.compile` / `sample.compile` may name besides true/false: (torch.compile mode, Inductor options on top of
-# COMPILE_OPTIONS). On the preset's guided sampling step (one H200, docs/gpu/inductor_options_h200.txt) "default" ran
+# COMPILE_OPTIONS, regional compilation). On the preset's guided sampling step (one H200, docs/gpu/inductor_options_h200.txt) "default" ran
 # 106.4 ms, "coordinate-descent" (a search of each fused Triton kernel's block sizes) 99.2 ms and "max-autotune"
 # (cuDNN against Triton templates per convolution, plus that search) 96.2 ms. They compiled in 236 s and 538 s
 # against "default"'s 46 s from a cold cache, in one process whose caches the sets shared, on a host shared with a
 # study: indicative only. Inductor's caches keep the tuned choices, so a warm cache should load them as fast as
 # "default" (not measured). No CUDA graphs from Inductor: train.cuda_graph captures its own step, and sampling
 # batches change shape.
+# "regional" compiles the network's blocks one by one (compile_regions), "default"'s options otherwise: a shorter cold
+# compile, not yet measured on a GPU (neither its compile time nor its step's speed against "default"; profile_step.py
+# --only options --sets default,regional times both).
 COMPILE_MODES = {
-    "default": ("default", {}),
-    "coordinate-descent": ("default", {"coordinate_descent_tuning": True}),
-    "max-autotune": ("max-autotune-no-cudagraphs", {}),
+    "default": ("default", {}, False),
+    "coordinate-descent": ("default", {"coordinate_descent_tuning": True}, False),
+    "max-autotune": ("max-autotune-no-cudagraphs", {}, False),
+    "regional": ("default", {}, True),
 }
 
 
@@ -95,5 +133,5 @@ def compile_as(module: torch.nn.Module, setting: bool | str) -> torch.nn.Module:
     name = "default" if setting is True else setting
     if name not in COMPILE_MODES:
         raise ValueError(f"compile setting {setting!r} is not one of true, false, {list(COMPILE_MODES)}")
-    mode, options = COMPILE_MODES[name]
-    return compile_net(module, mode, options)
+    mode, options, regional = COMPILE_MODES[name]
+    return compile_net(module, mode, options, regional)

@@ -164,6 +164,9 @@ class AttentionBlock(nn.Module):
 class UNet(nn.Module):
     """ε_θ(z, λ, c): (B, C, H, W), (B,), (B,) -> (B, C, H, W)."""
 
+    # the repeated blocks that regional compilation compiles one by one (cfg.engine.device.compile_regions)
+    compile_regions = (ResBlock, AttentionBlock)
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config

@@ -122,7 +122,8 @@ class TrainParams:
     compile: bool | str = _p(
         False,
         "torch.compile the model on CUDA: true, false or a variant of cfg.engine.device.COMPILE_MODES (default, "
-        "coordinate-descent, max-autotune: faster kernels for a longer first compile)",
+        "coordinate-descent, max-autotune: faster kernels for a longer first compile; regional: the repeated "
+        "blocks one by one, a shorter first compile)",
         choices=tuple(COMPILE_MODES),
     )
     cuda_graph: bool = _p(
@@ -206,7 +207,7 @@ class SampleParams:
         False,
         "torch.compile the network for sampling (and the FID curve's) on CUDA: true, false or a variant of "
         "cfg.engine.device.COMPILE_MODES (default, coordinate-descent, max-autotune: faster kernels for a longer "
-        "first compile)",
+        "first compile; regional: the repeated blocks one by one, a shorter first compile)",
         choices=tuple(COMPILE_MODES),
     )
     cudnn_benchmark: bool = _p(
