@@ -28,15 +28,20 @@ from cfg.study.config import params_from_dict
 from cfg.study.presets import flat_overrides, merged_params
 
 
+def preset_params(preset: str):
+    return params_from_dict(
+        merged_params(
+            yaml.safe_load(Path("params.yaml").read_text()),
+            flat_overrides(yaml.safe_load(Path(preset).read_text())),
+        )
+    )
+
+
 def one(preset: str, setting: str, batch: int, steps: int) -> dict:
     """The measurement in this process (its caches as the caller set them)."""
     from torch._dynamo.utils import counters
 
-    raw = merged_params(
-        yaml.safe_load(Path("params.yaml").read_text()),
-        flat_overrides(yaml.safe_load(Path(preset).read_text())),
-    )
-    params = params_from_dict(raw)
+    params = preset_params(preset)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     configure_cuda()
     size = params.data.image_size or 32
@@ -45,13 +50,7 @@ def one(preset: str, setting: str, batch: int, steps: int) -> dict:
     model = UNet(config).to(device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    if device.type == "cuda":
-        net = compile_as(model, setting)
-    else:  # compile_as compiles on CUDA only in the stages; here the CPU compiles the same way
-        from cfg.engine.device import compile_net
-
-        mode, options, regional = COMPILE_MODES[setting]
-        net = compile_net(model, mode, options, regional)
+    net = compile_as(model, setting)  # the stages compile on CUDA only; here the CPU compiles the same way
     x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=fmt)
     lam = torch.linspace(-10, 10, batch, device=device)
     labels = torch.arange(batch, device=device) % 10
@@ -85,18 +84,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="presets/fashion_mnist_gpu.yaml")
     ap.add_argument("--settings", default="default,regional", help=f"of {', '.join(COMPILE_MODES)}")
-    ap.add_argument("--batch", type=int, default=None, help="default: train.batch_size on a GPU, 8 on CPU")
+    ap.add_argument(
+        "--batch", type=int, default=None, help="default: the preset's train.batch_size on a GPU, 8 on CPU"
+    )
     ap.add_argument("--steps", type=int, default=5, help="timed steps after the first two")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     settings = args.settings.split(",")
     if unknown := set(settings) - set(COMPILE_MODES):
         ap.error(f"--settings {args.settings}: unknown {sorted(unknown)}; use {', '.join(COMPILE_MODES)}")
-    batch = args.batch or (256 if torch.cuda.is_available() else 8)
+    batch = args.batch or (preset_params(args.preset).train.batch_size if torch.cuda.is_available() else 8)
     if args.child:
         print(json.dumps(one(args.preset, args.child, batch, args.steps)))
         return
-    rows = []
+    rows, failed = [], []
     for setting in settings:
         with tempfile.TemporaryDirectory(prefix="cfg-compile-") as tmp:
             env = os.environ | {
@@ -108,10 +109,12 @@ def main() -> None:
                 "--steps", str(args.steps), "--child", setting,
             ]  # fmt: skip
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if out.returncode:
+            lines = out.stdout.strip().splitlines()
+            if out.returncode or not lines:
                 print(f"{setting}: exit {out.returncode}: {out.stderr[-400:]}", file=sys.stderr)
+                failed.append(setting)
                 continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(json.loads(lines[-1]))
     if not rows:
         sys.exit(1)
     print(
@@ -120,6 +123,8 @@ def main() -> None:
     print(f"{'setting':<20} {'first step s':>12} {'step s':>9} {'graphs':>6}")
     for r in rows:
         print(f"{r['setting']:<20} {r['first_s']:>12.1f} {r['step_s']:>9.3f} {r['graphs']:>6}")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (output above)")
 
 
 if __name__ == "__main__":

@@ -79,16 +79,26 @@ def compile_net(
     return torch.compile(module, options=merged)
 
 
+# the graphs Dynamo may keep per block (training and evaluation mode, times the batch sizes a process meets: a
+# cell's full and shorter last batch, the rows each guidance method of a grid skips)
+REGION_GRAPHS = 32
+
+
 def compile_regions(module: torch.nn.Module, options: dict) -> torch.nn.Module:
     """Regional compilation: every block of the classes that the network's `compile_regions` attribute names (the
     U-Net's residual and attention blocks) compiled on its own, in place, with static shapes; the rest of the
     network (embeddings, stem, down- and up-sampling, output) runs eagerly. Dynamo compiles one graph per distinct
-    block (its code, attributes and input shapes) and reuses it for every block like it, so a cold start compiles
-    a fraction of what the whole network's graph holds (the preset's U-Net: 11 distinct graphs for 28 blocks; its
-    training step's cold compile on CPU 61 s against 95 s whole, benchmarks/compile_time.py), at the price of the
-    fusions across block boundaries. `module` itself is returned (a DDP wrapper too: its blocks are compiled);
-    train.cuda_graph still captures the whole step. Every block's compiled graphs count against one Dynamo recompile limit (they share
-    nn.Module's call code), which is raised to make room for them."""
+    block (its attributes, training mode and input shapes) and reuses it for every block like it, so a cold start
+    compiles a fraction of what the whole network's graph holds (the preset's U-Net: 11 distinct graphs for 28
+    blocks; its training step's first forward and backward on CPU 61 s against 95 s whole,
+    benchmarks/compile_time.py), at the price of the fusions across block boundaries. With static shapes every
+    other batch size (a cell's shorter last batch, the rows a guidance method skips) compiles every distinct block
+    again. `module` itself is returned (a DDP wrapper too: its blocks are compiled); train.cuda_graph still
+    captures the whole step.
+
+    Dynamo keeps a block class's graphs on its `forward` and stops compiling one code object after a number of
+    them (then runs it eagerly); that limit, process-wide, is raised here to REGION_GRAPHS per block, and never
+    lowered."""
     classes = next((m.compile_regions for m in module.modules() if hasattr(m, "compile_regions")), ())
     regions = [m for m in module.modules() if classes and isinstance(m, classes)]
     if not regions:
@@ -96,27 +106,27 @@ def compile_regions(module: torch.nn.Module, options: dict) -> torch.nn.Module:
             f"regional compilation: {type(module).__name__} names no blocks to compile (a compile_regions "
             "attribute of block classes, as cfg.nets.unet.UNet has); use compile: true for the whole network"
         )
-    # per block: training and evaluation mode, a cell's full and shorter last batch
-    limit = 4 * len(regions)
-    dynamo_config = torch._dynamo.config
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
-    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 2 * limit)
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        name = name if hasattr(config, name) else name.replace("recompile", "cache_size")  # torch < 2.7
+        setattr(config, name, max(getattr(config, name), REGION_GRAPHS * len(regions)))
     for block in regions:
         block.compile(dynamic=False, options=options)
     return module
 
 
 # what `train.compile` / `sample.compile` may name besides true/false: (torch.compile mode, Inductor options on top of
-# COMPILE_OPTIONS, regional compilation). On the preset's guided sampling step (one H200, docs/gpu/inductor_options_h200.txt) "default" ran
-# 106.4 ms, "coordinate-descent" (a search of each fused Triton kernel's block sizes) 99.2 ms and "max-autotune"
-# (cuDNN against Triton templates per convolution, plus that search) 96.2 ms. They compiled in 236 s and 538 s
-# against "default"'s 46 s from a cold cache, in one process whose caches the sets shared, on a host shared with a
-# study: indicative only. Inductor's caches keep the tuned choices, so a warm cache should load them as fast as
-# "default" (not measured). No CUDA graphs from Inductor: train.cuda_graph captures its own step, and sampling
-# batches change shape.
+# COMPILE_OPTIONS, regional compilation). On the preset's guided sampling step (one H200,
+# docs/gpu/inductor_options_h200.txt) "default" ran 106.4 ms, "coordinate-descent" (a search of each fused Triton
+# kernel's block sizes) 99.2 ms and "max-autotune" (cuDNN against Triton templates per convolution, plus that
+# search) 96.2 ms. They compiled in 236 s and 538 s against "default"'s 46 s from a cold cache, in one process whose
+# caches the sets shared, on a host shared with a study: indicative only. Inductor's caches keep the tuned choices,
+# so a warm cache should load them as fast as "default" (not measured). No CUDA graphs from Inductor:
+# train.cuda_graph captures its own step, and sampling batches change shape.
 # "regional" compiles the network's blocks one by one (compile_regions), "default"'s options otherwise: a shorter cold
-# compile, not yet measured on a GPU (neither its compile time nor its step's speed against "default"; profile_step.py
-# --only options --sets default,regional times both).
+# compile of the training step on CPU, not yet measured on a GPU (neither its compile time nor its step's speed
+# against "default"; profile_step.py --only options --sets default,regional times both); for sampling, whose batch
+# sizes vary, it may compile longer than "default", which makes the batch dimension dynamic.
 COMPILE_MODES = {
     "default": ("default", {}, False),
     "coordinate-descent": ("default", {"coordinate_descent_tuning": True}, False),

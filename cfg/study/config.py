@@ -123,7 +123,7 @@ class TrainParams:
         False,
         "torch.compile the model on CUDA: true, false or a variant of cfg.engine.device.COMPILE_MODES (default, "
         "coordinate-descent, max-autotune: faster kernels for a longer first compile; regional: the repeated "
-        "blocks one by one, a shorter first compile)",
+        "blocks one by one, a shorter first compile on CPU, not yet measured on a GPU)",
         choices=tuple(COMPILE_MODES),
     )
     cuda_graph: bool = _p(
@@ -207,7 +207,7 @@ class SampleParams:
         False,
         "torch.compile the network for sampling (and the FID curve's) on CUDA: true, false or a variant of "
         "cfg.engine.device.COMPILE_MODES (default, coordinate-descent, max-autotune: faster kernels for a longer "
-        "first compile; regional: the repeated blocks one by one, a shorter first compile)",
+        "first compile; regional: the repeated blocks one by one, static shapes: each batch size compiles again)",
         choices=tuple(COMPILE_MODES),
     )
     cudnn_benchmark: bool = _p(
