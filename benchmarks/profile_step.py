@@ -14,7 +14,7 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             and steps, per-example noise, the guided sampler, uint8 images to the host): images/s and MFU
             with the network passes CFG really runs (w = 0 rows skip ε(z), w = −1 rows skip ε(z, c)), with
             cuDNN's autotuning and with its heuristics (`sample.cudnn_benchmark`, default false: the same bytes
-            on every GPU; on one H200 the two were within 0.3%, docs/gpu/cudnn_h200.txt)
+            on every GPU; on one H200 the two were within 0.4%, docs/gpu/cudnn_h200.txt)
   copies    where the training step's plain copy kernels come from (20% of a compiled step's device time until
             compile_net forced channels-last layouts, docs/gpu/layout_h100.txt): their device time by the op
             enclosing each `aten::copy_` (an autograd node, an attention op, ...) and by input shapes with the
@@ -214,9 +214,10 @@ def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str], fl
 
 
 # Inductor option sets of `--only options`: name -> (compile mode, options on top of compile_net's, regional
-# compilation, GroupNorm output in bf16, cuDNN autotuning). The train.compile / sample.compile settings (COMPILE_MODES: default; coordinate descent, Inductor's
-# search of each fused Triton kernel's block sizes and warps; max-autotune, cuDNN against Triton templates per
-# convolution/matmul plus that search), exactly as the stages compile them, then variants of them:
+# compilation, GroupNorm output in bf16, cuDNN autotuning). The train.compile / sample.compile settings
+# (COMPILE_MODES: default; coordinate descent, Inductor's search of each fused Triton kernel's block sizes and warps;
+# max-autotune, cuDNN against Triton templates per convolution/matmul plus that search; regional, the repeated
+# blocks compiled one by one), exactly as the stages compile them, then variants of them:
 OPTION_SETS = {name: (*setting, False, True) for name, setting in COMPILE_MODES.items()} | {
     # GroupNorm's output in the activations' bf16 instead of autocast's float32: half the bytes of what the
     # training graph saves for backward and of the normalised tensors it reads again there
