@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from profile_step import cold_cache_env  # benchmarks/, the script's own folder
 
 from cfg.engine.device import COMPILE_MODES, autocast, compile_as, configure_cuda
 from cfg.nets.unet import UNet, UNetConfig
@@ -100,10 +100,7 @@ def main() -> None:
     rows, failed = [], []
     for setting in settings:
         with tempfile.TemporaryDirectory(prefix="cfg-compile-") as tmp:
-            env = os.environ | {
-                "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor",
-                "TRITON_CACHE_DIR": f"{tmp}/triton",
-            }
+            env = cold_cache_env(tmp)
             cmd = [
                 sys.executable, __file__, "--preset", args.preset, "--batch", str(batch),
                 "--steps", str(args.steps), "--child", setting,

@@ -298,10 +298,17 @@ def option_rows(
             )
 
 
+def cold_cache_env(tmp: str) -> dict[str, str]:
+    """This process's environment with torch.compile's caches (Inductor's, Triton's) in `tmp`, so that a child
+    started with it compiles everything from empty caches (each setting's compile time a cold one)."""
+    import os
+
+    return os.environ | {"TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor", "TRITON_CACHE_DIR": f"{tmp}/triton"}
+
+
 def isolated_option_rows(args, sets, kinds):
     """Each (set, kind) of `--only options` in a process of its own whose Inductor and Triton caches start empty,
     so that every compile time is a cold one and no set reuses another's tuned kernels; yields each child's lines."""
-    import os
     import subprocess
     import sys
     import tempfile
@@ -309,10 +316,7 @@ def isolated_option_rows(args, sets, kinds):
     for name in sets:
         for kind in kinds:
             with tempfile.TemporaryDirectory(prefix="cfg-options-") as tmp:
-                env = os.environ | {
-                    "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor",
-                    "TRITON_CACHE_DIR": f"{tmp}/triton",
-                }
+                env = cold_cache_env(tmp)
                 cmd = [
                     sys.executable, __file__, "--preset", args.preset, "--seconds", str(args.seconds),
                     "--only", "options", "--sets", name, "--kinds", kind, "--no-isolate",
