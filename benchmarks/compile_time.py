@@ -16,25 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-import yaml
-from profile_step import cold_cache_env  # benchmarks/, the script's own folder
+from profile_step import cold_cache_env, preset_params  # benchmarks/, the script's own folder
 
 from cfg.engine.device import COMPILE_MODES, autocast, compile_as, configure_cuda
 from cfg.nets.unet import UNet, UNetConfig
-from cfg.study.config import params_from_dict
-from cfg.study.presets import flat_overrides, merged_params
-
-
-def preset_params(preset: str):
-    return params_from_dict(
-        merged_params(
-            yaml.safe_load(Path("params.yaml").read_text()),
-            flat_overrides(yaml.safe_load(Path(preset).read_text())),
-        )
-    )
 
 
 def one(preset: str, setting: str, batch: int, steps: int) -> dict:

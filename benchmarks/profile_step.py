@@ -474,12 +474,18 @@ def main() -> None:
     return run(args, parts)
 
 
-def run(args, parts: set[str]) -> None:
-    raw = merged_params(
-        yaml.safe_load(Path("params.yaml").read_text()),
-        flat_overrides(yaml.safe_load(Path(args.preset).read_text())),
+def preset_params(preset: str):
+    """params.yaml with the preset file's values on top, as the stages of a study on that preset read them."""
+    return params_from_dict(
+        merged_params(
+            yaml.safe_load(Path("params.yaml").read_text()),
+            flat_overrides(yaml.safe_load(Path(preset).read_text())),
+        )
     )
-    params = params_from_dict(raw)
+
+
+def run(args, parts: set[str]) -> None:
+    params = preset_params(args.preset)
     configure_cuda()
     size = params.data.image_size or 32
     config = UNetConfig.from_params(params.model, image_size=size, in_channels=1, num_classes=10)
