@@ -104,9 +104,9 @@ def generate_w_grid(
     """Sample every w for examples [first_index, first_index + n_samples) (or `examples`).
 
     Returns (images uint8 (W, N, C, H, W) on CPU, labels (N,)), in the order the examples came (a Claims'
-    `rows()`). Example i is conditioned on class i mod K and draws its initial latent and step noise from its own streams (`cfg.maths.noise.example_noise`): its
-    images depend only on (seed, i, w, sampler settings), never on the batch size, the other examples or
-    how many processes share the cell.
+    `rows()`). Example i is conditioned on class i mod K and draws its initial latent and step noise from its
+    own streams (`cfg.maths.noise.example_noise`): its images depend only on (seed, i, w, sampler settings),
+    never on the batch size, the other examples or how many processes share the cell.
     """
     device = torch.device(device)
     w_list = [float(w) for w in w_values]
