@@ -87,12 +87,15 @@ def _sample_and_features(d: Dist):
     ext = classifier_extractor(
         Classifier(ClassifierConfig(in_channels=1, num_classes=3, image_size=8, width=4, feature_dim=6))
     )
-    feats = extract_features(ext, images[2][shard(n, d)])
+    # as cfg.eval.cells.evaluate_samples shards a cell: whole extractor batches, each the very batch one process
+    # runs (the CPU kernels may round differently for another batch size: seen on an AVX-512 BF16/FP16 CPU)
+    block = 4
+    feats = extract_features(ext, images[2][shard(n, d, block=block)], batch_size=block)
     return {
         "images": images,
         "labels": labels,
-        "features": gather_rows(feats.features, d, n),
-        "logits": gather_rows(feats.logits, d, n),
+        "features": gather_rows(feats.features, d, n, block=block),
+        "logits": gather_rows(feats.logits, d, n, block=block),
     }
 
 
