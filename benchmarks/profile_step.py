@@ -25,11 +25,13 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             channels-last layouts inside the graph ("contiguous" is the input's and the weights' format)
   options   Inductor option sets (OPTION_SETS, --sets: coordinate-descent tuning of the fused kernels,
             max-autotune with and without Triton convolution templates, regional compilation of the repeated
-            blocks, GroupNorm's output kept in bf16, cuDNN's heuristics instead of its autotuning) on the
-            preset's guided sampling step and its CUDA-graphed training step (--kinds): compile seconds, wall
-            and kernel time per step, MFU and the device time by kernel kind; each (set, kind) in a process of
-            its own with empty Inductor and Triton caches, so every compile time is cold (--no-isolate: all in
-            this process). Not in the default parts: max-autotune compiles for minutes
+            blocks, GroupNorm's output kept in bf16, cuDNN's heuristics instead of its autotuning, without
+            Inductor's combo kernels, torch's own convolution and upsampling in place of cfg's) on the preset's
+            guided sampling step and its CUDA-graphed training step (--kinds; --train-batch / --sample-batch for
+            other batches): compile seconds, wall and kernel time per step,
+            MFU and the device time by kernel kind (--kernels-out DIR: every kernel of each row, as CSV); each
+            (set, kind) in a process of its own with empty Inductor and Triton caches, so every compile time is
+            cold (--no-isolate: all in this process). Not in the default parts: max-autotune compiles for minutes
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
 matmul rate measured in the same run). Graph breaks of the compiled variants are counted. `--sdpa flash|efficient|
 cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200).
@@ -173,11 +175,13 @@ def kernel_kind(name: str) -> str:
     return "other elementwise / reduction"
 
 
-def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str], float]:
-    """The top kernels of `calls` back-to-back steps by device time, the device time by kernel kind, and how busy
-    the GPU was: summed kernel time / wall time of those same steps (kernels of one stream do not overlap here;
-    the profiler's own overhead is in the wall time, so busy is if anything understated). Returns (wall s per
-    step, printable lines, kernel s per step; 0 when the profiler recorded none)."""
+def top_kernels(step, n: int = 12, calls: int = 5, csv: Path | None = None) -> tuple[float, list[str], float]:
+    """The top kernels of `calls` back-to-back steps by device time, the device time by kernel kind (with launches
+    per step and the mean launch's µs: many launches of a few µs each mean a step bound by launch latency and
+    occupancy, not by bytes or FLOPs), and how busy the GPU was: summed kernel time / wall time of those same
+    steps (kernels of one stream do not overlap here; the profiler's own overhead is in the wall time, so busy is
+    if anything understated). `csv`: every kernel written there (name, kind, launches and µs per step). Returns
+    (wall s per step, printable lines, kernel s per step; 0 when the profiler recorded none)."""
     for _ in range(3):
         step()
     sync(torch.device("cuda"))
@@ -192,15 +196,38 @@ def top_kernels(step, n: int = 12, calls: int = 5) -> tuple[float, list[str], fl
     if total == 0:
         return wall, [f"  step {wall * 1e3:.2f} ms wall; the profiler recorded no kernels"], 0.0
     events.sort(key=lambda e: -e.self_device_time_total)
-    kinds: dict[str, float] = {}
+    kinds: dict[str, list[float]] = {}  # kind -> [µs, launches] over the `calls` steps
     for e in events:
-        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total
+        acc = kinds.setdefault(kernel_kind(e.key), [0.0, 0])
+        acc[0] += e.self_device_time_total
+        acc[1] += e.count
+    if csv is not None:
+        import csv as csv_module
+
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        with csv.open("w", newline="") as f:
+            out = csv_module.writer(f)
+            out.writerow(["kernel", "kind", "launches_per_step", "us_per_step", "us_per_launch"])
+            for e in events:
+                t = e.self_device_time_total
+                out.writerow(
+                    [
+                        e.key,
+                        kernel_kind(e.key),
+                        f"{e.count / calls:g}",
+                        f"{t / calls:.2f}",
+                        f"{t / e.count:.2f}",
+                    ]
+                )
     busy = total / calls / 1e6 / wall
     lines = [
         f"  step {wall * 1e3:.2f} ms wall, {total / calls / 1e3:.2f} ms of kernels: GPU busy {busy:.0%}; "
         f"{sum(e.count for e in events) // calls} kernels/step",
-        "  by kind: "
-        + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "  by kind (launches/step, mean µs): "
+        + ", ".join(
+            f"{k} {us / total:.0%} ({launches // calls}, {us / launches:.1f})"
+            for k, (us, launches) in sorted(kinds.items(), key=lambda kv: -kv[1][0])
+        ),
     ]
     return (
         wall,
@@ -224,9 +251,25 @@ OPTION_SETS = {name: (*setting, False, True) for name, setting in COMPILE_MODES.
     "bf16-groupnorm": (*COMPILE_MODES["default"], True, True),
     "coordinate-descent+bf16-groupnorm": (*COMPILE_MODES["coordinate-descent"], True, True),
     # the default compile with cuDNN's heuristics instead of its autotuning (configure_cuda's, which the train
-    # stage keeps): the same step's speed either way decides whether training can skip autotuning's 3-15 s at a
-    # process's first step (docs/gpu/cudnn_h200.txt; sampling already does, sample.cudnn_benchmark)
+    # stage keeps; its step ran 18.86 ms with the heuristics against 18.54 autotuned, on the other H200 of the host,
+    # one run each: docs/gpu/train_kernels_h200.txt; sampling uses the heuristics, sample.cudnn_benchmark)
     "cudnn-heuristics": (*COMPILE_MODES["default"], False, False),
+    # without Inductor's combo kernels (COMPILE_OPTIONS turns them on: independent small kernels of a graph
+    # launched as one horizontally fused kernel)
+    "no-combo-kernels": (
+        COMPILE_MODES["default"][0],
+        COMPILE_MODES["default"][1] | {"combo_kernels": False},
+        False,
+        False,
+        True,
+    ),
+    # these two put torch's own layers back in cfg's U-Net (plain_layers, by the set's name): the convolutions'
+    # output gradients left in the layout Inductor gives them (cfg's Conv2d makes them channels-last, which torch
+    # 2.11's convolution backward otherwise copies them into: docs/gpu/copies_h200.txt)
+    "torch-conv-grads": (*COMPILE_MODES["default"], False, True),
+    # nearest upsampling as F.interpolate, whose backward Inductor makes an atomic scatter-add (cfg's Upsample
+    # repeats pixels through a broadcast view instead)
+    "torch-upsample": (*COMPILE_MODES["default"], False, True),
     # max-autotune with only Triton's convolution templates (which can take the neighbouring elementwise ops into
     # their prologue/epilogue), cuDNN left out
     "max-autotune-triton-convs": (
@@ -252,14 +295,37 @@ class bf16_group_norm:
         unet.GroupNorm.forward = self.forward
 
 
+class plain_layers:
+    """Within it, cfg's U-Net layers that exist for the compiled step's speed behave as the torch modules they
+    extend: Conv2d without its channels-last output gradient, Upsample as F.interpolate (the "torch-conv-grads" and
+    "torch-upsample" sets, which measure what each gains)."""
+
+    def __init__(self, conv: bool = False, upsample: bool = False):
+        self.conv, self.upsample = conv, upsample
+
+    def __enter__(self):
+        self.saved = unet.Conv2d.forward, unet.Upsample.forward
+        if self.conv:
+            unet.Conv2d.forward = torch.nn.Conv2d.forward
+        if self.upsample:
+            unet.Upsample.forward = lambda mod, x: torch.nn.functional.interpolate(
+                x, scale_factor=2, mode="nearest"
+            )
+
+    def __exit__(self, *exc):
+        unet.Conv2d.forward, unet.Upsample.forward = self.saved
+
+
 def option_rows(
-    config, sets, kinds, batch_train: int, batch_sample: int, f_train: float, f_fwd: float, peak: float
-):
+    config, sets, kinds, batch_train: int, batch_sample: int, f_train: float, f_fwd: float, peak: float,
+    csv_dir: Path | None = None,
+):  # fmt: skip
     """Each of `sets` (OPTION_SETS names) on each of `kinds`: "sample", the guided sampling step (both passes),
     and "train", the CUDA-graphed training step; the kinds of a set one after the other, so that every set's rows
     come early. Yields printable lines as each finishes (a set that fails to compile says so, the next one runs).
     Within one process later sets find what earlier ones left in Inductor's caches: `--only options` runs each
-    (set, kind) in a process of its own with empty caches unless --no-isolate."""
+    (set, kind) in a process of its own with empty caches unless --no-isolate. `csv_dir`: each row's kernels,
+    all of them, in <kind>_<set>_<batch>.csv there."""
     import contextlib
     import gc
 
@@ -271,7 +337,11 @@ def option_rows(
             t0 = time.perf_counter()
             step = None
             try:
-                with bf16_group_norm() if gn_bf16 else contextlib.nullcontext(), cudnn_autotuning(tuned):
+                with (
+                    bf16_group_norm() if gn_bf16 else contextlib.nullcontext(),
+                    plain_layers(conv=name == "torch-conv-grads", upsample=name == "torch-upsample"),
+                    cudnn_autotuning(tuned),
+                ):
                     if kind == "sample":
                         step = sample_fn(config, torch.channels_last, mode, images, options, regional)
                     else:
@@ -279,7 +349,8 @@ def option_rows(
                     step()
                     sync(torch.device("cuda"))
                     compile_s = time.perf_counter() - t0
-                    wall, lines, kern = top_kernels(step, n=6)
+                    csv = csv_dir / f"{kind}_{name}_{images}.csv" if csv_dir is not None else None
+                    wall, lines, kern = top_kernels(step, n=6, csv=csv)
                 if kern <= 0:
                     raise RuntimeError("the profiler recorded no kernels")
             except Exception as e:  # noqa: BLE001 - one failing set must not end the comparison
@@ -321,6 +392,12 @@ def isolated_option_rows(args, sets, kinds):
                     sys.executable, __file__, "--preset", args.preset, "--seconds", str(args.seconds),
                     "--only", "options", "--sets", name, "--kinds", kind, "--no-isolate",
                 ]  # fmt: skip
+                for flag, value in (
+                    ("--train-batch", args.train_batch),
+                    ("--sample-batch", args.sample_batch),
+                    ("--kernels-out", args.kernels_out),
+                ):
+                    cmd += [flag, str(value)] if value else []
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 rows = [line for line in out.stdout.splitlines() if line.startswith(("== ", "  "))]
                 if out.returncode or not rows:
@@ -445,6 +522,13 @@ def main() -> None:
     )
     ap.add_argument("--kinds", default=",".join(OPTION_KINDS), help="options: sample, train or both")
     ap.add_argument(
+        "--train-batch", type=int, help="options: the training step's batch (default: the preset's)"
+    )
+    ap.add_argument(
+        "--sample-batch", type=int, help="options: the sampling step's examples (default: the preset's batch)"
+    )
+    ap.add_argument("--kernels-out", help="options: a folder for every row's whole kernel list (CSV)")
+    ap.add_argument(
         "--no-isolate",
         dest="isolate",
         action="store_false",
@@ -508,8 +592,12 @@ def run(args, parts: set[str]) -> None:
         if args.isolate and len(sets) * len(kinds) > 1:
             rows_of = isolated_option_rows(args, sets, kinds)
         else:
-            batches = params.train.batch_size, params.sample.batch_size
-            rows_of = option_rows(config, sets, kinds, *batches, f_train, f_fwd, peak)
+            batches = (
+                args.train_batch or params.train.batch_size,
+                args.sample_batch or params.sample.batch_size,
+            )
+            csv_dir = Path(args.kernels_out) if args.kernels_out else None
+            rows_of = option_rows(config, sets, kinds, *batches, f_train, f_fwd, peak, csv_dir)
         for text in rows_of:
             print(text, flush=True)
     if "kernels" in parts:

@@ -236,3 +236,90 @@ def test_group_norm_compiled_on_channels_last_equals_the_native_op():
             for e, g in zip(expected, [got, xi.grad, norm.weight.grad, norm.bias.grad], strict=True):
                 assert torch.allclose(g.double(), e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
     assert traced and all("var_mean" in code and "group_norm" not in code for code in traced)
+
+
+def _upsample_case(compile_fn):
+    """Upsample's output and input gradient through `compile_fn` on a channels-last input, against the native
+    nearest upsampling in float64 (a weighted sum of the output, so that each gradient entry sums 4 distinct
+    weights)."""
+    from cfg.nets.unet import Upsample
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 3).contiguous(memory_format=torch.channels_last)
+    ref = x.double().requires_grad_()
+    out = torch.nn.functional.interpolate(ref, scale_factor=2, mode="nearest")
+    up = torch.randn(out.shape, dtype=torch.float64)
+    (out * up).sum().backward()
+    xi = x.clone().requires_grad_()
+    got = compile_fn(Upsample())(xi)
+    (got * up.float()).sum().backward()
+    assert got.shape == (2, 6, 10, 6) and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, out.detach().float())  # copies of the input: exact
+    assert torch.allclose(xi.grad.double(), ref.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_upsample_traced_on_channels_last_repeats_pixels_without_a_scatter():
+    """Under torch.compile Upsample repeats each pixel through a broadcast view (the traced graph holds expand, not
+    interpolate, whose backward Inductor makes an atomic scatter-add): the native op's output, exactly, and its
+    gradient. Dynamo traces; the graph runs uncompiled (no C++ compiler needed)."""
+    traced = []
+
+    def spy(gm, example_inputs):
+        traced.append(gm.code)
+        return gm.forward
+
+    _upsample_case(lambda m: torch.compile(m, backend=spy))
+    assert traced and all("expand" in code and "interpolate" not in code for code in traced)
+    # eager and contiguous inputs keep the native op
+    from cfg.nets.unet import Upsample
+
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(Upsample()(x), torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="Inductor on the CPU needs a C++ compiler",
+)
+def test_upsample_compiled_by_inductor_equals_the_native_op():
+    _upsample_case(torch.compile)
+
+
+def test_conv_traced_on_channels_last_hands_back_channels_last_gradients():
+    """cfg's Conv2d under torch.compile (AOTAutograd's graphs, run uncompiled): the backward graph clones the
+    convolution's output gradient channels-last, and the output and every gradient equal the eager nn.Conv2d's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from cfg.nets.unet import Conv2d
+
+    graphs = {"fw": [], "bw": []}
+
+    def keeper(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm.code)
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    torch.manual_seed(0)
+    conv = Conv2d(4, 6, 3, padding=1).to(memory_format=torch.channels_last)
+    plain = torch.nn.Conv2d(4, 6, 3, padding=1).to(memory_format=torch.channels_last)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    up = torch.randn(2, 6, 5, 5)
+    results = []
+    for fn in (
+        torch.compile(conv, backend=aot_autograd(fw_compiler=keeper("fw"), bw_compiler=keeper("bw"))),
+        plain,
+    ):
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        (out * up).sum().backward()
+        m = conv if fn is not plain else plain
+        results.append([out.detach(), xi.grad, m.weight.grad, m.bias.grad])
+    for got, want in zip(*results, strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert graphs["bw"] and all("channels_last" in code for code in graphs["bw"])
+    assert isinstance(conv, torch.nn.Conv2d) and set(conv.state_dict()) == {"weight", "bias"}

@@ -57,8 +57,12 @@ def cudnn_benchmark(on: bool):
 # for any graph with a convolution larger than 1×1 that has at most half as many output as input channels (the
 # U-Net's convolutions after a skip concatenation, its 64 → 1 output convolution). The training graph then handed
 # cuDNN contiguous gradients for channels-last activations, and every convolution backward copied one into the
-# other's layout (docs/gpu/layout_h100.txt). Forced, every graph stays channels-last.
-COMPILE_OPTIONS = {"force_layout_optimization": True}
+# other's layout (docs/gpu/layout_h100.txt). Forced, every graph stays channels-last. Combo kernels: Inductor
+# launches independent small kernels of a graph as one (horizontal fusion). The preset's CUDA-graphed training step
+# ran ≈ 1,370 kernels instead of ≈ 1,660, in 18.21 ms against 18.54 and 17.95 against 18.18 (two runs on H200s, each
+# pair in one run); its sampling step was unchanged (104.1 against 104.0 ms), the cold compiles within the shared
+# hosts' noise (80-92 s; docs/gpu/train_kernels_h200.txt).
+COMPILE_OPTIONS = {"force_layout_optimization": True, "combo_kernels": True}
 
 
 def compile_net(
@@ -124,9 +128,10 @@ def compile_regions(module: torch.nn.Module, options: dict) -> torch.nn.Module:
 # so a warm cache should load them as fast as "default" (not measured). No CUDA graphs from Inductor:
 # train.cuda_graph captures its own step, and sampling batches change shape.
 # "regional" compiles the network's blocks one by one (compile_regions), "default"'s options otherwise: a shorter cold
-# compile of the training step on CPU, not yet measured on a GPU (neither its compile time nor its step's speed
-# against "default"; profile_step.py --only options --sets default,regional times both); for sampling, whose batch
-# sizes vary, it may compile longer than "default", which makes the batch dimension dynamic.
+# compile of the training step on CPU (61 against 95 s, benchmarks/compile_time.py), but not on an H200, where it
+# compiled the training step in 101 s against "default"'s 92 s, ran it in 20.28 ms against 18.54 and the sampling
+# step in 134.4 ms against 104.0 (the code before cfg's Conv2d, Upsample and combo kernels, a host shared with
+# another benchmark; docs/gpu/train_kernels_h200.txt). Kept opt-in: it pays nowhere a stage compiles.
 COMPILE_MODES = {
     "default": ("default", {}, False),
     "coordinate-descent": ("default", {"coordinate_descent_tuning": True}, False),

@@ -96,6 +96,59 @@ class GroupNorm(nn.GroupNorm):
         return out if x.is_cuda and torch.is_autocast_enabled("cuda") else out.to(x.dtype)
 
 
+class _ChannelsLastGrad(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient as a channels-last clone."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return torch.ops.aten.clone.default(grad, memory_format=torch.channels_last)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state dict) whose output gradient, when torch.compile traces it on a
+    channels-last tensor, is made channels-last inside the compiled backward. Inductor (torch 2.11) hands the
+    convolution backward (an ATen fallback) gradients in the contiguous layout, and cuDNN's backward then copied each
+    into channels-last: 28 copies, 4.8% of the preset's training step on an H200 (docs/gpu/copies_h200.txt traced
+    them); the clone is mostly fused into the kernels that compute the gradients instead, and the step ran 17.07 ms
+    against 17.95 (docs/gpu/train_kernels_h200.txt). Eager and contiguous inputs: the plain convolution (a
+    one-channel input counts as both layouts and takes the clone, which changes no value)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        if (
+            torch.compiler.is_compiling()
+            and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return _ChannelsLastGrad.apply(out)
+        return out
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling by 2 (nn.Upsample(scale_factor=2, mode="nearest"); no parameters). When
+    torch.compile traces it on a channels-last tensor, each pixel is repeated through a broadcast view of the NHWC
+    memory, whose backward is a sum over the 2×2 copies. Inductor turns the native op's backward into a scatter-add
+    of float atomics into zeros instead (2.6% of the preset's training step's kernel time on an H200), whose
+    summation order can change between runs; with cfg's Conv2d and combo kernels in, the step's time was the same
+    either way (17.48 against 17.47 ms; docs/gpu/train_kernels_h200.txt). The same values either way; eager and
+    contiguous inputs keep the native op."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (
+            torch.compiler.is_compiling()
+            and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        b, c, h, w = x.shape
+        nhwc = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(b, h, 2, w, 2, c)  # (B, H, 2, W, 2, C)
+        return nhwc.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)  # channels-last, as its input
+
+
 def _norm(ch: int) -> GroupNorm:
     groups = math.gcd(32, ch) if ch >= 32 else max(1, ch // 4)
     return GroupNorm(groups, ch)
@@ -113,14 +166,14 @@ class ResBlock(nn.Module):
     def __init__(self, ch_in: int, ch_out: int, emb_dim: int, dropout: float):
         super().__init__()
         self.norm1 = _norm(ch_in)
-        self.conv1 = nn.Conv2d(ch_in, ch_out, 3, padding=1)
+        self.conv1 = Conv2d(ch_in, ch_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * ch_out)
         self.norm2 = _norm(ch_out)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(ch_out, ch_out, 3, padding=1)
+        self.conv2 = Conv2d(ch_out, ch_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
         nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(ch_in, ch_out, 1) if ch_in != ch_out else nn.Identity()
+        self.skip = Conv2d(ch_in, ch_out, 1) if ch_in != ch_out else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -135,8 +188,8 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.heads = max(1, ch // head_channels)
         self.norm = _norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
+        self.qkv = Conv2d(ch, 3 * ch, 1)
+        self.proj = Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -174,7 +227,7 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
         self.lambda_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)
-        self.stem = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        self.stem = Conv2d(config.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
         skips = [ch]
@@ -188,7 +241,7 @@ class UNet(nn.Module):
                 self.down.append(block)
                 skips.append(ch)
             if level < len(config.channel_mult) - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                self.down.append(nn.ModuleList([Conv2d(ch, ch, 3, stride=2, padding=1)]))
                 skips.append(ch)
                 res //= 2
 
@@ -210,12 +263,12 @@ class UNet(nn.Module):
                 if res in config.attention_resolutions:
                     block.append(AttentionBlock(ch, config.head_channels))
                 if level > 0 and i == config.blocks_per_level:
-                    block.append(nn.Upsample(scale_factor=2, mode="nearest"))
-                    block.append(nn.Conv2d(ch, ch, 3, padding=1))
+                    block.append(Upsample())
+                    block.append(Conv2d(ch, ch, 3, padding=1))
                     res *= 2
                 self.up.append(block)
 
-        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, config.in_channels, 3, padding=1))
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), Conv2d(ch, config.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
