@@ -443,6 +443,35 @@ def test_a_stopped_stage_ends_its_run_killed_and_a_killed_one_on_the_next_start(
     assert tags(db, killed)["process"].split(":")[1] == str(stage.pid)
 
 
+SWALLOWED_STOP = """
+import os, signal, sys, time
+from cfg.study import tracking
+tracking._watch_signals()
+class Collected:
+    def __del__(self):  # as SQLAlchemy's and MLflow's garbage-collection callbacks: Python ignores what they raise
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000):  # the handler runs in here
+            pass
+Collected()
+for _ in range(50):
+    time.sleep(0.01)
+print("still running")
+"""
+
+
+@pytest.mark.parametrize("watched", [True, False])
+def test_a_stop_signal_raised_inside_a_del_is_not_lost(watched):
+    """A SIGTERM whose handler runs inside a __del__ (or a weakref callback, where the slow test above once lost
+    one in SQLAlchemy's) raises SystemExit there, which Python prints and ignores: cfg's unraisable hook delivers it
+    again, and the process ends with 143. Without cfg's handlers the default action kills it outright (-15), so the
+    case with them is the one that could go on running."""
+    code = SWALLOWED_STOP if watched else SWALLOWED_STOP.replace("tracking._watch_signals()", "")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "still running" not in out.stdout
+    assert out.returncode == (128 + signal.SIGTERM if watched else -signal.SIGTERM), out.stderr[-2000:]
+    assert "Exception ignored" not in out.stderr
+
+
 @pytest.mark.slow
 def test_sampling_in_a_clone_without_the_train_run_logs_to_a_new_run_with_provenance(
     project, tmp_path, monkeypatch

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -85,9 +86,26 @@ _SIGNALLED: list[int] = []
 
 def _on_signal(signum: int, frame) -> None:
     _SIGNALLED.append(signum)
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
+    stop = KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
+    stop.cfg_lab_signal = signum  # type: ignore[attr-defined]  # for _redeliver_swallowed
+    raise stop
+
+
+def _redeliver_swallowed(unraisable) -> None:
+    """sys.unraisablehook: Python runs a signal's handler wherever the main thread is, and an exception raised inside
+    a garbage-collection callback or a __del__ (SQLAlchemy's, MLflow's) is printed and ignored, so the stage would
+    go on after a SIGTERM. Such a stop is delivered again, from a thread a moment later (sent from here, its handler
+    would raise inside this hook, which is ignored too), to be raised once that callback has returned."""
+    signum = getattr(unraisable.exc_value, "cfg_lab_signal", None)
+    if signum is None:
+        _PREVIOUS_UNRAISABLEHOOK[0](unraisable)
+        return
+    again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+    again.daemon = True
+    again.start()
+
+
+_PREVIOUS_UNRAISABLEHOOK = [sys.unraisablehook]
 
 
 def _watch_signals() -> None:
@@ -97,6 +115,9 @@ def _watch_signals() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
             signal.signal(sig, _on_signal)
+    if sys.unraisablehook is not _redeliver_swallowed:
+        _PREVIOUS_UNRAISABLEHOOK[0] = sys.unraisablehook
+        sys.unraisablehook = _redeliver_swallowed
 
 
 class Tracker:
