@@ -102,7 +102,10 @@ def _redeliver_swallowed(unraisable) -> None:
         return
     again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
     again.daemon = True
-    again.start()
+    try:
+        again.start()
+    except RuntimeError:  # no new threads at interpreter shutdown: the process is ending anyway
+        _PREVIOUS_UNRAISABLEHOOK[0](unraisable)
 
 
 _PREVIOUS_UNRAISABLEHOOK = [sys.unraisablehook]
