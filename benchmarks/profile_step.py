@@ -40,6 +40,8 @@ cudnn|math` runs every part with only that attention backend (default: PyTorch's
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import time
 from pathlib import Path
 
@@ -175,12 +177,14 @@ def kernel_kind(name: str) -> str:
     return "other elementwise / reduction"
 
 
-def top_kernels(step, n: int = 12, calls: int = 5, csv: Path | None = None) -> tuple[float, list[str], float]:
+def top_kernels(
+    step, n: int = 12, calls: int = 5, csv_path: Path | None = None
+) -> tuple[float, list[str], float]:
     """The top kernels of `calls` back-to-back steps by device time, the device time by kernel kind (with launches
     per step and the mean launch's µs: many launches of a few µs each mean a step bound by launch latency and
     occupancy, not by bytes or FLOPs), and how busy the GPU was: summed kernel time / wall time of those same
     steps (kernels of one stream do not overlap here; the profiler's own overhead is in the wall time, so busy is
-    if anything understated). `csv`: every kernel written there (name, kind, launches and µs per step). Returns
+    if anything understated). `csv_path`: every kernel written there (name, kind, launches and µs per step). Returns
     (wall s per step, printable lines, kernel s per step; 0 when the profiler recorded none)."""
     for _ in range(3):
         step()
@@ -201,12 +205,10 @@ def top_kernels(step, n: int = 12, calls: int = 5, csv: Path | None = None) -> t
         acc = kinds.setdefault(kernel_kind(e.key), [0.0, 0])
         acc[0] += e.self_device_time_total
         acc[1] += e.count
-    if csv is not None:
-        import csv as csv_module
-
-        csv.parent.mkdir(parents=True, exist_ok=True)
-        with csv.open("w", newline="") as f:
-            out = csv_module.writer(f)
+    if csv_path is not None:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with csv_path.open("w", newline="") as f:
+            out = csv.writer(f)
             out.writerow(["kernel", "kind", "launches_per_step", "us_per_step", "us_per_launch"])
             for e in events:
                 t = e.self_device_time_total
@@ -241,79 +243,78 @@ def top_kernels(step, n: int = 12, calls: int = 5, csv: Path | None = None) -> t
 
 
 # Inductor option sets of `--only options`: name -> (compile mode, options on top of compile_net's, regional
-# compilation, GroupNorm output in bf16, cuDNN autotuning). The train.compile / sample.compile settings
+# compilation, a change to the U-Net's layers while it compiles and runs (a context manager's factory, or None),
+# cuDNN autotuning). The train.compile / sample.compile settings
 # (COMPILE_MODES: default; coordinate descent, Inductor's search of each fused Triton kernel's block sizes and warps;
 # max-autotune, cuDNN against Triton templates per convolution/matmul plus that search; regional, the repeated
 # blocks compiled one by one), exactly as the stages compile them, then variants of them:
-OPTION_SETS = {name: (*setting, False, True) for name, setting in COMPILE_MODES.items()} | {
+
+
+@contextlib.contextmanager
+def patched_forward(cls, make):
+    """Within the block, `cls.forward` is `make(the original forward)`."""
+    original = cls.forward
+    cls.forward = make(original)
+    try:
+        yield
+    finally:
+        cls.forward = original
+
+
+def bf16_group_norm():
+    """cfg's GroupNorm returns its input's dtype also under CUDA autocast (where it returns float32)."""
+    return patched_forward(unet.GroupNorm, lambda forward: lambda mod, x: forward(mod, x).to(x.dtype))
+
+
+def torch_conv_grads():
+    """cfg's Conv2d as nn.Conv2d: without its channels-last output gradient under compile."""
+    return patched_forward(unet.Conv2d, lambda forward: torch.nn.Conv2d.forward)
+
+
+def torch_upsample():
+    """cfg's Upsample as F.interpolate, also under compile."""
+    return patched_forward(
+        unet.Upsample,
+        lambda forward: lambda mod, x: torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"),
+    )
+
+
+OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.items()} | {
     # GroupNorm's output in the activations' bf16 instead of autocast's float32: half the bytes of what the
     # training graph saves for backward and of the normalised tensors it reads again there
-    "bf16-groupnorm": (*COMPILE_MODES["default"], True, True),
-    "coordinate-descent+bf16-groupnorm": (*COMPILE_MODES["coordinate-descent"], True, True),
+    "bf16-groupnorm": (*COMPILE_MODES["default"], bf16_group_norm, True),
+    "coordinate-descent+bf16-groupnorm": (*COMPILE_MODES["coordinate-descent"], bf16_group_norm, True),
     # the default compile with cuDNN's heuristics instead of its autotuning (configure_cuda's, which the train
     # stage keeps; its step ran 18.86 ms with the heuristics against 18.54 autotuned, on the other H200 of the host,
     # one run each: docs/gpu/train_kernels_h200.txt; sampling uses the heuristics, sample.cudnn_benchmark)
-    "cudnn-heuristics": (*COMPILE_MODES["default"], False, False),
+    "cudnn-heuristics": (*COMPILE_MODES["default"], None, False),
     # without Inductor's combo kernels (COMPILE_OPTIONS turns them on: independent small kernels of a graph
     # launched as one horizontally fused kernel)
     "no-combo-kernels": (
         COMPILE_MODES["default"][0],
         COMPILE_MODES["default"][1] | {"combo_kernels": False},
         False,
-        False,
+        None,
         True,
     ),
-    # these two put torch's own layers back in cfg's U-Net (plain_layers, by the set's name): the convolutions'
-    # output gradients left in the layout Inductor gives them (cfg's Conv2d makes them channels-last, which torch
-    # 2.11's convolution backward otherwise copies them into: docs/gpu/copies_h200.txt)
-    "torch-conv-grads": (*COMPILE_MODES["default"], False, True),
+    # these two put torch's own layers back in cfg's U-Net: the convolutions' output gradients left in the layout
+    # Inductor gives them (cfg's Conv2d makes them channels-last, which torch 2.11's convolution backward otherwise
+    # copies them into: docs/gpu/copies_h200.txt)
+    "torch-conv-grads": (*COMPILE_MODES["default"], torch_conv_grads, True),
     # nearest upsampling as F.interpolate, whose backward Inductor makes an atomic scatter-add (cfg's Upsample
     # repeats pixels through a broadcast view instead)
-    "torch-upsample": (*COMPILE_MODES["default"], False, True),
+    "torch-upsample": (*COMPILE_MODES["default"], torch_upsample, True),
     # max-autotune with only Triton's convolution templates (which can take the neighbouring elementwise ops into
     # their prologue/epilogue), cuDNN left out
     "max-autotune-triton-convs": (
         COMPILE_MODES["max-autotune"][0],
         COMPILE_MODES["max-autotune"][1] | {"max_autotune_conv_backends": "TRITON"},
         False,
-        False,
+        None,
         True,
     ),
 }
 OPTION_KINDS = ("sample", "train")
-
-
-class bf16_group_norm:
-    """Within it, cfg's GroupNorm returns its input's dtype also under CUDA autocast (where it returns float32)."""
-
-    def __enter__(self):
-        self.forward = unet.GroupNorm.forward
-        forward = self.forward
-        unet.GroupNorm.forward = lambda mod, x: forward(mod, x).to(x.dtype)
-
-    def __exit__(self, *exc):
-        unet.GroupNorm.forward = self.forward
-
-
-class plain_layers:
-    """Within it, cfg's U-Net layers that exist for the compiled step's speed behave as the torch modules they
-    extend: Conv2d without its channels-last output gradient, Upsample as F.interpolate (the "torch-conv-grads" and
-    "torch-upsample" sets, which measure what each gains)."""
-
-    def __init__(self, conv: bool = False, upsample: bool = False):
-        self.conv, self.upsample = conv, upsample
-
-    def __enter__(self):
-        self.saved = unet.Conv2d.forward, unet.Upsample.forward
-        if self.conv:
-            unet.Conv2d.forward = torch.nn.Conv2d.forward
-        if self.upsample:
-            unet.Upsample.forward = lambda mod, x: torch.nn.functional.interpolate(
-                x, scale_factor=2, mode="nearest"
-            )
-
-    def __exit__(self, *exc):
-        unet.Conv2d.forward, unet.Upsample.forward = self.saved
 
 
 def option_rows(
@@ -326,22 +327,17 @@ def option_rows(
     Within one process later sets find what earlier ones left in Inductor's caches: `--only options` runs each
     (set, kind) in a process of its own with empty caches unless --no-isolate. `csv_dir`: each row's kernels,
     all of them, in <kind>_<set>_<batch>.csv there."""
-    import contextlib
     import gc
 
     for name in sets:
-        mode, options, regional, gn_bf16, tuned = OPTION_SETS[name]
+        mode, options, regional, layers, tuned = OPTION_SETS[name]
         for kind in kinds:
             images, flops = (batch_sample, 2 * f_fwd) if kind == "sample" else (batch_train, f_train)
             torch._dynamo.reset()
             t0 = time.perf_counter()
             step = None
             try:
-                with (
-                    bf16_group_norm() if gn_bf16 else contextlib.nullcontext(),
-                    plain_layers(conv=name == "torch-conv-grads", upsample=name == "torch-upsample"),
-                    cudnn_autotuning(tuned),
-                ):
+                with layers() if layers else contextlib.nullcontext(), cudnn_autotuning(tuned):
                     if kind == "sample":
                         step = sample_fn(config, torch.channels_last, mode, images, options, regional)
                     else:
@@ -349,8 +345,8 @@ def option_rows(
                     step()
                     sync(torch.device("cuda"))
                     compile_s = time.perf_counter() - t0
-                    csv = csv_dir / f"{kind}_{name}_{images}.csv" if csv_dir is not None else None
-                    wall, lines, kern = top_kernels(step, n=6, csv=csv)
+                    csv_path = csv_dir / f"{kind}_{name}_{images}.csv" if csv_dir is not None else None
+                    wall, lines, kern = top_kernels(step, n=6, csv_path=csv_path)
                 if kern <= 0:
                     raise RuntimeError("the profiler recorded no kernels")
             except Exception as e:  # noqa: BLE001 - one failing set must not end the comparison
