@@ -18,10 +18,10 @@ import tempfile
 import time
 
 import torch
-from profile_step import cold_cache_env, preset_params  # benchmarks/, the script's own folder
+from profile_step import cold_cache_env, preset_params, preset_unet  # benchmarks/, the script's own folder
 
 from cfg.engine.device import COMPILE_MODES, autocast, compile_as, configure_cuda
-from cfg.nets.unet import UNet, UNetConfig
+from cfg.nets.unet import UNet
 
 
 def one(preset: str, setting: str, batch: int, steps: int) -> dict:
@@ -31,8 +31,8 @@ def one(preset: str, setting: str, batch: int, steps: int) -> dict:
     params = preset_params(preset)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     configure_cuda()
-    size = params.data.image_size or 32
-    config = UNetConfig.from_params(params.model, image_size=size, in_channels=1, num_classes=10)
+    config = preset_unet(params)
+    size = config.image_size
     torch.manual_seed(0)
     model = UNet(config).to(device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format

@@ -564,11 +564,16 @@ def preset_params(preset: str):
     )
 
 
+def preset_unet(params) -> UNetConfig:
+    """The preset's U-Net for Fashion-MNIST-shaped images (one channel, 10 classes) at its data.image_size."""
+    size = params.data.image_size or 32
+    return UNetConfig.from_params(params.model, image_size=size, in_channels=1, num_classes=10)
+
+
 def run(args, parts: set[str]) -> None:
     params = preset_params(args.preset)
     configure_cuda()
-    size = params.data.image_size or 32
-    config = UNetConfig.from_params(params.model, image_size=size, in_channels=1, num_classes=10)
+    config = preset_unet(params)
     peak = matmul_rate(torch.device("cuda"), args.seconds)
     probe = UNet(config).cuda()
     f_train = flops_per_image(probe, config, torch.device("cuda"), train=True)
