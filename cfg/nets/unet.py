@@ -65,6 +65,14 @@ class UNetConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+def _compiled_channels_last(x: Tensor) -> bool:
+    """Whether torch.compile is tracing a channels-last image batch: where GroupNorm, Conv2d and Upsample below
+    take their compiled-GPU forms (eager runs and contiguous inputs keep torch's own)."""
+    return (
+        torch.compiler.is_compiling() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters and state dict) whose statistics, when torch.compile traces it on a
     channels-last tensor, come from per-channel moments over H×W combined per group (population variance:
@@ -74,12 +82,7 @@ class GroupNorm(nn.GroupNorm):
     output dtype is the native op's: float32 under CUDA autocast, the input's otherwise."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (
-            torch.compiler.is_compiling()
-            and self.affine
-            and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last)
-        ):
+        if not (self.affine and _compiled_channels_last(x)):
             return super().forward(x)
         b, c = x.shape[:2]
         g = self.num_groups
@@ -119,11 +122,7 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
-        if (
-            torch.compiler.is_compiling()
-            and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last)
-        ):
+        if _compiled_channels_last(x):
             return _ChannelsLastGrad.apply(out)
         return out
 
@@ -138,11 +137,7 @@ class Upsample(nn.Module):
     contiguous inputs keep the native op."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (
-            torch.compiler.is_compiling()
-            and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last)
-        ):
+        if not _compiled_channels_last(x):
             return F.interpolate(x, scale_factor=2, mode="nearest")
         b, c, h, w = x.shape
         nhwc = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(b, h, 2, w, 2, c)  # (B, H, 2, W, 2, C)
