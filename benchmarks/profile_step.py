@@ -26,7 +26,8 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
   options   Inductor option sets (OPTION_SETS, --sets: coordinate-descent tuning of the fused kernels,
             max-autotune with and without Triton convolution templates, regional compilation of the repeated
             blocks, GroupNorm's output kept in bf16, cuDNN's heuristics instead of its autotuning, without
-            Inductor's combo kernels, torch's own convolution and upsampling in place of cfg's) on the preset's
+            Inductor's combo kernels, torch's own convolution and upsampling in place of cfg's, cfg's
+            convolution without its channel padding) on the preset's
             guided sampling step and its CUDA-graphed training step (--kinds; --train-batch / --sample-batch for
             other batches): compile seconds, wall and kernel time per step, MFU and the device time by kernel kind
             with launches per step and mean µs (--kernels-out DIR: every kernel of each row, as CSV); each (set,
@@ -267,8 +268,19 @@ def bf16_group_norm():
 
 
 def torch_conv_grads():
-    """cfg's Conv2d as nn.Conv2d: without its channels-last output gradient under compile."""
+    """cfg's Conv2d as nn.Conv2d: without its channels-last output gradient and channel padding under compile."""
     return patched_forward(unet.Conv2d, lambda forward: torch.nn.Conv2d.forward)
+
+
+@contextlib.contextmanager
+def unpadded_channels():
+    """cfg's Conv2d keeps its channel counts under compile (no zero channels up to cuDNN's multiple of 8)."""
+    original = unet._CHANNEL_MULTIPLE
+    unet._CHANNEL_MULTIPLE = {}
+    try:
+        yield
+    finally:
+        unet._CHANNEL_MULTIPLE = original
 
 
 def torch_upsample():
@@ -301,6 +313,8 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
     # Inductor gives them (cfg's Conv2d makes them channels-last, which torch 2.11's convolution backward otherwise
     # copies them into: docs/gpu/copies_h200.txt)
     "torch-conv-grads": (*COMPILE_MODES["default"], torch_conv_grads, True),
+    # the one-channel stem and output convolutions as they are, not padded to 8 channels with zeros
+    "unpadded-channels": (*COMPILE_MODES["default"], unpadded_channels, True),
     # nearest upsampling as F.interpolate, whose backward Inductor makes an atomic scatter-add (cfg's Upsample
     # repeats pixels through a broadcast view instead)
     "torch-upsample": (*COMPILE_MODES["default"], torch_upsample, True),

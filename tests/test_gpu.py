@@ -259,3 +259,27 @@ def test_two_gpus_claiming_a_cells_batches_give_the_bytes_of_one(tmp_path):
     assert sorted(fast + slow) == list(range(CLAIM_N))
     assert len(slow) < len(shard(CLAIM_N, Dist(1, 2), 16)) < len(fast)
     assert torch.equal(one, two["images"])
+
+
+@pytest.mark.parametrize(("c_in", "c_out"), [(1, 16), (16, 1)])
+def test_compiled_conv_padded_to_cudnn_channels_equals_the_plain_conv(c_in, c_out):
+    """cfg's Conv2d compiled by Inductor on CUDA pads one-channel inputs and outputs to 8 channels of zeros: its
+    output and gradients equal nn.Conv2d's (fp32, TF32 off), and its output keeps the requested channel count."""
+    from cfg.nets.unet import Conv2d
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    conv = Conv2d(c_in, c_out, 3, padding=1).cuda().to(memory_format=torch.channels_last)
+    plain = torch.nn.Conv2d(c_in, c_out, 3, padding=1).cuda().to(memory_format=torch.channels_last)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(8, c_in, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    up = torch.randn(8, c_out, 16, 16, device="cuda")
+    results = []
+    for fn, m in ((torch.compile(conv), conv), (plain, plain)):
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        (out * up).sum().backward()
+        results.append([out.detach(), xi.grad, m.weight.grad, m.bias.grad])
+    for got, want in zip(*results, strict=True):
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -286,14 +286,22 @@ def test_upsample_compiled_by_inductor_equals_the_native_op():
     _upsample_case(torch.compile)
 
 
-def test_conv_traced_on_channels_last_hands_back_channels_last_gradients():
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "padded"),
+    [(4, 6, False), (1, 16, True), (16, 1, True), (3, 5, True), (8, 16, False)],
+)
+def test_conv_traced_on_channels_last_hands_back_channels_last_gradients(monkeypatch, c_in, c_out, padded):
     """cfg's Conv2d under torch.compile (AOTAutograd's graphs, run uncompiled): the backward graph clones the
-    convolution's output gradient channels-last, and the output and every gradient equal the eager nn.Conv2d's."""
+    convolution's output gradient channels-last, and the output and every gradient equal the eager nn.Conv2d's.
+    With a channel multiple set for the device (here the CPU; cuDNN's is 8 on CUDA), channel counts off that
+    multiple are padded with zeros (the forward graph pads), and still every value equals the unpadded one's."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
+    import cfg.nets.unet as unet
     from cfg.nets.unet import Conv2d
 
+    monkeypatch.setattr(unet, "_CHANNEL_MULTIPLE", {"cpu": 8} if padded else {})
     graphs = {"fw": [], "bw": []}
 
     def keeper(kind):
@@ -304,11 +312,11 @@ def test_conv_traced_on_channels_last_hands_back_channels_last_gradients():
         return compiler
 
     torch.manual_seed(0)
-    conv = Conv2d(4, 6, 3, padding=1).to(memory_format=torch.channels_last)
-    plain = torch.nn.Conv2d(4, 6, 3, padding=1).to(memory_format=torch.channels_last)
+    conv = Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
+    plain = torch.nn.Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
     plain.load_state_dict(conv.state_dict())
-    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
-    up = torch.randn(2, 6, 5, 5)
+    x = torch.randn(2, c_in, 5, 5).contiguous(memory_format=torch.channels_last)
+    up = torch.randn(2, c_out, 5, 5)
     results = []
     for fn in (
         torch.compile(conv, backend=aot_autograd(fw_compiler=keeper("fw"), bw_compiler=keeper("bw"))),
@@ -320,6 +328,8 @@ def test_conv_traced_on_channels_last_hands_back_channels_last_gradients():
         m = conv if fn is not plain else plain
         results.append([out.detach(), xi.grad, m.weight.grad, m.bias.grad])
     for got, want in zip(*results, strict=True):
+        assert got.shape == want.shape
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
     assert graphs["bw"] and all("channels_last" in code for code in graphs["bw"])
+    assert graphs["fw"] and all(("constant_pad_nd" in code) == padded for code in graphs["fw"])
     assert isinstance(conv, torch.nn.Conv2d) and set(conv.state_dict()) == {"weight", "bias"}

@@ -111,20 +111,40 @@ class _ChannelsLastGrad(torch.autograd.Function):
         return torch.ops.aten.clone.default(grad, memory_format=torch.channels_last)
 
 
+# Channel counts that cuDNN's bf16 tensor-core convolutions want, per device type: a multiple of 8. With one input
+# channel (the preset's stem) or one output channel (its last convolution) cuDNN fell back to older kernel families
+# (`implicit_convolve_sgemm`, an sm80 kernel and a layout conversion: 2.8% of the preset's guided sampling step on an
+# H200, docs/gpu/train_kernels_h200/call1_sample_default_3750.csv); zero channels added to reach the multiple change
+# no value. Other devices keep the channel counts as they are.
+_CHANNEL_MULTIPLE = {"cuda": 8}
+
+
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters and state dict) whose output gradient, when torch.compile traces it on a
-    channels-last tensor, is made channels-last inside the compiled backward. Inductor (torch 2.11) hands the
-    convolution backward (an ATen fallback) gradients in the contiguous layout, and cuDNN's backward then copied each
-    into channels-last: 28 copies, 4.8% of the preset's training step on an H200 (docs/gpu/copies_h200.txt traced
-    them); the clone is mostly fused into the kernels that compute the gradients instead, and the step ran 17.07 ms
-    against 17.95 (docs/gpu/train_kernels_h200.txt). Eager and contiguous inputs: the plain convolution (a
-    one-channel input counts as both layouts and takes the clone, which changes no value)."""
+    """nn.Conv2d (same parameters and state dict) that, when torch.compile traces it on a channels-last tensor:
+    - makes its output gradient channels-last inside the compiled backward. Inductor (torch 2.11) hands the
+      convolution backward (an ATen fallback) gradients in the contiguous layout, and cuDNN's backward then copied
+      each into channels-last: 28 copies, 4.8% of the preset's training step on an H200 (docs/gpu/copies_h200.txt
+      traced them); the clone is mostly fused into the kernels that compute the gradients instead, and the step ran
+      17.07 ms against 17.95 (docs/gpu/train_kernels_h200.txt);
+    - on a device in `_CHANNEL_MULTIPLE`, pads input and output channels with zeros up to that multiple (input and
+      weight padded, the extra outputs sliced off): the same values, computed by the kernels cuDNN has for aligned
+      channels.
+    Eager and contiguous inputs: the plain convolution (a one-channel input counts as both layouts)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = super().forward(x)
-        if _compiled_channels_last(x):
-            return _ChannelsLastGrad.apply(out)
-        return out
+        if not _compiled_channels_last(x):
+            return super().forward(x)
+        weight, bias = self.weight, self.bias
+        multiple = _CHANNEL_MULTIPLE.get(x.device.type, 1) if self.groups == 1 else 1
+        pad_in, pad_out = -self.in_channels % multiple, -self.out_channels % multiple
+        if pad_in:
+            x = F.pad(x, (0, 0, 0, 0, 0, pad_in))
+            weight = F.pad(weight, (0, 0, 0, 0, 0, pad_in))
+        if pad_out:
+            weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, pad_out))
+            bias = None if bias is None else F.pad(bias, (0, pad_out))
+        out = _ChannelsLastGrad.apply(self._conv_forward(x, weight, bias))
+        return out[:, : self.out_channels] if pad_out else out
 
 
 class Upsample(nn.Module):
