@@ -26,13 +26,13 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
   options   Inductor option sets (OPTION_SETS, --sets: coordinate-descent tuning of the fused kernels,
             max-autotune with and without Triton convolution templates, regional compilation of the repeated
             blocks, GroupNorm's output kept in bf16, cuDNN's heuristics instead of its autotuning, without
-            Inductor's combo kernels, torch's own convolution and upsampling in place of cfg's, cfg's
-            convolution without its channel padding) on the preset's
-            guided sampling step and its CUDA-graphed training step (--kinds; --train-batch / --sample-batch for
-            other batches): compile seconds, wall and kernel time per step, MFU and the device time by kernel kind
-            with launches per step and mean µs (--kernels-out DIR: every kernel of each row, as CSV); each (set,
-            kind) in a process of its own with empty Inductor and Triton caches, so every compile time is cold
-            (--no-isolate: all in this process). Not in the default parts: max-autotune compiles for minutes
+            Inductor's combo kernels, torch's own convolution and upsampling in place of cfg's, cfg's convolution
+            without its channel padding) on the preset's guided sampling step and its CUDA-graphed training step
+            (--kinds; --train-batch / --sample-batch for other batches): compile seconds, wall and kernel time
+            per step, MFU and the device time by kernel kind with launches per step and mean µs (--kernels-out
+            DIR: every kernel of each row, as CSV); each (set, kind) in a process of its own with empty Inductor
+            and Triton caches, so every compile time is cold (--no-isolate: all in this process). Not in the
+            default parts: max-autotune compiles for minutes
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
 matmul rate measured in the same run). Graph breaks of the compiled variants are counted. `--sdpa flash|efficient|
 cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200).
