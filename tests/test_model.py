@@ -287,26 +287,41 @@ def test_upsample_compiled_by_inductor_equals_the_native_op():
 
 
 @pytest.mark.parametrize(
-    ("c_in", "c_out", "padded"),
-    [(4, 6, False), (1, 16, True), (16, 1, True), (3, 5, True), (8, 16, False)],
+    ("c_in", "c_out", "multiple", "conv_in", "conv_out"),
+    [
+        (4, 6, None, 4, 6),  # no multiple for the device: as it is
+        (1, 16, 8, 8, 16),
+        (16, 1, 8, 16, 8),
+        (3, 5, 8, 8, 8),
+        (9, 17, 8, 16, 24),
+        (8, 16, 8, 8, 16),  # already multiples: as it is
+    ],
 )
-def test_conv_traced_on_channels_last_hands_back_channels_last_gradients(monkeypatch, c_in, c_out, padded):
+def test_conv_traced_on_channels_last_hands_back_channels_last_gradients(
+    monkeypatch, c_in, c_out, multiple, conv_in, conv_out
+):
     """cfg's Conv2d under torch.compile (AOTAutograd's graphs, run uncompiled): the backward graph clones the
     convolution's output gradient channels-last, and the output and every gradient equal the eager nn.Conv2d's.
-    With a channel multiple set for the device (here the CPU; cuDNN's is 8 on CUDA), channel counts off that
-    multiple are padded with zeros (the forward graph pads), and still every value equals the unpadded one's."""
+    With a channel multiple set for the device (here the CPU; cuDNN's is 8 on CUDA), the traced convolution runs
+    on channel counts rounded up to that multiple (the forward graph pads with zeros only then), and still every
+    value equals the unpadded one's."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     import cfg.nets.unet as unet
     from cfg.nets.unet import Conv2d
 
-    monkeypatch.setattr(unet, "_CHANNEL_MULTIPLE", {"cpu": 8} if padded else {})
+    monkeypatch.setattr(unet, "_CHANNEL_MULTIPLE", {"cpu": multiple} if multiple else {})
     graphs = {"fw": [], "bw": []}
+    conv_weights = []  # (out, in) channels of each convolution the forward graph runs
 
     def keeper(kind):
         def compiler(gm, example_inputs):
             graphs[kind].append(gm.code)
+            if kind == "fw":
+                for node in gm.graph.nodes:
+                    if node.target is torch.ops.aten.convolution.default:
+                        conv_weights.append(tuple(node.args[1].meta["val"].shape[:2]))
             return make_boxed_func(gm.forward)
 
         return compiler
@@ -331,5 +346,7 @@ def test_conv_traced_on_channels_last_hands_back_channels_last_gradients(monkeyp
         assert got.shape == want.shape
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
     assert graphs["bw"] and all("channels_last" in code for code in graphs["bw"])
+    padded = (conv_in, conv_out) != (c_in, c_out)
     assert graphs["fw"] and all(("constant_pad_nd" in code) == padded for code in graphs["fw"])
+    assert conv_weights == [(conv_out, conv_in)] * len(graphs["fw"])
     assert isinstance(conv, torch.nn.Conv2d) and set(conv.state_dict()) == {"weight", "bias"}
