@@ -112,11 +112,11 @@ class _ChannelsLastGrad(torch.autograd.Function):
 
 
 # Channel counts that cuDNN's bf16 tensor-core convolutions want, per device type: a multiple of 8. With one input
-# channel (the preset's stem) or one output channel (its last convolution) cuDNN fell back to older kernel families
-# (`implicit_convolve_sgemm`, an sm80 kernel and a layout conversion: 2.8% of the preset's guided sampling step on an
-# H200). Zero channels added to reach the multiple change no value; on one H200 the sampling step ran 102.98 ms
-# against 104.48 unpadded, the training step 17.02 against 17.40 (docs/gpu/channel_padding_h200.txt). Other devices
-# keep the channel counts as they are.
+# channel (the preset's stem) or one output channel (its last convolution) cuDNN fell back to an older kernel family
+# and a layout conversion (`implicit_convolve_sgemm` 1.29 ms and `nhwcToNchwKernel` 0.40 ms of the preset's guided
+# sampling step on an H200, both gone with the padding). Zero channels added to reach the multiple change no value
+# (up to rounding: other kernels); on one H200 the sampling step ran 102.98 ms against 104.48 unpadded, the training
+# step 17.02 against 17.40 (docs/gpu/channel_padding_h200.txt). Other devices keep the channel counts as they are.
 _CHANNEL_MULTIPLE = {"cuda": 8}
 
 
