@@ -263,8 +263,9 @@ def test_two_gpus_claiming_a_cells_batches_give_the_bytes_of_one(tmp_path):
 
 @pytest.mark.parametrize(("c_in", "c_out"), [(1, 16), (16, 1)])
 def test_compiled_conv_padded_to_cudnn_channels_equals_the_plain_conv(c_in, c_out):
-    """cfg's Conv2d compiled by Inductor on CUDA pads one-channel inputs and outputs to 8 channels of zeros: its
-    output and gradients equal nn.Conv2d's (fp32, TF32 off), and its output keeps the requested channel count."""
+    """cfg's Conv2d compiled by Inductor on CUDA, where it pads one-channel inputs and outputs to 8 channels of
+    zeros: its output and gradients equal nn.Conv2d's (fp32, TF32 off), and its output keeps the requested channel
+    count. That the padding happens is tests/test_model.py's check (the traced graph); here, the values on CUDA."""
     from cfg.nets.unet import Conv2d
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
