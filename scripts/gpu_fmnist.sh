@@ -19,7 +19,11 @@
 #                 STUDY_DIR of its own (e.g. STUDY_DIR=/tmp/prof): the same dir would share the study's Inductor
 #                 cache (warming what the study should compile cold) and its bench.log
 #   prep          only make the study dir (the copy of HEAD, the data): a later call may then start it carrying nothing
-#   wait N        wait up to N seconds for the started run, then bundle what exists into $OUT/<study dir's name>.tgz
+#   wait N        wait up to N seconds for the started run, then bundle what exists into $OUT/<study dir's name>.tgz;
+#                 `wait @EPOCH` waits until that Unix time instead: a call that starts a study and waits in one
+#                 command fixes its end before the start (`D=$(($(date +%s) + 560)); ... start ...; ... wait @$D`),
+#                 since each phase spends tens of seconds setting up first (a `start` then `wait 555` ran past a
+#                 call's 600 s and returned nothing)
 # Every phase takes the preset's params plus `key=value` overrides; results land in $OUT. A call carries any of .whl/
 # (the wheels of ../shared/device/wheels.sh), .fmnist/ (the IDX files) or .fmnist_xz/ (the same, smaller) and
 # .whl_extra/ (diffusers and its dependencies, py3.12 wheels, for the peer rows); the first call needs .gpu/src.tgz
@@ -118,7 +122,8 @@ case "$phase" in
     timeout 1200 python benchmarks/profile_step.py --only variants --autotune --seconds 2
     ;;
   wait)
-    end=$((SECONDS + ${1:-540}))
+    arg=${1:-540}
+    if [ "${arg#@}" != "$arg" ]; then end=$((SECONDS + ${arg#@} - $(date +%s))); else end=$((SECONDS + arg)); fi
     while [ ! -f run.rc ] && [ $SECONDS -lt $end ]; do sleep 5; done
     grep -v " ETA " run.log | tail -n 60
     [ -f run.rc ] && echo "run exit $(cat run.rc)"
