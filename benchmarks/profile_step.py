@@ -252,41 +252,36 @@ def top_kernels(
 
 
 @contextlib.contextmanager
-def patched_forward(cls, make):
-    """Within the block, `cls.forward` is `make(the original forward)`."""
-    original = cls.forward
-    cls.forward = make(original)
+def patched(owner, name: str, make):
+    """Within the block, `owner.<name>` is `make(its original value)`."""
+    original = getattr(owner, name)
+    setattr(owner, name, make(original))
     try:
         yield
     finally:
-        cls.forward = original
+        setattr(owner, name, original)
 
 
 def bf16_group_norm():
     """cfg's GroupNorm returns its input's dtype also under CUDA autocast (where it returns float32)."""
-    return patched_forward(unet.GroupNorm, lambda forward: lambda mod, x: forward(mod, x).to(x.dtype))
+    return patched(unet.GroupNorm, "forward", lambda forward: lambda mod, x: forward(mod, x).to(x.dtype))
 
 
 def torch_conv_grads():
     """cfg's Conv2d as nn.Conv2d: without its channels-last output gradient and channel padding under compile."""
-    return patched_forward(unet.Conv2d, lambda forward: torch.nn.Conv2d.forward)
+    return patched(unet.Conv2d, "forward", lambda forward: torch.nn.Conv2d.forward)
 
 
-@contextlib.contextmanager
 def unpadded_channels():
     """cfg's Conv2d keeps its channel counts under compile (no zero channels up to cuDNN's multiple of 8)."""
-    original = unet._CHANNEL_MULTIPLE
-    unet._CHANNEL_MULTIPLE = {}
-    try:
-        yield
-    finally:
-        unet._CHANNEL_MULTIPLE = original
+    return patched(unet, "_CHANNEL_MULTIPLE", lambda multiples: {})
 
 
 def torch_upsample():
     """cfg's Upsample as F.interpolate, also under compile."""
-    return patched_forward(
+    return patched(
         unet.Upsample,
+        "forward",
         lambda forward: lambda mod, x: torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"),
     )
 
