@@ -277,32 +277,6 @@ def unpadded_channels():
     return patched(unet, "_CHANNEL_MULTIPLE", lambda multiples: {})
 
 
-def inductor_group_norm():
-    """cfg's GroupNorm in its Inductor form also where it would run cfg.nets.triton_norm's kernels (sampling)."""
-    return patched(unet.GroupNorm, "fuses", lambda fuses: lambda mod, x: False)
-
-
-@contextlib.contextmanager
-def triton_group_norm_norm2():
-    """cfg's Triton GroupNorm only for the residual blocks' norm2 (whose input is conv1's raw output, its bias
-    folded in); the other GroupNorms in their Inductor form."""
-
-    def init(original):
-        def marked(block, *args, **kwargs):
-            original(block, *args, **kwargs)
-            block.norm2.triton_site = True
-
-        return marked
-
-    with (
-        patched(unet.ResBlock, "__init__", init),
-        patched(
-            unet.GroupNorm, "fuses", lambda f: lambda mod, x: f(mod, x) and getattr(mod, "triton_site", False)
-        ),
-    ):
-        yield
-
-
 def torch_upsample():
     """cfg's Upsample as F.interpolate, also under compile."""
     return patched(
@@ -336,9 +310,6 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
     "torch-conv-grads": (*COMPILE_MODES["default"], torch_conv_grads, True),
     # the one-channel stem and output convolutions as they are, not padded to 8 channels with zeros
     "unpadded-channels": (*COMPILE_MODES["default"], unpadded_channels, True),
-    # GroupNorm (with its scale-shift, SiLU and conv1's bias) as Inductor fuses it, not cfg's Triton kernels
-    "inductor-groupnorm": (*COMPILE_MODES["default"], inductor_group_norm, True),
-    "triton-groupnorm-norm2": (*COMPILE_MODES["default"], triton_group_norm_norm2, True),
     # nearest upsampling as F.interpolate, whose backward Inductor makes an atomic scatter-add (cfg's Upsample
     # repeats pixels through a broadcast view instead)
     "torch-upsample": (*COMPILE_MODES["default"], torch_upsample, True),

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cfg.io import atomic_save, load, tensors_sha256
-from cfg.nets.triton_norm import HAS_TRITON, group_norm_act
 
 
 @dataclass
@@ -75,52 +74,14 @@ def _compiled_channels_last(x: Tensor) -> bool:
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and state dict) that can also fold in what follows it in the U-Net:
-    ``norm(x, pre_bias=β₀, scale=s, shift=t, silu=True)`` is silu(GroupNorm(x + β₀)·(1 + s) + t), each part optional.
-    Three forms of the same values:
-    - eager, and contiguous inputs: torch's native group_norm, then the rest op by op;
-    - torch.compile tracing a channels-last tensor (training): statistics from per-channel moments over H×W combined
-      per group (population variance: var_g = mean_c(var_c + (mean_c − mean_g)²)). With C innermost in memory a
-      group is a few channels (2–12 at the preset's widths) strided by C, which Inductor's reduction over the
-      native op reads uncoalesced; per-channel moments read whole rows (docs/gpu/layout_h100.txt);
-    - torch.compile tracing a channels-last CUDA tensor with gradients off (sampling): `fuses` says so; two Triton
-      kernels, per-channel moments and one fused scale-shift-SiLU pass (cfg.nets.triton_norm), whose output is
-      in the dtype the next convolution computes in (bf16 under autocast).
-    Otherwise the output dtype is the native op's: float32 under CUDA autocast, the input's otherwise."""
+    """nn.GroupNorm (same parameters and state dict) whose statistics, when torch.compile traces it on a
+    channels-last tensor, come from per-channel moments over H×W combined per group (population variance:
+    var_g = mean_c(var_c + (mean_c − mean_g)²)). With C innermost in memory a group is a few channels (2–12 at the
+    preset's widths) strided by C, which Inductor's reduction over the native op reads uncoalesced; per-channel
+    moments read whole rows (docs/gpu/layout_h100.txt). Eager and contiguous inputs keep the native kernel. The
+    output dtype is the native op's: float32 under CUDA autocast, the input's otherwise."""
 
-    def fuses(self, x: Tensor) -> bool:
-        """Whether `forward` runs the Triton kernels on x (and so may take a convolution's bias as pre_bias)."""
-        return (
-            HAS_TRITON
-            and self.affine
-            and x.is_cuda
-            and not torch.is_grad_enabled()
-            and _compiled_channels_last(x)
-        )
-
-    def forward(
-        self,
-        x: Tensor,  # (B, C, H, W)
-        *,
-        pre_bias: Tensor | None = None,  # (C,) added to x first
-        scale: Tensor | None = None,  # (B, C, 1, 1), with shift: y·(1 + scale) + shift after the norm
-        shift: Tensor | None = None,
-        silu: bool = False,  # SiLU last
-    ) -> Tensor:
-        if self.fuses(x):
-            autocast = torch.is_autocast_enabled("cuda")
-            return group_norm_act(
-                x, self.num_groups, self.weight, self.bias, self.eps, pre_bias=pre_bias, scale=scale, shift=shift,
-                silu=silu, dtype=torch.get_autocast_dtype("cuda") if autocast else x.dtype,
-            )  # fmt: skip
-        if pre_bias is not None:
-            x = x + pre_bias.view(-1, 1, 1)
-        y = self._normalize(x)
-        if scale is not None:
-            y = y * (1 + scale) + shift
-        return F.silu(y) if silu else y
-
-    def _normalize(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if not (self.affine and _compiled_channels_last(x)):
             return super().forward(x)
         b, c = x.shape[:2]
@@ -169,13 +130,12 @@ class Conv2d(nn.Conv2d):
     - on a device in `_CHANNEL_MULTIPLE`, pads input and output channels with zeros up to that multiple (input and
       weight padded, the extra outputs sliced off): the same values, computed by the kernels cuDNN has for aligned
       channels.
-    Eager and contiguous inputs: the plain convolution (a one-channel input counts as both layouts).
-    `bias=False` leaves the bias out (for a GroupNorm that takes it as its pre_bias)."""
+    Eager and contiguous inputs: the plain convolution (a one-channel input counts as both layouts)."""
 
-    def forward(self, x: Tensor, bias: bool = True) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if not _compiled_channels_last(x):
-            return super().forward(x) if bias else self._conv_forward(x, self.weight, None)
-        weight, bias = self.weight, self.bias if bias else None
+            return super().forward(x)
+        weight, bias = self.weight, self.bias
         multiple = _CHANNEL_MULTIPLE.get(x.device.type, 1) if self.groups == 1 else 1
         pad_in, pad_out = -self.in_channels % multiple, -self.out_channels % multiple
         if pad_in:
@@ -232,12 +192,10 @@ class ResBlock(nn.Module):
         self.skip = Conv2d(ch_in, ch_out, 1) if ch_in != ch_out else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        # where norm2 runs its Triton kernels, conv1's bias is added inside them (no pass of its own over h)
-        fold = self.norm2.fuses(x)
-        h = self.conv1(self.norm1(x, silu=True), bias=not fold)
+        h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-        h = self.norm2(h, pre_bias=self.conv1.bias if fold else None, scale=scale, shift=shift, silu=True)
-        h = self.conv2(self.dropout(h))
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -347,8 +305,7 @@ class UNet(nn.Module):
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         for block in self.up:
             h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb)
-        norm, _, conv = self.out  # GroupNorm, SiLU, Conv2d: the SiLU inside the norm's call
-        return conv(norm(h, silu=True))
+        return self.out(h)
 
 
 class EMA(nn.Module):
