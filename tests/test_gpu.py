@@ -263,9 +263,11 @@ def test_two_gpus_claiming_a_cells_batches_give_the_bytes_of_one(tmp_path):
 
 @pytest.mark.parametrize(("c_in", "c_out"), [(1, 16), (16, 1)])
 def test_compiled_conv_padded_to_cudnn_channels_equals_the_plain_conv(c_in, c_out):
-    """cfg's Conv2d compiled by Inductor on CUDA, where it pads one-channel inputs and outputs to 8 channels of
-    zeros: its output and gradients equal nn.Conv2d's (fp32, TF32 off), and its output keeps the requested channel
-    count. That the padding happens is tests/test_model.py's check (the traced graph); here, the values on CUDA."""
+    """cfg's Conv2d compiled by Inductor on CUDA pads one-channel inputs and outputs to 8 channels of zeros: the
+    generated code pads and convolves 8 channels, and its output and gradients equal nn.Conv2d's (fp32, TF32 off)
+    with the requested channel count. tests/test_model.py checks the traced graph's padding on the CPU."""
+    from torch._inductor.utils import run_and_get_code
+
     from cfg.nets.unet import Conv2d
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -278,7 +280,14 @@ def test_compiled_conv_padded_to_cudnn_channels_equals_the_plain_conv(c_in, c_ou
     results = []
     for fn, m in ((torch.compile(conv), conv), (plain, plain)):
         xi = x.clone().requires_grad_()
-        out = fn(xi)
+        if m is conv:
+            out, code = run_and_get_code(fn, xi)
+            padded = (
+                (8, 8, 16, 16) if c_out == 1 else (16, 8, 3, 3)
+            )  # the convolution's output, or its weight
+            assert "aten.constant_pad_nd" in code[0] and f"({', '.join(map(str, padded))})" in code[0]
+        else:
+            out = fn(xi)
         (out * up).sum().backward()
         results.append([out.detach(), xi.grad, m.weight.grad, m.bias.grad])
     for got, want in zip(*results, strict=True):
