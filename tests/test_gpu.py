@@ -282,9 +282,8 @@ def test_compiled_conv_padded_to_cudnn_channels_equals_the_plain_conv(c_in, c_ou
         xi = x.clone().requires_grad_()
         if m is conv:
             out, code = run_and_get_code(fn, xi)
-            padded = (
-                (8, 8, 16, 16) if c_out == 1 else (16, 8, 3, 3)
-            )  # the convolution's output, or its weight
+            # the 8-channel convolution's output (one output channel padded), or its weight (one input channel)
+            padded = (8, 8, 16, 16) if c_out == 1 else (16, 8, 3, 3)
             assert "aten.constant_pad_nd" in code[0] and f"({', '.join(map(str, padded))})" in code[0]
         else:
             out = fn(xi)
