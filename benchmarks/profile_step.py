@@ -323,6 +323,23 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
         True,
     ),
 }
+# single Inductor switches on top of the default compile, for the fused elementwise / reduction kernels that take
+# about half of both steps (GroupNorm's statistics and apply passes with their producers). On H200s none moved either
+# step by more than 2% (multi-kernel: training 44% slower; tile-reductions: training fails to compile in torch 2.11):
+# docs/gpu/inductor_switches_h200.txt
+INDUCTOR_SWITCHES = {
+    "tile-reductions": {"triton.tile_reductions": True},  # 2-D tiled reductions (over H×W, C innermost)
+    "nd-tiling": {"triton.prefer_nd_tiling": True},
+    "mix-order-reduction": {"triton.mix_order_reduction": True},
+    "aggressive-fusion": {"aggressive_fusion": True},
+    "multi-kernel": {"triton.multi_kernel": 1},  # persistent and looped reductions both, chosen by timing
+    "autotune-pointwise": {"max_autotune_pointwise": True},
+    "benchmark-fusion": {"benchmark_fusion": True},  # each candidate fusion kept only where timing favours it
+}
+OPTION_SETS |= {
+    name: (COMPILE_MODES["default"][0], COMPILE_MODES["default"][1] | extra, False, None, True)
+    for name, extra in INDUCTOR_SWITCHES.items()
+}
 OPTION_KINDS = ("sample", "train")
 
 
