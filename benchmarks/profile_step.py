@@ -27,7 +27,7 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             max-autotune with and without Triton convolution templates, regional compilation of the repeated
             blocks, GroupNorm's output kept in bf16, cuDNN's heuristics instead of its autotuning, without
             Inductor's combo kernels, torch's own convolution and upsampling in place of cfg's, cfg's convolution
-            without its channel padding) on the preset's guided sampling step and its CUDA-graphed training step
+            without its channel padding, single Inductor switches of INDUCTOR_SWITCHES) on the preset's guided sampling step and its CUDA-graphed training step
             (--kinds; --train-batch / --sample-batch for other batches): compile seconds, wall and kernel time
             per step, MFU and the device time by kernel kind with launches per step and mean µs (--kernels-out
             DIR: every kernel of each row, as CSV); each (set, kind) in a process of its own with empty Inductor
