@@ -23,16 +23,16 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             also torch.compile mode max-autotune-no-cudagraphs, which benchmarks Triton/cuDNN choices per
             convolution: minutes of compilation); every compiled row through cfg's compile_net, so with forced
             channels-last layouts inside the graph ("contiguous" is the input's and the weights' format)
-  options   Inductor option sets (OPTION_SETS, --sets: coordinate-descent tuning of the fused kernels,
-            max-autotune with and without Triton convolution templates, regional compilation of the repeated
-            blocks, GroupNorm's output kept in bf16, cuDNN's heuristics instead of its autotuning, without
-            Inductor's combo kernels, torch's own convolution and upsampling in place of cfg's, cfg's convolution
-            without its channel padding, single Inductor switches of INDUCTOR_SWITCHES) on the preset's guided sampling step and its CUDA-graphed training step
-            (--kinds; --train-batch / --sample-batch for other batches): compile seconds, wall and kernel time
-            per step, MFU and the device time by kernel kind with launches per step and mean µs (--kernels-out
-            DIR: every kernel of each row, as CSV); each (set, kind) in a process of its own with empty Inductor
-            and Triton caches, so every compile time is cold (--no-isolate: all in this process). Not in the
-            default parts: max-autotune compiles for minutes
+  options   Inductor option sets (OPTION_SETS, --sets: coordinate-descent tuning of the fused kernels, max-autotune
+            with and without Triton convolution templates, regional compilation of the repeated blocks, GroupNorm's
+            output kept in bf16, cuDNN's heuristics instead of its autotuning, without Inductor's combo kernels,
+            torch's own convolution and upsampling in place of cfg's, cfg's convolution without its channel padding,
+            single Inductor switches of INDUCTOR_SWITCHES) on the preset's guided sampling step and its CUDA-graphed
+            training step (--kinds; --train-batch / --sample-batch for other batches): compile seconds, wall and
+            kernel time per step, MFU and the device time by kernel kind with launches per step and mean µs
+            (--kernels-out DIR: every kernel of each row, as CSV); each (set, kind) in a process of its own with
+            empty Inductor and Triton caches, so every compile time is cold (--no-isolate: all in this process). Not
+            in the default parts: max-autotune compiles for minutes
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
 matmul rate measured in the same run). Graph breaks of the compiled variants are counted. `--sdpa flash|efficient|
 cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200).
@@ -324,9 +324,9 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
     ),
 }
 # single Inductor switches on top of the default compile, for the fused elementwise / reduction kernels that take
-# about half of both steps (GroupNorm's statistics and apply passes with their producers). On H200s none moved either
-# step by more than 2% (multi-kernel: training 44% slower; tile-reductions: training fails to compile in torch 2.11):
-# docs/gpu/inductor_switches_h200.txt
+# about half of both steps (GroupNorm's statistics and apply passes with their producers). On H200s none made either
+# step more than 2% faster (multi-kernel: training 44% slower; tile-reductions: training fails to compile in torch
+# 2.11): docs/gpu/inductor_switches_h200.txt
 INDUCTOR_SWITCHES = {
     "tile-reductions": {"triton.tile_reductions": True},  # 2-D tiled reductions (over H×W, C innermost)
     "nd-tiling": {"triton.prefer_nd_tiling": True},
