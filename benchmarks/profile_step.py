@@ -286,6 +286,11 @@ def torch_upsample():
     )
 
 
+def default_plus(options: dict) -> tuple:
+    """The option set of the default compile (COMPILE_OPTIONS and all) with `options` on top."""
+    return (COMPILE_MODES["default"][0], COMPILE_MODES["default"][1] | options, False, None, True)
+
+
 OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.items()} | {
     # GroupNorm's output in the activations' bf16 instead of autocast's float32: half the bytes of what the
     # training graph saves for backward and of the normalised tensors it reads again there
@@ -297,13 +302,7 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
     "cudnn-heuristics": (*COMPILE_MODES["default"], None, False),
     # without Inductor's combo kernels (COMPILE_OPTIONS turns them on: independent small kernels of a graph
     # launched as one horizontally fused kernel)
-    "no-combo-kernels": (
-        COMPILE_MODES["default"][0],
-        COMPILE_MODES["default"][1] | {"combo_kernels": False},
-        False,
-        None,
-        True,
-    ),
+    "no-combo-kernels": default_plus({"combo_kernels": False}),
     # these two put torch's own layers back in cfg's U-Net: the convolutions' output gradients left in the layout
     # Inductor gives them (cfg's Conv2d makes them channels-last, which torch 2.11's convolution backward otherwise
     # copies them into: docs/gpu/copies_h200.txt)
@@ -336,10 +335,7 @@ INDUCTOR_SWITCHES = {
     "autotune-pointwise": {"max_autotune_pointwise": True},
     "benchmark-fusion": {"benchmark_fusion": True},  # each candidate fusion kept only where timing favours it
 }
-OPTION_SETS |= {
-    name: (COMPILE_MODES["default"][0], COMPILE_MODES["default"][1] | extra, False, None, True)
-    for name, extra in INDUCTOR_SWITCHES.items()
-}
+OPTION_SETS |= {name: default_plus(options) for name, options in INDUCTOR_SWITCHES.items()}
 OPTION_KINDS = ("sample", "train")
 
 
