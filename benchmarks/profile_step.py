@@ -27,12 +27,13 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             with and without Triton convolution templates, regional compilation of the repeated blocks, GroupNorm's
             output kept in bf16, cuDNN's heuristics instead of its autotuning, without Inductor's combo kernels,
             torch's own convolution and upsampling in place of cfg's, cfg's convolution without its channel padding,
-            single Inductor switches of INDUCTOR_SWITCHES) on the preset's guided sampling step and its CUDA-graphed
-            training step (--kinds; --train-batch / --sample-batch for other batches): compile seconds, wall and
-            kernel time per step, MFU and the device time by kernel kind with launches per step and mean µs
-            (--kernels-out DIR: every kernel of each row, as CSV); each (set, kind) in a process of its own with
-            empty Inductor and Triton caches, so every compile time is cold (--no-isolate: all in this process). Not
-            in the default parts: max-autotune compiles for minutes
+            the training step's update compiled too, single Inductor switches of INDUCTOR_SWITCHES) on the
+            preset's guided sampling step and its CUDA-graphed training step (--kinds; --train-batch /
+            --sample-batch for other batches): compile seconds, wall and kernel time per step, MFU and the device
+            time by kernel kind with launches per step and mean µs (--kernels-out DIR: every kernel of each row, as
+            CSV); each (set, kind) in a process of its own with empty Inductor and Triton caches, so every compile
+            time is cold (--no-isolate: all in this process). Not in the default parts: max-autotune compiles for
+            minutes
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
 matmul rate measured in the same run). Graph breaks of the compiled variants are counted. `--sdpa flash|efficient|
 cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200).
@@ -108,13 +109,19 @@ def train_fn(config, fmt, mode, batch):
     return step
 
 
+# train.compile_update: clipping, Adam and the EMA compiled along with a compiled network (the "compiled-update" set)
+COMPILED_UPDATE = False
+
+
 def graph_train_fn(config, batch, mode: str = "default", options: dict | None = None, regional: bool = False):
     """The training step of train.cuda_graph (compiled network, channels-last, bf16): `GraphStep` on one fixed
     batch and draw, after its eager warm-up and capture."""
     model, net = build(config, torch.channels_last, mode, options, regional)
+    compiled_update = COMPILED_UPDATE and mode is not None  # as train_diffusion builds them
     opt = torch.optim.Adam(
-        model.parameters(), lr=torch.tensor(1e-4, device="cuda"), fused=True, capturable=True
-    )
+        model.parameters(), lr=torch.tensor(1e-4, device="cuda"), fused=not compiled_update,
+        foreach=compiled_update or None, capturable=True,
+    )  # fmt: skip
     ema = EMA(model, 0.9999, warmup=True)
     running = torch.zeros((), device="cuda")
     c, s = config.in_channels, config.image_size
@@ -122,7 +129,7 @@ def graph_train_fn(config, batch, mode: str = "default", options: dict | None = 
     y = torch.randint(0, 10, (batch,), device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     draws = training_draws(x, y, p_uncond=0.1, null_label=10, generator=gen)
-    step = GraphStep(net, model, opt, ema, running, 1.0, True)
+    step = GraphStep(net, model, opt, ema, running, 1.0, True, compiled_update)
     return lambda: step(x, *draws)
 
 
@@ -286,6 +293,13 @@ def torch_upsample():
     )
 
 
+def compiled_update():
+    """train.compile_update: the CUDA-graphed training step's clipping, Adam (foreach) and EMA compiled too."""
+    import sys
+
+    return patched(sys.modules[__name__], "COMPILED_UPDATE", lambda compiled: True)
+
+
 def default_plus(options: dict) -> tuple:
     """The option set of the default compile (COMPILE_OPTIONS and all) with `options` on top."""
     return (COMPILE_MODES["default"][0], COMPILE_MODES["default"][1] | options, False, None, True)
@@ -312,6 +326,10 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
     # nearest upsampling as F.interpolate, whose backward Inductor makes an atomic scatter-add (cfg's Upsample
     # repeats pixels through a broadcast view instead)
     "torch-upsample": (*COMPILE_MODES["default"], torch_upsample, True),
+    # the training step's clipping, Adam and EMA compiled as well (train.compile_update): 14.97 against 15.38 ms of
+    # kernels per training step on one H200, both with a hashed dropout mask since reverted
+    # (docs/gpu/dropout_update_h200.txt)
+    "compiled-update": (*COMPILE_MODES["default"], compiled_update, True),
     # max-autotune with only Triton's convolution templates (which can take the neighbouring elementwise ops into
     # their prologue/epilogue), cuDNN left out
     "max-autotune-triton-convs": (

@@ -472,3 +472,21 @@ def test_cuda_graph_needs_one_train_process():
         params_from_dict(raw)
     raw["train"]["devices"] = 1
     assert params_from_dict(raw).train.cuda_graph
+
+
+@pytest.mark.parametrize(
+    "settings", [{"compile": False, "cuda_graph": True}, {"compile": True, "cuda_graph": False}], ids=str
+)
+def test_compile_update_needs_the_compiled_cuda_graph_step(settings):
+    """train.compile_update compiles the update of the CUDA-graphed step along with the network: alone it would
+    do nothing, so it is refused, naming both settings."""
+    raw = _raw()
+    raw["train"] |= settings | {"compile_update": True}
+    with pytest.raises(
+        ParamsError,
+        match=rf"train\.compile_update = true .* got compile = {settings['compile']!r}, "
+        rf"cuda_graph = {settings['cuda_graph']}",
+    ):
+        params_from_dict(raw)
+    raw["train"] |= {"compile": "default", "cuda_graph": True}
+    assert params_from_dict(raw).train.compile_update

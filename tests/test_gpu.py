@@ -117,18 +117,25 @@ def assert_same_updates(a: torch.nn.Module, b: torch.nn.Module, config: UNetConf
         assert (db - da).norm() <= 1e-2 * (da.norm() + rms * da.numel() ** 0.5), name
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager_net", "compiled_net"])
-def test_cuda_graph_training_matches_the_eager_step(compiled):
+@pytest.mark.parametrize(
+    "compiled, compile_update",
+    [(False, False), (True, False), (True, True)],
+    ids=["eager_net", "compiled_net", "compiled_net_and_update"],
+)
+def test_cuda_graph_training_matches_the_eager_step(compiled, compile_update):
     """train.cuda_graph: the same draws, the step replayed as one graph; weights, EMA and loss curve equal the
     eager step's up to rounding (fp32 autocast off; train_diffusion turns TF32 matmuls on for both paths, and
-    EMA's d·a + (1 − d)·b and Adam's capturable kernel round differently)."""
+    EMA's d·a + (1 − d)·b and Adam's capturable kernel round differently). With train.compile_update the graph's
+    clipping, Adam (foreach) and EMA run as Inductor's kernels."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     ds = load_dataset("digits", image_size=8)
     config = UNetConfig(**{**CONFIG.to_dict(), "dropout": 0.0})
     kw = dict(p_uncond=0.2, steps=40, batch_size=64, lr=1e-3, warmup_steps=10, seed=0, device="cuda")
     kw |= dict(bf16=False, log_every=10, ema_decay=0.9, compile=compiled)
     eager = train_diffusion(config, ds.train_x, ds.train_y, **kw)
-    graph = train_diffusion(config, ds.train_x, ds.train_y, cuda_graph=True, **kw)
+    graph = train_diffusion(
+        config, ds.train_x, ds.train_y, cuda_graph=True, compile_update=compile_update, **kw
+    )
     assert_same_updates(eager.model, graph.model, config)
     assert_same_updates(eager.ema, graph.ema, config)
     assert [h["loss"] for h in graph.history] == pytest.approx([h["loss"] for h in eager.history], rel=1e-3)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from cfg.engine.device import autocast, compile_as, configure_cuda
+from cfg.engine.device import COMPILE_OPTIONS, autocast, compile_as, configure_cuda
 from cfg.engine.distributed import Dist, all_mean
 from cfg.io import atomic_save
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, diffusion_loss, eps_loss, training_draws
@@ -39,7 +39,7 @@ def train_kwargs(train) -> dict:
         "lambda_min",
         "lambda_max",
     )
-    return {k: getattr(train, k) for k in (*names, "seed", "bf16", "compile", "cuda_graph")}
+    return {k: getattr(train, k) for k in (*names, "seed", "bf16", "compile", "cuda_graph", "compile_update")}
 
 
 # train.* keys that do not change the trained weights or the loss curve
@@ -76,9 +76,17 @@ class GraphStep:
     clipping, Adam and the EMA update, the loss added to `running`. The first GRAPH_WARMUP calls run eagerly on
     a side stream (as PyTorch's whole-network capture recipe asks); the next captures, and every call replays."""
 
-    def __init__(self, net, model, opt, ema: EMA, running: Tensor, grad_clip: float | None, bf16: bool):
+    def __init__(
+        self, net, model, opt, ema: EMA, running: Tensor, grad_clip: float | None, bf16: bool,
+        compile_update: bool = False,
+    ):  # fmt: skip
         self.net, self.model, self.opt, self.ema, self.running = net, model, opt, ema, running
         self.grad_clip, self.bf16 = grad_clip, bf16
+        # `update` through torch.compile (train.compile_update): Inductor fuses clipping, Adam (foreach, not fused:
+        # the fused kernel is opaque to it) and the EMA into a few kernels over all parameters. The eager
+        # multi-tensor kernels of the preset's 275 mostly small tensors took 0.63 ms of its step on an H200
+        # (0.7-1.2 TB/s), the compiled ones ~0.28 ms (docs/gpu/dropout_update_h200.txt)
+        self.update = torch.compile(self.update, options=COMPILE_OPTIONS) if compile_update else self.update
         self.device = running.device
         self.decay = torch.zeros((), device=self.device)
         self.inputs: list[Tensor] | None = None  # x, λ, ε, c: fixed buffers the graph reads
@@ -121,11 +129,15 @@ class GraphStep:
         with autocast(self.device, self.bf16, cache=False):
             loss = eps_loss(self.net, x, lam, eps, c)
         loss.backward()
+        self.update()
+        self.running.add_(loss.detach())
+
+    def update(self) -> None:
+        """Gradient clipping, Adam and the EMA update, after the backward."""
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.opt.step()
         self.ema.apply_(self.model, self.decay)
-        self.running.add_(loss.detach())
 
     def __call__(self, x: Tensor, lam: Tensor, eps: Tensor, c: Tensor) -> None:
         if self.inputs is None:
@@ -183,6 +195,7 @@ def train_diffusion(
     bf16: bool = True,  # bf16 autocast on CUDA
     compile: bool | str = False,  # torch.compile the network on CUDA: true, false or a COMPILE_MODES name
     cuda_graph: bool = False,  # on CUDA, one process: replay each step (loss to EMA) as one CUDA graph
+    compile_update: bool = False,  # with compile and cuda_graph on CUDA: clipping, Adam and the EMA compiled too
     log_every: int = 50,  # steps between history entries / callback calls
     callback: StepCallback | None = None,
     resume_path: str | Path | None = None,  # training state file: continued from if it exists, written below
@@ -207,6 +220,8 @@ def train_diffusion(
     without it, the learning rate and the EMA decay are tensors filled before each replay (Adam runs with
     capturable=True), dropout draws from CUDA's default generator, which graphs advance per replay. The
     weights equal the eager step's up to rounding (the EMA's d·a + (1 − d)·b, Adam's capturable kernel).
+    With `compile_update` as well (and `compile`), the graph's clipping, Adam (its foreach form) and EMA update
+    are one compiled function: a few fused kernels over all parameters instead of torch's multi-tensor ones.
     """
     d = dist or Dist()
     if cuda_graph and d.world > 1:
@@ -267,11 +282,15 @@ def train_diffusion(
     if d.world > 1:
         step_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     step_model = compile_as(step_model, compile) if device.type == "cuda" else step_model
-    # the fused kernel: one pass over all parameters (about 5% of a CPU step for the embedded default's U-Net)
+    # clipping, Adam and the EMA (GraphStep.update) compiled with the network under train.cuda_graph
+    compile_update = compile_update and graphed and compile is not False
+    # otherwise the fused kernel: one pass over all parameters (about 5% of a CPU step for the embedded default's
+    # U-Net); the compiled update needs the foreach implementation, which Inductor traces
     opt = torch.optim.Adam(
         model.parameters(),
         lr=torch.tensor(lr, device=device) if graphed else lr,  # a tensor the scheduler fills: no re-capture
-        fused=device.type in ("cpu", "cuda"),
+        fused=device.type in ("cpu", "cuda") and not compile_update,
+        foreach=True if compile_update else None,
         capturable=graphed,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
@@ -287,7 +306,10 @@ def train_diffusion(
         start = state["step"]
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
+        implementation = [(g["fused"], g["foreach"]) for g in opt.param_groups]
+        opt.load_state_dict(state["optimizer"])  # the saved groups' settings replace the ones above
+        for group, (fused, foreach) in zip(opt.param_groups, implementation, strict=True):
+            group["fused"], group["foreach"] = fused, foreach  # this run's kernels, whichever wrote the state
         sched.load_state_dict(state["scheduler"])
         if (
             graphed
@@ -304,7 +326,9 @@ def train_diffusion(
         t_start, t_last = t_start - state["elapsed_s"], t_last - state["since_log_s"]
     first_interval = True  # holds compilation and warm-up: not timed
     model.train()
-    graph_step = GraphStep(step_model, model, opt, ema, running, grad_clip, bf16) if graphed else None
+    graph_step = (
+        GraphStep(step_model, model, opt, ema, running, grad_clip, bf16, compile_update) if graphed else None
+    )
     for step in range(start + 1, steps + 1):
         idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen, device=device)
         x, y = x_all[idx], y_all[idx]
