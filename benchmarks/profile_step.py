@@ -56,7 +56,7 @@ from torch.profiler import ProfilerActivity, profile
 from cfg.engine.device import COMPILE_MODES, autocast, compile_net, configure_cuda
 from cfg.engine.device import cudnn_benchmark as cudnn_autotuning
 from cfg.engine.generate import examples_per_batch, generate_w_grid, sampling_kwargs
-from cfg.engine.training import GraphStep, train_diffusion
+from cfg.engine.training import GraphStep, make_adam, train_diffusion
 from cfg.maths.diffusion import diffusion_loss, training_draws
 from cfg.maths.guidance import guided_eps, needed_passes
 from cfg.nets import unet
@@ -118,10 +118,9 @@ def graph_train_fn(config, batch, mode: str = "default", options: dict | None = 
     batch and draw, after its eager warm-up and capture."""
     model, net = build(config, torch.channels_last, mode, options, regional)
     compiled_update = COMPILED_UPDATE and mode is not None  # as train_diffusion builds them
-    opt = torch.optim.Adam(
-        model.parameters(), lr=torch.tensor(1e-4, device="cuda"), fused=not compiled_update,
-        foreach=compiled_update or None, capturable=True,
-    )  # fmt: skip
+    opt = make_adam(
+        model.parameters(), 1e-4, torch.device("cuda"), graphed=True, compile_update=compiled_update
+    )
     ema = EMA(model, 0.9999, warmup=True)
     running = torch.zeros((), device="cuda")
     c, s = config.in_channels, config.image_size

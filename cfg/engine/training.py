@@ -166,6 +166,22 @@ class GraphStep:
         self.calls += 1
 
 
+def make_adam(
+    params, lr: float, device: torch.device, *, graphed: bool, compile_update: bool
+) -> torch.optim.Adam:
+    """The training loop's Adam. Under train.cuda_graph (`graphed`) its learning rate is a tensor that the scheduler
+    fills (no re-capture) and its kernel capturable. With `compile_update` the foreach implementation, which Inductor
+    traces (GraphStep.update); otherwise the fused kernel: one pass over all parameters (about 5% of a CPU step for
+    the embedded default's U-Net)."""
+    return torch.optim.Adam(
+        params,
+        lr=torch.tensor(lr, device=device) if graphed else lr,
+        fused=device.type in ("cpu", "cuda") and not compile_update,
+        foreach=True if compile_update else None,
+        capturable=graphed,
+    )
+
+
 @dataclass
 class TrainResult:
     model: UNet  # the raw (non-averaged) weights after the last step
@@ -284,15 +300,7 @@ def train_diffusion(
     step_model = compile_as(step_model, compile) if device.type == "cuda" else step_model
     # clipping, Adam and the EMA (GraphStep.update) compiled with the network under train.cuda_graph
     compile_update = compile_update and graphed and compile is not False
-    # otherwise the fused kernel: one pass over all parameters (about 5% of a CPU step for the embedded default's
-    # U-Net); the compiled update needs the foreach implementation, which Inductor traces
-    opt = torch.optim.Adam(
-        model.parameters(),
-        lr=torch.tensor(lr, device=device) if graphed else lr,  # a tensor the scheduler fills: no re-capture
-        fused=device.type in ("cpu", "cuda") and not compile_update,
-        foreach=True if compile_update else None,
-        capturable=graphed,
-    )
+    opt = make_adam(model.parameters(), lr, device, graphed=graphed, compile_update=compile_update)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
     gen = torch.Generator(device=device).manual_seed(seed)
     x_all, y_all = train_x.to(device), train_y.to(device)
