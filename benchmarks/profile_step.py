@@ -27,16 +27,18 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             with and without Triton convolution templates, regional compilation of the repeated blocks, GroupNorm's
             output kept in bf16, cuDNN's heuristics instead of its autotuning, without Inductor's combo kernels,
             torch's own convolution and upsampling in place of cfg's, cfg's convolution without its channel padding,
-            the training step's update compiled too, single Inductor switches of INDUCTOR_SWITCHES) on the
-            preset's guided sampling step and its CUDA-graphed training step (--kinds; --train-batch /
-            --sample-batch for other batches): compile seconds, wall and kernel time per step, MFU and the device
-            time by kernel kind with launches per step and mean µs (--kernels-out DIR: every kernel of each row, as
-            CSV); each (set, kind) in a process of its own with empty Inductor and Triton caches, so every compile
-            time is cold (--no-isolate: all in this process). Not in the default parts: max-autotune compiles for
-            minutes
+            the training step's update compiled too, Inductor's persistent reductions allowed again, cuDNN's kernel
+            for the short attention that sampling runs through the memory-efficient one, single Inductor switches of
+            INDUCTOR_SWITCHES) on the preset's guided sampling step and its CUDA-graphed training step (--kinds;
+            --train-batch / --sample-batch for other batches): compile seconds, wall and kernel time per step, MFU
+            and the device time by kernel kind with launches per step and mean µs (--kernels-out DIR: every kernel
+            of each row, as CSV); each (set, kind) in a process of its own with empty Inductor and Triton caches, so
+            every compile time is cold (--no-isolate: all in this process). Not in the default parts: max-autotune
+            compiles for minutes
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
 matmul rate measured in the same run). Graph breaks of the compiled variants are counted. `--sdpa flash|efficient|
-cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200).
+cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200,
+and the memory-efficient kernel that cfg's `attention` calls for short sequences without gradients).
 """
 
 from __future__ import annotations
@@ -299,6 +301,13 @@ def compiled_update():
     return patched(sys.modules[__name__], "COMPILED_UPDATE", lambda compiled: True)
 
 
+def sdpa_attention():
+    """cfg's `attention` through F.scaled_dot_product_attention at every length (SDPA's pick, cuDNN's kernel on an
+    H200, or --sdpa's backend), not the memory-efficient kernel it calls itself for short sequences without
+    gradients (up to EFFICIENT_ATTENTION_TOKENS tokens)."""
+    return patched(unet, "EFFICIENT_ATTENTION_TOKENS", lambda tokens: {})
+
+
 def default_plus(options: dict) -> tuple:
     """The option set of the default compile (COMPILE_OPTIONS and all) with `options` on top."""
     return (COMPILE_MODES["default"][0], COMPILE_MODES["default"][1] | options, False, None, True)
@@ -329,6 +338,10 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
     # kernels per training step on one H200, both with a hashed dropout mask since reverted
     # (docs/gpu/dropout_update_h200.txt)
     "compiled-update": (*COMPILE_MODES["default"], compiled_update, True),
+    # Inductor's persistent (single-pass) reductions allowed again, as before COMPILE_OPTIONS turned them off
+    "persistent-reductions": default_plus({"triton.persistent_reductions": True}),
+    # the 8 x 8 attention through SDPA's cuDNN kernel, as before cfg's `attention` chose the memory-efficient one
+    "cudnn-short-attention": (*COMPILE_MODES["default"], sdpa_attention, True),
     # max-autotune with only Triton's convolution templates (which can take the neighbouring elementwise ops into
     # their prologue/epilogue), cuDNN left out
     "max-autotune-triton-convs": (
@@ -348,7 +361,9 @@ INDUCTOR_SWITCHES = {
     "nd-tiling": {"triton.prefer_nd_tiling": True},
     "mix-order-reduction": {"triton.mix_order_reduction": True},
     "aggressive-fusion": {"aggressive_fusion": True},
-    "multi-kernel": {"triton.multi_kernel": 1},  # persistent and looped reductions both, chosen by timing
+    # persistent and looped reductions both, chosen by timing (persistent ones allowed again for it: COMPILE_OPTIONS
+    # turns them off, and multi-kernel only adds a looped twin to a persistent reduction)
+    "multi-kernel": {"triton.multi_kernel": 1, "triton.persistent_reductions": True},
     "autotune-pointwise": {"max_autotune_pointwise": True},
     "benchmark-fusion": {"benchmark_fusion": True},  # each candidate fusion kept only where timing favours it
 }
@@ -431,6 +446,7 @@ def isolated_option_rows(args, sets, kinds):
                     ("--train-batch", args.train_batch),
                     ("--sample-batch", args.sample_batch),
                     ("--kernels-out", args.kernels_out),
+                    ("--sdpa", args.sdpa),
                 ):
                     cmd += [flag, str(value)] if value else []
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -588,7 +604,7 @@ def main() -> None:
             "math": SDPBackend.MATH,
         }[args.sdpa]
         print(f"scaled_dot_product_attention backend: {args.sdpa} only")
-        with sdpa_kernel(backend):
+        with sdpa_kernel(backend), sdpa_attention():
             return run(args, parts)
     return run(args, parts)
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity
 
 from cfg.data.datasets import load_dataset
 from cfg.engine.generate import generate_w_grid
@@ -299,3 +300,61 @@ def test_compiled_conv_padded_to_cudnn_channels_equals_the_plain_conv(c_in, c_ou
     for got, want in zip(*results, strict=True):
         assert got.shape == want.shape
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("tokens", [16, 64, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_equals_softmax_attention_in_float64(tokens, dtype):
+    """cfg's `attention` on CUDA, on q, k, v laid out as AttentionBlock makes them (views of one (B, tokens, 3,
+    heads, d) tensor): without gradients up to EFFICIENT_ATTENTION_TOKENS tokens through the memory-efficient
+    kernel, otherwise through F.scaled_dot_product_attention; outputs and input gradients equal
+    softmax(q kᵀ / √d) v computed in float64."""
+    from cfg.nets.unet import EFFICIENT_ATTENTION_TOKENS, attention
+
+    torch.manual_seed(0)
+    qkv = torch.randn(6, tokens, 3, 4, 32, device="cuda", dtype=dtype, requires_grad=True)
+    up = torch.randn(6, 4, tokens, 32, device="cuda", dtype=dtype)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    outs = {}
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+            outs[grad] = attention(q, k, v)
+        names = {e.name for e in prof.events()}
+        # SDPA's public op (whatever kernel it then picks) unless no gradient is needed and the sequence is short
+        direct = not grad and tokens <= EFFICIENT_ATTENTION_TOKENS["cuda"]
+        assert ("aten::scaled_dot_product_attention" in names) == (not direct)
+        assert ("aten::_scaled_dot_product_efficient_attention" in names) >= direct
+    (outs[True] * up).sum().backward()
+
+    ref_in = qkv.detach().double().requires_grad_()
+    rq, rk, rv = (t.transpose(1, 2) for t in ref_in.unbind(2))
+    ref = torch.softmax(rq @ rk.transpose(-1, -2) / 32**0.5, dim=-1) @ rv
+    (ref * up.double()).sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for got, want in ((outs[False], ref), (outs[True], ref), (qkv.grad, ref_in.grad)):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < tol, (tokens, dtype, err.item())
+
+
+def test_compiled_channels_last_network_takes_the_efficient_attention_and_equals_sdpa(monkeypatch):
+    """The sampling path as the stages run it (channels-last, bf16 autocast, compile_net, no gradients): Inductor's
+    code calls the memory-efficient op for the 16-token blocks of CONFIG, and ε equals the eager network's with
+    every attention through SDPA (EFFICIENT_ATTENTION_TOKENS emptied)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from cfg.engine.device import compile_net
+    from cfg.nets import unet
+
+    torch.manual_seed(0)
+    model = UNet(CONFIG).eval()
+    for p in model.parameters():  # the output layer starts at zero: give ε some size
+        p.data.add_(torch.randn_like(p) * 0.05)
+    model = model.cuda().to(memory_format=torch.channels_last)
+    z = torch.randn(16, 1, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    lam, labels = torch.linspace(-10, 10, 16, device="cuda"), torch.arange(16, device="cuda") % 10
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out, code = run_and_get_code(compile_net(model), z, lam, labels)
+        monkeypatch.setattr(unet, "EFFICIENT_ATTENTION_TOKENS", {})
+        ref = model(z, lam, labels)
+    assert "_scaled_dot_product_efficient_attention" in "\n".join(code)
+    assert (out.float() - ref.float()).norm() / ref.float().norm() < 2e-2

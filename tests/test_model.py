@@ -350,3 +350,61 @@ def test_conv_traced_on_channels_last_hands_back_channels_last_gradients(
     assert graphs["fw"] and all(("constant_pad_nd" in code) == padded for code in graphs["fw"])
     assert conv_weights == [(conv_out, conv_in)] * len(graphs["fw"])
     assert isinstance(conv, torch.nn.Conv2d) and set(conv.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize(
+    ("tokens", "grad", "layout", "direct"),
+    [
+        (64, False, "channels_last", True),  # sampling at 8 x 8: the memory-efficient op itself
+        (65, False, "channels_last", False),  # beyond EFFICIENT_ATTENTION_TOKENS
+        (64, True, "channels_last", False),  # gradients: SDPA's pick (efficient slowed the training step)
+        (64, False, "nchw", False),  # channels strided: the op refuses them
+        (64, False, "unaligned", False),  # strides of 5 (heads) and 60 (tokens) elements: not multiples of 8
+        (64, False, "float64", False),  # a dtype the kernels do not take
+    ],
+)
+def test_attention_takes_the_efficient_op_only_where_its_rule_says(monkeypatch, tokens, grad, layout, direct):
+    """cfg's `attention` routing, on meta tensors with the rule extended to the meta device (CUDA's kernels are
+    checked against float64 attention in tests/test_gpu.py): which aten ops ran, the output's shape, and the graph
+    Dynamo traces of it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cfg.nets import unet
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(unet, "EFFICIENT_ATTENTION_TOKENS", {"meta": 64})
+    d = 4 if layout == "unaligned" else 8
+    if layout == "nchw":  # the contiguous block's views of (B, 3, heads, d, tokens)
+        qkv = torch.empty(2, 3, 4, d, tokens, device="meta", requires_grad=grad)
+        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))
+    else:  # the channels-last block's views of (B, tokens, 3, heads, d)
+        dtype = torch.float64 if layout == "float64" else torch.float32
+        qkv = torch.empty(
+            2, tokens, 3, 4, d + (layout == "unaligned"), device="meta", dtype=dtype, requires_grad=grad
+        )
+        q, k, v = (t[..., :d].transpose(1, 2) for t in qkv.unbind(2))
+    with torch.set_grad_enabled(grad), Ops() as ops:
+        out = unet.attention(q, k, v)
+    assert ("_scaled_dot_product_efficient_attention.default" in ops.names) == direct
+    assert out.shape == (2, 4, tokens, d)
+
+    # under torch.compile: one graph (no break on the rule's checks) that holds the op where the rule says
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        torch.compile(unet.attention, backend=backend, fullgraph=True)(q, k, v)
+    traced = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert any("_scaled_dot_product_efficient_attention" in t for t in traced) == direct

@@ -61,8 +61,15 @@ def cudnn_benchmark(on: bool):
 # launches independent small kernels of a graph as one (horizontal fusion). The preset's CUDA-graphed training step
 # ran ≈ 1,370 kernels instead of ≈ 1,660, in 18.21 ms against 18.54 and 17.95 against 18.18 (two runs on H200s, each
 # pair in one run); its sampling step was unchanged (104.1 against 104.0 ms), the cold compiles within the shared
-# hosts' noise (80-92 s; docs/gpu/train_kernels_h200.txt).
-COMPILE_OPTIONS = {"force_layout_optimization": True, "combo_kernels": True}
+# hosts' noise (80-92 s; docs/gpu/train_kernels_h200.txt). No persistent reductions: Inductor made GroupNorm's
+# statistics at 8 × 8 and 16 × 16 single-pass ("persistent") kernels of at most 32 channels a program, which read the
+# NHWC rows at 1.1 TB/s; as looped reductions the guided sampling step ran 101.79 ms against 105.03 on one H200, the
+# training step unchanged (15.56 against 15.57 ms of kernels; docs/gpu/reductions_attention_h200.txt).
+COMPILE_OPTIONS = {
+    "force_layout_optimization": True,
+    "combo_kernels": True,
+    "triton.persistent_reductions": False,
+}
 
 
 def compile_net(
