@@ -308,6 +308,14 @@ def sdpa_attention():
     return patched(unet, "EFFICIENT_ATTENTION_TOKENS", lambda tokens: {})
 
 
+def conv_qkv():
+    """The attention block's q, k, v from cfg's 1×1 Conv2d again (Inductor adds its bias in three copy kernels ahead
+    of the attention op), not from a matmul of the pixels' rows."""
+    return patched(
+        unet, "pixel_rows_conv1x1", lambda rows: lambda conv, x: conv(x).permute(0, 2, 3, 1).flatten(1, 2)
+    )
+
+
 def default_plus(options: dict) -> tuple:
     """The option set of the default compile (COMPILE_OPTIONS and all) with `options` on top."""
     return (COMPILE_MODES["default"][0], COMPILE_MODES["default"][1] | options, False, None, True)
@@ -342,6 +350,8 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
     "persistent-reductions": default_plus({"triton.persistent_reductions": True}),
     # the 8 x 8 attention through SDPA's cuDNN kernel, as before cfg's `attention` chose the memory-efficient one
     "cudnn-short-attention": (*COMPILE_MODES["default"], sdpa_attention, True),
+    # q, k, v from a 1x1 convolution, as before cfg's attention block took them from a matmul
+    "conv-qkv": (*COMPILE_MODES["default"], conv_qkv, True),
     # max-autotune with only Triton's convolution templates (which can take the neighbouring elementwise ops into
     # their prologue/epilogue), cuDNN left out
     "max-autotune-triton-convs": (
@@ -366,6 +376,10 @@ INDUCTOR_SWITCHES = {
     "multi-kernel": {"triton.multi_kernel": 1, "triton.persistent_reductions": True},
     "autotune-pointwise": {"max_autotune_pointwise": True},
     "benchmark-fusion": {"benchmark_fusion": True},  # each candidate fusion kept only where timing favours it
+    # a value used more than once (a residual sum) stored when it reads more than 3 inputs, not 4: its readers
+    # then load one tensor instead of recomputing it from two (within the noise on both steps, H200:
+    # docs/gpu/qkv_matmul_h200.txt)
+    "realize-reads-3": {"realize_reads_threshold": 3},
 }
 OPTION_SETS |= {name: default_plus(options) for name, options in INDUCTOR_SWITCHES.items()}
 OPTION_KINDS = ("sample", "train")

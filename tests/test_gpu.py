@@ -1,5 +1,7 @@
 """CUDA paths: the same numbers as on the CPU where they must agree, finite bf16 sampling, and throughput."""
 
+import copy
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity
@@ -358,3 +360,43 @@ def test_compiled_channels_last_network_takes_the_efficient_attention_and_equals
         ref = model(z, lam, labels)
     assert "_scaled_dot_product_efficient_attention" in "\n".join(code)
     assert (out.float() - ref.float()).norm() / ref.float().norm() < 2e-2
+
+
+@pytest.mark.parametrize("size", [8, 16])  # 64 tokens: the memory-efficient op; 256: SDPA's pick
+@pytest.mark.parametrize("grad", [False, True])
+def test_compiled_attention_block_reads_q_k_v_as_views_of_one_matmul(size, grad):
+    """Compiled channels-last under bf16 autocast (sampling without gradients, the training forward with them), the
+    attention op's q, k and v are views of one buffer, the output of the qkv matmul with its bias (addmm): no kernel
+    copies them out with a bias added in between (Inductor's code for a 1×1 convolution did). The block's output and input gradient equal
+    the eager block's on the contiguous layout, whose q, k, v come from the convolution."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from cfg.engine.device import compile_net
+    from cfg.nets.unet import AttentionBlock
+
+    torch.manual_seed(0)
+    block = AttentionBlock(128, 32).cuda()
+    for p in block.parameters():  # the projection starts at zero: give the attention's output some size
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(12, 128, size, size, device="cuda", requires_grad=grad)
+    with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = block(x)
+        compiled = compile_net(copy.deepcopy(block).to(memory_format=torch.channels_last))
+        x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(grad)
+        out, code = run_and_get_code(compiled, x_cl)
+    code = "\n".join(code)
+    calls = re.findall(r"(_scaled_dot_product_\w+)\.default\((.*)\)", code)
+    forward = [args for op, args in calls if not op.endswith("_backward")]
+    assert forward, "no attention op in the compiled code"
+    for call in forward:
+        sources = re.findall(r"reinterpret_tensor\((buf\d+)", call.split(", None")[0])
+        assert len(sources) == 3 and len(set(sources)) == 1, call
+        # ... and that buffer is what the matmul wrote (with its bias: addmm), not a Triton kernel's copy
+        assert re.search(rf"extern_kernels\.addmm\(.*\bout={sources[0]}\)", code), sources[0]
+    assert (out.float() - ref.float()).norm() / ref.float().norm() < 2e-2
+    if grad:
+        (g_ref,) = torch.autograd.grad(ref.float().square().sum(), x)
+        (g_out,) = torch.autograd.grad(out.float().square().sum(), x_cl)
+        assert (g_out - g_ref).norm() / g_ref.norm() < 5e-2

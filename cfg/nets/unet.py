@@ -234,6 +234,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def pixel_rows_conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1×1 convolution of a channels-last (B, C, H, W) batch as a matmul of its pixels' rows: (B, H·W, C_out),
+    the same values (up to rounding). The attention block's q, k, v come from it. Inductor takes a convolution's bias
+    out into the next Triton kernel; before the attention op (an extern kernel) that kernel was three copies, q, k
+    and v each written out with the bias added: 4.6 ms of the preset's 98.5 ms guided sampling step on an H200
+    (docs/gpu/qkv_matmul_h200.txt). A matmul's bias stays in cuBLAS's epilogue, and the attention op reads q, k, v
+    as views of its output."""
+    plain = conv.kernel_size == conv.stride == conv.dilation == (1, 1) and conv.groups == 1
+    if not (plain and conv.padding in ((0, 0), "valid")):
+        raise ValueError(f"pixel_rows_conv1x1 takes a plain 1x1 convolution, not {conv}")
+    b, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of channels-last memory (a copy of any other)
+    return F.linear(rows, conv.weight.flatten(1), conv.bias)
+
+
 class AttentionBlock(nn.Module):
     def __init__(self, ch: int, head_channels: int):
         super().__init__()
@@ -247,14 +262,16 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         d = c // self.heads
-        qkv = self.qkv(self.norm(x))  # channels (3, heads, d)
-        if qkv.is_contiguous(memory_format=torch.channels_last):
-            # (B, H, W, 3C) in memory: the heads are split and merged back as views, with no layout copy (a
-            # copy of q, k, v and of the output per block otherwise; docs/gpu/layout_h100.txt)
-            qkv = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3, self.heads, d)
+        x_norm = self.norm(x)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # (B, H, W, C) in memory: q, k, v from the pixels' rows (channels (3, heads, d)), the heads split and
+            # merged back as views, with no layout copy (a copy of q, k, v and of the output per block otherwise;
+            # docs/gpu/layout_h100.txt). The layout is x's: eager CUDA's GroupNorm returns NCHW for NHWC input.
+            qkv = pixel_rows_conv1x1(self.qkv, x_norm).view(b, h * w, 3, self.heads, d)
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, heads, HW, d)
             out = attention(q, k, v).transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
         else:  # contiguous (the CPU): the views of NCHW, faster there
+            qkv = self.qkv(x_norm)  # channels (3, heads, d)
             q, k, v = (t.transpose(-1, -2) for t in qkv.reshape(b, 3, self.heads, d, h * w).unbind(1))
             out = attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
