@@ -367,8 +367,8 @@ def test_compiled_channels_last_network_takes_the_efficient_attention_and_equals
 def test_compiled_attention_block_reads_q_k_v_as_views_of_one_matmul(size, grad):
     """Compiled channels-last under bf16 autocast (sampling without gradients, the training forward with them), the
     attention op's q, k and v are views of one buffer, the output of the qkv matmul with its bias (addmm): no kernel
-    copies them out with a bias added in between (Inductor's code for a 1×1 convolution did). The block's output and input gradient equal
-    the eager block's on the contiguous layout, whose q, k, v come from the convolution."""
+    copies them out with a bias added in between (Inductor's code for a 1×1 convolution did). The block's output
+    and input gradient equal the eager block's on the contiguous layout, whose q, k, v come from the convolution."""
     import re
 
     from torch._inductor.utils import run_and_get_code
