@@ -28,9 +28,10 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             output kept in bf16, cuDNN's heuristics instead of its autotuning, without Inductor's combo kernels,
             torch's own convolution and upsampling in place of cfg's, cfg's convolution without its channel padding,
             the training step's update compiled too, Inductor's persistent reductions allowed again, cuDNN's kernel
-            for the short attention that sampling runs through the memory-efficient one, single Inductor switches of
-            INDUCTOR_SWITCHES) on the preset's guided sampling step and its CUDA-graphed training step (--kinds;
-            --train-batch / --sample-batch for other batches): compile seconds, wall and kernel time per step, MFU
+            for the short attention that sampling runs through the memory-efficient one, the attention block's q, k,
+            v from its 1×1 convolution instead of a matmul, single Inductor switches of INDUCTOR_SWITCHES) on the
+            preset's guided sampling step and its CUDA-graphed training step (--kinds; --train-batch /
+            --sample-batch for other batches): compile seconds, wall and kernel time per step, MFU
             and the device time by kernel kind with launches per step and mean µs (--kernels-out DIR: every kernel
             of each row, as CSV); each (set, kind) in a process of its own with empty Inductor and Triton caches, so
             every compile time is cold (--no-isolate: all in this process). Not in the default parts: max-autotune
