@@ -29,7 +29,8 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             torch's own convolution and upsampling in place of cfg's, cfg's convolution without its channel padding,
             the training step's update compiled too, Inductor's persistent reductions allowed again, cuDNN's kernel
             for the short attention that sampling runs through the memory-efficient one, the attention block's q, k,
-            v from its 1×1 convolution instead of a matmul, single Inductor switches of INDUCTOR_SWITCHES) on the
+            v from its 1×1 convolution instead of a matmul, the residual blocks' modulation applied after GroupNorm
+            instead of folded into it, single Inductor switches of INDUCTOR_SWITCHES) on the
             preset's guided sampling step and its CUDA-graphed training step (--kinds; --train-batch /
             --sample-batch for other batches): compile seconds, wall and kernel time per step, MFU
             and the device time by kernel kind with launches per step and mean µs (--kernels-out DIR: every kernel
@@ -273,7 +274,9 @@ def patched(owner, name: str, make):
 
 def bf16_group_norm():
     """cfg's GroupNorm returns its input's dtype also under CUDA autocast (where it returns float32)."""
-    return patched(unet.GroupNorm, "forward", lambda forward: lambda mod, x: forward(mod, x).to(x.dtype))
+    return patched(
+        unet.GroupNorm, "forward", lambda forward: lambda mod, x, *film: forward(mod, x, *film).to(x.dtype)
+    )
 
 
 def torch_conv_grads():
@@ -317,6 +320,20 @@ def conv_qkv():
     )
 
 
+def film_outside():
+    """The residual blocks' modulation GroupNorm(h) · (1 + scale) + shift computed after cfg's GroupNorm, as before
+    GroupNorm folded it into its per-channel affine."""
+
+    def make(forward):
+        def unfolded(mod, x, scale=None, shift=None):
+            out = forward(mod, x)
+            return out if scale is None else out * (1 + scale) + shift
+
+        return unfolded
+
+    return patched(unet.GroupNorm, "forward", make)
+
+
 def default_plus(options: dict) -> tuple:
     """The option set of the default compile (COMPILE_OPTIONS and all) with `options` on top."""
     return (COMPILE_MODES["default"][0], COMPILE_MODES["default"][1] | options, False, None, True)
@@ -353,6 +370,8 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
     "cudnn-short-attention": (*COMPILE_MODES["default"], sdpa_attention, True),
     # q, k, v from a 1x1 convolution, as before cfg's attention block took them from a matmul
     "conv-qkv": (*COMPILE_MODES["default"], conv_qkv, True),
+    # the residual blocks' modulation (1 + scale, shift) applied after GroupNorm, not folded into its affine
+    "film-outside": (*COMPILE_MODES["default"], film_outside, True),
     # max-autotune with only Triton's convolution templates (which can take the neighbouring elementwise ops into
     # their prologue/epilogue), cuDNN left out
     "max-autotune-triton-convs": (
@@ -381,6 +400,10 @@ INDUCTOR_SWITCHES = {
     # then load one tensor instead of recomputing it from two (within the noise on both steps, H200:
     # docs/gpu/qkv_matmul_h200.txt)
     "realize-reads-3": {"realize_reads_threshold": 3},
+    # pointwise kernels without 2-D tiles: the GroupNorm apply passes, whose loops run (B·C) × (H·W) with H·W
+    # innermost, then read NHWC memory strided by C; the sampling step ran 3.3× slower (one H200:
+    # docs/gpu/film_fold_h200.txt)
+    "max-tiles-1": {"triton.max_tiles": 1},
 }
 OPTION_SETS |= {name: default_plus(options) for name, options in INDUCTOR_SWITCHES.items()}
 OPTION_KINDS = ("sample", "train")

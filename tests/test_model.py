@@ -204,7 +204,9 @@ def test_unet_is_the_same_function_in_either_memory_format():
 def test_group_norm_compiled_on_channels_last_equals_the_native_op():
     """Under torch.compile a channels-last GroupNorm takes its statistics from per-channel moments combined per
     group (the graph holds var_mean, not group_norm): its output and every gradient equal the float64 native op's,
-    for activations of unit scale and for ones whose variance is below eps, where eps's place shows."""
+    for activations of unit scale and for ones whose variance is below eps, where eps's place shows. The same with
+    the residual blocks' modulation GN(x) · (1 + scale) + shift, which that form folds into its per-channel affine:
+    the gradients of scale and shift (per example and channel) too."""
     from cfg.nets.unet import GroupNorm
 
     traced = []
@@ -217,25 +219,46 @@ def test_group_norm_compiled_on_channels_last_equals_the_native_op():
     norm = GroupNorm(8, 32)
     norm.weight.data.normal_()
     norm.bias.data.normal_()
+    film = (0.5 * torch.randn(4, 32, 1, 1), torch.randn(4, 32, 1, 1))
     for x in (
         3 * torch.randn(4, 32, 6, 6) + 1,
         1e-3 * torch.randn(4, 32, 6, 6),
     ):  # variance 9 / 1e-6 (eps 1e-5)
         x = x.contiguous(memory_format=torch.channels_last)
-        ref = x.double().requires_grad_()
-        w, b = (t.detach().double().requires_grad_() for t in (norm.weight, norm.bias))
-        out = torch.nn.functional.group_norm(ref, 8, w, b, norm.eps)
-        up = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
-        (out * up).sum().backward()
-        expected = [out, ref.grad, w.grad, b.grad]
-        for fn in (torch.compile(norm), torch.compile(norm, backend=spy)):
-            norm.zero_grad()
-            xi = x.clone().requires_grad_()
-            got = fn(xi)
-            (got * up.float()).sum().backward()
-            for e, g in zip(expected, [got, xi.grad, norm.weight.grad, norm.bias.grad], strict=True):
-                assert torch.allclose(g.double(), e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+        for modulated in (False, True):
+            ref = x.double().requires_grad_()
+            w, b = (t.detach().double().requires_grad_() for t in (norm.weight, norm.bias))
+            s, t = (f.double().requires_grad_() for f in film)
+            out = torch.nn.functional.group_norm(ref, 8, w, b, norm.eps)
+            if modulated:
+                out = out * (1 + s) + t
+            up = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+            (out * up).sum().backward()
+            expected = [out, ref.grad, w.grad, b.grad] + ([s.grad, t.grad] if modulated else [])
+            for fn in (torch.compile(norm), torch.compile(norm, backend=spy)):
+                norm.zero_grad()
+                xi = x.clone().requires_grad_()
+                si, ti = (f.clone().requires_grad_() for f in film)
+                got = fn(xi, si, ti) if modulated else fn(xi)
+                (got * up.float()).sum().backward()
+                grads = [got, xi.grad, norm.weight.grad, norm.bias.grad] + (
+                    [si.grad, ti.grad] if modulated else []
+                )
+                for e, g in zip(expected, grads, strict=True):
+                    assert torch.allclose(g.double(), e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
     assert traced and all("var_mean" in code and "group_norm" not in code for code in traced)
+
+
+def test_group_norm_takes_scale_and_shift_together():
+    from cfg.nets.unet import GroupNorm
+
+    norm, x = GroupNorm(2, 4), torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="got scale without shift"):
+        norm(x, torch.zeros(2, 4, 1, 1))
+    with pytest.raises(ValueError, match="got shift without scale"):
+        norm(x, shift=torch.zeros(2, 4, 1, 1))
+    scale, shift = torch.randn(2, 4, 1, 1), torch.randn(2, 4, 1, 1)
+    assert torch.equal(norm(x, scale, shift), norm(x) * (1 + scale) + shift)
 
 
 def _upsample_case(compile_fn):

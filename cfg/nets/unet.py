@@ -79,11 +79,25 @@ class GroupNorm(nn.GroupNorm):
     var_g = mean_c(var_c + (mean_c − mean_g)²)). With C innermost in memory a group is a few channels (2–12 at the
     preset's widths) strided by C, which Inductor's reduction over the native op reads uncoalesced; per-channel
     moments read whole rows (docs/gpu/layout_h100.txt). Eager and contiguous inputs keep the native kernel. The
-    output dtype is the native op's: float32 under CUDA autocast, the input's otherwise."""
+    output dtype is the native op's: float32 under CUDA autocast, the input's otherwise.
 
-    def forward(self, x: Tensor) -> Tensor:
+    With `scale` and `shift` (broadcastable to (B, C, 1, 1)) it returns the residual blocks' modulated
+    GroupNorm(x) · (1 + scale) + shift. The compiled channels-last form folds the modulation into its per-(example,
+    channel) affine x · a + b, so that the pass over the activations loads fewer per-channel values and does less
+    arithmetic per element: in a residual block at the preset's sampling batch that pass ran 0.58 against 0.72 ms on
+    an H200, and the guided sampling step 0.7–0.8% faster (docs/gpu/film_fold_h200.txt). (1 + scale) is formed in
+    scale's dtype, as the unfolded form does."""
+
+    def forward(self, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        if (scale is None) != (shift is None):
+            given, missing = ("scale", "shift") if shift is None else ("shift", "scale")
+            raise ValueError(
+                f"GroupNorm: got {given} without {missing}; the modulation GN(x) * (1 + scale) + shift takes both "
+                "(or neither)"
+            )
         if not (self.affine and _compiled_channels_last(x)):
-            return super().forward(x)
+            out = super().forward(x)
+            return out if scale is None else out * (1 + scale) + shift
         b, c = x.shape[:2]
         g = self.num_groups
         xf = x.float()
@@ -91,12 +105,16 @@ class GroupNorm(nn.GroupNorm):
         mean_c, var_c = mean_c.view(b, g, -1), var_c.view(b, g, -1)
         mean_g = mean_c.mean(-1, keepdim=True)
         rstd = torch.rsqrt((var_c + (mean_c - mean_g) ** 2).mean(-1, keepdim=True) + self.eps)  # (B, G, 1)
-        weight = self.weight.float().view(1, g, -1)
-        scale = rstd * weight
-        shift = self.bias.float().view(1, g, -1) - mean_g * scale
-        out = xf * scale.view(b, c, 1, 1) + shift.view(b, c, 1, 1)
+        a = rstd * self.weight.float().view(1, g, -1)
+        a, s = a.view(b, c), (self.bias.float().view(1, g, -1) - mean_g * a).view(b, c)
+        dtype = x.dtype
+        if scale is not None:
+            m = (1 + scale).float().expand(b, c, 1, 1).reshape(b, c)
+            a, s = a * m, s * m + shift.float().expand(b, c, 1, 1).reshape(b, c)
+            dtype = torch.promote_types(dtype, torch.promote_types(scale.dtype, shift.dtype))
+        out = xf * a.view(b, c, 1, 1) + s.view(b, c, 1, 1)
         # CUDA autocast runs group_norm in float32 (the CPU's does not)
-        return out if x.is_cuda and torch.is_autocast_enabled("cuda") else out.to(x.dtype)
+        return out if x.is_cuda and torch.is_autocast_enabled("cuda") else out.to(dtype)
 
 
 class _ChannelsLastGrad(torch.autograd.Function):
@@ -194,7 +212,7 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-        h = self.norm2(h) * (1 + scale) + shift
+        h = self.norm2(h, scale, shift)  # GroupNorm(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
