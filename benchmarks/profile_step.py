@@ -326,6 +326,7 @@ def film_outside():
 
     def make(forward):
         def unfolded(mod, x, scale=None, shift=None):
+            unet.GroupNorm.check_modulation(x, scale, shift)
             out = forward(mod, x)
             return out if scale is None else out * (1 + scale) + shift
 

@@ -1,5 +1,6 @@
 """U-Net shapes and conditioning, EMA, checkpoints and a short real training run on digits."""
 
+import re
 import shutil
 
 import pytest
@@ -206,7 +207,8 @@ def test_group_norm_compiled_on_channels_last_equals_the_native_op():
     group (the graph holds var_mean, not group_norm): its output and every gradient equal the float64 native op's,
     for activations of unit scale and for ones whose variance is below eps, where eps's place shows. The same with
     the residual blocks' modulation GN(x) · (1 + scale) + shift, which that form folds into its per-channel affine:
-    the gradients of scale and shift (per example and channel) too."""
+    the gradients of scale and shift too, per example and channel and per channel (broadcast over the batch). And
+    the compiled form returns the unfolded product's dtype when the input and the modulation differ in dtype."""
     from cfg.nets.unet import GroupNorm
 
     traced = []
@@ -219,13 +221,19 @@ def test_group_norm_compiled_on_channels_last_equals_the_native_op():
     norm = GroupNorm(8, 32)
     norm.weight.data.normal_()
     norm.bias.data.normal_()
-    film = (0.5 * torch.randn(4, 32, 1, 1), torch.randn(4, 32, 1, 1))
+    films = [
+        None,
+        (0.5 * torch.randn(4, 32, 1, 1), torch.randn(4, 32, 1, 1)),  # per example and channel
+        (0.5 * torch.randn(1, 32, 1, 1), torch.randn(1, 32, 1, 1)),  # per channel
+    ]
     for x in (
         3 * torch.randn(4, 32, 6, 6) + 1,
         1e-3 * torch.randn(4, 32, 6, 6),
     ):  # variance 9 / 1e-6 (eps 1e-5)
         x = x.contiguous(memory_format=torch.channels_last)
-        for modulated in (False, True):
+        for film in films:
+            modulated = film is not None
+            film = film or (torch.zeros(()), torch.zeros(()))
             ref = x.double().requires_grad_()
             w, b = (t.detach().double().requires_grad_() for t in (norm.weight, norm.bias))
             s, t = (f.double().requires_grad_() for f in film)
@@ -247,18 +255,35 @@ def test_group_norm_compiled_on_channels_last_equals_the_native_op():
                 for e, g in zip(expected, grads, strict=True):
                     assert torch.allclose(g.double(), e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
     assert traced and all("var_mean" in code and "group_norm" not in code for code in traced)
+    x = torch.randn(4, 32, 6, 6).contiguous(memory_format=torch.channels_last)
+    for x_dtype, film_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):
+        xd, sd, td = x.to(x_dtype), films[1][0].to(film_dtype), films[1][1].to(film_dtype)
+        eager = norm(xd.contiguous(), sd, td)  # the native op and the unfolded product
+        with torch.no_grad():
+            got = torch.compile(norm)(xd, sd, td)
+        assert got.dtype == eager.dtype == torch.float32
+        assert torch.allclose(
+            got, eager.detach(), rtol=2e-2, atol=2e-2 * eager.abs().max().item()
+        )  # bf16 inputs
 
 
-def test_group_norm_takes_scale_and_shift_together():
+def test_group_norm_refuses_a_modulation_it_cannot_fold():
+    """scale and shift come together, each one value per example and channel (or per channel): the eager product
+    would broadcast other shapes (per pixel, or a (B, C) matrix against H × W), which the compiled fold cannot."""
     from cfg.nets.unet import GroupNorm
 
     norm, x = GroupNorm(2, 4), torch.randn(2, 4, 3, 3)
+    per_example = torch.zeros(2, 4, 1, 1)
     with pytest.raises(ValueError, match="got scale without shift"):
-        norm(x, torch.zeros(2, 4, 1, 1))
+        norm(x, per_example)
     with pytest.raises(ValueError, match="got shift without scale"):
-        norm(x, shift=torch.zeros(2, 4, 1, 1))
-    scale, shift = torch.randn(2, 4, 1, 1), torch.randn(2, 4, 1, 1)
-    assert torch.equal(norm(x, scale, shift), norm(x) * (1 + scale) + shift)
+        norm(x, shift=per_example)
+    for bad in (torch.zeros(2, 4, 3, 3), torch.zeros(3, 3), torch.zeros(2, 4), torch.zeros(3, 4, 1, 1), 0.5):
+        shape = tuple(bad.shape) if isinstance(bad, torch.Tensor) else "float"
+        with pytest.raises(ValueError, match=re.escape(f"scale of shape {shape}")):
+            norm(x, bad, per_example)
+        with pytest.raises(ValueError, match=re.escape(f"shift of shape {shape}")):
+            norm(x, per_example, bad)
 
 
 def _upsample_case(compile_fn):

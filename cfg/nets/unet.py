@@ -85,16 +85,34 @@ class GroupNorm(nn.GroupNorm):
     GroupNorm(x) · (1 + scale) + shift. The compiled channels-last form folds the modulation into its per-(example,
     channel) affine x · a + b, so that the pass over the activations loads fewer per-channel values and does less
     arithmetic per element: in a residual block at the preset's sampling batch that pass ran 0.58 against 0.72 ms on
-    an H200, and the guided sampling step 0.7–0.8% faster (docs/gpu/film_fold_h200.txt). (1 + scale) is formed in
-    scale's dtype, as the unfolded form does."""
+    an H200, and the guided sampling step 0.7–0.8% faster in two single-process pairs (docs/gpu/film_fold_h200.txt).
+    The output dtype is the unfolded product's; its (1 + scale) is written in scale's dtype, which Inductor, in
+    either form, may compute in float32."""
 
-    def forward(self, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    @staticmethod
+    def check_modulation(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> None:
+        """Both or neither of scale and shift, each a 4-dim tensor broadcastable to (B, C, 1, 1): one value per
+        example and channel (or per channel), for both the eager product and the compiled fold."""
         if (scale is None) != (shift is None):
             given, missing = ("scale", "shift") if shift is None else ("shift", "scale")
             raise ValueError(
                 f"GroupNorm: got {given} without {missing}; the modulation GN(x) * (1 + scale) + shift takes both "
                 "(or neither)"
             )
+        if scale is None:
+            return
+        b, c = x.shape[:2]
+        for name, t in (("scale", scale), ("shift", shift)):
+            ok = isinstance(t, Tensor) and t.dim() == 4 and t.shape[2:] == (1, 1)
+            if not (ok and t.shape[0] in (1, b) and t.shape[1] in (1, c)):
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"GroupNorm: {name} of shape {shape} for an input of {b} examples and {c} channels; it takes a "
+                    f"tensor of shape ({b} or 1, {c} or 1, 1, 1)"
+                )
+
+    def forward(self, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        self.check_modulation(x, scale, shift)
         if not (self.affine and _compiled_channels_last(x)):
             out = super().forward(x)
             return out if scale is None else out * (1 + scale) + shift
