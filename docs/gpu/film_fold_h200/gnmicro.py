@@ -1,5 +1,8 @@
 # GroupNorm apply formulations inside one real ResBlock(64 -> 64) at the sampling step's shape.
 #   python .gpu/gnmicro.py VARIANT [batch]   (one variant a process; TORCH_LOGS=output_code outside for the code)
+# As run in call 2, on 850e0f1's cfg: there "current" was the modulation after GroupNorm. cfg's GroupNorm now folds
+# it itself, so on later code "current" measures the fold; the other variants replace GroupNorm's forward and
+# ResBlock's and stay as they were.
 import sys, torch, torch.nn.functional as F
 from torch import nn
 from cfg.engine.device import configure_cuda, compile_net
