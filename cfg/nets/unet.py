@@ -124,13 +124,14 @@ class GroupNorm(nn.GroupNorm):
         mean_g = mean_c.mean(-1, keepdim=True)
         rstd = torch.rsqrt((var_c + (mean_c - mean_g) ** 2).mean(-1, keepdim=True) + self.eps)  # (B, G, 1)
         a = rstd * self.weight.float().view(1, g, -1)
-        a, s = a.view(b, c), (self.bias.float().view(1, g, -1) - mean_g * a).view(b, c)
+        a, s = a.view(b, c, 1, 1), (self.bias.float().view(1, g, -1) - mean_g * a).view(b, c, 1, 1)
         dtype = x.dtype
         if scale is not None:
-            m = (1 + scale).float().expand(b, c, 1, 1).reshape(b, c)
-            a, s = a * m, s * m + shift.float().expand(b, c, 1, 1).reshape(b, c)
+            # (B or 1, C or 1, 1, 1), the shapes check_modulation lets through: broadcast against a and s
+            m = (1 + scale).float()
+            a, s = a * m, s * m + shift.float()
             dtype = torch.promote_types(dtype, torch.promote_types(scale.dtype, shift.dtype))
-        out = xf * a.view(b, c, 1, 1) + s.view(b, c, 1, 1)
+        out = xf * a + s
         # CUDA autocast runs group_norm in float32 (the CPU's does not)
         return out if x.is_cuda and torch.is_autocast_enabled("cuda") else out.to(dtype)
 
