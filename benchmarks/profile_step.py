@@ -30,9 +30,10 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             the training step's update compiled too, Inductor's persistent reductions allowed again, cuDNN's kernel
             for the short attention that sampling runs through the memory-efficient one, the attention block's q, k,
             v from its 1×1 convolution instead of a matmul, the residual blocks' modulation applied after GroupNorm
-            instead of folded into it, single Inductor switches of INDUCTOR_SWITCHES) on the
-            preset's guided sampling step and its CUDA-graphed training step (--kinds; --train-batch /
-            --sample-batch for other batches): compile seconds, wall and kernel time per step, MFU
+            instead of folded into it, GroupNorm's statistics from Welford's reduction in sampling too, single
+            Inductor switches of INDUCTOR_SWITCHES) on the preset's guided sampling step and its CUDA-graphed
+            training step (--kinds; --train-batch / --sample-batch for other batches): compile seconds, wall and
+            kernel time per step, MFU
             and the device time by kernel kind with launches per step and mean µs (--kernels-out DIR: every kernel
             of each row, as CSV); each (set, kind) in a process of its own with empty Inductor and Triton caches, so
             every compile time is cold (--no-isolate: all in this process). Not in the default parts: max-autotune
@@ -335,6 +336,17 @@ def film_outside():
     return patched(unet.GroupNorm, "forward", make)
 
 
+def welford_statistics():
+    """GroupNorm's per-channel moments from var_mean's Welford reduction for every input, as before sampling's bf16
+    inputs took them from sums of x and x² (cfg.nets.unet._channel_moments)."""
+
+    def moments(x):
+        var, mean = torch.var_mean(x.float(), dim=(2, 3), correction=0)
+        return mean, var
+
+    return patched(unet, "_channel_moments", lambda sums: moments)
+
+
 def default_plus(options: dict) -> tuple:
     """The option set of the default compile (COMPILE_OPTIONS and all) with `options` on top."""
     return (COMPILE_MODES["default"][0], COMPILE_MODES["default"][1] | options, False, None, True)
@@ -373,6 +385,9 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
     "conv-qkv": (*COMPILE_MODES["default"], conv_qkv, True),
     # the residual blocks' modulation (1 + scale, shift) applied after GroupNorm, not folded into its affine
     "film-outside": (*COMPILE_MODES["default"], film_outside, True),
+    # GroupNorm's statistics from var_mean's Welford reduction also in sampling (which takes them from sums of x and
+    # x²: 92.84 and 93.43 against 95.40 ms a guided sampling step on one H200, docs/gpu/sum_statistics_h200.txt)
+    "welford-statistics": (*COMPILE_MODES["default"], welford_statistics, True),
     # max-autotune with only Triton's convolution templates (which can take the neighbouring elementwise ops into
     # their prologue/epilogue), cuDNN left out
     "max-autotune-triton-convs": (

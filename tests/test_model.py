@@ -267,6 +267,47 @@ def test_group_norm_compiled_on_channels_last_equals_the_native_op():
         )  # bf16 inputs
 
 
+def test_channel_moments_take_sums_only_for_low_precision_inputs_without_gradients():
+    """GroupNorm's per-channel moments: a bf16/fp16 batch that no gradient flows through takes them from float32
+    sums of x and x² (no var_mean in the traced graph), whose variance stays within n · 2⁻²⁴ · (mean² + var) of the
+    float64 moments of the same values (n = H · W summed), at means up to 30 standard deviations from zero. float32
+    inputs and inputs that need a gradient keep var_mean's Welford reduction, which at a mean 1000 standard
+    deviations out is still within 1e-5 of the variance, where the sums would lose every digit."""
+    from cfg.nets.unet import _channel_moments
+
+    traced = []
+
+    def spy(gm, example_inputs):  # records the traced graph, runs it uncompiled
+        traced.append(gm.code)
+        return gm.forward
+
+    torch.manual_seed(0)
+    shape = (8, 16, 32, 32)
+    n = shape[2] * shape[3]
+    for dtype in (torch.bfloat16, torch.float16):
+        for offset in (0.0, 3.0, 30.0):
+            x = (torch.randn(shape) + offset).to(dtype).contiguous(memory_format=torch.channels_last)
+            exact_var, exact_mean = torch.var_mean(x.double(), dim=(2, 3), correction=0)
+            for fn in (_channel_moments, torch.compile(_channel_moments, backend=spy, fullgraph=True)):
+                traced.clear()
+                mean, var = fn(x)
+                assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == shape[:2]
+                bound = n * 2**-24 * (exact_mean**2 + exact_var)
+                assert ((var.double() - exact_var).abs() <= bound).all(), (dtype, offset)
+                assert ((mean.double() - exact_mean).abs() <= n * 2**-24 * exact_mean.abs() + 1e-12).all()
+                if traced:
+                    assert "var_mean" not in traced[0] and "mean" in traced[0]
+    wide = torch.randn(shape, dtype=torch.float64) * 0.01 + 10.0  # mean 1000 standard deviations out
+    for x in (wide.float(), wide.to(torch.bfloat16).requires_grad_()):
+        exact_var = torch.var(x.detach().double(), dim=(2, 3), unbiased=False)
+        for fn in (_channel_moments, torch.compile(_channel_moments, backend=spy, fullgraph=True)):
+            traced.clear()
+            _, var = fn(x)
+            assert torch.allclose(var.detach().double(), exact_var, rtol=1e-5, atol=0), x.dtype
+            if traced:
+                assert "var_mean" in traced[0]
+
+
 def test_group_norm_refuses_a_modulation_it_cannot_fold():
     """scale and shift come together, each one value per example and channel (or per channel): the eager product
     would broadcast other shapes (per pixel, or a (B, C) matrix against H × W), which the compiled fold cannot."""
