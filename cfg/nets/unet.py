@@ -77,16 +77,18 @@ def _channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Each channel's mean and population variance over H × W of a (B, C, H, W) batch, in float32: (B, C) each.
 
     A bf16/fp16 batch that no gradient flows through (sampling) takes them from float32 sums of x and x²,
-    var = E[x²] − E[x]²: one pass with two multiply-adds an element, as NVIDIA's NHWC GroupNorm kernels for diffusion
-    U-Nets do (TensorRT's groupNormPlugin). Its rounding error, relative to the var + eps that GroupNorm divides by,
-    grows with q = (mean² + var) / (var + eps): at most about n · 2⁻²⁴ · q for n elements summed one after another,
-    far less summed in a tree. In trained networks q stayed small: below 100 in every group of any GroupNorm of the
-    embedded default's network (real test images, 9 noise levels; median 1.3), at most 31 in the preset's (trained
-    2,000 steps on an H200, 7 noise levels), where the compiled bf16 ε with the sums and with Welford's reduction
-    were as far from the float64 network's, to three digits, at every noise level. The preset's guided sampling step
-    ran 92.57 against 95.34 ms on an H200, its reductions 15.3 against 18.4 ms (docs/gpu/sum_statistics_h200.txt).
-    Everything else keeps var_mean's Welford reduction: float32 inputs, whose precision the sums would waste, and
-    training, where the sums' backward added 33 kernels a step and no speed.
+    var = E[x²] − E[x]²: one pass with an add and a multiply-add an element, as NVIDIA's NHWC GroupNorm kernels for
+    diffusion U-Nets do (TensorRT's groupNormPlugin). Its rounding error, relative to the var + eps that GroupNorm
+    divides by, grows with q = (mean² + var) / (var + eps): at most about 3n · 2⁻²⁴ · q for n elements summed one
+    after another, far less summed in a tree. A group of channels all nearly constant far from zero (q in the
+    millions) would lose its variance; in trained networks q stayed small: below 100 in every group of any GroupNorm
+    of the embedded default's network (real test images, 9 noise levels; median 1.3), at most 31 in the preset's
+    (trained 2,000 steps on an H200, 7 noise levels), where the compiled bf16 ε with the sums and with Welford's
+    reduction were as far from the float64 network's, to three digits, at every noise level. The preset's guided
+    sampling step ran 92.57 against 95.34 ms on an H200, its reductions 15.3 against 18.4 ms
+    (docs/gpu/sum_statistics_h200.txt). Inputs that need a gradient (training) keep var_mean's Welford reduction, as
+    do float32 inputs, whose precision the sums would waste: in the training step the sums added 33 Triton kernels a
+    step and no speed.
     """
     if x.dtype in (torch.bfloat16, torch.float16) and not x.requires_grad:
         xf = x.float()
