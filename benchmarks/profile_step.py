@@ -339,12 +339,7 @@ def film_outside():
 def welford_statistics():
     """GroupNorm's per-channel moments from var_mean's Welford reduction for every input, as before sampling's bf16
     inputs took them from sums of x and x² (cfg.nets.unet._channel_moments)."""
-
-    def moments(x):
-        var, mean = torch.var_mean(x.float(), dim=(2, 3), correction=0)
-        return mean, var
-
-    return patched(unet, "_channel_moments", lambda sums: moments)
+    return patched(unet, "_channel_moments", lambda sums: unet._welford_moments)
 
 
 def default_plus(options: dict) -> tuple:

@@ -197,6 +197,16 @@ def test_unet_is_the_same_function_in_either_memory_format():
         assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-6 * scale)
 
 
+def graph_recorder(traced: list):
+    """A torch.compile backend that appends each traced graph's code to `traced` and runs the graph uncompiled."""
+
+    def spy(gm, example_inputs):
+        traced.append(gm.code)
+        return gm.forward
+
+    return spy
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
@@ -212,10 +222,7 @@ def test_group_norm_compiled_on_channels_last_equals_the_native_op():
     from cfg.nets.unet import GroupNorm
 
     traced = []
-
-    def spy(gm, example_inputs):  # records the traced graph, runs it uncompiled
-        traced.append(gm.code)
-        return gm.forward
+    spy = graph_recorder(traced)
 
     torch.manual_seed(0)
     norm = GroupNorm(8, 32)
@@ -277,10 +284,7 @@ def test_channel_moments_take_sums_only_for_low_precision_inputs_without_gradien
     from cfg.nets.unet import _channel_moments
 
     traced = []
-
-    def spy(gm, example_inputs):  # records the traced graph, runs it uncompiled
-        traced.append(gm.code)
-        return gm.forward
+    spy = graph_recorder(traced)
 
     def recorded(x):
         torch._dynamo.reset()  # traced afresh for every input, not found in Dynamo's cache
@@ -388,10 +392,7 @@ def test_upsample_traced_on_channels_last_repeats_pixels_without_a_scatter():
     interpolate, whose backward Inductor makes an atomic scatter-add): the native op's output, exactly, and its
     gradient. Dynamo traces; the graph runs uncompiled (no C++ compiler needed)."""
     traced = []
-
-    def spy(gm, example_inputs):
-        traced.append(gm.code)
-        return gm.forward
+    spy = graph_recorder(traced)
 
     _upsample_case(lambda m: torch.compile(m, backend=spy))
     assert traced and all("expand" in code and "interpolate" not in code for code in traced)

@@ -94,6 +94,11 @@ def _channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
         xf = x.float()
         mean, mean_sq = xf.mean(dim=(2, 3)), (xf * xf).mean(dim=(2, 3))
         return mean, (mean_sq - mean * mean).clamp_min(0)
+    return _welford_moments(x)
+
+
+def _welford_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """_channel_moments from var_mean's Welford reduction, whatever the input."""
     var, mean = torch.var_mean(x.float(), dim=(2, 3), correction=0)
     return mean, var
 
