@@ -1,12 +1,9 @@
 # the qkv addmm's time against its input/output layout, at the preset's sampling shapes (7500 rows of 16x16 / 8x8, C=128)
 import torch, torch.nn.functional as F
+from timing import event_us
 torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
-def t(fn, n=20):
-    for _ in range(3): fn()
-    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-    torch.cuda.synchronize(); s.record()
-    for _ in range(n): fn()
-    e.record(); torch.cuda.synchronize(); return s.elapsed_time(e) / n * 1000
+def t(fn):
+    return event_us(fn, n=20, warm=3)
 B, C = 7500, 128
 w = torch.randn(3 * C, C, device="cuda", dtype=torch.bfloat16); b = torch.randn(3 * C, device="cuda", dtype=torch.bfloat16)
 for hw in (256, 64):

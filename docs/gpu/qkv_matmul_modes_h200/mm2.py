@@ -1,11 +1,8 @@
 # does the qkv addmm's time depend on the data? 16x16 shape of the preset's sampling step
 import torch, torch.nn.functional as F
-def t(fn, n=20):
-    for _ in range(3): fn()
-    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-    torch.cuda.synchronize(); s.record()
-    for _ in range(n): fn()
-    e.record(); torch.cuda.synchronize(); return s.elapsed_time(e) / n * 1000
+from timing import event_us
+def t(fn):
+    return event_us(fn, n=20, warm=3)
 B, C = 7500, 128
 bf = dict(device="cuda", dtype=torch.bfloat16)
 for hw in (256, 64):

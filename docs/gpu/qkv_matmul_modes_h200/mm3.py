@@ -1,11 +1,8 @@
 # the qkv addmm (7500 x 16 x 16 rows, C = 128 -> 384, bf16, bias) against where its input and output lie in memory
 import torch
-def t(fn, n=10):
-    for _ in range(2): fn()
-    s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-    torch.cuda.synchronize(); s.record()
-    for _ in range(n): fn()
-    e.record(); torch.cuda.synchronize(); return s.elapsed_time(e) / n * 1000
+from timing import event_us
+def t(fn):
+    return event_us(fn, n=10, warm=2)
 M, C = 7500 * 256, 128
 bf = dict(device="cuda", dtype=torch.bfloat16)
 w = (torch.rand(3 * C, C, **bf) * 2 - 1) / C**0.5
