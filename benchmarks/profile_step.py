@@ -359,10 +359,11 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
     # without Inductor's combo kernels (COMPILE_OPTIONS turns them on: independent small kernels of a graph
     # launched as one horizontally fused kernel)
     "no-combo-kernels": default_plus({"combo_kernels": False}),
-    # Inductor's Triton templates tuned against cuBLAS for the matmuls (and, it turned out, the convolutions: 10
-    # of them took a template): the qkv matmul (K = 128) runs at 2.7-3.4 TB/s in cuBLAS, and a template may take
-    # GroupNorm's apply as its prologue. On one H200 cuBLAS kept the qkv matmul and the guided sampling step ran
-    # 91.75 against 91.68 ms, after 274 against 45 s of cold compilation (docs/gpu/qkv_matmul_modes_h200.txt)
+    # Inductor's Triton templates tuned against cuBLAS for the matmuls (and, it turned out, the convolutions: 8 of
+    # their kernels, 18 launches a step, took a template): the qkv matmul (K = 128) runs at 2.7-3.4 TB/s in cuBLAS,
+    # and a template may take GroupNorm's apply as its prologue. On one H200 cuBLAS kept the qkv matmul and the guided
+    # sampling step ran 91.75 against 91.68 ms, after 274 against 45 s of cold compilation
+    # (docs/gpu/qkv_matmul_modes_h200.txt)
     "autotune-gemm": default_plus({"max_autotune_gemm": True}),
     # these two put torch's own layers back in cfg's U-Net: the convolutions' output gradients left in the layout
     # Inductor gives them (cfg's Conv2d makes them channels-last, which torch 2.11's convolution backward otherwise
