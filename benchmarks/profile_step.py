@@ -281,13 +281,24 @@ def bf16_group_norm():
 
 
 def torch_conv_grads():
-    """cfg's Conv2d as nn.Conv2d: without its channels-last output gradient and channel padding under compile."""
+    """cfg's Conv2d as nn.Conv2d: without its channels-last output gradient, channel padding and tap sums under
+    compile."""
     return patched(unet.Conv2d, "forward", lambda forward: torch.nn.Conv2d.forward)
 
 
+def cudnn_thin_convs():
+    """cfg's Conv2d sends its convolutions with few output channels (the U-Net's last) to cuDNN, padded to 8
+    channels, instead of to cfg.nets.unet.tap_conv's 1×1 convolution to one map per tap."""
+    return patched(unet, "_TAP_CHANNELS", lambda channels: {})
+
+
 def unpadded_channels():
-    """cfg's Conv2d keeps its channel counts under compile (no zero channels up to cuDNN's multiple of 8)."""
-    return patched(unet, "_CHANNEL_MULTIPLE", lambda multiples: {})
+    """cfg's Conv2d keeps its channel counts under compile (no zero channels up to cuDNN's multiple of 8) and sends
+    every convolution to cuDNN, the few-channel ones too."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(patched(unet, "_CHANNEL_MULTIPLE", lambda multiples: {}))
+    stack.enter_context(cudnn_thin_convs())
+    return stack
 
 
 def torch_upsample():
@@ -369,7 +380,9 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
     # Inductor gives them (cfg's Conv2d makes them channels-last, which torch 2.11's convolution backward otherwise
     # copies them into: docs/gpu/copies_h200.txt)
     "torch-conv-grads": (*COMPILE_MODES["default"], torch_conv_grads, True),
-    # the one-channel stem and output convolutions as they are, not padded to 8 channels with zeros
+    # the one-channel output convolution through cuDNN, padded to 8 channels with zeros, as before tap_conv took it
+    # (docs/gpu/thin_convs_h200.txt); unpadded-channels: the stem and output convolutions through cuDNN as they are
+    "cudnn-thin-convs": (*COMPILE_MODES["default"], cudnn_thin_convs, True),
     "unpadded-channels": (*COMPILE_MODES["default"], unpadded_channels, True),
     # nearest upsampling as F.interpolate, whose backward Inductor makes an atomic scatter-add (cfg's Upsample
     # repeats pixels through a broadcast view instead)

@@ -197,6 +197,52 @@ def test_unet_is_the_same_function_in_either_memory_format():
         assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-6 * scale)
 
 
+def test_unet_traced_with_the_cuda_conv_forms_is_the_eager_function(monkeypatch):
+    """The whole U-Net under torch.compile (AOTAutograd's graphs, run uncompiled) on channels-last with CUDA's
+    convolution forms given to the CPU (channel padding to 8, tap_conv for at most 4 output channels): the stem
+    padded, the last convolution as tap_conv's 1×1 convolution to 16 maps; outputs and every gradient equal the
+    eager network's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    import cfg.nets.unet as unet
+
+    monkeypatch.setattr(unet, "_TAP_CHANNELS", {"cpu": 4})
+    monkeypatch.setattr(unet, "_CHANNEL_MULTIPLE", {"cpu": 8})
+    torch._dynamo.reset()
+    weights = []
+
+    def keep(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten.convolution.default:
+                weights.append(tuple(node.args[1].meta["val"].shape))
+        return make_boxed_func(gm.forward)
+
+    torch.manual_seed(0)
+    config = UNetConfig(
+        image_size=8, base_width=16, channel_mult=(1, 2), attention_resolutions=(4,), dropout=0.0
+    )
+    model = UNet(config).to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))  # away from the zero init of the output convolution
+    x = torch.randn(3, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    lam, y = torch.randn(3), torch.tensor([0, 4, 10])
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+    out, grads = [], []
+    for net in (torch.compile(model, backend=backend), model):
+        model.zero_grad()
+        o = net(x, lam, y)
+        o.square().sum().backward()
+        out.append(o.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert (16, 8, 3, 3) in weights and (16, 16, 1, 1) in weights  # the stem padded; the output by taps
+    assert (1, 16, 3, 3) not in weights and (8, 16, 3, 3) not in weights
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
+    scale = max(g.abs().max() for g in grads[1])
+    for g0, g1 in zip(*grads, strict=True):
+        torch.testing.assert_close(g0, g1, rtol=1e-4, atol=1e-6 * scale)
+
+
 def graph_recorder(traced: list):
     """A torch.compile backend that appends each traced graph's code to `traced` and runs the graph uncompiled."""
 
@@ -476,6 +522,93 @@ def test_conv_traced_on_channels_last_hands_back_channels_last_gradients(
     assert graphs["fw"] and all(("constant_pad_nd" in code) == padded for code in graphs["fw"])
     assert conv_weights == [(conv_out, conv_in)] * len(graphs["fw"])
     assert isinstance(conv, torch.nn.Conv2d) and set(conv.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "k", "padding"),
+    [
+        (1, 16, 3, (1, 1)),  # the stem: few inputs
+        (3, 8, 3, (1, 1)),
+        (16, 1, 3, (1, 1)),  # the output convolution: few outputs
+        (8, 3, 5, (2, 2)),
+        (4, 6, 3, (0, 0)),  # "valid": a smaller output
+        (6, 2, 3, (2, 0)),  # unequal padding, larger than the kernel's half
+        (2, 2, 1, (0, 0)),
+        (1, 1, 3, (1, 1)),
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_tap_conv_equals_conv2d_in_float64(c_in, c_out, k, padding, bias):
+    """tap_conv (a 1×1 convolution to one map per tap and output channel, then the maps shifted and summed) against
+    F.conv2d in float64, for few and many channels either way: output and the gradients of input, weight and bias,
+    and the input's layout kept."""
+    from cfg.nets.unet import tap_conv
+
+    torch.manual_seed(0)
+    x = torch.randn(2, c_in, 7, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, k, k, dtype=torch.float64)
+    b = torch.randn(c_out, dtype=torch.float64) if bias else None
+    grads = []
+    for fn in (tap_conv, lambda *a: torch.nn.functional.conv2d(*a[:3], padding=a[3])):
+        leaves = [t.clone().requires_grad_() for t in (x, weight) + ((b,) if bias else ())]
+        out = fn(leaves[0], leaves[1], leaves[2] if bias else None, padding)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape)).sum().backward()
+        grads.append([out.detach()] + [t.grad for t in leaves])
+    assert grads[0][0].is_contiguous(memory_format=torch.channels_last)
+    for got, want in zip(*grads, strict=True):
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "conv_weights"),
+    [
+        (16, 1, [(16, 16, 1, 1)]),  # the output convolution: 9 taps, padded to 16 maps
+        (16, 3, [(32, 16, 1, 1)]),  # 27 maps, padded to 32
+        (1, 16, [(16, 1, 3, 3)]),  # few inputs (the stem): the convolution itself
+        (16, 5, [(5, 16, 3, 3)]),  # more outputs than _TAP_CHANNELS
+    ],
+)
+def test_conv_traced_on_channels_last_sums_taps_for_few_outputs(monkeypatch, c_in, c_out, conv_weights):
+    """cfg's Conv2d under torch.compile (AOTAutograd's graphs, run uncompiled) on a device in _TAP_CHANNELS (here
+    the CPU, at most 4 output channels; CUDA's in the package): a convolution with at most that many output channels
+    and more inputs is traced as tap_conv's 1×1 convolution to one map per tap, any other as itself; a channels-last
+    output, and output and every gradient equal the eager nn.Conv2d's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    import cfg.nets.unet as unet
+    from cfg.nets.unet import Conv2d
+
+    monkeypatch.setattr(unet, "_TAP_CHANNELS", {"cpu": 4})
+    monkeypatch.setattr(unet, "_CHANNEL_MULTIPLE", {})
+    torch._dynamo.reset()  # Conv2d.forward compiled afresh, not beyond Dynamo's recompile limit after other tests'
+    traced = []
+
+    def keep(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten.convolution.default:
+                traced.append(tuple(node.args[1].meta["val"].shape))
+        return make_boxed_func(gm.forward)
+
+    torch.manual_seed(0)
+    conv = Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
+    plain = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, c_in, 5, 5).contiguous(memory_format=torch.channels_last)
+    up = torch.randn(2, c_out, 5, 5)
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+    results = []
+    for m, fn in ((conv, torch.compile(conv, backend=backend)), (plain, plain)):
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        (out * up).sum().backward()
+        results.append([out.detach(), xi.grad, m.weight.grad, m.bias.grad])
+    assert results[0][0].is_contiguous(memory_format=torch.channels_last)
+    for got, want in zip(*results, strict=True):
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert traced == conv_weights
 
 
 @pytest.mark.parametrize(

@@ -184,7 +184,45 @@ class _ChannelsLastGrad(torch.autograd.Function):
 # sampling step on an H200, both gone with the padding). Zero channels added to reach the multiple change no value
 # (up to rounding: other kernels); on one H200 the sampling step ran 102.98 ms against 104.48 unpadded, the training
 # step 17.02 against 17.40 (docs/gpu/channel_padding_h200.txt). Other devices keep the channel counts as they are.
+# The last convolution has since gone to `tap_conv` (below); the stem is still padded.
 _CHANNEL_MULTIPLE = {"cuda": 8}
+
+
+# Convolutions with at most this many output channels (and more input channels), per device type, that cfg's
+# Conv2d computes under compile as a 1×1 convolution to one channel per tap and a sum of the taps' shifted maps
+# (`tap_conv`). Padded to 8 output channels, the preset's one-channel output convolution still ran one of cuDNN's
+# older sm80 kernels at under 1 TB/s: 1.19-1.30 ms of the guided sampling step on H200s for reading 7,500 × 32 × 32 ×
+# 64 bf16 values (0.98 GB) once. As tap_conv the output block (GroupNorm, SiLU, convolution) ran 1.29 against 2.02 ms
+# alone, and the sampling step 92.53 against 93.31 ms, the training step 16.61 against 16.85 ms, on one H200
+# (docs/gpu/thin_convs_h200.txt, which also has the forms that did not pay, the stem's among them).
+_TAP_CHANNELS = {"cuda": 4}
+
+
+def tap_conv(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+    """A stride-1 convolution F.conv2d(x, weight, bias, padding=padding) of a (B, C_in, H, W) batch as a 1×1
+    convolution to one map u per tap (i, j) and output channel, u_ij = Σ_c weight[:, c, i, j] · x[:, c], then
+    out = bias + Σ_ij u_ij shifted by the tap's offset, summed in float32 (the input's dtype if wider). The same
+    values up to rounding (u is rounded to the convolution's dtype: autocast's when it is on); cheaper than the
+    convolution itself when it has few output channels, whose k² maps are small. The 1×1 convolution's outputs are
+    padded with zeros to a multiple of 8 (cuDNN's aligned kernels)."""
+    c_out, c_in, kh, kw = weight.shape
+    ph, pw = padding
+    b, _, h, w = x.shape
+    ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    n = kh * kw * c_out
+    rows = weight.permute(2, 3, 0, 1).reshape(n, c_in)  # rows (i, j, o)
+    u = F.conv2d(x, F.pad(rows, (0, 0, 0, -n % 8))[:, :, None, None])  # (B, n + pad, H, W)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        u = _ChannelsLastGrad.apply(u)  # as Conv2d's own convolutions (below)
+    acc = torch.promote_types(u.dtype, torch.float32)
+    maps = u[:, :n].unflatten(1, (kh, kw, c_out)).to(acc)  # (B, kh, kw, C_out, H, W)
+    maps = F.pad(maps, (pw, pw, ph, ph))
+    out = sum(maps[:, i, j, :, i : i + ho, j : j + wo] for i in range(kh) for j in range(kw))
+    if bias is not None:
+        out = out + bias.to(u.dtype).to(acc)[:, None, None]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return out.to(u.dtype).contiguous(memory_format=layout)
 
 
 class Conv2d(nn.Conv2d):
@@ -197,11 +235,15 @@ class Conv2d(nn.Conv2d):
     - on a device in `_CHANNEL_MULTIPLE`, pads input and output channels with zeros up to that multiple (input and
       weight padded, the extra outputs sliced off): the same values, computed by the kernels cuDNN has for aligned
       channels.
+    - on a device in `_TAP_CHANNELS`, with at most that many output channels (fewer than its inputs) and stride 1,
+      computes it as a 1×1 convolution to one map per tap and a sum of the shifted maps (`tap_conv`).
     Eager and contiguous inputs: the plain convolution (a one-channel input counts as both layouts)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not _compiled_channels_last(x):
             return super().forward(x)
+        if self._by_taps(x):
+            return tap_conv(x, self.weight, self.bias, self.padding)
         weight, bias = self.weight, self.bias
         multiple = _CHANNEL_MULTIPLE.get(x.device.type, 1) if self.groups == 1 else 1
         pad_in, pad_out = -self.in_channels % multiple, -self.out_channels % multiple
@@ -213,6 +255,11 @@ class Conv2d(nn.Conv2d):
             bias = None if bias is None else F.pad(bias, (0, pad_out))
         out = _ChannelsLastGrad.apply(self._conv_forward(x, weight, bias))
         return out[:, : self.out_channels] if pad_out else out
+
+    def _by_taps(self, x: Tensor) -> bool:
+        few = self.out_channels <= _TAP_CHANNELS.get(x.device.type, 0) < self.in_channels
+        plain = self.stride == self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
+        return few and plain and isinstance(self.padding, tuple)
 
 
 class Upsample(nn.Module):
