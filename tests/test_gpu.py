@@ -271,47 +271,10 @@ def test_two_gpus_claiming_a_cells_batches_give_the_bytes_of_one(tmp_path):
     assert torch.equal(one, two["images"])
 
 
-@pytest.mark.parametrize(("c_in", "c_out"), [(1, 16), (16, 5)])
-def test_compiled_conv_padded_to_cudnn_channels_equals_the_plain_conv(c_in, c_out):
-    """cfg's Conv2d compiled by Inductor on CUDA pads a one-channel input and five output channels (more than
-    tap_conv takes) to 8 channels of zeros: the generated code pads and convolves 8 channels, and its output and
-    gradients equal nn.Conv2d's (fp32, TF32 off) with the requested channel count. tests/test_model.py checks the
-    traced graph's padding on the CPU."""
-    from torch._inductor.utils import run_and_get_code
-
-    from cfg.nets.unet import Conv2d
-
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.manual_seed(0)
-    conv = Conv2d(c_in, c_out, 3, padding=1).cuda().to(memory_format=torch.channels_last)
-    plain = torch.nn.Conv2d(c_in, c_out, 3, padding=1).cuda().to(memory_format=torch.channels_last)
-    plain.load_state_dict(conv.state_dict())
-    x = torch.randn(8, c_in, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
-    up = torch.randn(8, c_out, 16, 16, device="cuda")
-    results = []
-    for fn, m in ((torch.compile(conv), conv), (plain, plain)):
-        xi = x.clone().requires_grad_()
-        if m is conv:
-            out, code = run_and_get_code(fn, xi)
-            # the 8-channel convolution's output (five output channels padded), or its weight (one input channel)
-            padded = (8, 8, 16, 16) if c_out == 5 else (16, 8, 3, 3)
-            assert "aten.constant_pad_nd" in code[0] and f"({', '.join(map(str, padded))})" in code[0]
-        else:
-            out = fn(xi)
-        (out * up).sum().backward()
-        results.append([out.detach(), xi.grad, m.weight.grad, m.bias.grad])
-    for got, want in zip(*results, strict=True):
-        assert got.shape == want.shape
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-
-
-@pytest.mark.parametrize(("c_in", "c_out"), [(64, 1), (16, 3)])
-def test_compiled_few_output_conv_sums_taps_and_equals_the_plain_conv(c_in, c_out):
-    """cfg's Conv2d compiled by Inductor on CUDA with at most _TAP_CHANNELS output channels: tap_conv's 1×1
-    convolution to one map per tap (9 · C_out maps padded to a multiple of 8) in the generated code, a channels-last
-    output, and output and gradients equal to nn.Conv2d's in float32 (TF32 off); under bf16 autocast a bf16 output
-    within what bf16 rounding allows of the float64 convolution: the input, weights, maps and output each rounded
-    once, at most 2⁻⁷ of the convolution of |x| with |w| plus |b|."""
+def _compiled_conv_equals_the_plain_conv(c_in: int, c_out: int, check_code):
+    """cfg's 3×3 Conv2d (c_in → c_out, channels-last) compiled by Inductor on CUDA against nn.Conv2d with the same
+    weights (fp32, TF32 off): `check_code(code, out)` on the forward's generated code and output, then output and
+    gradients equal. Returns the module, its compiled form and the input."""
     from torch._inductor.utils import run_and_get_code
 
     from cfg.nets.unet import Conv2d
@@ -329,9 +292,7 @@ def test_compiled_few_output_conv_sums_taps_and_equals_the_plain_conv(c_in, c_ou
         xi = x.clone().requires_grad_()
         if m is conv:
             out, code = run_and_get_code(compiled, xi)
-            n = 9 * c_out + -9 * c_out % 8
-            assert f"({n}, {c_in}, 1, 1)" in code[0]
-            assert out.is_contiguous(memory_format=torch.channels_last)
+            check_code(code[0], out)
         else:
             out = m(xi)
         (out * up).sum().backward()
@@ -339,6 +300,38 @@ def test_compiled_few_output_conv_sums_taps_and_equals_the_plain_conv(c_in, c_ou
     for got, want in zip(*results, strict=True):
         assert got.shape == want.shape
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    return conv, compiled, x
+
+
+@pytest.mark.parametrize(("c_in", "c_out"), [(1, 16), (16, 5)])
+def test_compiled_conv_padded_to_cudnn_channels_equals_the_plain_conv(c_in, c_out):
+    """cfg's Conv2d compiled by Inductor on CUDA pads a one-channel input and five output channels (more than
+    tap_conv takes) to 8 channels of zeros: the generated code pads and convolves 8 channels, and its output and
+    gradients equal nn.Conv2d's (fp32, TF32 off) with the requested channel count. tests/test_model.py checks the
+    traced graph's padding on the CPU."""
+
+    def padded(code, out):
+        # the 8-channel convolution's output (five output channels padded), or its weight (one input channel)
+        shape = (8, 8, 16, 16) if c_out == 5 else (16, 8, 3, 3)
+        assert "aten.constant_pad_nd" in code and f"({', '.join(map(str, shape))})" in code
+
+    _compiled_conv_equals_the_plain_conv(c_in, c_out, padded)
+
+
+@pytest.mark.parametrize(("c_in", "c_out"), [(64, 1), (16, 3)])
+def test_compiled_few_output_conv_sums_taps_and_equals_the_plain_conv(c_in, c_out):
+    """cfg's Conv2d compiled by Inductor on CUDA with at most _TAP_CHANNELS output channels: tap_conv's 1×1
+    convolution to one map per tap (9 · C_out maps padded to a multiple of 8) in the generated code, a channels-last
+    output, and output and gradients equal to nn.Conv2d's in float32 (TF32 off); under bf16 autocast a bf16 output
+    within what bf16 rounding allows of the float64 convolution: the input, weights, maps and output each rounded
+    once, at most 2⁻⁷ of the convolution of |x| with |w| plus |b|."""
+
+    def by_taps(code, out):
+        n = 9 * c_out + -9 * c_out % 8
+        assert f"({n}, {c_in}, 1, 1)" in code
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+    conv, compiled, x = _compiled_conv_equals_the_plain_conv(c_in, c_out, by_taps)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         out = compiled(x)
     assert out.dtype == torch.bfloat16

@@ -197,20 +197,11 @@ def test_unet_is_the_same_function_in_either_memory_format():
         assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-6 * scale)
 
 
-def test_unet_traced_with_the_cuda_conv_forms_is_the_eager_function(monkeypatch):
-    """The whole U-Net under torch.compile (AOTAutograd's graphs, run uncompiled) on channels-last with CUDA's
-    convolution forms given to the CPU (channel padding to 8, tap_conv for at most 4 output channels): the stem
-    padded, the last convolution as tap_conv's 1×1 convolution to 16 maps; outputs and every gradient equal the
-    eager network's."""
+def conv_weight_recorder(weights: list):
+    """A torch.compile backend (AOTAutograd's graphs, run uncompiled) that appends the weight shape of every
+    convolution in the forward graphs to `weights`."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
-
-    import cfg.nets.unet as unet
-
-    monkeypatch.setattr(unet, "_TAP_CHANNELS", {"cpu": 4})
-    monkeypatch.setattr(unet, "_CHANNEL_MULTIPLE", {"cpu": 8})
-    torch._dynamo.reset()
-    weights = []
 
     def keep(gm, example_inputs):
         for node in gm.graph.nodes:
@@ -218,6 +209,20 @@ def test_unet_traced_with_the_cuda_conv_forms_is_the_eager_function(monkeypatch)
                 weights.append(tuple(node.args[1].meta["val"].shape))
         return make_boxed_func(gm.forward)
 
+    return aot_autograd(fw_compiler=keep, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+
+
+def test_unet_traced_with_the_cuda_conv_forms_is_the_eager_function(monkeypatch):
+    """The whole U-Net under torch.compile (AOTAutograd's graphs, run uncompiled) on channels-last with CUDA's
+    convolution forms given to the CPU (channel padding to 8, tap_conv for at most 4 output channels): the stem
+    padded, the last convolution as tap_conv's 1×1 convolution to 16 maps; outputs and every gradient equal the
+    eager network's."""
+    import cfg.nets.unet as unet
+
+    monkeypatch.setattr(unet, "_TAP_CHANNELS", {"cpu": 4})
+    monkeypatch.setattr(unet, "_CHANNEL_MULTIPLE", {"cpu": 8})
+    torch._dynamo.reset()
+    weights = []
     torch.manual_seed(0)
     config = UNetConfig(
         image_size=8, base_width=16, channel_mult=(1, 2), attention_resolutions=(4,), dropout=0.0
@@ -227,9 +232,8 @@ def test_unet_traced_with_the_cuda_conv_forms_is_the_eager_function(monkeypatch)
         p.data.add_(0.05 * torch.randn_like(p))  # away from the zero init of the output convolution
     x = torch.randn(3, 1, 8, 8).contiguous(memory_format=torch.channels_last)
     lam, y = torch.randn(3), torch.tensor([0, 4, 10])
-    backend = aot_autograd(fw_compiler=keep, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
     out, grads = [], []
-    for net in (torch.compile(model, backend=backend), model):
+    for net in (torch.compile(model, backend=conv_weight_recorder(weights)), model):
         model.zero_grad()
         o = net(x, lam, y)
         o.square().sum().backward()
@@ -574,9 +578,6 @@ def test_conv_traced_on_channels_last_sums_taps_for_few_outputs(monkeypatch, c_i
     the CPU, at most 4 output channels; CUDA's in the package): a convolution with at most that many output channels
     and more inputs is traced as tap_conv's 1×1 convolution to one map per tap, any other as itself; a channels-last
     output, and output and every gradient equal the eager nn.Conv2d's."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
     import cfg.nets.unet as unet
     from cfg.nets.unet import Conv2d
 
@@ -585,21 +586,14 @@ def test_conv_traced_on_channels_last_sums_taps_for_few_outputs(monkeypatch, c_i
     torch._dynamo.reset()  # Conv2d.forward compiled afresh, not beyond Dynamo's recompile limit after other tests'
     traced = []
 
-    def keep(gm, example_inputs):
-        for node in gm.graph.nodes:
-            if node.target is torch.ops.aten.convolution.default:
-                traced.append(tuple(node.args[1].meta["val"].shape))
-        return make_boxed_func(gm.forward)
-
     torch.manual_seed(0)
     conv = Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
     plain = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
     plain.load_state_dict(conv.state_dict())
     x = torch.randn(2, c_in, 5, 5).contiguous(memory_format=torch.channels_last)
     up = torch.randn(2, c_out, 5, 5)
-    backend = aot_autograd(fw_compiler=keep, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
     results = []
-    for m, fn in ((conv, torch.compile(conv, backend=backend)), (plain, plain)):
+    for m, fn in ((conv, torch.compile(conv, backend=conv_weight_recorder(traced))), (plain, plain)):
         xi = x.clone().requires_grad_()
         out = fn(xi)
         (out * up).sum().backward()
