@@ -531,9 +531,9 @@ def test_conv_traced_on_channels_last_hands_back_channels_last_gradients(
 @pytest.mark.parametrize(
     ("c_in", "c_out", "k", "padding"),
     [
-        (1, 16, 3, (1, 1)),  # the stem: few inputs
+        (1, 16, 3, (1, 1)),  # the stem's shape (which Conv2d leaves to the convolution)
         (3, 8, 3, (1, 1)),
-        (16, 1, 3, (1, 1)),  # the output convolution: few outputs
+        (16, 1, 3, (1, 1)),  # the output convolution's
         (8, 3, 5, (2, 2)),
         (4, 6, 3, (0, 0)),  # "valid": a smaller output
         (6, 2, 3, (2, 0)),  # unequal padding, larger than the kernel's half
