@@ -1,10 +1,13 @@
 """Where a training step's and a guided sampling step's time goes, and which settings make them faster.
 
     python benchmarks/profile_step.py [--preset presets/fashion_mnist_gpu.yaml] [--seconds 4]
-        [--only loop,kernels,cell,copies,variants,options] [--loop-steps 400] [--autotune] [--sdpa BACKEND]
+        [--only loop,kernels,cell,copies,variants,options] [--loop-steps 400] [--loop-forms compile,graph]
+        [--loop-batches 256,512] [--autotune] [--sdpa BACKEND]
 
 Parts (all but `options` by default; they run in this order: loop, options, kernels, copies, cell, variants):
-  loop      the real training loop (`train_diffusion`) compiled, and compiled + CUDA graph, batch 256 and 512
+  loop      the real training loop (`train_diffusion`) in each of --loop-forms (compile: compiled network;
+            graph: + CUDA graph, train.cuda_graph; graph+update: + the clipping, Adam and EMA compiled too,
+            train.compile_update) at each of --loop-batches
   kernels   torch.profiler over the preset's steps as they run: the compiled training step replayed as one
             CUDA graph (`GraphStep`, train.cuda_graph), the compiled training step launched kernel by kernel, and
             the compiled guided sampling step; per step the top kernels and the device time by kind
@@ -153,7 +156,13 @@ def sample_fn(config, fmt, mode, batch, options: dict | None = None, regional: b
     return step
 
 
-def loop_rate(config, batch: int, steps: int, *, compile: bool, cuda_graph: bool) -> tuple[float, float]:
+# the training loop's forms of --only loop: (train_diffusion's cuda_graph, compile_update), with the network compiled
+LOOP_FORMS = {"compile": (False, False), "graph": (True, False), "graph+update": (True, True)}
+
+
+def loop_rate(
+    config, batch: int, steps: int, *, compile: bool, cuda_graph: bool, compile_update: bool = False
+) -> tuple[float, float]:
     """images/s of the real training loop (cfg.engine.training.train_diffusion: batch gather, draws, loss,
     backward, clipping, Adam, EMA, loss bookkeeping), timed by the loop itself after its first logged interval
     (compilation, autotuning and graph capture excluded); and the wall seconds of the whole call."""
@@ -163,7 +172,7 @@ def loop_rate(config, batch: int, steps: int, *, compile: bool, cuda_graph: bool
     t0 = time.perf_counter()
     result = train_diffusion(
         config, x, y, steps=steps, batch_size=batch, warmup_steps=10, device="cuda", bf16=True,
-        compile=compile, cuda_graph=cuda_graph, log_every=max(10, steps // 5),
+        compile=compile, cuda_graph=cuda_graph, compile_update=compile_update, log_every=max(10, steps // 5),
     )  # fmt: skip
     return result.images_per_s, time.perf_counter() - t0
 
@@ -415,7 +424,7 @@ OPTION_SETS = {name: (*setting, None, True) for name, setting in COMPILE_MODES.i
 # single Inductor switches on top of the default compile, for the fused elementwise / reduction kernels that take
 # about half of both steps (GroupNorm's statistics and apply passes with their producers). On H200s none made either
 # step more than 2% faster (multi-kernel: training 44% slower; tile-reductions: training fails to compile in torch
-# 2.11): docs/gpu/inductor_switches_h200.txt
+# 2.11): docs/gpu/inductor_switches_h200.txt, and for "pdl" docs/gpu/pdl_flash_loop_h200.txt
 INDUCTOR_SWITCHES = {
     "tile-reductions": {"triton.tile_reductions": True},  # 2-D tiled reductions (over H×W, C innermost)
     "nd-tiling": {"triton.prefer_nd_tiling": True},
@@ -434,6 +443,11 @@ INDUCTOR_SWITCHES = {
     # innermost, then read NHWC memory strided by C; the sampling step ran 3.3× slower (one H200:
     # docs/gpu/film_fold_h200.txt)
     "max-tiles-1": {"triton.max_tiles": 1},
+    # Programmatic Dependent Launch (Hopper and later): each Triton kernel is launched while the one before it still
+    # runs and waits in-kernel (griddepcontrol) only before its first dependent load, to hide the launch latency
+    # between the training step's ~770 small Triton kernels. On one H200 both steps ran slower with it (training
+    # 17.23 against 16.72 ms, sampling 92.43 against 91.12 ms: docs/gpu/pdl_flash_loop_h200.txt)
+    "pdl": {"triton.enable_pdl": True},
 }
 OPTION_SETS |= {name: default_plus(options) for name, options in INDUCTOR_SWITCHES.items()}
 OPTION_KINDS = ("sample", "train")
@@ -630,6 +644,10 @@ def main() -> None:
         help="run with only this scaled_dot_product_attention backend (default: PyTorch's choice)",
     )
     ap.add_argument("--loop-steps", type=int, default=400, help="steps of each training-loop run")
+    ap.add_argument(
+        "--loop-forms", default="compile,graph", help=f"loop: which forms, of {', '.join(LOOP_FORMS)}"
+    )
+    ap.add_argument("--loop-batches", default="256,512", help="loop: batches, comma-separated")
     ap.add_argument("--cell-examples", type=int, default=2000, help="examples per w of the timed cell")
     ap.add_argument(
         "--autotune", action="store_true", help="variants: add compile mode max-autotune-no-cudagraphs"
@@ -662,6 +680,17 @@ def main() -> None:
         )
     if unknown := set(args.sets.split(",")) - set(OPTION_SETS):
         ap.error(f"--sets {args.sets}: unknown set(s) {sorted(unknown)}; use {', '.join(OPTION_SETS)}")
+    if unknown := set(args.loop_forms.split(",")) - set(LOOP_FORMS):
+        ap.error(
+            f"--loop-forms {args.loop_forms}: unknown form(s) {sorted(unknown)}; use {', '.join(LOOP_FORMS)}"
+        )
+    try:
+        batches = [int(b) for b in args.loop_batches.split(",")]
+        if min(batches) < 1:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--loop-batches {args.loop_batches}: use positive integers, comma-separated (e.g. 256,512)")
+    args.loop_batches = batches
     if unknown := set(args.kinds.split(",")) - set(OPTION_KINDS):
         ap.error(f"--kinds {args.kinds}: unknown kind(s) {sorted(unknown)}; use sample, train")
     if args.sdpa:
@@ -703,10 +732,14 @@ def run(args, parts: set[str]) -> None:
     f_fwd = flops_per_image(probe, config, torch.device("cuda"), train=False)
     cl, cf = torch.channels_last, torch.contiguous_format
     rows = []
-    for batch, graphed in [(b, g) for b in (256, 512) for g in (False, True)] if "loop" in parts else []:
+    forms = args.loop_forms.split(",")
+    for batch, form in [(b, f) for b in args.loop_batches for f in forms] if "loop" in parts else []:
         torch._dynamo.reset()
-        ips, wall = loop_rate(config, batch, args.loop_steps, compile=True, cuda_graph=graphed)
-        what = "train loop compile" + (" + CUDA graph" if graphed else "")
+        graphed, update = LOOP_FORMS[form]
+        ips, wall = loop_rate(
+            config, batch, args.loop_steps, compile=True, cuda_graph=graphed, compile_update=update
+        )
+        what = "train loop compile" + (" + CUDA graph" if graphed else "") + (" + update" if update else "")
         rows.append((what, batch, ips, f_train * ips, 0, wall))
         print(rows[-1], flush=True)
     kernels = []  # (heading, lines), printed after the table
