@@ -38,7 +38,7 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             training step (--kinds; --train-batch / --sample-batch for other batches): compile seconds, wall and
             kernel time per step, MFU
             and the device time by kernel kind with launches per step and mean µs (--kernels-out DIR: every kernel
-            of each row, as CSV); each (set, kind) in a process of its own with empty Inductor and Triton caches, so
+            of each row, as CSV, with its µs per launch: mean, fewest, most); each (set, kind) in a process of its own with empty Inductor and Triton caches, so
             every compile time is cold (--no-isolate: all in this process). Not in the default parts: max-autotune
             compiles for minutes
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
@@ -205,8 +205,9 @@ def top_kernels(
     per step and the mean launch's µs: many launches of a few µs each mean a step bound by launch latency and
     occupancy, not by bytes or FLOPs), and how busy the GPU was: summed kernel time / wall time of those same
     steps (kernels of one stream do not overlap here; the profiler's own overhead is in the wall time, so busy is
-    if anything understated). `csv_path`: every kernel written there (name, kind, launches and µs per step). Returns
-    (wall s per step, printable lines, kernel s per step; 0 when the profiler recorded none)."""
+    if anything understated). `csv_path`: every kernel written there (name, kind, launches and µs per step, µs per
+    launch: mean, fewest and most; a kernel name that runs at several shapes, or one shape two ways, spreads them).
+    Returns (wall s per step, printable lines, kernel s per step; 0 when the profiler recorded none)."""
     for _ in range(3):
         step()
     sync(torch.device("cuda"))
@@ -216,36 +217,42 @@ def top_kernels(
             step()
         sync(torch.device("cuda"))
         wall = (time.perf_counter() - t0) / calls  # the profiled steps themselves, back to back
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    total = sum(e.self_device_time_total for e in events)  # µs over `calls` steps
+    durations: dict[str, list[float]] = {}  # kernel name -> each launch's µs over the `calls` steps
+    for e in prof.events():
+        if (t := e.self_device_time_total) > 0:
+            durations.setdefault(e.key, []).append(t)
+    events = sorted(durations.items(), key=lambda kv: -sum(kv[1]))
+    total = sum(sum(us) for _, us in events)  # µs over `calls` steps
     if total == 0:
         return wall, [f"  step {wall * 1e3:.2f} ms wall; the profiler recorded no kernels"], 0.0
-    events.sort(key=lambda e: -e.self_device_time_total)
     kinds: dict[str, list[float]] = {}  # kind -> [µs, launches] over the `calls` steps
-    for e in events:
-        acc = kinds.setdefault(kernel_kind(e.key), [0.0, 0])
-        acc[0] += e.self_device_time_total
-        acc[1] += e.count
+    for name, us in events:
+        acc = kinds.setdefault(kernel_kind(name), [0.0, 0])
+        acc[0] += sum(us)
+        acc[1] += len(us)
     if csv_path is not None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         with csv_path.open("w", newline="") as f:
             out = csv.writer(f)
-            out.writerow(["kernel", "kind", "launches_per_step", "us_per_step", "us_per_launch"])
-            for e in events:
-                t = e.self_device_time_total
+            out.writerow(
+                ["kernel", "kind", "launches_per_step", "us_per_step", "us_per_launch", "us_min", "us_max"]
+            )
+            for name, us in events:
                 out.writerow(
                     [
-                        e.key,
-                        kernel_kind(e.key),
-                        f"{e.count / calls:g}",
-                        f"{t / calls:.2f}",
-                        f"{t / e.count:.2f}",
+                        name,
+                        kernel_kind(name),
+                        f"{len(us) / calls:g}",
+                        f"{sum(us) / calls:.2f}",
+                        f"{sum(us) / len(us):.2f}",
+                        f"{min(us):.2f}",
+                        f"{max(us):.2f}",
                     ]
                 )
     busy = total / calls / 1e6 / wall
     lines = [
         f"  step {wall * 1e3:.2f} ms wall, {total / calls / 1e3:.2f} ms of kernels: GPU busy {busy:.0%}; "
-        f"{sum(e.count for e in events) // calls} kernels/step",
+        f"{sum(len(us) for _, us in events) // calls} kernels/step",
         "  by kind (launches/step, mean µs): "
         + ", ".join(
             f"{k} {us / total:.0%} ({launches // calls}, {us / launches:.1f})"
@@ -255,10 +262,7 @@ def top_kernels(
     return (
         wall,
         lines
-        + [
-            f"  {e.self_device_time_total / total:6.1%}  {e.count // calls:>4}/step  {e.key[:100]}"
-            for e in events[:n]
-        ],
+        + [f"  {sum(us) / total:6.1%}  {len(us) // calls:>4}/step  {name[:100]}" for name, us in events[:n]],
         total / calls / 1e6,
     )
 
