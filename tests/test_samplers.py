@@ -191,3 +191,39 @@ def test_few_step_second_order_samplers_on_the_sampling_schedule():
         err = {name: (SAMPLERS[name](denoise, z, lambdas) - exact).abs().max().item() for name in SAMPLERS}
         assert err["dpmpp_2m"] < err["ddim"], (steps, err)
         assert err["heun"] < err["ddim"], (steps, err)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_callback_hands_over_the_latent_the_next_step_starts_from(name):
+    """callback(i, T, z, x̂) hands over the latent after step i: the z (and λ_{i+1}) of the sampler's next
+    evaluation of the denoiser, and after the last step the z of its last evaluation, at λ_T. Checked on 64
+    uniform log-SNRs with the exact ε-predictor of Gaussian data; Heun's (evaluated twice at each λ) once gave
+    its latent scaled by α at the λ before."""
+    model = GaussianMixtureEps(GAUSS_MEAN, GAUSS_COV)
+    n, steps = 200, 64
+    lambdas = torch.linspace(-10.0, 10.0, steps, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    guided = guided_denoiser(model, torch.zeros(n, dtype=torch.long), torch.zeros((), dtype=torch.float64), 1)
+    events = []  # ("eval", λ, z) and ("callback", i, z) in the order they happened
+
+    def denoise(zz, lam):
+        events.append(("eval", float(lam), zz.clone()))
+        return guided(zz, lam)
+
+    def callback(i, total, zi, x_hat):
+        assert total == steps
+        events.append(("callback", i, zi.clone()))
+
+    SAMPLERS[name](denoise, z, lambdas, noise=generator_source(z, gen), callback=callback)
+    calls = [k for k, e in enumerate(events) if e[0] == "callback"]
+    assert [events[k][1] for k in calls] == list(range(steps))
+    for k in calls:
+        i, zi = events[k][1:]
+        if i < steps - 1:
+            _, lam, z_eval = next(e for e in events[k + 1 :] if e[0] == "eval")
+            assert lam == float(lambdas[i + 1]), (i, lam)
+        else:
+            _, lam, z_eval = next(e for e in reversed(events[:k]) if e[0] == "eval")
+            assert lam == float(lambdas[-1]), lam
+        torch.testing.assert_close(zi, z_eval, rtol=1e-12, atol=1e-12, msg=f"step {i}")

@@ -222,10 +222,10 @@ def sample_heun(
     x = z / alpha_sigma(lambdas[0])[0].to(z.dtype)
     x_hat = z
     for i in range(total):
-        lam = lambdas[i]
+        lam = lam_x = lambdas[i]  # lam_x: where x is, handed to the callback at its own α
         x_hat = data(x, lam)
         if i < total - 1:
-            lam_next = lambdas[i + 1]
+            lam_next = lam_x = lambdas[i + 1]
             s, s_next = torch.exp(-lam / 2), torch.exp(-lam_next / 2)
             dt = (s_next - s).to(x.dtype)
             d = (x - x_hat) / s.to(x.dtype)
@@ -234,5 +234,5 @@ def sample_heun(
                 d_next = (x - data(x, lam_next)) / s_next.to(x.dtype)
                 x = x + dt * (d_next - d) / 2
         if callback is not None:
-            callback(i, total, alpha_sigma(lam)[0].to(x.dtype) * x, x_hat)
+            callback(i, total, alpha_sigma(lam_x)[0].to(x.dtype) * x, x_hat)
     return x_hat
