@@ -159,15 +159,18 @@ def interval(
     z: Tensor,
     lam: Tensor,
     step: Step,
-    lambda_lo: float = -3.38,  # lowest guided log-SNR; −2 ln 5.42: EDM2-XXL's σ_hi = 5.42
-    lambda_hi: float = 2.546,  # guidance stops at this log-SNR; −2 ln 0.28: EDM2-XXL's σ_lo = 0.28
+    lambda_lo: float = -3.38,  # lowest guided log-SNR; −2 ln 5.42: σ_hi = 5.42
+    lambda_hi: float = 2.546,  # guidance stops at this log-SNR; −2 ln 0.28: σ_lo = 0.28
 ) -> Tensor:
     """Guidance in a limited interval (Kynkäänniemi et al. 2024, arXiv 2404.07724, Eq. 4): Eq. 6 for
     λ ∈ [λ_lo, λ_hi), plain ε(z, c) outside, where ε(z) is not computed at all (`_interval_passes`).
 
-    The paper's interval is in EDM's σ = e^(−λ/2): guide for σ ∈ (σ_lo, σ_hi], as its reference code
-    (kynkaat/guidance-interval, `guidance if sigma_lo < t <= sigma_hi else 1`) does; the defaults are its
-    ImageNet-512 EDM2-XXL interval (0.28, 5.42], i.e. λ ∈ [−3.38, 2.546).
+    The paper's interval is in EDM's σ = e^(−λ/2): guide for σ ∈ (σ_lo, σ_hi], i.e. λ ∈ [−2 ln σ_hi, −2 ln σ_lo).
+    The defaults are σ ∈ (0.28, 5.42], λ ∈ [−3.38, 2.546) (recalled, not checked here, as the paper's EDM2-S
+    interval); the README's guidance-methods study ran with them. EDM2-XXL's, from its reference code
+    (kynkaat/guidance-interval: `--guidance_interval="[17, 22]"`, G = 2.0, i.e. steps 17–22 of EDM's 32-step
+    ρ = 7 schedule, whose Euler and Heun evaluations run from σ = 1.609 down to 0.189), is about (0.19, 1.61]:
+    `lambda_lo=-0.951, lambda_hi=3.34`.
     """
     return cfg(eps_c, eps_u, _interval_w(w, lam, lambda_lo, lambda_hi), z=z, lam=lam)
 
