@@ -65,6 +65,14 @@ def test_fid_of_two_gaussians_matches_closed_form():
     assert value == pytest.approx(closed, rel=1e-9)
 
 
+def test_fid_of_one_dimensional_features_is_the_closed_form():
+    # D = 1 (a custom extractor's scalar feature): (μ₁ − μ₂)² + (s₁ − s₂)², with the unbiased variances
+    x, y = torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor([[0.0], [2.0], [4.0], [7.0]])
+    s1, s2 = x.double().var().sqrt().item(), y.double().var().sqrt().item()
+    closed = (x.mean().item() - y.mean().item()) ** 2 + (s1 - s2) ** 2
+    assert fid(Features(x), ref_of(y)) == pytest.approx(closed, rel=1e-9)
+
+
 def test_per_class_fid_is_fid_of_each_class():
     x, y = gaussian(120, 6, seed=6), gaussian(90, 6, seed=7, shift=0.5)
     x_labels, y_labels = torch.arange(120) % 3, torch.arange(90) % 3

@@ -20,7 +20,7 @@ def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:
     if features.dim() != 2 or len(features) < 2:
         raise ValueError(f"need features (N >= 2, D), got shape {tuple(features.shape)}")
     f = features.double()
-    return f.mean(0), torch.cov(f.T)
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])  # torch.cov gives a 0-d tensor for D = 1
 
 
 @dataclass
