@@ -11,6 +11,7 @@ from cfg.engine.generate import generate_w_grid
 from cfg.engine.training import train_diffusion
 from cfg.maths.diffusion import sampling_lambdas
 from cfg.maths.guidance import guided_eps, needed_passes
+from cfg.maths.noise import example_noise
 from cfg.maths.samplers import SAMPLERS
 from cfg.nets.unet import UNet, UNetConfig
 
@@ -52,6 +53,17 @@ def test_skipped_passes_under_compile_match_both_passes():
         both = guided_eps(model, z, lam, labels, w, 10)
         lean = guided_eps(compiled, z, lam, labels, w, 10, passes=needed_passes(w, 16))
     assert (lean - both).norm() / both.norm() < 1e-3
+
+
+def test_noise_streams_on_cuda_are_the_cpus():
+    """The per-example streams are integer hashes and a float64 Box-Muller: a CUDA process draws the CPU's noise
+    (to rounding of log and cos), so a cell's samples do not depend on the device that drew their noise."""
+    ids = torch.tensor([0, 7, 123_456, 2**31 + 5, 2**40 + 1])
+    for seed, step in ((11, 0), (11, 3), (2**33 + 1, 64)):
+        cpu = example_noise(seed, ids, step, (1, 32, 32), dtype=torch.float64)
+        gpu = example_noise(seed, ids.cuda(), step, (1, 32, 32), dtype=torch.float64)
+        assert gpu.device.type == "cuda"
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-12)
 
 
 def test_analytic_sampler_on_cuda_matches_cpu():
