@@ -38,9 +38,9 @@ Parts (all but `options` by default; they run in this order: loop, options, kern
             training step (--kinds; --train-batch / --sample-batch for other batches): compile seconds, wall and
             kernel time per step, MFU
             and the device time by kernel kind with launches per step and mean µs (--kernels-out DIR: every kernel
-            of each row, as CSV, with its µs per launch: mean, fewest, most); each (set, kind) in a process of its own with empty Inductor and Triton caches, so
-            every compile time is cold (--no-isolate: all in this process). Not in the default parts: max-autotune
-            compiles for minutes
+            of each row, as CSV, with its µs per launch: mean, fewest, most); each (set, kind) in a process of its
+            own with empty Inductor and Triton caches, so every compile time is cold (--no-isolate: all in this
+            process). Not in the default parts: max-autotune compiles for minutes
 Every row prints images/s and MFU (model FLOPs per image from torch's FLOP counter x images/s / the bf16
 matmul rate measured in the same run). Graph breaks of the compiled variants are counted. `--sdpa flash|efficient|
 cudnn|math` runs every part with only that attention backend (default: PyTorch's choice, cuDNN's on an H100/H200,
