@@ -11,9 +11,11 @@ import json
 import os
 import socket
 import time
+from dataclasses import replace
 
 import pytest
 import torch
+import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from cfg.engine.distributed import Claims, Dist, finish, gather_rows, init, shard
@@ -142,6 +144,30 @@ def _evaluate(d: Dist):
     return {"records": [r.to_dict() for r in records], "seen": seen}
 
 
+def _dropout_masks(d: Dist):
+    """Two training steps of a network with dropout 0.5: every Dropout module's zeroed elements, per rank
+    (gathered to rank 0), recorded by a global forward hook."""
+    masks = []
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Dropout) and module.training:
+            masks.append((output == 0) & (inputs[0] != 0))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        x, y = _data()
+        config = replace(CONFIG, dropout=0.5)
+        train_diffusion(config, x, y, steps=2, batch_size=8, warmup_steps=1, log_every=1, seed=3, dist=d)
+    finally:
+        hook.remove()
+    per_rank = [None] * d.world
+    if d.world > 1:
+        tdist.all_gather_object(per_rank, masks)
+    else:
+        per_rank = [masks]
+    return {"masks": per_rank}
+
+
 # Claims: 37 examples in batches of 4 (12 rows / 3 w): 9 full blocks handed out, the short one (example 36) to
 # rank 9 mod world; rank 1 of two sleeps after each batch, as a rank whose GPU also trains a model runs slower
 CLAIM_N, CLAIM_BLOCK = 37, 4
@@ -181,7 +207,13 @@ def _claims(d: Dist):
     }
 
 
-FNS = {"train": _train, "sample": _sample_and_features, "evaluate": _evaluate, "claims": _claims}
+FNS = {
+    "train": _train,
+    "sample": _sample_and_features,
+    "evaluate": _evaluate,
+    "claims": _claims,
+    "dropout": _dropout_masks,
+}
 
 
 def _worker(rank: int, world: int, port: int, fn: str, out: str) -> None:
@@ -228,6 +260,17 @@ def test_two_processes_train_the_weights_of_one_at_the_same_global_batch(tmp_pat
         assert worst < WEIGHT_TOL, (part, worst)
         assert moved > 100 * WEIGHT_TOL  # the comparison is not between untrained weights
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+
+
+def test_ranks_draw_their_own_dropout_masks(tmp_path):
+    """Each rank computes other rows of the global batch, so its dropout masks must be its own: seeded alike, the
+    two ranks once drew identical masks for their halves (rows i and i + B/2 shared a mask). With p = 0.5,
+    independent masks agree on about half the elements."""
+    per_rank = _run("dropout", 2, tmp_path)["masks"]
+    assert len(per_rank) == 2 and len(per_rank[0]) == len(per_rank[1]) > 0
+    for a, b in zip(*per_rank, strict=True):
+        assert a.shape == b.shape and a.any()
+        assert (a == b).float().mean().item() < 0.75
 
 
 def test_samples_and_features_are_identical_for_one_and_two_processes(tmp_path):

@@ -225,3 +225,13 @@ def test_compiled_update_equals_the_eager_update():
     for p, q in zip(ema_a.model.parameters(), ema_b.model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
     assert all(not torch.equal(p, q) for p, q in zip(model_b.parameters(), init, strict=True))
+
+
+def test_history_logs_the_learning_rate_each_step_trained_with(digits):
+    """Step s of the linear warm-up trains at lr · min(1, s / warmup_steps) (LambdaLR: the factor of s − 1, counted
+    from 0); the history gives that rate, not the next step's, which the scheduler holds once the step is done."""
+    kw = KW | {"steps": 7, "warmup_steps": 4, "log_every": 1}
+    result = train_diffusion(TINY, *digits, **kw)
+    lr = kw["lr"]
+    assert [h["step"] for h in result.history] == list(range(1, 8))
+    assert [h["lr"] for h in result.history] == pytest.approx([lr * min(1.0, s / 4) for s in range(1, 8)])

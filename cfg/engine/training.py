@@ -191,6 +191,15 @@ class TrainResult:
     resumed_from: int = 0  # the step a resume state continued from; 0 when trained from scratch
 
 
+def dropout_seed(seed: int, rank: int, step: int) -> int:
+    """The global generators' seed for `step` on data-parallel `rank`: a 64-bit hash (splitmix64's finaliser) of
+    the three, so that the ranks and steps of a run draw from unrelated seeds."""
+    x = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return x ^ (x >> 31)
+
+
 def train_diffusion(
     config: UNetConfig,
     train_x: Tensor,  # (N, C, H, W) in [-1, 1]
@@ -226,8 +235,12 @@ def train_diffusion(
 
     Data parallel: every process draws the same global batch and noise and computes its batch_size / world
     rows; DDP averages the gradients, so N processes take the steps one process would at the same global
-    batch and learning rate (equal up to float reassociation of the gradient sum). Rank 0 alone calls
-    `callback` and writes the resume state.
+    batch and learning rate (equal up to float reassociation of the gradient sum) when the network has no
+    dropout. Dropout masks come from the global generators, which each process seeds before every step from
+    (seed, rank, step) (`dropout_seed`): the ranks' rows get independent masks, as one process's rows do, and a
+    resumed run draws the masks an uninterrupted one would; the masks are not one process's, so with dropout N
+    processes train as one would in distribution, not in value. Rank 0 alone calls `callback` and writes the
+    resume state.
 
     `cuda_graph`: a step launches hundreds of small kernels (forward, backward, clipping, Adam, EMA), and at
     the GPU preset's batch the GPU waits on their launches more than it computes. The step's deterministic part
@@ -301,7 +314,11 @@ def train_diffusion(
     # clipping, Adam and the EMA (GraphStep.update) compiled with the network under train.cuda_graph
     compile_update = compile_update and graphed and compile is not False
     opt = make_adam(model.parameters(), lr, device, graphed=graphed, compile_update=compile_update)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+    def warm_up(s: int) -> float:  # the learning rate's factor at step s + 1 (LambdaLR counts from 0)
+        return min(1.0, (s + 1) / max(1, warmup_steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm_up)
     gen = torch.Generator(device=device).manual_seed(seed)
     x_all, y_all = train_x.to(device), train_y.to(device)
 
@@ -338,6 +355,10 @@ def train_diffusion(
         GraphStep(step_model, model, opt, ema, running, grad_clip, bf16, compile_update) if graphed else None
     )
     for step in range(start + 1, steps + 1):
+        if (
+            d.world > 1
+        ):  # each rank its own dropout masks (seeded with the same seed, every rank drew rank 0's)
+            torch.manual_seed(dropout_seed(seed, d.rank, step))
         idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen, device=device)
         x, y = x_all[idx], y_all[idx]
         if device.type == "cuda":
@@ -384,7 +405,8 @@ def train_diffusion(
             entry = {
                 "step": step,
                 "loss": mean_loss,
-                "lr": float(sched.get_last_lr()[0]),  # a tensor under cuda_graph
+                "lr": lr
+                * warm_up(step - 1),  # the rate this step trained with (the scheduler now holds the next)
                 "images_per_s": rate,
                 "elapsed_s": now - t_start,
                 "eta_s": (steps - step) * batch_size / rate,
