@@ -292,7 +292,10 @@ def _is_rises(g: pd.DataFrame, k: float) -> tuple[str, str, dict]:
     }
     if falls:
         return NOT_REPRODUCED, text, detail
-    if all(s["sign"] > 0 for s in steps) or (rho == 1.0 and _beyond(end_d, end_se, k) > 0):
+    # IS higher at every larger w in the point estimates (Spearman's ρ = 1 in exact arithmetic; its float can
+    # come out 1 − 2⁻⁵³, so the rise is checked directly), and the end-to-end rise beyond the spread
+    rises_everywhere = bool(np.all(np.diff(g.sort_values("w")["is"].to_numpy(float)) > 0))
+    if all(s["sign"] > 0 for s in steps) or (rises_everywhere and _beyond(end_d, end_se, k) > 0):
         return REPRODUCED, text, detail
     return (NO_SPREAD if not np.isfinite(end_se) else INCONCLUSIVE), text, detail
 

@@ -110,6 +110,17 @@ def test_is_dip_beyond_spread_is_named():
     assert verdict(F.check_findings(frame({0.1: (U_FID, RISING_IS)})), 2, "0.1") == F.REPRODUCED
 
 
+def test_is_rising_at_every_w_on_any_grid_size_is_reproduced():
+    """A strictly rising IS with the end-to-end rise beyond the spread, but its single steps within it: reproduced
+    on every grid size (a Spearman ρ compared with 1.0 exactly missed grids where its float is 1 − 2⁻⁵³, 5 w here)."""
+    for n in (2, 3, 5, 7, 10):
+        w = [0.0, 0.1, 0.3, 1.0, 4.0] if n == 5 else list(np.linspace(0.0, 4.0, n))
+        is_ = [5.0 + 0.4 * i / (n - 1) for i in range(n)]  # +0.4 end to end; se of a step hypot(.1, .1) / 2
+        out = F.check_findings(frame({0.1: ([10.0] * n, is_)}, is_sd=0.1, w=w))
+        row = out[out["finding"] == F.FINDINGS[2]].iloc[0]
+        assert row["verdict"] == F.REPRODUCED, (n, row["numbers"])
+
+
 def frontier_curves(fid_shift_05: float) -> dict:
     # 0.1 and 0.2 share one curve; 0.5's is that curve with FID worse by fid_shift_05 at every w
     return {
