@@ -355,9 +355,8 @@ def train_diffusion(
         GraphStep(step_model, model, opt, ema, running, grad_clip, bf16, compile_update) if graphed else None
     )
     for step in range(start + 1, steps + 1):
-        if (
-            d.world > 1
-        ):  # each rank its own dropout masks (seeded with the same seed, every rank drew rank 0's)
+        # each rank its own dropout masks (seeded with the same seed, every rank drew rank 0's)
+        if d.world > 1:
             torch.manual_seed(dropout_seed(seed, d.rank, step))
         idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen, device=device)
         x, y = x_all[idx], y_all[idx]
@@ -405,8 +404,8 @@ def train_diffusion(
             entry = {
                 "step": step,
                 "loss": mean_loss,
-                "lr": lr
-                * warm_up(step - 1),  # the rate this step trained with (the scheduler now holds the next)
+                # the rate this step trained with (the scheduler already holds the next one's)
+                "lr": lr * warm_up(step - 1),
                 "images_per_s": rate,
                 "elapsed_s": now - t_start,
                 "eta_s": (steps - step) * batch_size / rate,
