@@ -81,6 +81,7 @@ def main() -> None:
         model=model_params,
         train=params.to_dict()["train"] | {"steps": steps},
         device=device,
+        world=d.world,
     )
 
     train = partial(

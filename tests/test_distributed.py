@@ -168,6 +168,26 @@ def _dropout_masks(d: Dist):
     return {"masks": per_rank}
 
 
+def _resume(d: Dist):
+    """Eight steps with dropout 0.5, the resume state written at steps 3 and 6 (between the logs at 4 and 8), then
+    the same call again, which continues from the state of step 6: both calls' weights and loss curves."""
+    x, y = _data()
+    kw = dict(p_uncond=0.2, steps=8, batch_size=8, lr=1e-3, warmup_steps=2, log_every=4, seed=3, dist=d)
+    kw |= dict(resume_path=os.environ["CFG_TEST_RESUME_STATE"], checkpoint_every=3)
+    config = replace(CONFIG, dropout=0.5)
+    out = {}
+    for name in ("whole", "resumed"):
+        r = train_diffusion(config, x, y, **kw)
+        tdist.barrier()  # rank 0's state is out before any rank reads it
+        out[name] = {
+            "model": r.model.state_dict(),
+            "ema": r.ema.state_dict(),
+            "history": [(h["step"], h["loss"]) for h in r.history],
+            "resumed_from": r.resumed_from,
+        }
+    return out
+
+
 # Claims: 37 examples in batches of 4 (12 rows / 3 w): 9 full blocks handed out, the short one (example 36) to
 # rank 9 mod world; rank 1 of two sleeps after each batch, as a rank whose GPU also trains a model runs slower
 CLAIM_N, CLAIM_BLOCK = 37, 4
@@ -213,6 +233,7 @@ FNS = {
     "evaluate": _evaluate,
     "claims": _claims,
     "dropout": _dropout_masks,
+    "resume": _resume,
 }
 
 
@@ -271,6 +292,31 @@ def test_ranks_draw_their_own_dropout_masks(tmp_path):
     for a, b in zip(*per_rank, strict=True):
         assert a.shape == b.shape and a.any()
         assert (a == b).float().mean().item() < 0.75
+
+
+def test_two_processes_resumed_between_logs_end_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
+    """A data-parallel resume state holds every rank's loss sum since the last log (the ranks' sums differ): with
+    rank 0's alone, every rank resumed with it and the next logged loss was wrong. With dropout the ranks draw
+    their own masks, which a resumed run draws again. A state of two processes is refused by one."""
+    state = tmp_path / "state.pt"
+    monkeypatch.setenv("CFG_TEST_RESUME_STATE", str(state))
+    runs = _run("resume", 2, tmp_path)
+    whole, resumed = runs["whole"], runs["resumed"]
+    assert (whole["resumed_from"], resumed["resumed_from"]) == (0, 6)
+    assert [s for s, _ in whole["history"]] == [4, 8]
+    assert resumed["history"] == whole["history"]
+    for part in ("model", "ema"):
+        assert whole[part].keys() == resumed[part].keys()
+        assert all(torch.equal(whole[part][k], resumed[part][k]) for k in whole[part]), part
+    saved = torch.load(state, weights_only=True)
+    assert saved["step"] == 6 and saved["running"].shape == (2,)
+    assert saved["running"][0] != saved["running"][1]  # the ranks' own sums
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"other settings \(\['world'\]\)"):
+        train_diffusion(
+            replace(CONFIG, dropout=0.5), x, y, p_uncond=0.2, steps=8, batch_size=8, lr=1e-3, warmup_steps=2,
+            log_every=4, seed=3, resume_path=state, checkpoint_every=3,
+        )  # fmt: skip
 
 
 def test_samples_and_features_are_identical_for_one_and_two_processes(tmp_path):

@@ -283,6 +283,89 @@ def test_two_gpus_claiming_a_cells_batches_give_the_bytes_of_one(tmp_path):
     assert torch.equal(one, two["images"])
 
 
+def _nccl_resume_worker(rank: int, world: int, port: int, state: str, out: str) -> None:
+    """Twelve steps with dropout 0.5 on cuda:<rank> under NCCL, the resume state written at steps 5 and 10 (between
+    the logs at 4, 8 and 12), then the same call again, continuing from step 10; every Dropout's zeroed elements
+    in the first call, per rank."""
+    import os
+
+    import torch.distributed as dist
+
+    from cfg.engine.distributed import finish, init
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )  # fmt: skip
+    d, device = init("cuda")
+    ds = load_dataset("digits", image_size=8)
+    config = UNetConfig(**{**CONFIG.to_dict(), "dropout": 0.5})
+    kw = dict(p_uncond=0.2, steps=12, batch_size=64, lr=1e-3, warmup_steps=4, seed=0, device=device, dist=d)
+    kw |= dict(bf16=False, log_every=4, ema_decay=0.9, resume_path=state, checkpoint_every=5)
+    masks = []
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Dropout) and module.training:
+            masks.append(((output == 0) & (inputs[0] != 0)).cpu())
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    whole = train_diffusion(config, ds.train_x, ds.train_y, **kw)
+    hook.remove()
+    dist.barrier()  # rank 0's state is out before any rank reads it
+    resumed = train_diffusion(config, ds.train_x, ds.train_y, **kw)
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, masks)
+    if d.main:
+        torch.save(
+            {
+                "masks": per_rank,
+                "runs": [
+                    {
+                        "model": r.model.cpu().state_dict(),
+                        "history": [(h["step"], h["loss"]) for h in r.history],
+                        "resumed_from": r.resumed_from,
+                    }
+                    for r in (whole, resumed)
+                ],
+            },
+            out,
+        )
+    finish(d)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_train_with_their_own_dropout_masks_and_resume_between_logs(tmp_path):
+    """The data-parallel training path on real GPUs (NCCL, DDP, CUDA's generators): each rank draws its own dropout
+    masks (seeded alike, the ranks once shared them), and a resume state written between two logs continues the
+    weights and the logged loss of the uninterrupted run (every rank's loss sum travels in the state)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state, out = tmp_path / "state.pt", tmp_path / "out.pt"
+    mp.spawn(_nccl_resume_worker, args=(2, port, str(state), str(out)), nprocs=2, join=True)
+    result = torch.load(out, weights_only=True)
+    first, second = result["masks"]
+    assert len(first) == len(second) > 0
+    for a, b in zip(first, second, strict=True):
+        assert a.shape == b.shape and a.any()
+        assert (a == b).float().mean().item() < 0.75  # independent masks of p = 0.5 agree on about half
+    whole, resumed = result["runs"]
+    assert (whole["resumed_from"], resumed["resumed_from"]) == (0, 10)
+    assert [s for s, _ in resumed["history"]] == [4, 8, 12]
+    losses = [loss for _, loss in whole["history"]]
+    assert [loss for _, loss in resumed["history"]] == pytest.approx(losses, rel=1e-4)
+    config = UNetConfig(**{**CONFIG.to_dict(), "dropout": 0.5})
+    nets = [UNet(config) for _ in range(2)]
+    for net, run in zip(nets, (whole, resumed), strict=True):
+        net.load_state_dict(run["model"])
+    assert_same_updates(*nets, config)
+    saved = torch.load(state, weights_only=True)
+    assert saved["step"] == 10 and saved["running"].shape == (2,)
+
+
 def _compiled_conv_equals_the_plain_conv(c_in: int, c_out: int, check_code):
     """cfg's 3×3 Conv2d (c_in → c_out, channels-last) compiled by Inductor on CUDA against nn.Conv2d with the same
     weights (fp32, TF32 off): `check_code(code, out)` on the forward's generated code and output, then output and

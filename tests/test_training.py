@@ -103,9 +103,12 @@ def test_resume_path_names_every_result_changing_setting(tmp_path):
         {"model": {"base_width": 64}},
         {"train": {**base["train"], "lr": 1e-3}},
         {"device": torch.device("cuda")},
+        {"world": 2},  # train.devices: all on another machine
     ]
     for change in changed:
         assert resume_state_path(tmp_path, **{**base, **change}) != path, change
+    assert resume_state_path(tmp_path, **base, world=1) == path  # one process: the path it always had
+    assert resume_state_path(tmp_path, **base, world=2) != resume_state_path(tmp_path, **base, world=4)
 
 
 class Unpicklable:

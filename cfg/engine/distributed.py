@@ -210,3 +210,13 @@ def all_mean(x: Tensor, d: Dist) -> Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / d.world
+
+
+def all_stack(x: Tensor, d: Dist) -> Tensor:
+    """Every rank's `x` stacked in rank order along a new first dimension, on every rank (x's device); one process
+    returns `x` as it is."""
+    if d.world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(d.world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.stack(parts)

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from cfg.engine.device import COMPILE_OPTIONS, autocast, compile_as, configure_cuda
-from cfg.engine.distributed import Dist, all_mean
+from cfg.engine.distributed import Dist, all_mean, all_stack
 from cfg.io import atomic_save
 from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, diffusion_loss, eps_loss, training_draws
 from cfg.nets.unet import EMA, UNet, UNetConfig
@@ -54,9 +54,12 @@ def resume_state_path(
     model: dict,  # params.yaml's model section
     train: dict,  # params.yaml's train section
     device: torch.device,  # the resolved device: a CUDA state is not resumed on CPU
+    world: int = 1,  # data-parallel processes (train.devices: all counts the GPUs of the machine it runs on)
 ) -> Path:
     """Where a train run keeps its resume state: outside the stage's outputs (DVC deletes those before it runs),
-    named by a hash of everything that determines the result, so that a state of other settings is never resumed."""
+    named by a hash of everything that determines the result, so that a state of other settings is never resumed.
+    The process count is part of it: each rank draws its own dropout masks, and the gradients are summed in
+    another order, so another count trains other weights (a single process's path is the one it always had)."""
     settings = {
         "p_uncond": p_uncond,
         "data_fingerprint": data_fingerprint,
@@ -64,6 +67,8 @@ def resume_state_path(
         "train": {k: v for k, v in train.items() if k not in RESUME_NEUTRAL_KEYS},
         "device": torch.device(device).type,
     }
+    if world > 1:
+        settings["world"] = world
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return Path(root) / ".resume" / f"train-p_uncond={p_uncond}-{digest}" / "state.pt"
 
@@ -240,7 +245,8 @@ def train_diffusion(
     (seed, rank, step) (`dropout_seed`): the ranks' rows get independent masks, as one process's rows do, and a
     resumed run draws the masks an uninterrupted one would; the masks are not one process's, so with dropout N
     processes train as one would in distribution, not in value. Rank 0 alone calls `callback` and writes the
-    resume state.
+    resume state, which holds every rank's loss sum since the last log; only the same number of processes
+    continues it (another count trains other weights: a ValueError).
 
     `cuda_graph`: a step launches hundreds of small kernels (forward, backward, clipping, Adam, EMA), and at
     the GPU preset's batch the GPU waits on their launches more than it computes. The step's deterministic part
@@ -290,12 +296,16 @@ def train_diffusion(
     graphed = cuda_graph and device.type == "cuda"
     if graphed:  # another kernel path (rounding): a state of the eager path is not continued, nor the reverse
         settings["cuda_graph"] = True
+    if d.world > 1:  # other dropout masks and another gradient sum: not continued with another process count
+        settings["world"] = d.world
     resume_path = Path(resume_path) if resume_path is not None else None
     state = None
     if resume_path is not None and resume_path.exists():
         state = torch.load(resume_path, map_location="cpu", weights_only=True)
         if state["settings"] != settings:
-            diff = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+            diff = sorted(
+                k for k in settings | state["settings"] if state["settings"].get(k) != settings.get(k)
+            )
             raise ValueError(
                 f"resume state {resume_path} was written with other settings ({diff}); remove it"
             )
@@ -346,7 +356,9 @@ def train_diffusion(
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         history = state["history"]
-        running, n_running = state["running"].to(device), state["n_running"]
+        # each rank's own loss sum since the last log (one per rank in a data-parallel state)
+        running = state["running"][d.rank] if d.world > 1 else state["running"]
+        running, n_running = running.to(device), state["n_running"]
         timed_images, timed_s = state["timed_images"], state["timed_s"]
         t_start, t_last = t_start - state["elapsed_s"], t_last - state["since_log_s"]
     first_interval = True  # holds compilation and warm-up: not timed
@@ -416,29 +428,32 @@ def train_diffusion(
             if callback is not None and d.main:
                 # "ema": the weights a checkpoint evaluation samples; its values are kept (and resumed) in history
                 entry.update(callback({**entry, "ema": ema.model}) or {})
-        if checkpoint_every and step % checkpoint_every == 0 and step < steps and d.main:
-            now = time.perf_counter()
-            atomic_save(
-                {
-                    "settings": settings,
-                    "step": step,
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(),
-                    "cpu_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "history": history,
-                    "running": running.cpu(),  # the loss accumulator: checkpoints need not fall on log steps
-                    "n_running": n_running,
-                    "timed_images": timed_images,
-                    "timed_s": timed_s,
-                    "elapsed_s": now - t_start,
-                    "since_log_s": now - t_last,
-                },
-                resume_path,
-            )
+        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            # every rank's loss sum since the last log: the ranks' sums differ, and a checkpoint may fall between logs
+            runnings = all_stack(running, d)
+            if d.main:
+                now = time.perf_counter()
+                atomic_save(
+                    {
+                        "settings": settings,
+                        "step": step,
+                        "model": model.state_dict(),
+                        "ema": ema.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "generator": gen.get_state(),
+                        "cpu_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        "history": history,
+                        "running": runnings.cpu(),  # the loss accumulator: checkpoints need not fall on log steps
+                        "n_running": n_running,
+                        "timed_images": timed_images,
+                        "timed_s": timed_s,
+                        "elapsed_s": now - t_start,
+                        "since_log_s": now - t_last,
+                    },
+                    resume_path,
+                )
         if graph_step is not None and (
             step % log_every == 0 or (checkpoint_every and step % checkpoint_every == 0)
         ):
