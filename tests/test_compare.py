@@ -89,6 +89,14 @@ def test_another_protocol_is_refused_naming_what_differs(run_copy):
         compare(load_source("HEAD", ROOT), load_source(str(write(table, steps))))
     on_gpu = {**params, "train": {**params["train"], "device": "cuda"}}
     compare(load_source("HEAD", ROOT), load_source(str(write(table, on_gpu))))  # where it ran: no protocol
+    # how it ran (rounding at most), also against a run from before a setting existed: no protocol either
+    how = {"cuda_graph": True, "compile_update": True, "devices": 2, "compile": True, "checkpoint_every": 0}
+    older_sample = {k: v for k, v in params["sample"].items() if k != "cudnn_benchmark"} | {"devices": "all"}
+    ran_otherwise = {**params, "train": {**params["train"], **how}, "sample": older_sample}
+    compare(load_source("HEAD", ROOT), load_source(str(write(table, ran_otherwise))))
+    ema = {**params, "train": {**params["train"], "ema_decay": 0.5}}
+    with pytest.raises(ProtocolMismatch, match=r"train\.ema_decay: "):
+        compare(load_source("HEAD", ROOT), load_source(str(write(table, ema))))
     fewer = table.assign(n_samples=table["n_samples"] // 2)
     with pytest.raises(ProtocolMismatch, match="n_samples differs at p_uncond="):
         compare(load_source("HEAD", ROOT), load_source(str(write(fewer))))

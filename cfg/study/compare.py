@@ -34,8 +34,21 @@ PROTOCOL = (
 KEY = ("p_uncond", "w")
 # metric -> the column holding its spread over seed ranges (None: reported without a verdict)
 METRICS = {"fid": "fid_range_std", "is": "is_range_std", "kid_x1e3": None, "class_acc": None}
-# params.yaml keys whose difference is no difference of protocol: where runs are logged, on which device
-IGNORED_PARAMS = ("tracking", "train.device", "train.devices", "train.compile", "sample.compile")
+# params.yaml keys whose difference is no difference of protocol: where runs are logged, and how a stage runs
+# (device, processes, compiled kernels, CUDA graph, cuDNN's algorithm choice, how often a resume state is written),
+# which moves the numbers by rounding at most. A run from before such a key existed compares too (None vs a value).
+IGNORED_PARAMS = (
+    "tracking",
+    "train.device",
+    "train.devices",
+    "train.compile",
+    "train.cuda_graph",
+    "train.compile_update",
+    "train.checkpoint_every",
+    "sample.compile",
+    "sample.cudnn_benchmark",
+    "sample.devices",
+)
 
 
 class ProtocolMismatch(ValueError):
