@@ -29,7 +29,7 @@ CELL_PARAMS: dict[str, type] = {k: str if k in OPTION_COLUMNS else _TYPES[k] for
 # what identifies a row: the MLflow run and the cell's settings
 KEY = ["run_id", *CELL_KEY]
 # provenance tags of a cell run, kept as columns
-TAGS = ["fingerprint", "git_commit", "params_hash", "dvc_stage", "dvc_exp_name", "host", "device"]
+TAGS = ["fingerprint", "weights", "git_commit", "params_hash", "dvc_stage", "dvc_exp_name", "host", "device"]
 FINGERPRINT_FIELDS = [f"fingerprint.{f.name}" for f in fields(Fingerprint)]
 # leading columns of the tidy frame, in order (METRICS: the metric columns present); parameters of the train
 # run (model.*, train.*) and DVC's params.yaml follow, sorted

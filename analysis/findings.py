@@ -86,7 +86,7 @@ from analysis.columns import type_cells
 from analysis.selection import require_comparable
 from cfg.eval.fingerprint import FingerprintMismatch
 from cfg.study.frontier import degenerate_rows, hypervolume_shares
-from cfg.study.records import guidance_name
+from cfg.study.records import ID_COLUMNS, guidance_name
 
 __all__ = ["check_findings", "load_tradeoff", "markdown", "main", "over_trainings", "t_k"]
 
@@ -128,7 +128,7 @@ def load_tradeoff(path: str | Path) -> pd.DataFrame:
     records beside it (`cells/*.json` or `cells_*.json`) where they are found."""
     path = Path(path)
     table = path / "tradeoff.csv" if path.is_dir() else path
-    df = type_cells(pd.read_csv(table))
+    df = type_cells(pd.read_csv(table, dtype=dict.fromkeys(ID_COLUMNS, str)))
     ranges = {}
     for r in _records(table.parent):
         try:
@@ -399,7 +399,7 @@ def _cfg_cells(df: pd.DataFrame) -> pd.DataFrame:
 
 # over trainings: a training's own identifiers (left out of the combined table), and the metrics averaged beside
 # FID and IS
-PER_TRAINING = ("seed", "mlflow_run_id", "checkpoint")
+PER_TRAINING = ("seed", "mlflow_run_id", "checkpoint", "weights")
 AVERAGED = ("class_acc", "kid_x1e3", "precision", "recall")
 
 

@@ -199,3 +199,55 @@ def test_two_variants_of_one_method_are_told_apart_by_their_labels(setup, tmp_pa
     # a record of a sample file without labels (written before) is named by its method, as before
     old = CellRecord.from_dict({k: v for k, v in records[2].to_dict().items() if k != "guidance_label"})
     assert old.name == "p_uncond=0.1 w=0 rescale"
+
+
+def test_cells_name_the_weights_they_were_sampled_from(setup, tmp_path, monkeypatch):
+    """The sample file, each cell record, its trade-off row and its MLflow run carry the sampled weights' hash: the
+    same for one model in any memory format, another after one weight moves by one float step."""
+    import yaml
+
+    from cfg.engine.generate import sample_checkpoint
+    from cfg.nets.hashing import state_dict_hash
+    from cfg.nets.unet import UNet, UNetConfig
+    from cfg.study.config import params_from_dict
+    from cfg.study.records import SampleSet
+    from cfg.study.store import QUEUE_DIR
+    from cfg.study.tracking import Tracker, log_cell
+
+    from .conftest import ROOT
+
+    ext, ref, _ = setup
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["sample"] |= {"w": [0.0, 1.0], "steps": 2, "n_samples": 40, "batch_size": 80, "guidance": {"cfg": {}}}
+    params = params_from_dict(raw)
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.from_params(params.model, image_size=8, in_channels=1, num_classes=4)).eval()
+    meta = {"p_uncond": 0.1, "classes": ["a", "b", "c", "d"]}
+    samples = sample_checkpoint(model, meta, params, checkpoint="c.pt", device="cpu")
+    digest = state_dict_hash(model)
+    assert samples.weights_hash == digest and len(digest) == 16
+    assert state_dict_hash(model.to(memory_format=torch.channels_last)) == digest
+    samples.save(tmp_path / "s.pt")
+    assert SampleSet.load(tmp_path / "s.pt").weights_hash == digest
+    records = evaluate_samples(samples, ext, ref, metrics={"class_acc": {}})
+    assert [r.weights_hash for r in records] == [digest, digest]
+    assert [r.row()["weights"] for r in records] == [digest, digest]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("CFG_LAB_TRACKING", "offline")
+    tracker = Tracker.open("evaluate@weights", "cfg-lab", root=tmp_path)
+    log_cell(tracker, records[0], samples.images[0], samples.labels, samples.classes, "h")
+    tracker.finish()
+    calls = [
+        json.loads(s)
+        for f in sorted((tmp_path / QUEUE_DIR).glob("*.jsonl*"))
+        for s in f.read_text().split("\n")
+        if s
+    ]
+    assert [c["tags"]["weights"] for c in calls if c["op"] == "create_run"] == [digest]
+    with torch.no_grad():
+        w = next(model.parameters())
+        w.view(-1)[0] = torch.nextafter(w.view(-1)[0], torch.tensor(float("inf")))
+    assert state_dict_hash(model) != digest
+    # a sample file or record from before the hash was kept reads as "not recorded"
+    old = CellRecord.from_dict({k: v for k, v in records[0].to_dict().items() if k != "weights_hash"})
+    assert old.weights_hash is None and old.row()["weights"] is None

@@ -108,3 +108,30 @@ def test_a_reference_that_is_nothing_is_named(monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit, match="'no-such-rev' is neither a folder, a CSV file nor a git revision"):
         cli.main(["compare", "no-such-rev"])
+
+
+def test_compare_says_whether_the_runs_sampled_the_same_weights(run_copy, tmp_path):
+    """A seed-range sd is one model's sampling noise: the verdict says whether the two runs sampled the same
+    weights (their hashes in the `weights` column), other weights (another training), or cannot tell."""
+    _, table, params = run_copy
+    table = table.drop(columns=["weights"], errors="ignore")
+
+    def source(name: str, t: pd.DataFrame):
+        folder = tmp_path / name
+        folder.mkdir()
+        t.to_csv(folder / "tradeoff.csv", index=False)
+        (folder / "params.yaml").write_text(yaml.safe_dump(params))
+        return load_source(str(folder))
+
+    models = sorted(table["p_uncond"].unique())
+    hashes = {p: f"{i:016x}" for i, p in enumerate(models)}
+    same = table.assign(weights=table["p_uncond"].map(hashes))
+    retrained = same.assign(weights=same["weights"].where(same["p_uncond"] != models[0], "f" * 16))
+    ref = source("ref", same)
+    _, text = verdict(compare(ref, source("same", same)))
+    assert "The same weights in every cell" in text and "other weights" not in text
+    _, text = verdict(compare(ref, source("retrained", retrained)))
+    n = int((table["p_uncond"] == models[0]).sum())
+    assert f"The runs sampled other weights in {n} of {len(table)} cells" in text
+    _, text = verdict(compare(source("old", table), ref))
+    assert "Whether the runs sampled the same weights is not recorded" in text

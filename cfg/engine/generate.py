@@ -21,6 +21,7 @@ from cfg.maths.diffusion import LAMBDA_MAX, LAMBDA_MIN, sampling_lambdas
 from cfg.maths.guidance import guidance_entries, guided_denoiser, needs_guide_network
 from cfg.maths.noise import example_noise, stream_source
 from cfg.maths.samplers import SAMPLERS
+from cfg.nets.hashing import state_dict_hash
 from cfg.nets.unet import UNet, load_checkpoint
 from cfg.study.records import SampleSet
 
@@ -201,6 +202,7 @@ def sample_checkpoint(
     (method-major rows; the same noise for every row; the same bytes for any number of processes)."""
     d = dist or Dist()
     cfg, s = model.config, params.sample
+    weights_hash = state_dict_hash(model)  # before sampling: the weights as the checkpoint holds them
     entries = guidance_of(s)
     uses_guide = needs_guide_network(entries)
     if guide is None and uses_guide:
@@ -272,6 +274,7 @@ def sample_checkpoint(
         guide_checkpoint=str(guide_checkpoint) if uses_guide and guide_checkpoint else None,
         device=str(device),
         seconds=time.perf_counter() - t0,
+        weights_hash=weights_hash,
     )
 
 

@@ -134,6 +134,7 @@ def evaluate_samples(
             fingerprint=fp.key(),
             fingerprint_detail=fp.to_dict(),
             checkpoint=samples.checkpoint,
+            weights_hash=samples.weights_hash,
             train_run_id=samples.train_run_id,
             n_per_range=n_per_range,
             ranges=per_range,

@@ -8,7 +8,6 @@ native resolution (the default) and the standard FID Inception-v3 (`cfg.nets.inc
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,21 +17,8 @@ from torch import Tensor, nn
 
 from cfg.data.images import from_uint8, to_uint8
 from cfg.nets.classifier import Classifier
+from cfg.nets.hashing import state_dict_hash
 from cfg.registry import Registry
-
-
-def hash_tensor(h: hashlib._Hash, t: Tensor) -> None:
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def state_dict_hash(module: nn.Module) -> str:
-    """sha256 of a module's state_dict (names, dtypes, shapes and bytes, in name order); first 16 hex."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        hash_tensor(h, t)
-    return h.hexdigest()[:16]
 
 
 class FeatureExtractor(nn.Module):

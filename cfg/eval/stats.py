@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cfg.eval.features import FeatureExtractor, Features, hash_tensor
+from cfg.eval.features import FeatureExtractor, Features
 from cfg.eval.fingerprint import FingerprintMismatch
 from cfg.io import atomic_save, load
+from cfg.nets.hashing import hash_tensor
 
 
 def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:

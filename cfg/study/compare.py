@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from cfg.study.records import ID_COLUMNS
+
 # what makes two cells the same experiment; the fingerprint (the evaluation network's weights and reference
 # statistics) may differ between machines and is reported, not required
 PROTOCOL = (
@@ -32,6 +34,7 @@ PROTOCOL = (
     "extractor",
 )
 KEY = ("p_uncond", "w")
+TEXT = dict.fromkeys(ID_COLUMNS, str)  # identifiers, read as text
 # metric -> the column holding its spread over seed ranges (None: reported without a verdict)
 METRICS = {"fid": "fid_range_std", "is": "is_range_std", "kid_x1e3": None, "class_acc": None}
 # params.yaml keys whose difference is no difference of protocol: where runs are logged, and how a stage runs
@@ -81,13 +84,13 @@ def load_source(ref: str, root: str | Path = ".", table: str = "results/tradeoff
                     None,
                 )
                 return Source(
-                    pd.read_csv(candidate),
+                    pd.read_csv(candidate, dtype=TEXT),
                     yaml.safe_load(params.read_text()) if params else None,
                     str(candidate),
                 )
         raise FileNotFoundError(f"{ref}: no tradeoff.csv or {table} in this folder")
     if path.is_file():
-        return Source(pd.read_csv(path), None, str(path))
+        return Source(pd.read_csv(path, dtype=TEXT), None, str(path))
 
     def show(rel: str) -> str:
         out = subprocess.run(["git", "show", f"{ref}:{rel}"], cwd=root, capture_output=True, text=True)
@@ -99,7 +102,7 @@ def load_source(ref: str, root: str | Path = ".", table: str = "results/tradeoff
         return out.stdout
 
     params = yaml.safe_load(show("params.yaml"))
-    return Source(pd.read_csv(io.StringIO(show(table))), params, f"{ref}:{table}")
+    return Source(pd.read_csv(io.StringIO(show(table)), dtype=TEXT), params, f"{ref}:{table}")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -198,6 +201,11 @@ def compare(
                 }
             )
     out = pd.DataFrame(rows)
+    weights = None  # cells whose weights both runs recorded, and of those the ones sampled from other weights
+    if "weights" in a and "weights" in b:
+        x, y = merged["weights_ref"], merged["weights_mine"]
+        known = x.notna() & y.notna()
+        weights = {"cells": len(merged), "known": int(known.sum()), "other": int((known & (x != y)).sum())}
     out.attrs.update(
         ref=ref.label,
         mine=mine.label,
@@ -205,6 +213,7 @@ def compare(
         fingerprints=(sorted(set(a["fingerprint"])), sorted(set(b["fingerprint"])))
         if "fingerprint" in a
         else None,
+        weights=weights,
     )
     return out
 
@@ -231,6 +240,23 @@ def verdict(result: pd.DataFrame) -> tuple[bool, str]:
             f"Metric fingerprints differ ({', '.join(fps[0])} vs {', '.join(fps[1])}): another evaluation "
             "classifier or reference statistics (e.g. another CPU), so the numbers are compared as one protocol "
             "measured by two networks, not byte for byte."
+        )
+    weights = result.attrs.get("weights")
+    if weights and weights["other"]:
+        lines.append(
+            f"The runs sampled other weights in {weights['other']} of {weights['cells']} cells (their weights "
+            "hashes differ: another training, e.g. on a GPU, whose training is not bitwise repeatable): a seed-range "
+            "sd is one model's sampling noise, not the spread between trainings, so a cell beyond it may be that "
+            "spread; judge the findings over several trainings (python -m analysis.findings run0/ run1/ ...)."
+        )
+    elif weights and weights["known"] == weights["cells"]:
+        lines.append(
+            "The same weights in every cell (equal weights hashes): the differences are sampling and evaluation alone."
+        )
+    else:
+        lines.append(
+            "Whether the runs sampled the same weights is not recorded in every cell (a run from before the "
+            "weights column)."
         )
     ok = bad.empty
     lines.append(

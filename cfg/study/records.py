@@ -67,6 +67,9 @@ class SampleSet:
     device: str = "cpu"
     seconds: float = 0.0  # wall time of sampling
     guidance_label: list[str] | None = None  # the sample.guidance key (label) of each row's entry
+    # cfg.nets.hashing.state_dict_hash of the sampled (EMA) weights: which model this is, whatever its path or
+    # run (None: a sample file written before it was kept)
+    weights_hash: str | None = None
 
     def __post_init__(self) -> None:
         rows = len(self.w)
@@ -106,6 +109,11 @@ class SampleSet:
         return cls(**blob)
 
 
+# the identifiers among a trade-off row's columns (`CellRecord.row`): whoever reads results/tradeoff.csv reads them
+# as text (`dtype=dict.fromkeys(ID_COLUMNS, str)`), or a hash of digits alone would come back as a number
+ID_COLUMNS = ("checkpoint", "weights", "fingerprint", "mlflow_run_id")
+
+
 @dataclass
 class CellRecord:
     """One evaluated (model, w) cell: its settings, metrics (a `cfg.eval.metrics.METRICS` entry's columns,
@@ -133,6 +141,7 @@ class CellRecord:
     noise_fid: float | None = None  # FID of as many uniform-noise images (cfg.eval.sanity.noise_fid)
     mlflow_run_id: str | None = None  # the cell's MLflow run
     guidance_label: str | None = None  # its entry's key in sample.guidance (None: records without one)
+    weights_hash: str | None = None  # SampleSet.weights_hash: the sampled weights (None: not recorded)
 
     @property
     def label(self) -> str:
@@ -174,6 +183,7 @@ class CellRecord:
             "guidance_options": options_json(self.guidance_options),
             "extractor": self.extractor,
             "checkpoint": self.checkpoint,
+            "weights": self.weights_hash,
             "fingerprint": self.fingerprint,
             "mlflow_run_id": self.mlflow_run_id,
         }

@@ -495,6 +495,7 @@ def log_cell(tracker: Tracker, record, images, labels, classes: list[str], param
     model = tracker.parent_of(record.train_run_id)
     tags = (
         {"run_kind": "cell", "fingerprint": record.fingerprint}
+        | ({"weights": record.weights_hash} if record.weights_hash else {})
         | ({"model_run_id": model} if model else {})
         | {"guidance": record.guidance, "guidance_label": record.label}
         | ({"mlflow.parentRunId": model} if model and not tracker.study_run() else {})
