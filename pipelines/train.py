@@ -94,6 +94,8 @@ def main() -> None:
         **train_kwargs(t) | {"steps": steps},
         log_every=t.log_every,
         resume_path=resume_path,
+        # on every rank: each one's loss sum goes into the resume state (a collective all ranks must enter)
+        checkpoint_every=t.checkpoint_every,
         dist=d,
     )
     if not d.main:  # the other ranks train and leave the outputs and the logging to rank 0
@@ -133,7 +135,7 @@ def main() -> None:
         return values  # kept in the history: eval.csv
 
     # a run left open ends FAILED when the process exits, KILLED when a signal stopped it (Tracker)
-    result = train(callback=on_log, checkpoint_every=t.checkpoint_every)
+    result = train(callback=on_log)
     if result.resumed_from:
         log.info(f"resumed from step {result.resumed_from}")
 
