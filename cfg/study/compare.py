@@ -39,7 +39,8 @@ TEXT = dict.fromkeys(ID_COLUMNS, str)  # identifiers, read as text
 METRICS = {"fid": "fid_range_std", "is": "is_range_std", "kid_x1e3": None, "class_acc": None}
 # params.yaml keys whose difference is no difference of protocol: where runs are logged, and how a stage runs
 # (device, processes, compiled kernels, CUDA graph, cuDNN's algorithm choice, how often a resume state is written),
-# which moves the numbers by rounding at most. A run from before such a key existed compares too (None vs a value).
+# which moves the numbers by rounding at most; with dropout, another number of train processes draws other masks,
+# weights of the same distribution. A run from before such a key existed compares too (None vs a value).
 IGNORED_PARAMS = (
     "tracking",
     "train.device",
@@ -249,14 +250,14 @@ def verdict(result: pd.DataFrame) -> tuple[bool, str]:
             "sd is one model's sampling noise, not the spread between trainings, so a cell beyond it may be that "
             "spread; judge the findings over several trainings (python -m analysis.findings run0/ run1/ ...)."
         )
-    elif weights and weights["known"] == weights["cells"]:
+    elif weights and weights["cells"] and weights["known"] == weights["cells"]:
         lines.append(
             "The same weights in every cell (equal weights hashes): the differences are sampling and evaluation alone."
         )
     else:
         lines.append(
             "Whether the runs sampled the same weights is not recorded in every cell (a run from before the "
-            "weights column)."
+            "weights column, or cells without it)."
         )
     ok = bad.empty
     lines.append(
