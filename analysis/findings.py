@@ -86,7 +86,7 @@ from analysis.columns import type_cells
 from analysis.selection import require_comparable
 from cfg.eval.fingerprint import FingerprintMismatch
 from cfg.study.frontier import degenerate_rows, hypervolume_shares
-from cfg.study.records import ID_COLUMNS, guidance_name
+from cfg.study.records import ID_DTYPES, guidance_name
 
 __all__ = ["check_findings", "load_tradeoff", "markdown", "main", "over_trainings", "t_k"]
 
@@ -128,7 +128,7 @@ def load_tradeoff(path: str | Path) -> pd.DataFrame:
     records beside it (`cells/*.json` or `cells_*.json`) where they are found."""
     path = Path(path)
     table = path / "tradeoff.csv" if path.is_dir() else path
-    df = type_cells(pd.read_csv(table, dtype=dict.fromkeys(ID_COLUMNS, str)))
+    df = type_cells(pd.read_csv(table, dtype=ID_DTYPES))
     ranges = {}
     for r in _records(table.parent):
         try:

@@ -35,7 +35,7 @@ from analysis.columns import (
     order_columns,
     type_cells,
 )
-from cfg.study.records import ID_COLUMNS, p_uncond_name, read_cells
+from cfg.study.records import ID_DTYPES, p_uncond_name, read_cells
 from cfg.study.store import project_root, tracking_uri
 
 
@@ -179,13 +179,13 @@ def dvc_tables(
     for r in revisions:
         if r["rev"] == "workspace":
             if (root / table).exists():
-                tables["workspace"] = pd.read_csv(root / table, dtype=dict.fromkeys(ID_COLUMNS, str))
+                tables["workspace"] = pd.read_csv(root / table, dtype=ID_DTYPES)
             continue
         out = subprocess.run(
             ["git", "show", f"{r['rev']}:{table}"], cwd=root, capture_output=True, text=True, check=False
         )
         if out.returncode == 0 and out.stdout.strip():
-            tables[r["rev"]] = pd.read_csv(StringIO(out.stdout), dtype=dict.fromkeys(ID_COLUMNS, str))
+            tables[r["rev"]] = pd.read_csv(StringIO(out.stdout), dtype=ID_DTYPES)
     return tables
 
 

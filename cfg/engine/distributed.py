@@ -176,11 +176,8 @@ def gather_rows(
     moved = t.movedim(dim, 0).contiguous()
     cuda = dist.get_backend() == "nccl"
 
-    def all_gather(x: Tensor) -> list[Tensor]:
-        x = x.cuda() if cuda else x
-        parts = [torch.empty_like(x) for _ in range(d.world)]
-        dist.all_gather(parts, x)
-        return [p.cpu() for p in parts]
+    def all_gather(x: Tensor) -> Tensor:  # every rank's x (of one shape on all), stacked, on the CPU
+        return all_stack(x.cuda() if cuda else x, d).cpu()
 
     # every rank's row count and whether it holds that many rows: a mismatch on one rank stops all of them here,
     # rather than leaving the others waiting in the next all_gather

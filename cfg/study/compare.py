@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cfg.study.records import ID_COLUMNS
+from cfg.study.records import ID_DTYPES
 
 # what makes two cells the same experiment; the fingerprint (the evaluation network's weights and reference
 # statistics) may differ between machines and is reported, not required
@@ -34,7 +34,6 @@ PROTOCOL = (
     "extractor",
 )
 KEY = ("p_uncond", "w")
-TEXT = dict.fromkeys(ID_COLUMNS, str)  # identifiers, read as text
 # metric -> the column holding its spread over seed ranges (None: reported without a verdict)
 METRICS = {"fid": "fid_range_std", "is": "is_range_std", "kid_x1e3": None, "class_acc": None}
 # params.yaml keys whose difference is no difference of protocol: where runs are logged, and how a stage runs
@@ -85,13 +84,13 @@ def load_source(ref: str, root: str | Path = ".", table: str = "results/tradeoff
                     None,
                 )
                 return Source(
-                    pd.read_csv(candidate, dtype=TEXT),
+                    pd.read_csv(candidate, dtype=ID_DTYPES),
                     yaml.safe_load(params.read_text()) if params else None,
                     str(candidate),
                 )
         raise FileNotFoundError(f"{ref}: no tradeoff.csv or {table} in this folder")
     if path.is_file():
-        return Source(pd.read_csv(path, dtype=TEXT), None, str(path))
+        return Source(pd.read_csv(path, dtype=ID_DTYPES), None, str(path))
 
     def show(rel: str) -> str:
         out = subprocess.run(["git", "show", f"{ref}:{rel}"], cwd=root, capture_output=True, text=True)
@@ -103,7 +102,7 @@ def load_source(ref: str, root: str | Path = ".", table: str = "results/tradeoff
         return out.stdout
 
     params = yaml.safe_load(show("params.yaml"))
-    return Source(pd.read_csv(io.StringIO(show(table)), dtype=TEXT), params, f"{ref}:{table}")
+    return Source(pd.read_csv(io.StringIO(show(table)), dtype=ID_DTYPES), params, f"{ref}:{table}")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

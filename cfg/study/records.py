@@ -110,8 +110,9 @@ class SampleSet:
 
 
 # the identifiers among a trade-off row's columns (`CellRecord.row`): whoever reads results/tradeoff.csv reads them
-# as text (`dtype=dict.fromkeys(ID_COLUMNS, str)`), or a hash of digits alone would come back as a number
+# as text (`pd.read_csv(..., dtype=ID_DTYPES)`), or a hash of digits alone would come back as a number
 ID_COLUMNS = ("checkpoint", "weights", "fingerprint", "mlflow_run_id")
+ID_DTYPES = dict.fromkeys(ID_COLUMNS, str)
 
 
 @dataclass
