@@ -47,7 +47,7 @@ test: $(STAMP)
 
 # end-to-end tests: real `dvc repro` in a temporary clone, MLflow server, PostgreSQL-backed Optuna workers
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cfg pipelines analysis tests benchmarks scripts
