@@ -135,3 +135,64 @@ def test_compare_says_whether_the_runs_sampled_the_same_weights(run_copy, tmp_pa
     assert f"The runs sampled other weights in {n} of {len(table)} cells" in text
     _, text = verdict(compare(source("old", table), ref))
     assert "Whether the runs sampled the same weights is not recorded" in text
+
+
+def test_two_option_sets_of_one_method_are_cells_of_their_own(run_copy, tmp_path):
+    """sample.guidance may hold one method twice with other options (rescale_07, rescale_05): each is its own row,
+    and compare pairs rows by method and options, naming the method of a cell that moved."""
+    _, table, params = run_copy
+    phi = {0.7: '{"phi": 0.7}', 0.5: '{"phi": 0.5}'}
+    study = pd.concat(
+        [
+            table.assign(guidance="rescale", guidance_options=o, fid=table["fid"] + k)
+            for k, o in enumerate(phi.values())
+        ],
+        ignore_index=True,
+    )
+
+    def source(name: str, t: pd.DataFrame):
+        folder = tmp_path / name
+        folder.mkdir()
+        t.to_csv(folder / "tradeoff.csv", index=False)
+        (folder / "params.yaml").write_text(yaml.safe_dump(params))
+        return load_source(str(folder))
+
+    ref = source("ref", study)
+    result = compare(ref, source("same", study))
+    assert len(result[result["metric"] == "fid"]) == len(study)
+    assert (result["verdict"] == "identical").all()
+    assert verdict(result)[0]
+    moved = study.copy()
+    i = moved.index[(moved["guidance_options"] == phi[0.5]) & (moved["w"] == 0)][0]
+    moved.loc[i, "fid"] += 5 * moved.loc[i, "fid_range_std"]
+    ok, text = verdict(compare(ref, source("moved", moved)))
+    p = moved.loc[i, "p_uncond"]
+    assert not ok and f"fid p_uncond={p:g} w=0 rescale phi=0.5 (z +5.0)" in text
+    with pytest.raises(ProtocolMismatch, match="other cells"):  # another option set is another cell
+        compare(ref, source("other", study.replace({"guidance_options": {phi[0.5]: '{"phi": 0.3}'}})))
+
+
+def test_a_metric_missing_in_one_run_is_no_reproduction(run_copy):
+    write, table, _ = run_copy
+    gone = table.copy()
+    i = gone.index[gone["w"] == 0][0]
+    gone.loc[i, "fid"] = float("nan")
+    result = compare(load_source("HEAD", ROOT), load_source(str(write(gone))))
+    row = result[
+        (result["metric"] == "fid") & (result["w"] == 0) & (result["p_uncond"] == gone.loc[i, "p_uncond"])
+    ]
+    assert list(row["verdict"]) == ["missing"]
+    ok, text = verdict(result)
+    assert not ok and "1 missing in one run" in text
+    assert f"fid p_uncond={gone.loc[i, 'p_uncond']:g} w=0 (missing in mine)" in text
+
+
+def test_what_a_stage_only_logs_is_no_protocol(run_copy):
+    """The loss's logging cadence, the training FID curve's settings and the search section change no cell."""
+    write, table, params = run_copy
+    logged = {
+        **params,
+        "train": {**params["train"], "log_every": 7, "eval_every": 0, "eval_samples": 50, "eval_w": 1.0},
+        "search": {**params["search"], "n_trials": 3},
+    }
+    assert verdict(compare(load_source("HEAD", ROOT), load_source(str(write(table, logged)))))[0]

@@ -10,6 +10,7 @@ spread. Cells whose protocol differs are refused, naming the fields.
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cfg.study.records import ID_DTYPES
+from cfg.study.records import ID_DTYPES, guidance_name
+from cfg.study.report import method_column
 
 # what makes two cells the same experiment; the fingerprint (the evaluation network's weights and reference
 # statistics) may differ between machines and is reported, not required
 PROTOCOL = (
-    "guidance",
-    "guidance_options",
     "sampler",
     "sampler_options",
     "steps",
@@ -33,15 +33,24 @@ PROTOCOL = (
     "n_per_range",
     "extractor",
 )
-KEY = ("p_uncond", "w")
+# what names a cell: a study may run one guidance method with several option sets (sample.guidance entries such as
+# rescale_07 and rescale_05), each its own row of the table
+KEY = ("p_uncond", "w", "guidance", "guidance_options")
 # metric -> the column holding its spread over seed ranges (None: reported without a verdict)
 METRICS = {"fid": "fid_range_std", "is": "is_range_std", "kid_x1e3": None, "class_acc": None}
 # params.yaml keys whose difference is no difference of protocol: where runs are logged, and how a stage runs
 # (device, processes, compiled kernels, CUDA graph, cuDNN's algorithm choice, how often a resume state is written),
 # which moves the numbers by rounding at most; with dropout, another number of train processes draws other masks,
-# weights of the same distribution. A run from before such a key existed compares too (None vs a value).
+# weights of the same distribution. Nor what a stage only logs (the loss's logging cadence, the training FID curve)
+# or what the table does not come from (the hyper-parameter search). A run from before such a key existed compares
+# too (None vs a value).
 IGNORED_PARAMS = (
     "tracking",
+    "search",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_samples",
+    "train.eval_w",
     "train.device",
     "train.devices",
     "train.compile",
@@ -136,8 +145,8 @@ def compare(
     sigmas: float = 2.0,  # a difference within this many seed-range sds is a reproduction
 ) -> pd.DataFrame:
     """One row per (cell, metric): ref, mine, the difference, the seed-range sd (the larger of the two runs'),
-    z = difference / sd and a verdict: 'identical', 'within noise' (|z| <= sigmas), 'differs', or '-' for a
-    metric without a spread. Raises ProtocolMismatch when the runs are not the same experiment."""
+    z = difference / sd and a verdict: 'identical', 'within noise' (|z| <= sigmas), 'differs', 'missing' (a
+    number in one run only), or '-' for a metric without a spread. Raises ProtocolMismatch when the runs are not the same experiment."""
     if sigmas <= 0:
         raise ValueError(f"sigmas must be > 0 (seed-range sds a difference may span), got {sigmas}")
     if ref.params is not None and mine.params is not None:
@@ -146,7 +155,7 @@ def compare(
             shown = "; ".join(f"{k}: {a!r} vs {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
             raise ProtocolMismatch(f"params.yaml differs ({ref.label} vs {mine.label}): {shown}")
     a, b = ref.table, mine.table
-    key = [k for k in (*KEY, "guidance") if k in a and k in b]
+    key = [k for k in KEY if k in a and k in b]
     cells_a, cells_b = (
         set(map(tuple, a[key].to_numpy().tolist())),
         set(map(tuple, b[key].to_numpy().tolist())),
@@ -182,6 +191,8 @@ def compare(
             verdict = (
                 "identical"
                 if x == y
+                else "missing"  # a number on one side only: the metric failed or was dropped in one run
+                if np.isnan(x) != np.isnan(y)
                 else "-"
                 if np.isnan(z)
                 else "within noise"
@@ -218,21 +229,31 @@ def compare(
     return out
 
 
+def _cell(r, several_methods: bool) -> str:
+    """`p_uncond=0.1 w=3`, and the guidance method with its options when the table has several."""
+    method = f" {guidance_name(r['guidance'], json.loads(r['guidance_options']))}" if several_methods else ""
+    return f"p_uncond={r['p_uncond']:g} w={r['w']:g}{method}"
+
+
 def verdict(result: pd.DataFrame) -> tuple[bool, str]:
     """(reproduced, one paragraph): every judged metric identical or within noise."""
+    several = "guidance" in result and "guidance_options" in result
+    several = several and len(result[["guidance", "guidance_options"]].drop_duplicates()) > 1
     judged = result[result["metric"].map(lambda m: METRICS.get(m) is not None)]  # those with a spread
-    bad = judged[judged["verdict"] == "differs"]
+    bad = judged[judged["verdict"].isin(["differs", "missing"])]
     same = (judged["verdict"] == "identical").sum()
     worst = judged.loc[judged["z"].abs().idxmax()] if judged["z"].notna().any() else None
     lines = [
         f"{len(judged)} cell metrics judged ({', '.join(sorted(judged['metric'].unique()))}): {same} identical, "
         f"{(judged['verdict'] == 'within noise').sum()} within {result.attrs['sigmas']:g} seed-range sd, "
-        f"{len(bad)} differ."
+        f"{(judged['verdict'] == 'differs').sum()} differ"
+        + (f", {n} missing in one run" if (n := (judged["verdict"] == "missing").sum()) else "")
+        + "."
     ]
     if worst is not None:
         lines.append(
-            f"Largest |z| {abs(worst['z']):.2f}: {worst['metric']} at p_uncond={worst['p_uncond']:g} "
-            f"w={worst['w']:g} ({worst['ref']:.4g} -> {worst['mine']:.4g}, seed sd {worst['seed_sd']:.3g})."
+            f"Largest |z| {abs(worst['z']):.2f}: {worst['metric']} at {_cell(worst, several)} "
+            f"({worst['ref']:.4g} -> {worst['mine']:.4g}, seed sd {worst['seed_sd']:.3g})."
         )
     fps = result.attrs.get("fingerprints")
     if fps and fps[0] != fps[1]:
@@ -264,7 +285,13 @@ def verdict(result: pd.DataFrame) -> tuple[bool, str]:
         if ok
         else "NOT REPRODUCED: "
         + ", ".join(
-            f"{r.metric} p_uncond={r.p_uncond:g} w={r.w:g} (z {r.z:+.1f})" for r in bad.head(8).itertuples()
+            f"{r['metric']} {_cell(r, several)} "
+            + (
+                f"(z {r['z']:+.1f})"
+                if r["verdict"] == "differs"
+                else f"(missing in {'mine' if np.isnan(r['mine']) else 'ref'})"
+            )
+            for _, r in bad.head(8).iterrows()
         )
     )
     return ok, " ".join(lines)
@@ -283,4 +310,6 @@ def format_table(result: pd.DataFrame, metrics: tuple[str, ...] = ("fid", "is"))
         shown[c] = shown[c].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt.format(v))
     shown["p_uncond"] = shown["p_uncond"].map("{:g}".format)
     shown["w"] = shown["w"].map("{:g}".format)
+    if "guidance" in shown and "guidance_options" in shown:  # one column: the method with its options
+        shown = shown.assign(guidance=method_column(shown)).drop(columns="guidance_options")
     return shown.to_string(index=False)
