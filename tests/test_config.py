@@ -490,3 +490,36 @@ def test_compile_update_needs_the_compiled_cuda_graph_step(settings):
         params_from_dict(raw)
     raw["train"] |= {"compile": "default", "cuda_graph": True}
     assert params_from_dict(raw).train.compile_update
+
+
+def test_a_p_uncond_without_decimal_point_is_refused_and_accepted_ones_name_dvcs_folders(tmp_path):
+    """DVC's foreach writes `${item}` as the value is written: an integer 0 or 1 names train@0 and
+    models/p_uncond=0, while the stages find a model's folder from the number (p_uncond_name: p_uncond=0.0). So an
+    integer is refused before any stage runs, and for values that are accepted DVC's names are the stages' names."""
+    import shutil
+
+    from cfg.study.records import p_uncond_name
+    from tests.conftest import run
+
+    for bad, i in (([0, 0.5], 0), ([0.1, 1], 1)):
+        raw = _raw()
+        raw["train"]["p_uncond"] = bad
+        with pytest.raises(
+            ParamsError,
+            match=rf"train\.p_uncond\[{i}\] = {bad[i]} must be written with a decimal "
+            rf"point \({bad[i]}\.0\): DVC names",
+        ):
+            params_from_dict(raw)
+    good = [0.0, 0.25, 1.0, 0.30000000000000004]  # the last: a float Optuna's stepped search may suggest
+    raw = _raw()
+    raw["train"]["p_uncond"] = good
+    params = params_from_dict(raw)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    run(["dvc", "init", "--no-scm", "-q"], tmp_path)
+    listed = run(["dvc", "stage", "list"], tmp_path).stdout
+    for p in params.train.p_uncond:
+        name = p_uncond_name(p)
+        assert re.search(
+            rf"^train@{re.escape(name.split('=')[1])}\s+Outputs models/{re.escape(name)}$", listed, re.M
+        ), listed

@@ -48,7 +48,7 @@ class ParamsWarning(UserWarning):
 
 def _p(default: Any, help: str, **rules: Any) -> Any:
     """A schema field: default, one-line help, and rules (ge, gt, le, lt, choices, nonempty; `why`: the reason
-    for a range, added to its out-of-range message)."""
+    for a range, added to its out-of-range message; `decimal`: why a number must be written with a decimal point)."""
     if isinstance(default, list | tuple):
         return field(default_factory=lambda d=default: list(d), metadata={"help": help, **rules})
     return field(default=default, metadata={"help": help, **rules})
@@ -97,7 +97,14 @@ _LAMBDA_WHY = (
 @dataclass
 class TrainParams:
     p_uncond: list[float] = _p(
-        [0.1, 0.2, 0.5], "label-dropout probabilities: one model each", nonempty=True, unique=True, ge=0, le=1
+        [0.1, 0.2, 0.5],
+        "label-dropout probabilities: one model each",
+        nonempty=True,
+        unique=True,
+        ge=0,
+        le=1,
+        decimal="DVC names each model's stages and folders from the value as written (train@0, "
+        "models/p_uncond=0) and the stages find them from the number (p_uncond=0.0)",
     )
     steps: int = _p(3000, "optimiser steps", ge=1)
     batch_size: int = _p(128, "images per step", ge=1)
@@ -384,6 +391,10 @@ def _check_scalar(where: str, value: Any, typ: Any, rules: dict) -> Any:
     elif typ is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParamsError(f"{where} = {value!r} must be a number")
+        if "decimal" in rules and isinstance(value, int):
+            raise ParamsError(
+                f"{where} = {value!r} must be written with a decimal point ({value}.0): {rules['decimal']}"
+            )
         value = float(value)
     elif typ is str:
         if not isinstance(value, str):
