@@ -16,7 +16,7 @@ from cfg.io import write_csv, write_json
 from cfg.log import get_logger, setup
 from cfg.nets.unet import UNetConfig, count_parameters, save_checkpoint
 from cfg.progress import Progress
-from cfg.study.config import guide_model, needs_guide
+from cfg.study.config import needs_guide
 from cfg.study.stage import stage_params
 from cfg.study.store import flatten, project_root
 from cfg.study.tracking import Tracker
@@ -51,7 +51,9 @@ def main() -> None:
             get_logger("train guide").info(f"{why}: no guide trained")
             return
         # one guide per study, whatever the models' p_uncond: it is called with the labels only
-        m, steps, p_uncond = guide_model(params), params.guide.steps, params.guide.p_uncond
+        # the model section with guide.model's keys in their place (validated by the config)
+        m = dataclasses.replace(params.model, **params.guide.model)
+        steps, p_uncond = params.guide.steps, params.guide.p_uncond
     elif args.p_uncond not in t.p_uncond:
         raise SystemExit(f"error: --p-uncond {args.p_uncond} is not in train.p_uncond = {t.p_uncond}")
     else:

@@ -4,6 +4,7 @@ method needs a guide, and the sample stage's loading of the guide, which refuses
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -15,7 +16,7 @@ import yaml
 
 from cfg.engine.generate import load_guide, sample_checkpoint
 from cfg.nets.unet import UNet, UNetConfig, save_checkpoint
-from cfg.study.config import ParamsError, ParamsWarning, guide_model, needs_guide, params_from_dict
+from cfg.study.config import ParamsError, ParamsWarning, needs_guide, params_from_dict
 
 from .conftest import ROOT, run
 
@@ -37,9 +38,13 @@ def test_a_guide_is_needed_only_for_a_method_that_calls_one():
 
 
 def test_the_guide_model_is_the_model_section_with_guide_model_in_place():
-    params = params_from_dict(_raw(guide={"model": {"base_width": 8, "blocks_per_level": 2}}))
-    m = guide_model(params)
-    assert (m.base_width, m.blocks_per_level) == (8, 2)
+    """guide.model's values come out of the config validated (an integer dropout as the schema's float), for the
+    train_guide stage to lay over the model section."""
+    params = params_from_dict(_raw(guide={"model": {"base_width": 8, "blocks_per_level": 2, "dropout": 0}}))
+    assert params.guide.model == {"base_width": 8, "blocks_per_level": 2, "dropout": 0.0}
+    assert isinstance(params.guide.model["dropout"], float)
+    m = dataclasses.replace(params.model, **params.guide.model)  # as pipelines/train.py --guide does
+    assert (m.base_width, m.blocks_per_level, m.dropout) == (8, 2, 0.0)
     assert m.channel_mult == params.model.channel_mult and m.head_channels == params.model.head_channels
 
 

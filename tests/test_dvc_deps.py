@@ -96,3 +96,31 @@ def test_sample_stage_params_are_every_sample_key_but_the_process_count():
     listed = {k for k in stages["sample"]["do"]["params"] if k.startswith("sample.")}
     assert listed == {f"sample.{f.name}" for f in dataclasses.fields(SampleParams)} - {"sample.devices"}
     assert "sample.devices" not in stages["evaluate"]["params"]
+
+
+# what stage scripts may take from cfg/study/config.py besides its classes: `needs_guide` only reads
+# sample.guidance into cfg.maths.guidance.needs_guide_network, which train_guide declares (with sample.guidance)
+CONFIG_FUNCTIONS_IN_STAGES = {"needs_guide"}
+
+
+def test_stage_scripts_take_no_mapping_from_the_config_module():
+    """A module-level function of the config that a stage script calls would decide part of the stage's output
+    outside its deps (as `guide_model`, the guide's network, did): only its classes and the names above."""
+    config = ast.parse((ROOT / "cfg" / "study" / "config.py").read_text())
+    functions = {f.name for f in config.body if isinstance(f, ast.FunctionDef)}
+    taken = {}
+    for script in sorted((ROOT / "pipelines").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "cfg.study.config":
+                names = {a.name for a in node.names} & functions
+                if names - CONFIG_FUNCTIONS_IN_STAGES:
+                    taken[script.name] = sorted(names - CONFIG_FUNCTIONS_IN_STAGES)
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "config"
+            ):
+                assert node.attr not in functions - CONFIG_FUNCTIONS_IN_STAGES, (
+                    f"{script.name}: config.{node.attr}"
+                )
+    assert not taken, f"stage scripts call config functions: {taken}"

@@ -584,18 +584,15 @@ def needs_guide(params: Params) -> bool:
     return needs_guide_network(guidance_entries(params.sample.guidance, params.sample.sampler))
 
 
-def guide_model(params: Params) -> ModelParams:
-    """The guide network's model section: params.yaml's `model` with `guide.model`'s keys in their place."""
-    merged = dataclasses.asdict(params.model) | params.guide.model
-    return _build(ModelParams, merged, "guide.model")
-
-
 def _check_guide(params: Params) -> None:
     """guide.model's keys and values always (its unknown keys and ranges, as every section's); when autoguidance
     is used, also a U-Net the image fits, and a warning when the guide is not weaker than the model (no fewer
     parameters, no fewer steps), with which autoguidance guides towards nothing, or when it spends more than half of
     its steps in the learning-rate warm-up."""
-    model = guide_model(params)
+    model = _build(ModelParams, dataclasses.asdict(params.model) | params.guide.model, "guide.model")
+    # its values as validated (numbers as floats where the schema says so): the train_guide stage lays them over the
+    # model section itself (pipelines/train.py, a dep of the stage), so that the guide's network is decided there
+    params.guide.model = {k: getattr(model, k) for k in params.guide.model}
     if not needs_guide(params):
         return
     _check_levels(params, model, "guide.model")
