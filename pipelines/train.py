@@ -4,6 +4,7 @@ needs one, only a note saying so (the stage then costs seconds)."""
 
 import argparse
 import dataclasses
+import os
 import shutil
 from functools import partial
 from pathlib import Path
@@ -11,15 +12,26 @@ from pathlib import Path
 from cfg.data.datasets import load_prepared
 from cfg.engine.distributed import finish, init, launch, n_processes
 from cfg.engine.scoring import training_curve  # the FID curve: monitoring, not a dep (dvc.yaml)
-from cfg.engine.training import resume_state_path, train_diffusion, train_kwargs
+from cfg.engine.training import OtherCodeState, resume_state_path, train_diffusion, train_kwargs
 from cfg.io import write_csv, write_json
 from cfg.log import get_logger, setup
 from cfg.nets.unet import UNetConfig, count_parameters, save_checkpoint
 from cfg.progress import Progress
 from cfg.study.config import needs_guide
-from cfg.study.stage import stage_params
+from cfg.study.stage import stage_code, stage_params
 from cfg.study.store import flatten, project_root
 from cfg.study.tracking import Tracker
+
+# =1: continue a resume state that other code wrote (the run then names the changed files in train.json and MLflow)
+RESUME_OTHER_CODE = "CFG_LAB_RESUME_OTHER_CODE"
+
+
+def run(train: partial, **kwargs):
+    """`train`, with a resume state of other code refused as a one-line error that says how to continue it."""
+    try:
+        return train(**kwargs)
+    except OtherCodeState as e:
+        raise SystemExit(f"error: {e}: {RESUME_OTHER_CODE}=1 continues it") from None
 
 
 def main() -> None:
@@ -98,10 +110,13 @@ def main() -> None:
         resume_path=resume_path,
         # on every rank: each one's loss sum goes into the resume state (a collective all ranks must enter)
         checkpoint_every=t.checkpoint_every,
+        # the code dvc.yaml reruns this stage for: a state of other code is not continued unless asked to
+        code=stage_code("train_guide" if args.guide else "train", Path(__file__).resolve().parents[1]),
+        resume_other_code=os.environ.get(RESUME_OTHER_CODE) == "1",
         dist=d,
     )
     if not d.main:  # the other ranks train and leave the outputs and the logging to rank 0
-        train()
+        run(train)
         return finish(d)
     stage = "train_guide" if args.guide else f"train@{p_uncond}"
     tracker = Tracker.open(stage, params.tracking.experiment)  # answers, or exit now
@@ -137,9 +152,13 @@ def main() -> None:
         return values  # kept in the history: eval.csv
 
     # a run left open ends FAILED when the process exits, KILLED when a signal stopped it (Tracker)
-    result = train(callback=on_log)
+    result = run(train, callback=on_log)
     if result.resumed_from:
         log.info(f"resumed from step {result.resumed_from}")
+    if result.resumed_other_code:
+        log.warning(
+            f"continued a resume state of other code ({RESUME_OTHER_CODE}): {result.resumed_other_code}"
+        )
 
     meta = {
         "p_uncond": p_uncond,
@@ -154,6 +173,8 @@ def main() -> None:
         "processes": d.world,
         "images_per_s": result.images_per_s,
         "final_loss": result.history[-1]["loss"],
+        # the code files that changed across a resume allowed by CFG_LAB_RESUME_OTHER_CODE: two versions trained it
+        **({"resumed_other_code": result.resumed_other_code} if result.resumed_other_code else {}),
     }
     save_checkpoint(out / "checkpoint.pt", result.ema, meta)
     write_csv(out / "loss.csv", result.history, ["step", "loss"])
@@ -164,7 +185,15 @@ def main() -> None:
     shutil.rmtree(resume_path.parent, ignore_errors=True)
     tracker.log(
         run_id,
-        params={"n_parameters": count_parameters(result.ema), "resumed_from_step": result.resumed_from},
+        params={
+            "n_parameters": count_parameters(result.ema),
+            "resumed_from_step": result.resumed_from,
+            **(
+                {"resumed_other_code": " ".join(result.resumed_other_code)}
+                if result.resumed_other_code
+                else {}
+            ),
+        },
         metrics={"final_loss": meta["final_loss"], "train_images_per_s": result.images_per_s},
     )
     tracker.log_artifact(run_id, out / "checkpoint.pt")

@@ -1,5 +1,6 @@
 """Resumable training: an interrupted run continued from its resume state ends bitwise where an uninterrupted one does."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from cfg.data.datasets import load_dataset
-from cfg.engine.training import resume_state_path, train_diffusion
+from cfg.engine.training import OtherCodeState, resume_state_path, train_diffusion
 from cfg.io import atomic_save
 from cfg.nets.unet import UNetConfig, load_checkpoint
 from tests.conftest import VENV_BIN, run, shrink_params
@@ -83,6 +84,78 @@ def test_a_resume_state_of_other_settings_is_refused(digits, tmp_path):
         train_diffusion(TINY, *digits, **KW, checkpoint_every=10)
 
 
+def test_a_resume_state_of_other_code_is_refused_unless_asked_and_then_named(digits, tmp_path):
+    """DVC reruns a train stage when its code changes: a state an interrupted run of the old code left must not be
+    continued silently (one model, two versions of the training code). Asked to, the run continues and names the
+    files, through later states too; a state from before code hashes were kept counts as other code."""
+    state = tmp_path / "state.pt"
+    old = {"cfg/maths/diffusion.py": "0" * 16, "pipelines/train.py": "1" * 16}
+    new = {**old, "cfg/maths/diffusion.py": "2" * 16}
+    with pytest.raises(Stop):
+        train_diffusion(
+            TINY, *digits, **KW, resume_path=state, checkpoint_every=5, callback=_stop_at(10), code=old
+        )
+    assert torch.load(state, weights_only=True)["code"] == old
+    kept = state.read_bytes()
+    with pytest.raises(OtherCodeState, match=r"written by other code \(changed: cfg/maths/diffusion\.py\)"):
+        train_diffusion(TINY, *digits, **KW, resume_path=state, checkpoint_every=5, code=new)
+    assert state.read_bytes() == kept, "the refused state is left as it was"
+    with pytest.raises(Stop):  # continued knowingly, stopped again after a later state was written
+        train_diffusion(
+            TINY,
+            *digits,
+            **KW,
+            resume_path=state,
+            checkpoint_every=5,
+            code=new,
+            resume_other_code=True,
+            callback=_stop_at(20),
+        )
+    later = torch.load(state, weights_only=True)
+    assert later["step"] == 15 and later["code"] == new and later["other_code"] == ["cfg/maths/diffusion.py"]
+    done = train_diffusion(TINY, *digits, **KW, resume_path=state, checkpoint_every=5, code=new)
+    assert done.resumed_from == 15 and done.resumed_other_code == ["cfg/maths/diffusion.py"]
+    whole = train_diffusion(TINY, *digits, **KW)  # the "code" here is the same: the same weights
+    _assert_same_weights(done.model, whole.model)
+    assert whole.resumed_other_code == []
+
+    legacy = {k: v for k, v in later.items() if k not in ("code", "other_code")}
+    atomic_save(legacy, state)
+    with pytest.raises(OtherCodeState, match="a state from before code hashes were kept"):
+        train_diffusion(TINY, *digits, **KW, resume_path=state, checkpoint_every=5, code=new)
+    assert train_diffusion(TINY, *digits, **KW, resume_path=state, checkpoint_every=5).resumed_from == 15, (
+        "a caller that passes no code resumes as before"
+    )
+
+
+def test_stage_code_hashes_the_python_deps_of_a_stage(tmp_path):
+    """The code a resume state keeps: the .py files among the stage's deps in dvc.yaml (foreach stages by name)."""
+    import shutil
+
+    import yaml
+
+    from cfg.study.stage import stage_code
+    from tests.conftest import ROOT
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in ("train", "train_guide"):
+        deps = stages[name].get("do", stages[name])["deps"]
+        code = stage_code(name, ROOT)
+        assert sorted(code) == sorted(d for d in deps if d.endswith(".py")) and "pipelines/train.py" in code
+        assert all(len(h) == 16 for h in code.values())
+    for rel in ["dvc.yaml", *stage_code("train", ROOT)]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    before = stage_code("train", tmp_path)
+    assert before == stage_code("train", ROOT)
+    with open(tmp_path / "cfg/maths/diffusion.py", "a") as f:
+        f.write("# a comment is a change to DVC too\n")
+    after = stage_code("train", tmp_path)
+    assert [k for k in before if before[k] != after[k]] == ["cfg/maths/diffusion.py"]
+    with pytest.raises(KeyError, match="no stage 'trian'"):
+        stage_code("trian", ROOT)
+
+
 def test_resume_path_names_every_result_changing_setting(tmp_path):
     base = dict(
         p_uncond=0.1,
@@ -139,7 +212,7 @@ def _train_stage(project, out: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_train_stage_resumes_and_ends_at_the_uninterrupted_weights(project):
+def test_killed_train_stage_resumes_and_ends_at_the_uninterrupted_weights(project, monkeypatch):
     settings = {"steps": 120, "batch_size": 32, "log_every": 10, "checkpoint_every": 20, "eval_every": 0}
     shrink_params(project / "params.yaml", {"train": settings})
     run(
@@ -181,12 +254,26 @@ def test_killed_train_stage_resumes_and_ends_at_the_uninterrupted_weights(projec
     killed_at = torch.load(state, weights_only=True)["step"]
     assert 20 <= killed_at < 120
 
-    # the rerun resumes, also with another checkpoint_every (it does not change the result)
+    # after an edit of the stage's code (a dep in dvc.yaml) the state is refused, naming the file, and kept
+    diffusion = project / "cfg" / "maths" / "diffusion.py"
+    diffusion.write_text(diffusion.read_text() + "\n# an edit: DVC reruns the stage for it\n")
+    refused = run(_train_stage(project, "models/killed"), project, check=False)
+    assert refused.returncode != 0
+    assert "written by other code (changed: cfg/maths/diffusion.py)" in refused.stderr, refused.stderr
+    assert "CFG_LAB_RESUME_OTHER_CODE=1 continues it" in refused.stderr
+    assert torch.load(state, weights_only=True)["step"] == killed_at
+
+    # continued knowingly, also with another checkpoint_every (it does not change the result); the edit is a
+    # comment, so the weights are still the uninterrupted run's, and train.json names the file that changed
+    monkeypatch.setenv("CFG_LAB_RESUME_OTHER_CODE", "1")
     shrink_params(project / "params.yaml", {"train": {"checkpoint_every": 30}})
     rerun = run(_train_stage(project, "models/killed"), project)
     resumed_at = int(rerun.stderr.split("resumed from step ")[1].split()[0])  # a log record (stderr)
     assert resumed_at == killed_at
     assert not resume_root.exists() or not any(resume_root.iterdir())
+    meta = json.loads((project / "models" / "killed" / "train.json").read_text())
+    assert meta["resumed_other_code"] == ["cfg/maths/diffusion.py"]
+    assert "resumed_other_code" not in json.loads((project / "models" / "whole" / "train.json").read_text())
 
     whole, _ = load_checkpoint(project / "models" / "whole" / "checkpoint.pt")
     killed, _ = load_checkpoint(project / "models" / "killed" / "checkpoint.pt")

@@ -187,6 +187,10 @@ def make_adam(
     )
 
 
+class OtherCodeState(ValueError):
+    """A resume state written by other code than the caller's (`train_diffusion`'s `code`)."""
+
+
 @dataclass
 class TrainResult:
     model: UNet  # the raw (non-averaged) weights after the last step
@@ -194,6 +198,9 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # the logged loss curve
     images_per_s: float = 0.0  # training throughput over the whole run (after the first logged interval)
     resumed_from: int = 0  # the step a resume state continued from; 0 when trained from scratch
+    resumed_other_code: list[str] = field(
+        default_factory=list
+    )  # files that changed across a resume, if allowed
 
 
 def dropout_seed(seed: int, rank: int, step: int) -> int:
@@ -230,13 +237,19 @@ def train_diffusion(
     callback: StepCallback | None = None,
     resume_path: str | Path | None = None,  # training state file: continued from if it exists, written below
     checkpoint_every: int = 0,  # steps between writes of resume_path; 0 = never
+    code: dict[str, str]
+    | None = None,  # {file: hash} of the code that trains (the stage's deps), kept in the state
+    resume_other_code: bool = False,  # continue a state that other code wrote (else a ValueError naming the files)
     dist: Dist | None = None,  # data parallel over dist.world processes (DDP); batch_size is the global batch
 ) -> TrainResult:
     """Train ε_θ(z_λ, λ, c) with the ε-MSE loss and label dropout p_uncond; returns model, EMA and loss curve.
 
     With `resume_path`, a state written there by an interrupted call with the same arguments is continued from;
     on CPU the result is bitwise that of an uninterrupted run. The caller removes the file once its outputs are
-    safe. A state of other arguments raises ValueError (the caller's path should name the settings).
+    safe. A state of other arguments raises ValueError (the caller's path should name the settings), and so does
+    one written by other `code` (a state without it counts as other code): its weights would be two versions'
+    training under one version's name. With `resume_other_code` such a state is continued, and the result's
+    `resumed_other_code` names the files that changed (carried on through later states).
 
     Data parallel: every process draws the same global batch and noise and computes its batch_size / world
     rows; DDP averages the gradients, so N processes take the steps one process would at the same global
@@ -309,6 +322,21 @@ def train_diffusion(
             raise ValueError(
                 f"resume state {resume_path} was written with other settings ({diff}); remove it"
             )
+    other_code = list(state.get("other_code", [])) if state is not None else []
+    if state is not None and code is not None and state.get("code") != code:
+        old = state.get("code")
+        changed = (
+            ["all: a state from before code hashes were kept"]
+            if old is None
+            else sorted(k for k in old.keys() | code.keys() if old.get(k) != code.get(k))
+        )
+        if not resume_other_code:
+            raise OtherCodeState(
+                f"resume state {resume_path} was written by other code (changed: {', '.join(changed)}): "
+                "continuing it would train one model with two versions of the code; remove "
+                f"{Path(resume_path).parent} to start over, or continue it knowingly (resume_other_code)"
+            )
+        other_code = sorted(set(other_code) | set(changed))
     configure_cuda()
     torch.manual_seed(seed)
     model = UNet(config).to(device)
@@ -436,6 +464,8 @@ def train_diffusion(
                 atomic_save(
                     {
                         "settings": settings,
+                        "code": code,
+                        "other_code": other_code,  # files changed by a resume with other code, if any
                         "step": step,
                         "model": model.state_dict(),
                         "ema": ema.state_dict(),
@@ -465,4 +495,5 @@ def train_diffusion(
         history=history,
         images_per_s=timed_images / timed_s if timed_s else history[-1]["images_per_s"],
         resumed_from=start,
+        resumed_other_code=other_code,
     )
