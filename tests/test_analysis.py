@@ -546,8 +546,12 @@ def test_load_runs_on_the_tiny_pipeline(tiny):
         ws["fingerprint.extractor"].eq("classifier").all()
         and ws["train.steps"].eq(TINY["train"]["steps"]).all()
     )
+    # the cells of the `dvc exp run --temp` (run in a copy under .dvc/tmp) landed in the workspace's store, and no
+    # store was left in the temporary copy
     exp = T.select(runs, "wide-w")
     assert sorted(exp["w"].unique()) == EXP_W and (exp["dvc_exps"] == "wide-w").all()
+    assert len(exp) == n_p * len(EXP_W)
+    assert not list((tiny / ".dvc" / "tmp").rglob("mlflow.db")), "no store may be left in a temporary copy"
     assert T.select(runs, "latest")["run_id"].tolist() == exp["run_id"].tolist()
     assert "Best FID" in T.narrative(ws)
 

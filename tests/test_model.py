@@ -661,3 +661,23 @@ def test_attention_takes_the_efficient_op_only_where_its_rule_says(monkeypatch, 
         torch.compile(unet.attention, backend=backend, fullgraph=True)(q, k, v)
     traced = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert any("_scaled_dot_product_efficient_attention" in t for t in traced) == direct
+
+
+def test_the_capability_query_is_marked_constant_as_torchs_decorator_marks_it_without_importing_dynamo():
+    """cfg.nets.unet marks `_bf16_efficient_kernels` for Dynamo by hand: the decorator would import torch._dynamo
+    in every stage process. The mark must be what torch.compiler.assume_constant_result sets, and importing the
+    module must leave torch._dynamo unimported."""
+    import subprocess
+    import sys
+
+    from cfg.nets import unet
+
+    def probe() -> bool:
+        return True
+
+    torch.compiler.assume_constant_result(probe)
+    marks = dict(vars(probe))
+    assert marks and all(getattr(unet._bf16_efficient_kernels, k, None) == v for k, v in marks.items()), marks
+    code = "import sys, cfg.nets.unet; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", "importing cfg.nets.unet imported torch._dynamo"

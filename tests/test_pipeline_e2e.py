@@ -127,14 +127,4 @@ def test_repro_no_op_w_grid_mlflow_and_invalid_params(project):
     assert (project / "models" / "p_uncond=0.1" / "checkpoint.pt").read_bytes() == ckpt
 
 
-def test_temp_experiment_logs_to_the_workspace_store(project):
-    run(["dvc", "repro"], project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project)
-    cells_before = len(mlflow_runs(project / "mlflow.db").query("`tags.run_kind` == 'cell'"))
-    out = run(["dvc", "exp", "run", "--temp", "-S", "sample.w=[0.0,2.0]"], project)
-    assert "evaluate" in stages_run(out.stdout)
-    runs = mlflow_runs(project / "mlflow.db")
-    new = runs[runs["tags.run_kind"] == "cell"]
-    assert len(new) == cells_before + 4, "cell runs of the temporary copy must land in the workspace's store"
-    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "no store may be left in a temporary copy"
+# `dvc exp run --temp` logging to the workspace's store: tests/test_analysis.py's tiny study (one repro for both)

@@ -325,10 +325,15 @@ class ResBlock(nn.Module):
 EFFICIENT_ATTENTION_TOKENS = {"cuda": 64}
 
 
-@torch.compiler.assume_constant_result
 def _bf16_efficient_kernels() -> bool:
     """The memory-efficient kernels exist in bf16 from compute capability 8.0 (SDPA falls back to math before)."""
     return torch.cuda.get_device_capability() >= (8, 0)
+
+
+# torch.compiler.assume_constant_result (Dynamo traces the query as its value) is this mark; the decorator imports
+# torch._dynamo, 1.2-1.7 s of every stage process's start on 2 CPU cores, compiled or not (transformers marks its
+# compile constants the same way; tests/test_model.py checks that the mark is the one torch's decorator sets)
+_bf16_efficient_kernels._dynamo_marked_constant = True
 
 
 def _efficient_dtype(dtype: torch.dtype) -> bool:
