@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +35,15 @@ def run_copy(tmp_path: Path):
         return tmp_path
 
     return write, table, params
+
+
+def folder_source(root: Path, params: dict, name: str, table: pd.DataFrame):
+    """A run in folder root/name: the table as its tradeoff.csv beside `params` as its params.yaml."""
+    folder = root / name
+    folder.mkdir()
+    table.to_csv(folder / "tradeoff.csv", index=False)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    return load_source(str(folder))
 
 
 def test_the_committed_run_reproduces_itself(run_copy, monkeypatch, capsys):
@@ -115,13 +125,7 @@ def test_compare_says_whether_the_runs_sampled_the_same_weights(run_copy, tmp_pa
     weights (their hashes in the `weights` column), other weights (another training), or cannot tell."""
     _, table, params = run_copy
     table = table.drop(columns=["weights"], errors="ignore")
-
-    def source(name: str, t: pd.DataFrame):
-        folder = tmp_path / name
-        folder.mkdir()
-        t.to_csv(folder / "tradeoff.csv", index=False)
-        (folder / "params.yaml").write_text(yaml.safe_dump(params))
-        return load_source(str(folder))
+    source = partial(folder_source, tmp_path, params)
 
     models = sorted(table["p_uncond"].unique())
     hashes = {p: f"{i:016x}" for i, p in enumerate(models)}
@@ -149,13 +153,7 @@ def test_two_option_sets_of_one_method_are_cells_of_their_own(run_copy, tmp_path
         ],
         ignore_index=True,
     )
-
-    def source(name: str, t: pd.DataFrame):
-        folder = tmp_path / name
-        folder.mkdir()
-        t.to_csv(folder / "tradeoff.csv", index=False)
-        (folder / "params.yaml").write_text(yaml.safe_dump(params))
-        return load_source(str(folder))
+    source = partial(folder_source, tmp_path, params)
 
     ref = source("ref", study)
     result = compare(ref, source("same", study))
