@@ -31,7 +31,7 @@ def run(train: partial, **kwargs):
     try:
         return train(**kwargs)
     except OtherCodeState as e:
-        raise SystemExit(f"error: {e}: {RESUME_OTHER_CODE}=1 continues it") from None
+        raise SystemExit(f"error: {e} ({RESUME_OTHER_CODE}=1 dvc repro)") from None
 
 
 def main() -> None:

@@ -260,7 +260,7 @@ def test_killed_train_stage_resumes_and_ends_at_the_uninterrupted_weights(projec
     refused = run(_train_stage(project, "models/killed"), project, check=False)
     assert refused.returncode != 0
     assert "written by other code (changed: cfg/maths/diffusion.py)" in refused.stderr, refused.stderr
-    assert "CFG_LAB_RESUME_OTHER_CODE=1 continues it" in refused.stderr
+    assert "or continue it knowingly (CFG_LAB_RESUME_OTHER_CODE=1 dvc repro)" in refused.stderr
     assert torch.load(state, weights_only=True)["step"] == killed_at
 
     # continued knowingly, also with another checkpoint_every (it does not change the result); the edit is a

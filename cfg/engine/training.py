@@ -198,9 +198,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # the logged loss curve
     images_per_s: float = 0.0  # training throughput over the whole run (after the first logged interval)
     resumed_from: int = 0  # the step a resume state continued from; 0 when trained from scratch
-    resumed_other_code: list[str] = field(
-        default_factory=list
-    )  # files that changed across a resume, if allowed
+    # the code files that changed across a resume allowed by `resume_other_code`
+    resumed_other_code: list[str] = field(default_factory=list)
 
 
 def dropout_seed(seed: int, rank: int, step: int) -> int:
@@ -237,9 +236,8 @@ def train_diffusion(
     callback: StepCallback | None = None,
     resume_path: str | Path | None = None,  # training state file: continued from if it exists, written below
     checkpoint_every: int = 0,  # steps between writes of resume_path; 0 = never
-    code: dict[str, str]
-    | None = None,  # {file: hash} of the code that trains (the stage's deps), kept in the state
-    resume_other_code: bool = False,  # continue a state that other code wrote (else a ValueError naming the files)
+    code: dict[str, str] | None = None,  # {file: hash} of the training code (a stage's deps), kept in states
+    resume_other_code: bool = False,  # continue a state other code wrote (else OtherCodeState naming the files)
     dist: Dist | None = None,  # data parallel over dist.world processes (DDP); batch_size is the global batch
 ) -> TrainResult:
     """Train ε_θ(z_λ, λ, c) with the ε-MSE loss and label dropout p_uncond; returns model, EMA and loss curve.
@@ -334,7 +332,7 @@ def train_diffusion(
             raise OtherCodeState(
                 f"resume state {resume_path} was written by other code (changed: {', '.join(changed)}): "
                 "continuing it would train one model with two versions of the code; remove "
-                f"{Path(resume_path).parent} to start over, or continue it knowingly (resume_other_code)"
+                f"{Path(resume_path).parent} to start over, or continue it knowingly"
             )
         other_code = sorted(set(other_code) | set(changed))
     configure_cuda()

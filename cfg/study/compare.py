@@ -146,7 +146,8 @@ def compare(
 ) -> pd.DataFrame:
     """One row per (cell, metric): ref, mine, the difference, the seed-range sd (the larger of the two runs'),
     z = difference / sd and a verdict: 'identical', 'within noise' (|z| <= sigmas), 'differs', 'missing' (a
-    number in one run only), or '-' for a metric without a spread. Raises ProtocolMismatch when the runs are not the same experiment."""
+    number in one run only), or '-' for a metric without a spread. Raises ProtocolMismatch when the runs are not
+    the same experiment."""
     if sigmas <= 0:
         raise ValueError(f"sigmas must be > 0 (seed-range sds a difference may span), got {sigmas}")
     if ref.params is not None and mine.params is not None:

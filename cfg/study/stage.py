@@ -37,9 +37,9 @@ def make_extractor(name: str, classifier_path: str | Path, inception_weights: st
 
 
 def stage_code(stage: str, root: str | Path) -> dict[str, str]:
-    """{path: sha256} of the Python files among `stage`'s deps in `root`/dvc.yaml (a foreach stage by its name,
-    e.g. train): the code for whose change `dvc repro` reruns the stage. A resume state keeps it, so that an
-    interrupted run is not continued by other code (cfg.engine.training.train_diffusion's `code`)."""
+    """{path: sha256 (16 hex digits)} of the Python files among `stage`'s deps in `root`/dvc.yaml (a foreach
+    stage by its name, e.g. train): the code for whose change `dvc repro` reruns the stage. A resume state keeps
+    it, so that an interrupted run is not continued by other code (cfg.engine.training.train_diffusion's `code`)."""
     root = Path(root)
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     if stage not in stages:
