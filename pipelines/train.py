@@ -12,7 +12,13 @@ from pathlib import Path
 from cfg.data.datasets import load_prepared
 from cfg.engine.distributed import finish, init, launch, n_processes
 from cfg.engine.scoring import training_curve  # the FID curve: monitoring, not a dep (dvc.yaml)
-from cfg.engine.training import OtherCodeState, resume_state_path, train_diffusion, train_kwargs
+from cfg.engine.training import (
+    OtherCodeState,
+    check_resume_code,
+    resume_state_path,
+    train_diffusion,
+    train_kwargs,
+)
 from cfg.io import write_csv, write_json
 from cfg.log import get_logger, setup
 from cfg.nets.unet import UNetConfig, count_parameters, save_checkpoint
@@ -26,10 +32,10 @@ from cfg.study.tracking import Tracker
 RESUME_OTHER_CODE = "CFG_LAB_RESUME_OTHER_CODE"
 
 
-def run(train: partial, **kwargs):
-    """`train`, with a resume state of other code refused as a one-line error that says how to continue it."""
+def run(fn, *args, **kwargs):
+    """fn(*args, **kwargs), with a resume state of other code refused as a one-line error that says how to go on."""
     try:
-        return train(**kwargs)
+        return fn(*args, **kwargs)
     except OtherCodeState as e:
         raise SystemExit(f"error: {e} ({RESUME_OTHER_CODE}=1 dvc repro)") from None
 
@@ -63,7 +69,8 @@ def main() -> None:
             get_logger("train guide").info(f"{why}: no guide trained")
             return
         # one guide per study, whatever the models' p_uncond: it is called with the labels only
-        # the model section with guide.model's keys in their place (validated by the config)
+        # the model section with guide.model's keys in their place (validated by the config's _check_guide, which
+        # merges them the same way to check them; the merge that decides the network is this one, in a dep)
         m = dataclasses.replace(params.model, **params.guide.model)
         steps, p_uncond = params.guide.steps, params.guide.p_uncond
     elif args.p_uncond not in t.p_uncond:
@@ -98,6 +105,12 @@ def main() -> None:
         world=d.world,
     )
 
+    # the code dvc.yaml reruns this stage for: a state of other code is not continued unless asked to, and is refused
+    # before the MLflow run starts (every rank checks: each would load the state)
+    code = stage_code("train_guide" if args.guide else "train", Path(__file__).resolve().parents[1])
+    resume_other_code = os.environ.get(RESUME_OTHER_CODE) == "1"
+    run(check_resume_code, resume_path, code, resume_other_code=resume_other_code)
+
     train = partial(
         train_diffusion,
         config,
@@ -110,9 +123,8 @@ def main() -> None:
         resume_path=resume_path,
         # on every rank: each one's loss sum goes into the resume state (a collective all ranks must enter)
         checkpoint_every=t.checkpoint_every,
-        # the code dvc.yaml reruns this stage for: a state of other code is not continued unless asked to
-        code=stage_code("train_guide" if args.guide else "train", Path(__file__).resolve().parents[1]),
-        resume_other_code=os.environ.get(RESUME_OTHER_CODE) == "1",
+        code=code,
+        resume_other_code=resume_other_code,
         dist=d,
     )
     if not d.main:  # the other ranks train and leave the outputs and the logging to rank 0

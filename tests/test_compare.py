@@ -168,6 +168,18 @@ def test_two_option_sets_of_one_method_are_cells_of_their_own(run_copy, tmp_path
     assert not ok and f"fid p_uncond={p:g} w=0 rescale phi=0.5 (z +5.0)" in text
     with pytest.raises(ProtocolMismatch, match="other cells"):  # another option set is another cell
         compare(ref, source("other", study.replace({"guidance_options": {phi[0.5]: '{"phi": 0.3}'}})))
+    # a table from before guidance_options was a column cannot tell the two option sets apart: refused, not
+    # cross-joined
+    older = study[study["guidance_options"] == phi[0.7]].drop(columns="guidance_options")
+    with pytest.raises(
+        ProtocolMismatch, match=r"has several rows per cell \(p_uncond, w, guidance: the columns"
+    ):
+        compare(source("older", older), ref)
+    longer = study.assign(
+        steps=study["steps"].where(study["guidance_options"] != phi[0.5], 2 * study["steps"])
+    )
+    with pytest.raises(ProtocolMismatch, match=r"steps differs at p_uncond=\S+ w=\S+ rescale phi=0.5: "):
+        compare(ref, source("longer", longer))
 
 
 def test_a_metric_missing_in_one_run_is_no_reproduction(run_copy):
@@ -181,8 +193,12 @@ def test_a_metric_missing_in_one_run_is_no_reproduction(run_copy):
     ]
     assert list(row["verdict"]) == ["missing"]
     ok, text = verdict(result)
-    assert not ok and "1 missing in one run" in text
+    assert not ok and "1 cell metrics missing in one run" in text
     assert f"fid p_uncond={gone.loc[i, 'p_uncond']:g} w=0 (missing in mine)" in text
+    no_kid = table.copy()  # a metric without a spread is not judged, but missing it fails the comparison too
+    no_kid.loc[i, "kid_x1e3"] = float("nan")
+    ok, text = verdict(compare(load_source(str(write(no_kid))), load_source("HEAD", ROOT)))
+    assert not ok and f"kid_x1e3 p_uncond={gone.loc[i, 'p_uncond']:g} w=0 (missing in ref)" in text
 
 
 def test_what_a_stage_only_logs_is_no_protocol(run_copy):

@@ -510,7 +510,7 @@ def test_a_p_uncond_without_decimal_point_is_refused_and_accepted_ones_name_dvcs
             rf"point \({bad[i]}\.0\): DVC names",
         ):
             params_from_dict(raw)
-    good = [0.0, 0.25, 1.0, 0.30000000000000004]  # the last: a float Optuna's stepped search may suggest
+    good = [0.0, 0.25, 1.0, 0.30000000000000004]  # the last: a float whose shortest repr has 17 digits
     raw = _raw()
     raw["train"]["p_uncond"] = good
     params = params_from_dict(raw)

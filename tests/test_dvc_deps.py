@@ -105,22 +105,29 @@ CONFIG_FUNCTIONS_IN_STAGES = {"needs_guide"}
 
 def test_stage_scripts_take_no_mapping_from_the_config_module():
     """A module-level function of the config that a stage script calls would decide part of the stage's output
-    outside its deps (as `guide_model`, the guide's network, did): only its classes and the names above."""
+    outside its deps (as `guide_model`, the guide's network, did): only its classes and the names above, whether
+    imported by name or reached through the module (`from cfg.study import config as c; c.guide_model`)."""
     config = ast.parse((ROOT / "cfg" / "study" / "config.py").read_text())
-    functions = {f.name for f in config.body if isinstance(f, ast.FunctionDef)}
+    forbidden = {f.name for f in config.body if isinstance(f, ast.FunctionDef)} - CONFIG_FUNCTIONS_IN_STAGES
     taken = {}
     for script in sorted((ROOT / "pipelines").glob("*.py")):
-        for node in ast.walk(ast.parse(script.read_text())):
+        tree = ast.parse(script.read_text())
+        modules = set()  # names the script binds to the config module
+        names = set()
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module == "cfg.study.config":
-                names = {a.name for a in node.names} & functions
-                if names - CONFIG_FUNCTIONS_IN_STAGES:
-                    taken[script.name] = sorted(names - CONFIG_FUNCTIONS_IN_STAGES)
-            elif (
-                isinstance(node, ast.Attribute)
-                and isinstance(node.value, ast.Name)
-                and node.value.id == "config"
-            ):
-                assert node.attr not in functions - CONFIG_FUNCTIONS_IN_STAGES, (
-                    f"{script.name}: config.{node.attr}"
-                )
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module == "cfg.study":
+                modules |= {a.asname or a.name for a in node.names if a.name == "config"}
+            elif isinstance(node, ast.Import):
+                modules |= {a.asname for a in node.names if a.name == "cfg.study.config" and a.asname}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in forbidden:
+                base = node.value
+                if (isinstance(base, ast.Name) and base.id in modules) or ast.unparse(
+                    base
+                ) == "cfg.study.config":
+                    names.add(node.attr)
+        if names & forbidden:
+            taken[script.name] = sorted(names & forbidden)
     assert not taken, f"stage scripts call config functions: {taken}"

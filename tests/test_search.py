@@ -175,6 +175,16 @@ def test_bad_search_sections_are_refused_with_the_key_and_value(tmp_path, change
         check_search(raw)
 
 
+def test_a_float_range_may_have_whole_number_bounds_but_p_uncond_choices_need_decimals(tmp_path):
+    """suggest_float's values are floats, so a range {low: 0, high: 1} of train.p_uncond is checked at 0.0 and 1.0
+    (train.p_uncond refuses an integer: DVC would name the model's folder p_uncond=0); choices are used as written."""
+    spec = check_search(tiny_raw(tmp_path, space={"train.p_uncond": {"low": 0, "high": 1, "step": 0.1}}))
+    (dim,) = [d for d in spec.space if d.key == "train.p_uncond"]
+    assert (dim.low, dim.high, dim.step) == (0.0, 1.0, 0.1) and isinstance(dim.low, float)
+    with pytest.raises(SearchError, match=r"p_uncond\[0\] = 0 must be written with a decimal point"):
+        check_search(tiny_raw(tmp_path, space={"train.p_uncond": {"choices": [0, 0.5]}}))
+
+
 def test_cli_reports_the_error_in_one_line_before_loading_anything(tmp_path):
     params = write_params(tmp_path, tiny_raw(tmp_path, space={"train.lr": {"low": 1, "high": 0.5}}))
     missing = {key: tmp_path / "missing" for key in ("data", "classifier", "reference")}

@@ -211,6 +211,14 @@ def _train_stage(project, out: str) -> list[str]:
     ]
 
 
+def _mlflow_runs(project) -> list[tuple[str, str]]:
+    """(name, status) of every run in the project's MLflow store (SQLite)."""
+    import sqlite3
+
+    with sqlite3.connect(project / "mlflow.db") as con:
+        return sorted(con.execute("select name, status from runs").fetchall())
+
+
 @pytest.mark.slow
 def test_killed_train_stage_resumes_and_ends_at_the_uninterrupted_weights(project, monkeypatch):
     settings = {"steps": 120, "batch_size": 32, "log_every": 10, "checkpoint_every": 20, "eval_every": 0}
@@ -257,8 +265,10 @@ def test_killed_train_stage_resumes_and_ends_at_the_uninterrupted_weights(projec
     # after an edit of the stage's code (a dep in dvc.yaml) the state is refused, naming the file, and kept
     diffusion = project / "cfg" / "maths" / "diffusion.py"
     diffusion.write_text(diffusion.read_text() + "\n# an edit: DVC reruns the stage for it\n")
+    runs_before = _mlflow_runs(project)
     refused = run(_train_stage(project, "models/killed"), project, check=False)
     assert refused.returncode != 0
+    assert _mlflow_runs(project) == runs_before, "refused before its MLflow run started"
     assert "written by other code (changed: cfg/maths/diffusion.py)" in refused.stderr, refused.stderr
     assert "or continue it knowingly (CFG_LAB_RESUME_OTHER_CODE=1 dvc repro)" in refused.stderr
     assert torch.load(state, weights_only=True)["step"] == killed_at

@@ -191,6 +191,41 @@ class OtherCodeState(ValueError):
     """A resume state written by other code than the caller's (`train_diffusion`'s `code`)."""
 
 
+def _code_changes(
+    state: dict | None, code: dict[str, str] | None, resume_path: str | Path | None, resume_other_code: bool
+) -> list[str]:
+    """The code files that changed across resumes of this state (its own record and the change to `code`, if
+    allowed); OtherCodeState when `code` differs from the state's and `resume_other_code` is off."""
+    if state is None:
+        return []
+    other_code = list(state.get("other_code", []))
+    if code is None or state.get("code") == code:
+        return other_code
+    old = state.get("code")
+    changed = (
+        ["all: a state from before code hashes were kept"]
+        if old is None
+        else sorted(k for k in old.keys() | code.keys() if old.get(k) != code.get(k))
+    )
+    if not resume_other_code:
+        raise OtherCodeState(
+            f"resume state {resume_path} was written by other code (changed: {', '.join(changed)}): "
+            "continuing it would train one model with two versions of the code; remove "
+            f"{Path(resume_path).parent} to start over, or continue it knowingly"
+        )
+    return sorted(set(other_code) | set(changed))
+
+
+def check_resume_code(
+    resume_path: str | Path, code: dict[str, str], *, resume_other_code: bool = False
+) -> None:
+    """train_diffusion's code check of the state at `resume_path` (if any) on its own, for a caller that must
+    refuse a state before it starts other work (the train stage: before its MLflow run)."""
+    path = Path(resume_path)
+    if path.exists():
+        _code_changes(torch.load(path, map_location="cpu", weights_only=True), code, path, resume_other_code)
+
+
 @dataclass
 class TrainResult:
     model: UNet  # the raw (non-averaged) weights after the last step
@@ -320,21 +355,7 @@ def train_diffusion(
             raise ValueError(
                 f"resume state {resume_path} was written with other settings ({diff}); remove it"
             )
-    other_code = list(state.get("other_code", [])) if state is not None else []
-    if state is not None and code is not None and state.get("code") != code:
-        old = state.get("code")
-        changed = (
-            ["all: a state from before code hashes were kept"]
-            if old is None
-            else sorted(k for k in old.keys() | code.keys() if old.get(k) != code.get(k))
-        )
-        if not resume_other_code:
-            raise OtherCodeState(
-                f"resume state {resume_path} was written by other code (changed: {', '.join(changed)}): "
-                "continuing it would train one model with two versions of the code; remove "
-                f"{Path(resume_path).parent} to start over, or continue it knowingly"
-            )
-        other_code = sorted(set(other_code) | set(changed))
+    other_code = _code_changes(state, code, resume_path, resume_other_code)
     configure_cuda()
     torch.manual_seed(seed)
     model = UNet(config).to(device)

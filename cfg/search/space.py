@@ -186,6 +186,8 @@ def _dimension(key: str, spec: Any, typ: type, where: str) -> Dimension:
         raise SearchError(f"{where}: a log range needs low > 0, got low = {low}")
     if step is not None and (step <= 0 or log):
         raise SearchError(f"{where}.step = {step} must be > 0 and cannot be combined with log: true")
+    if typ is float:  # suggest_float's values are floats: the bounds are checked as such (0 as 0.0)
+        low, high, step = float(low), float(high), None if step is None else float(step)
     return Dimension(key, typ.__name__, low=low, high=high, log=log, step=step)
 
 

@@ -157,6 +157,15 @@ def compare(
             raise ProtocolMismatch(f"params.yaml differs ({ref.label} vs {mine.label}): {shown}")
     a, b = ref.table, mine.table
     key = [k for k in KEY if k in a and k in b]
+    for side, t in (
+        (ref, a),
+        (mine, b),
+    ):  # e.g. an older table without guidance_options against two option sets
+        if t.duplicated(key).any():
+            raise ProtocolMismatch(
+                f"{side.label} has several rows per cell ({', '.join(key)}: the columns both tables have), so its "
+                f"cells cannot be paired, e.g. {tuple(t.loc[t.duplicated(key), key].iloc[0])}"
+            )
     cells_a, cells_b = (
         set(map(tuple, a[key].to_numpy().tolist())),
         set(map(tuple, b[key].to_numpy().tolist())),
@@ -174,7 +183,7 @@ def compare(
         if bad.any():
             r = merged[bad].iloc[0]
             raise ProtocolMismatch(
-                f"{c} differs at p_uncond={r['p_uncond']:g} w={r['w']:g}: {r[f'{c}_ref']!r} in {ref.label}, "
+                f"{c} differs at {_cell(r, 'guidance_options' in r)}: {r[f'{c}_ref']!r} in {ref.label}, "
                 f"{r[f'{c}_mine']!r} in {mine.label} (a different protocol, not a reproduction)"
             )
     rows = []
@@ -237,19 +246,20 @@ def _cell(r, several_methods: bool) -> str:
 
 
 def verdict(result: pd.DataFrame) -> tuple[bool, str]:
-    """(reproduced, one paragraph): every judged metric identical or within noise."""
+    """(reproduced, one paragraph): every judged metric identical or within noise, and no metric missing in one
+    run."""
     several = "guidance" in result and "guidance_options" in result
     several = several and len(result[["guidance", "guidance_options"]].drop_duplicates()) > 1
     judged = result[result["metric"].map(lambda m: METRICS.get(m) is not None)]  # those with a spread
-    bad = judged[judged["verdict"].isin(["differs", "missing"])]
+    # only a metric with a spread can differ; any metric can be missing (a number in one run only)
+    bad = result[result["verdict"].isin(["differs", "missing"])]
     same = (judged["verdict"] == "identical").sum()
     worst = judged.loc[judged["z"].abs().idxmax()] if judged["z"].notna().any() else None
     lines = [
         f"{len(judged)} cell metrics judged ({', '.join(sorted(judged['metric'].unique()))}): {same} identical, "
         f"{(judged['verdict'] == 'within noise').sum()} within {result.attrs['sigmas']:g} seed-range sd, "
-        f"{(judged['verdict'] == 'differs').sum()} differ"
-        + (f", {n} missing in one run" if (n := (judged["verdict"] == "missing").sum()) else "")
-        + "."
+        f"{(judged['verdict'] == 'differs').sum()} differ."
+        + (f" {n} cell metrics missing in one run." if (n := (result["verdict"] == "missing").sum()) else "")
     ]
     if worst is not None:
         lines.append(

@@ -591,7 +591,8 @@ def _check_guide(params: Params) -> None:
     its steps in the learning-rate warm-up."""
     model = _build(ModelParams, dataclasses.asdict(params.model) | params.guide.model, "guide.model")
     # its values as validated (numbers as floats where the schema says so): the train_guide stage lays them over the
-    # model section itself (pipelines/train.py, a dep of the stage), so that the guide's network is decided there
+    # model section itself (pipelines/train.py, a dep of the stage), so that the guide's network is decided there;
+    # the merge above only checks them
     params.guide.model = {k: getattr(model, k) for k in params.guide.model}
     if not needs_guide(params):
         return
