@@ -24,8 +24,20 @@ CONFIG = UNetConfig(
 )
 
 
-def test_guided_eps_matches_cpu_in_fp32():
+@pytest.fixture
+def full_fp32():
+    """float32 convolutions and matmuls in full precision for one test, restored after it: cuDNN's default TF32
+    rounds a float32 convolution to ~1e-3 relative, and two forms of one computation (eager and compiled, another
+    batch) then differ by that much. (Once only the first test set this, for good, and a test run alone failed.)"""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:  # (monkeypatch cannot: the matmul settings are no attributes it could restore)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
+def test_guided_eps_matches_cpu_in_fp32(full_fp32):
     torch.manual_seed(0)
     model = UNet(CONFIG).eval()
     for p in model.parameters():
@@ -38,7 +50,7 @@ def test_guided_eps_matches_cpu_in_fp32():
     assert (gpu - cpu).norm() / cpu.norm() < 1e-4
 
 
-def test_skipped_passes_under_compile_match_both_passes():
+def test_skipped_passes_under_compile_match_both_passes(full_fp32):
     # rows at w = 0 / -1 run one pass; under torch.compile the smaller batch gives the same ε̃
     torch.manual_seed(0)
     model = UNet(CONFIG).eval()
@@ -137,12 +149,11 @@ def assert_same_updates(a: torch.nn.Module, b: torch.nn.Module, config: UNetConf
     [(False, False), (True, False), (True, True)],
     ids=["eager_net", "compiled_net", "compiled_net_and_update"],
 )
-def test_cuda_graph_training_matches_the_eager_step(compiled, compile_update):
+def test_cuda_graph_training_matches_the_eager_step(compiled, compile_update, full_fp32):
     """train.cuda_graph: the same draws, the step replayed as one graph; weights, EMA and loss curve equal the
     eager step's up to rounding (fp32 autocast off; train_diffusion turns TF32 matmuls on for both paths, and
     EMA's d·a + (1 − d)·b and Adam's capturable kernel round differently). With train.compile_update the graph's
     clipping, Adam (foreach) and EMA run as Inductor's kernels."""
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     ds = load_dataset("digits", image_size=8)
     config = UNetConfig(**{**CONFIG.to_dict(), "dropout": 0.0})
     kw = dict(p_uncond=0.2, steps=40, batch_size=64, lr=1e-3, warmup_steps=10, seed=0, device="cuda")
@@ -368,13 +379,12 @@ def test_two_gpus_train_with_their_own_dropout_masks_and_resume_between_logs(tmp
 
 def _compiled_conv_equals_the_plain_conv(c_in: int, c_out: int, check_code):
     """cfg's 3×3 Conv2d (c_in → c_out, channels-last) compiled by Inductor on CUDA against nn.Conv2d with the same
-    weights (fp32, TF32 off): `check_code(code, out)` on the forward's generated code and output, then output and
-    gradients equal. Returns the module, its compiled form and the input."""
+    weights (fp32, TF32 off: the calling tests take full_fp32): `check_code(code, out)` on the forward's generated
+    code and output, then output and gradients equal. Returns the module, its compiled form and the input."""
     from torch._inductor.utils import run_and_get_code
 
     from cfg.nets.unet import Conv2d
 
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     conv = Conv2d(c_in, c_out, 3, padding=1).cuda().to(memory_format=torch.channels_last)
     plain = torch.nn.Conv2d(c_in, c_out, 3, padding=1).cuda().to(memory_format=torch.channels_last)
@@ -399,7 +409,7 @@ def _compiled_conv_equals_the_plain_conv(c_in: int, c_out: int, check_code):
 
 
 @pytest.mark.parametrize(("c_in", "c_out"), [(1, 16), (16, 5)])
-def test_compiled_conv_padded_to_cudnn_channels_equals_the_plain_conv(c_in, c_out):
+def test_compiled_conv_padded_to_cudnn_channels_equals_the_plain_conv(c_in, c_out, full_fp32):
     """cfg's Conv2d compiled by Inductor on CUDA pads a one-channel input and five output channels (more than
     tap_conv takes) to 8 channels of zeros: the generated code pads and convolves 8 channels, and its output and
     gradients equal nn.Conv2d's (fp32, TF32 off) with the requested channel count. tests/test_model.py checks the
@@ -414,7 +424,7 @@ def test_compiled_conv_padded_to_cudnn_channels_equals_the_plain_conv(c_in, c_ou
 
 
 @pytest.mark.parametrize(("c_in", "c_out"), [(64, 1), (16, 3)])
-def test_compiled_few_output_conv_sums_taps_and_equals_the_plain_conv(c_in, c_out):
+def test_compiled_few_output_conv_sums_taps_and_equals_the_plain_conv(c_in, c_out, full_fp32):
     """cfg's Conv2d compiled by Inductor on CUDA with at most _TAP_CHANNELS output channels: tap_conv's 1×1
     convolution to one map per tap (9 · C_out maps padded to a multiple of 8) in the generated code, a channels-last
     output, and output and gradients equal to nn.Conv2d's in float32 (TF32 off); under bf16 autocast a bf16 output
