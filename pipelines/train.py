@@ -32,14 +32,6 @@ from cfg.study.tracking import Tracker
 RESUME_OTHER_CODE = "CFG_LAB_RESUME_OTHER_CODE"
 
 
-def run(fn, *args, **kwargs):
-    """fn(*args, **kwargs), with a resume state of other code refused as a one-line error that says how to go on."""
-    try:
-        return fn(*args, **kwargs)
-    except OtherCodeState as e:
-        raise SystemExit(f"error: {e} ({RESUME_OTHER_CODE}=1 dvc repro)") from None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument(
@@ -109,7 +101,10 @@ def main() -> None:
     # before the MLflow run starts (every rank checks: each would load the state)
     code = stage_code("train_guide" if args.guide else "train", Path(__file__).resolve().parents[1])
     resume_other_code = os.environ.get(RESUME_OTHER_CODE) == "1"
-    run(check_resume_code, resume_path, code, resume_other_code=resume_other_code)
+    try:
+        check_resume_code(resume_path, code, resume_other_code=resume_other_code)
+    except OtherCodeState as e:
+        raise SystemExit(f"error: {e} ({RESUME_OTHER_CODE}=1 dvc repro)") from None
 
     train = partial(
         train_diffusion,
@@ -128,7 +123,7 @@ def main() -> None:
         dist=d,
     )
     if not d.main:  # the other ranks train and leave the outputs and the logging to rank 0
-        run(train)
+        train()
         return finish(d)
     stage = "train_guide" if args.guide else f"train@{p_uncond}"
     tracker = Tracker.open(stage, params.tracking.experiment)  # answers, or exit now
@@ -164,7 +159,7 @@ def main() -> None:
         return values  # kept in the history: eval.csv
 
     # a run left open ends FAILED when the process exits, KILLED when a signal stopped it (Tracker)
-    result = run(train, callback=on_log)
+    result = train(callback=on_log)
     if result.resumed_from:
         log.info(f"resumed from step {result.resumed_from}")
     if result.resumed_other_code:

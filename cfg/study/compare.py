@@ -157,10 +157,8 @@ def compare(
             raise ProtocolMismatch(f"params.yaml differs ({ref.label} vs {mine.label}): {shown}")
     a, b = ref.table, mine.table
     key = [k for k in KEY if k in a and k in b]
-    for side, t in (
-        (ref, a),
-        (mine, b),
-    ):  # e.g. an older table without guidance_options against two option sets
+    # several rows per cell, e.g. an older table without guidance_options of a study with two option sets
+    for side, t in ((ref, a), (mine, b)):
         if t.duplicated(key).any():
             raise ProtocolMismatch(
                 f"{side.label} has several rows per cell ({', '.join(key)}: the columns both tables have), so its "
