@@ -22,11 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from cfg.engine.device import autocast, compile_net, configure_cuda, resolve_device
+from cfg.io import load_yaml
 from cfg.maths.diffusion import diffusion_loss
 from cfg.maths.guidance import guided_eps
 from cfg.nets.unet import UNet, UNetConfig, _norm, count_parameters
@@ -202,9 +202,9 @@ def main() -> None:
         "--no-peer", action="store_true", help="skip the diffusers rows even when it is installed"
     )
     args = ap.parse_args()
-    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw = load_yaml(Path("params.yaml").read_text())
     if args.preset:
-        raw = merged_params(raw, flat_overrides(yaml.safe_load(Path(args.preset).read_text())))
+        raw = merged_params(raw, flat_overrides(load_yaml(Path(args.preset).read_text())))
     params = params_from_dict(raw)
     device = resolve_device(args.device or params.train.device)
     configure_cuda()

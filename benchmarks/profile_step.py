@@ -56,7 +56,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from bench_throughput import flops_per_image, matmul_rate, sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
@@ -65,6 +64,7 @@ from cfg.engine.device import COMPILE_MODES, autocast, compile_net, configure_cu
 from cfg.engine.device import cudnn_benchmark as cudnn_autotuning
 from cfg.engine.generate import examples_per_batch, generate_w_grid, sampling_kwargs
 from cfg.engine.training import GraphStep, make_adam, train_diffusion
+from cfg.io import load_yaml
 from cfg.maths.diffusion import diffusion_loss, training_draws
 from cfg.maths.guidance import guided_eps, needed_passes
 from cfg.nets import unet
@@ -714,8 +714,8 @@ def preset_params(preset: str):
     """params.yaml with the preset file's values on top, as the stages of a study on that preset read them."""
     return params_from_dict(
         merged_params(
-            yaml.safe_load(Path("params.yaml").read_text()),
-            flat_overrides(yaml.safe_load(Path(preset).read_text())),
+            load_yaml(Path("params.yaml").read_text()),
+            flat_overrides(load_yaml(Path(preset).read_text())),
         )
     )
 

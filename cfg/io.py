@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 
 def _read_umask() -> int:
     mask = os.umask(0)  # the only way to read it; done once, at import, before any stage thread exists
@@ -161,3 +163,20 @@ def write_csv(path: str | Path, rows: list[dict], fieldnames: list[str]) -> None
         writer.writerows(rows)
 
     atomic_write(path, write, mode="w")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: `1e-4` and `2E5` are numbers, as DVC (ruamel.yaml) and
+    Hydra's `-S` read them; YAML 1.1, PyYAML's own, wants a dot and read them as strings."""
+
+
+_Yaml12Loader.add_implicit_resolver(  # after the int resolver: 10 stays an int
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as DVC reads params.yaml: PyYAML's safe loader with YAML 1.2's exponent floats (`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass

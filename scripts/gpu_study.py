@@ -21,6 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cfg.io import load_yaml  # noqa: E402
 from cfg.study.config import params_from_dict  # noqa: E402
 from cfg.study.presets import flat_overrides, merged_params  # noqa: E402
 
@@ -39,14 +40,14 @@ def main() -> None:
         "--parallel", action="store_true", help="cfg-lab repro --parallel: the p_uncond arms side by side"
     )
     args = ap.parse_args()
-    base = yaml.safe_load(Path("params.yaml").read_text())
-    changes = flat_overrides(yaml.safe_load(Path(args.preset).read_text()))
+    base = load_yaml(Path("params.yaml").read_text())
+    changes = flat_overrides(load_yaml(Path(args.preset).read_text()))
     for item in args.overrides:
         if item.endswith((".yaml", ".yml")) and "=" not in item:  # another preset on top
-            changes |= flat_overrides(yaml.safe_load(Path(item).read_text()))
+            changes |= flat_overrides(load_yaml(Path(item).read_text()))
             continue
         key, _, value = item.partition("=")
-        changes[key] = yaml.safe_load(value)
+        changes[key] = load_yaml(value)
     merged = merged_params(base, changes)
     params_from_dict(merged)  # fail here, before any work
     Path("params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))

@@ -272,6 +272,26 @@ def test_ema_decay_zero_warns_that_it_averages_nothing():
         params_from_dict(_raw())  # the shipped decay: no warning
 
 
+def test_per_class_w_outside_the_w_grid_warns_that_no_cell_gets_per_class_fid():
+    import warnings
+
+    from cfg.study.config import ParamsWarning
+
+    raw = _raw()
+    raw["evaluate"]["per_class_w"] = 0.4
+    with pytest.warns(
+        ParamsWarning, match=r"evaluate\.per_class_w = 0\.4 is not in sample\.w \[-1\.0, 0\.0, "
+    ):
+        params_from_dict(raw)
+    raw["sample"]["w"].append(0.4)
+    raw["evaluate"]["per_class_w"] = 0.4000000001  # as a float grid writes it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ParamsWarning)
+        params_from_dict(raw)
+        raw["evaluate"]["per_class_w"] = None  # none wanted
+        params_from_dict(raw)
+
+
 @pytest.fixture(scope="module")
 def ten_class_extractor():
     """A real, untrained 10-class classifier as feature extractor, and reference statistics of 100 images."""
@@ -362,6 +382,70 @@ def test_the_fewest_samples_the_schema_allows_are_what_evaluate_really_needs(eva
     print(f"{evaluate}: evaluate needs >= {least}; with {least - 1}: {failed.value}")
 
 
+@pytest.mark.parametrize(
+    "evaluate",
+    [
+        {},  # the shipped metrics: precision_recall's k = 3, per-class FID at w = 0 of digits' 10 classes
+        {"per_class_w": None},  # precision_recall's k = 3 alone
+        {"per_class_w": None, "metrics": ["fid", "is"], "metric_options": {}},  # fid's covariance
+    ],
+)
+def test_the_fewest_test_images_the_schema_allows_are_what_evaluate_really_needs(
+    evaluate, ten_class_extractor
+):
+    # data.max_test sizes the reference statistics; a reference too small for a metric used to pass the schema and
+    # stop evaluate only after every model was trained and sampled
+    from cfg.data.datasets import load_dataset
+    from cfg.data.images import to_uint8
+    from cfg.eval.features import extract_features
+    from cfg.eval.stats import reference_stats
+
+    ext = ten_class_extractor[0]
+    raw = _raw()
+    raw["sample"]["w"] = [0.0]
+    raw["evaluate"] |= evaluate
+    raw["data"]["max_test"] = 1
+    with pytest.raises(ParamsError, match=r"^data\.max_test = 1 is too few for evaluate's reference") as e:
+        params_from_dict(raw)
+    least = int(re.search(r"give data\.max_test >= (\d+)", str(e.value)).group(1))
+    raw["data"]["max_test"] = least
+    params = params_from_dict(raw)
+
+    def reference(m: int):  # as the reference stage makes it: the first m test images of the prepared data
+        ds = load_dataset("digits", image_size=8, max_test=m)
+        assert len(ds.test_y) == m
+        return reference_stats(extract_features(ext, to_uint8(ds.test_x)), ext, labels=ds.test_y)
+
+    _evaluate_as_the_stage_does(params, 40, ext, reference(least))  # the minimum works ...
+    raw["data"]["max_test"] = least - 1
+    with pytest.raises(ParamsError, match=rf"^data\.max_test = {least - 1} is too few"):
+        params_from_dict(raw)
+    with pytest.raises(ValueError) as failed:  # ... and one fewer fails in evaluate, as the schema says
+        _evaluate_as_the_stage_does(params, 40, ext, reference(least - 1))
+    assert not isinstance(failed.value, ParamsError)
+    print(f"{evaluate}: evaluate needs data.max_test >= {least}; with {least - 1}: {failed.value}")
+
+
+def test_seed_ranges_of_unequal_size_or_class_mix_are_refused_before_any_work(ten_class_extractor):
+    # torch.chunk cut 401 samples into ranges of 201 and 200, and the cell recorded n_per_range = 201 for both
+    raw = _raw()
+    raw["sample"]["w"] = [0.0]
+    valid = params_from_dict(raw)
+    for n, sizes in ((401, "[201, 200]"), (30, "[15, 15]")):  # unequal counts; equal counts, unequal classes
+        raw["sample"]["n_samples"] = n
+        with pytest.raises(
+            ParamsError,
+            match=rf"^sample\.n_samples = {n} does not split evenly for evaluate: evaluate\.seed_ranges = 2 "
+            rf"splits them into ranges of {re.escape(sizes)} .*a multiple of 20: 2 ranges x 10 classes of digits",
+        ):
+            params_from_dict(raw)
+        # and evaluate itself refuses them (a library caller, no schema)
+        with pytest.raises(ValueError, match=rf"^{n} samples do not split into 2 seed ranges of equal size"):
+            _evaluate_as_the_stage_does(valid, n, *ten_class_extractor)
+    raw["sample"]["n_samples"] = 420
+    assert params_from_dict(raw).sample.n_samples == 420
+
+
 def test_data_shapes_match_the_loaders():
     # the memory and per-class checks read channels, default side and classes here, before the data is prepared
     from cfg.data.datasets import load_dataset
@@ -429,7 +513,7 @@ def test_sizes_beyond_this_machines_memory_stop_the_stage_before_any_work(
     "key", ["sample.n_samples", "sample.batch_size", "train.batch_size", "evaluate.batch_size"]
 )
 def test_the_largest_size_a_refusal_names_fits_and_a_larger_one_does_not(key):
-    from cfg.study.config import check_memory
+    from cfg.study.config import _n_samples_unit, check_memory
 
     budget = 2 * 10**9
     section, name = key.split(".")
@@ -444,6 +528,10 @@ def test_the_largest_size_a_refusal_names_fits_and_a_larger_one_does_not(key):
     raw[section][name] = fit
     check_memory(params_from_dict(raw), host_bytes=budget)
     raw[section][name] = int(fit * 1.02) + 8  # 8: sample.batch_size counts whole examples of 8 w
+    if key == "sample.n_samples":  # a count that the seed ranges split evenly, as the fit named is
+        unit = _n_samples_unit(params_from_dict(_raw()))
+        assert fit % unit == 0 and unit == 20  # 2 seed ranges x digits' 10 classes
+        raw[section][name] += -raw[section][name] % unit
     with pytest.raises(ParamsError, match=rf"^{re.escape(key)} = {raw[section][name]} needs"):
         check_memory(params_from_dict(raw), host_bytes=budget)
 
@@ -523,3 +611,28 @@ def test_a_p_uncond_without_decimal_point_is_refused_and_accepted_ones_name_dvcs
         assert re.search(
             rf"^train@{re.escape(name.split('=')[1])}\s+Outputs models/{re.escape(name)}$", listed, re.M
         ), listed
+
+
+def test_exponent_floats_read_as_dvc_reads_them(tmp_path):
+    # PyYAML (YAML 1.1) read `lr: 2e-3` as the string '2e-3' and refused it ("must be a number"); DVC's ruamel.yaml
+    # (YAML 1.2) reads a float, so a params.yaml that DVC runs was refused by every stage
+    from dvc.utils.serialize import parse_yaml
+
+    from cfg.io import load_yaml
+
+    text = (ROOT / "params.yaml").read_text()
+    assert text.count("  lr: 0.002\n") == 2
+    text = text.replace("  lr: 0.002\n", "  lr: 2e-3\n")
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_yaml(text) == parse_yaml(text, "params.yaml")
+    params = load_params(tmp_path / "params.yaml")
+    assert params.train.lr == params.classifier.lr == 0.002
+    for value, dvc in (
+        ("1e-4", 1e-4),
+        ("-3E+2", -300.0),
+        ("10", 10),
+        ("1_000", 1000),
+        ("1e", "1e"),
+        ("'1e-4'", "1e-4"),
+    ):
+        assert load_yaml(f"x: {value}") == parse_yaml(f"x: {value}", "p") == {"x": dvc}, value

@@ -94,6 +94,18 @@ def test_features_from_another_extractor_are_refused():
         fid(Features(x[:, :3]), ref)
 
 
+def test_features_of_images_of_another_size_than_the_reference_are_refused():
+    # Inception resizes every image to 299, so 16-pixel samples against a 32-pixel reference gave a number
+    x = gaussian(20, 4, seed=8)
+    ref = reference_stats(Features(x, extractor_name="inception", resolution=32))
+    assert fid(Features(x, extractor_name="inception", resolution=32), ref) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(FingerprintMismatch, match="16 pixels a side, the reference's 32") as err:
+        fid(Features(x, extractor_name="inception", resolution=16), ref)
+    assert err.value.fields == ["resolution"]
+    # a reference written before the side was kept (0) is not judged
+    assert fid(Features(x, resolution=16), reference_stats(Features(x))) == pytest.approx(0.0, abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Inception Score
 

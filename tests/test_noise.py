@@ -106,3 +106,74 @@ def test_no_stream_is_a_shuffle_of_another():
     rows = example_noise(1, torch.arange(100_000), 0, (1, 8, 8), dtype=torch.float64).flatten(1)
     values = rows.sort(dim=1).values
     assert torch.unique(values, dim=0).shape[0] == rows.shape[0]
+
+
+def test_non_finite_samples_stop_sampling_naming_the_w_instead_of_becoming_black_pixels(model):
+    # uint8 storage turned NaN into 0 and inf into 255: a diverged network's samples were scored as images
+    import copy
+
+    from cfg.engine.generate import NonFiniteSamples
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.class_embed.weight[1] = (
+            math.nan
+        )  # class 1 diverges; the null label (w = -1's only pass) does not
+    with pytest.raises(
+        NonFiniteSamples, match=r"w = 0: 2 of 6, w = 2: 2 of 6; the network or the sampler"
+    ) as e:
+        _grid(broken, n_samples=6, batch_size=18)  # examples 0..5, two of class 1 (i mod 3)
+    assert "w = -1" not in str(e.value) and "examples 0..5" in str(e.value)
+    # unconditional sampling (w = -1 alone: the null label only) of the same network is finite, and kept
+    args = dict(
+        num_classes=3, image_shape=(1, 8, 8), steps=6, seed=11, sampler_options={"clip_denoised": 1.0}
+    )
+    images, _ = generate_w_grid(broken, [-1.0], 6, **args)
+    assert torch.equal(images, generate_w_grid(model, [-1.0], 6, **args)[0])
+
+
+def test_a_diverged_point_of_the_training_curve_is_nan_and_the_training_goes_on(tmp_path):
+    # the train stage scores its EMA weights every train.eval_every steps: a diverged sample there is a NaN point
+    # with a warning, not an error that would end hours of training
+    import warnings
+
+    import yaml
+
+    from cfg.engine.scoring import training_curve
+    from cfg.eval.features import classifier_extractor, extract_features
+    from cfg.eval.stats import reference_stats, save_reference_stats
+    from cfg.nets.classifier import Classifier, ClassifierConfig, save_classifier
+    from cfg.study.config import params_from_dict
+
+    from .conftest import ROOT
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"] |= {"eval_samples": 6, "eval_w": 1.0}
+    raw["sample"] |= {"steps": 4}
+    params = params_from_dict(raw)
+    torch.manual_seed(0)
+    classifier = Classifier(
+        ClassifierConfig(in_channels=1, num_classes=3, image_size=8, width=4, feature_dim=8)
+    )
+    save_classifier(tmp_path / "c.pt", classifier.eval(), {})
+    ext = classifier_extractor(classifier.eval())
+    real = (torch.rand(30, 1, 8, 8) * 255).to(torch.uint8)
+    save_reference_stats(tmp_path / "r.pt", reference_stats(extract_features(ext, real), ext))
+    net = UNet(
+        UNetConfig(
+            image_size=8, in_channels=1, num_classes=3, base_width=8, channel_mult=(1,), head_channels=8
+        )
+    )
+    columns, curve = training_curve(params, str(tmp_path / "c.pt"), str(tmp_path / "r.pt"), "cpu")
+    assert columns == ["fid_w0", "is_w0", "fid_w1", "is_w1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        point = curve(net.eval())
+    assert all(math.isfinite(v) for v in point.values())
+    with torch.no_grad():
+        net.class_embed.weight[1] = math.nan
+    with pytest.warns(
+        RuntimeWarning, match=r"training curve: sampling gave NaN or inf .*; its FID and IS are NaN"
+    ):
+        point = curve(net)
+    assert list(point) == columns and all(math.isnan(v) for v in point.values())

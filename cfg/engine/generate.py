@@ -25,6 +25,12 @@ from cfg.nets.hashing import state_dict_hash
 from cfg.nets.unet import UNet, load_checkpoint
 from cfg.study.records import SampleSet
 
+
+class NonFiniteSamples(RuntimeError):
+    """Sampling gave NaN or inf: the network or the sampler diverged. uint8 storage would have turned those
+    pixels into black or white ones, scored as if they were images."""
+
+
 # called after every batch with {"images", "total_images", "elapsed_s", "eta_s"}
 ProgressCallback = Callable[[dict], None]
 
@@ -164,6 +170,15 @@ def generate_w_grid(
             x = sample_fn(
                 denoise, z, lambdas, noise=lambda t, src=noise: src(t).repeat(n_w, 1, 1, 1), **options
             )
+            finite = torch.isfinite(x).view(n_w, k, -1).all(-1)  # (W, k): each image finite
+            if not bool(finite.all()):
+                bad = (~finite).sum(1).tolist()
+                rows = ", ".join(f"w = {w:g}: {b} of {k}" for w, b in zip(w_list, bad, strict=True) if b)
+                raise NonFiniteSamples(
+                    f"sampling gave NaN or inf (guidance {guidance}, sampler {sampler}, T = {steps}) for examples "
+                    f"{int(ids_cpu[0])}..{int(ids_cpu[-1])}, images per w: {rows}; the network or the sampler "
+                    "diverged (its settings, bf16, clip_denoised), and no sample of it is written"
+                )
             if done + k > out.shape[1]:
                 grown = torch.empty((n_w, max(done + k, 2 * out.shape[1]), *image_shape), dtype=torch.uint8)
                 grown[:, :done] = out[:, :done]

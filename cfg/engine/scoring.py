@@ -6,11 +6,13 @@ The FID-during-training curve of the train stage and the search's intermediate a
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
-from cfg.engine.generate import generate_w_grid
+from cfg.engine.generate import NonFiniteSamples, generate_w_grid
 from cfg.eval.cells import score
 from cfg.eval.features import FeatureExtractor, extract_features
 from cfg.eval.stats import ReferenceStats
@@ -94,16 +96,20 @@ def training_curve(
     reference = load_reference_stats(reference_path)
 
     def curve(ema: torch.nn.Module) -> dict[str, float]:
-        scores = score_model(
-            ema,
-            w_eval,
-            t.eval_samples,
-            extractor=extractor,
-            reference=reference,
-            sampling=sampling_kwargs(params),
-            batch_size=e.batch_size,
-            device=device,
-        )
+        try:
+            scores = score_model(
+                ema,
+                w_eval,
+                t.eval_samples,
+                extractor=extractor,
+                reference=reference,
+                sampling=sampling_kwargs(params),
+                batch_size=e.batch_size,
+                device=device,
+            )
+        except NonFiniteSamples as diverged:  # a point of a monitoring curve: NaN, and the training goes on
+            warnings.warn(f"training curve: {diverged}; its FID and IS are NaN", RuntimeWarning, stacklevel=2)
+            return {w_column(name, w): math.nan for w in w_eval for name in ("fid", "is")}
         return by_w(w_eval, scores)
 
     return [w_column(name, w) for w in w_eval for name in ("fid", "is")], curve

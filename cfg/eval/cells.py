@@ -51,6 +51,15 @@ def _seed_ranges(
     (mean and sd columns, the values per range, samples per range)."""
     index = torch.arange(len(gen))
     parts = [torch.isin(index, r) for r in index.chunk(ranges)]
+    # FID's bias depends on the count, and the classes' mix moves it too: ranges must match in both to give a spread
+    counts = [
+        labels[p].bincount(minlength=int(labels.max()) + 1 if len(labels) else 0).tolist() for p in parts
+    ]
+    if len(parts) != ranges or any(c != counts[0] for c in counts):
+        raise ValueError(
+            f"{len(gen)} samples do not split into {ranges} seed ranges of equal size and class mix (torch.chunk "
+            f"gives {[int(p.sum()) for p in parts]} samples); give a multiple of {ranges} x the number of classes"
+        )
     wanted = {m: metrics[m] for m in RANGE_METRICS if m in metrics}
     per = [score(gen.select(p), labels[p], ref, wanted, class_logits=None, **kw) for p in parts]
     values = {m: [s[m] for s in per] for m in wanted}

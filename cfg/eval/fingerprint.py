@@ -96,6 +96,14 @@ def check_pair(gen: Features, ref: ReferenceStats) -> None:
         raise ValueError(
             f"generated features {tuple(gen.features.shape)} do not match reference dimension {ref.features.shape[1]}"
         )
+    if gen.resolution and ref.resolution and gen.resolution != ref.resolution:
+        # Inception resizes both to 299 and would score them, but a FID of images of another size than the
+        # reference's measures the resizing, not the model (0: a reference written before the side was kept)
+        raise FingerprintMismatch(
+            f"generated images are {gen.resolution} pixels a side, the reference's {ref.resolution}: score samples "
+            "of the reference's size (data.image_size)",
+            ["resolution"],
+        )
     if gen.weights_hash and ref.weights_hash and gen.weights_hash != ref.weights_hash:
         raise FingerprintMismatch(
             f"generated features come from {gen.extractor_name} weights {gen.weights_hash}, the reference from "

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from cfg.io import load_yaml
 from cfg.study.records import ID_DTYPES, guidance_name
 from cfg.study.report import method_column
 
@@ -94,7 +94,7 @@ def load_source(ref: str, root: str | Path = ".", table: str = "results/tradeoff
                 )
                 return Source(
                     pd.read_csv(candidate, dtype=ID_DTYPES),
-                    yaml.safe_load(params.read_text()) if params else None,
+                    load_yaml(params.read_text()) if params else None,
                     str(candidate),
                 )
         raise FileNotFoundError(f"{ref}: no tradeoff.csv or {table} in this folder")
@@ -110,7 +110,7 @@ def load_source(ref: str, root: str | Path = ".", table: str = "results/tradeoff
             )
         return out.stdout
 
-    params = yaml.safe_load(show("params.yaml"))
+    params = load_yaml(show("params.yaml"))
     return Source(pd.read_csv(io.StringIO(show(table)), dtype=ID_DTYPES), params, f"{ref}:{table}")
 
 

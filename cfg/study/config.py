@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cfg.data.datasets import DATASETS
 from cfg.engine.device import COMPILE_MODES
 from cfg.eval.features import EXTRACTORS
 from cfg.eval.metrics import METRICS
+from cfg.io import load_yaml
 from cfg.maths import samplers as diffusion
 from cfg.maths.guidance import guidance_entries, needs_guide_network
 from cfg.search.registry import PRUNERS, SAMPLERS
@@ -494,6 +493,14 @@ def _warn_unmeant(params: Params) -> None:
             ParamsWarning,
             stacklevel=3,
         )
+    e, grid = params.evaluate, params.sample.w
+    if e.per_class_w is not None and not any(abs(w - e.per_class_w) < 1e-9 for w in grid):
+        warnings.warn(
+            f"evaluate.per_class_w = {e.per_class_w} is not in sample.w {grid}: no cell gets per-class FID; give "
+            "one of sample.w, or null to compute none",
+            ParamsWarning,
+            stacklevel=3,
+        )
 
 
 def params_from_dict(raw: dict) -> Params:
@@ -524,6 +531,7 @@ def params_from_dict(raw: dict) -> Params:
     _check_levels(params, params.model, "model")
     _check_guide(params)
     _check_sample_counts(params)
+    _check_reference_counts(params)
     _warn_unmeant(params)
     if params.evaluate.extractor == "inception" and params.evaluate.inception_weights:
         path = Path(params.evaluate.inception_weights)
@@ -631,40 +639,59 @@ def _chunk_sizes(n: int, parts: int) -> list[int]:
     return [min(size, n - start) for start in range(0, n, size)]
 
 
-def _sample_needs(params: Params) -> list[tuple[int, bool, str]]:
+def _sample_needs(params: Params) -> list[tuple[int, bool, bool, str]]:
     """What evaluate computes from one cell of sample.n_samples images, as (fewest samples, whether in each seed
-    range, why), read from cfg.eval.metrics and the evaluate stage: the noise-FID baseline and fid fit a
-    covariance (>= 2), is one per split (>= 1), kid's subsets are clipped to the samples (>= 2 left),
-    precision_recall's k-th neighbour lies among the others (> k), per-class FID fits a covariance per class
-    (>= 2 of each class: example i has class i mod K); cfg.eval.cells.RANGE_METRICS score each seed range too."""
+    range, whether the reference set needs as many, why), read from cfg.eval.metrics and the evaluate stage: the
+    noise-FID baseline and fid fit a covariance (>= 2, the reference's too), is one per split (>= 1, the samples
+    only), kid's subsets are clipped to the samples (>= 2 left, of the reference too), precision_recall's k-th
+    neighbour lies among the others (> k, in each set), per-class FID fits a covariance per class (>= 2 of each
+    class on both sides: example i has class i mod K, and data.max_test keeps a prefix cycling through the classes);
+    cfg.eval.cells.RANGE_METRICS score each seed range too."""
     from cfg.eval.cells import RANGE_METRICS
 
     e = params.evaluate
     o = {name: METRICS.resolve(name, e.metric_options.get(name)) for name in e.metrics}
     metric_needs = {
-        "fid": lambda: (2, "fid fits a covariance, which needs >= 2"),
+        "fid": lambda: (2, True, "fid fits a covariance, which needs >= 2"),
         # one sample per split, where the metric has a splits option
-        "is": lambda: (o["is"].get("splits", 1), f"is needs >= {o['is'].get('splits', 1)} (one per split)"),
-        "kid": lambda: (2, "kid draws subsets of >= 2 (its subset_size is clipped to the samples)"),
+        "is": lambda: (
+            o["is"].get("splits", 1),
+            False,
+            f"is needs >= {o['is'].get('splits', 1)} (one per split)",
+        ),
+        "kid": lambda: (2, True, "kid draws subsets of >= 2 (its subset_size is clipped to the samples)"),
         "precision_recall": lambda: (
             o["precision_recall"]["k"] + 1,
+            True,
             f"precision_recall needs more than evaluate.metric_options.precision_recall.k = {o['precision_recall']['k']}",
         ),
     }
-    needs = [(2, False, "the evaluate stage's noise-FID baseline fits a covariance, which needs >= 2")]
+    needs = [(2, False, True, "the evaluate stage's noise-FID baseline fits a covariance, which needs >= 2")]
     for name in o:
         if name in metric_needs:
-            least, why = metric_needs[name]()
-            needs.append((least, False, why))
+            least, reference, why = metric_needs[name]()
+            needs.append((least, False, reference, why))
             if e.seed_ranges > 1 and name in RANGE_METRICS:
-                needs.append((least, True, why))
+                needs.append((least, True, False, why))
     classes = DATA_SHAPES.get(params.data.name, (None, None, None))[2]
     if classes and e.per_class_w is not None and any(abs(w - e.per_class_w) < 1e-9 for w in params.sample.w):
         why = f"per-class FID (evaluate.per_class_w = {e.per_class_w}) fits a covariance per class, which needs "
         needs.append(
-            (2 * classes, False, why + f">= 2 of each of the {classes} classes of {params.data.name}")
+            (2 * classes, False, True, why + f">= 2 of each of the {classes} classes of {params.data.name}")
         )
     return needs
+
+
+def _n_samples_unit(params: Params) -> int:
+    """sample.n_samples must be a multiple of this: evaluate.seed_ranges x the data's classes when seed ranges are
+    scored (example i has class i mod K, so every range then holds each class equally often, and all ranges score
+    the same number of samples, on which FID's bias depends), else 1."""
+    from cfg.eval.cells import RANGE_METRICS
+
+    e = params.evaluate
+    if e.seed_ranges < 2 or not set(RANGE_METRICS) & set(e.metrics):
+        return 1
+    return e.seed_ranges * (DATA_SHAPES.get(params.data.name, (None, None, None))[2] or 1)
 
 
 def _check_sample_counts(params: Params) -> None:
@@ -683,10 +710,12 @@ def _check_sample_counts(params: Params) -> None:
                 f"evaluate.metric_options.{name}.{key} = {value} is out of range: allowed value >= {low}"
             )
     needs = _sample_needs(params)
+    classes = DATA_SHAPES.get(params.data.name, (None, None, None))[2]
+    unit = _n_samples_unit(params)
 
     def problems(count: int) -> list[str]:
-        found = [why for least, per_range, why in needs if not per_range and count < least]
-        if e.seed_ranges > 1 and any(per_range for _, per_range, _ in needs):
+        found = [why for least, per_range, _, why in needs if not per_range and count < least]
+        if e.seed_ranges > 1 and any(per_range for _, per_range, _, _ in needs):
             sizes = _chunk_sizes(count, e.seed_ranges)
             split = f"evaluate.seed_ranges = {e.seed_ranges} splits them into ranges of {sizes} (torch.chunk)"
             if len(sizes) != e.seed_ranges:
@@ -694,9 +723,19 @@ def _check_sample_counts(params: Params) -> None:
             else:
                 found += [
                     f"{split}, and in each range {why}"
-                    for least, per_range, why in needs
+                    for least, per_range, _, why in needs
                     if per_range and min(sizes) < least
                 ]
+                if count % unit and not any(f.startswith(split) for f in found):
+                    per = (
+                        f"{e.seed_ranges} ranges x {classes} classes of {params.data.name}"
+                        if classes
+                        else "ranges"
+                    )
+                    found.append(
+                        f"{split}: each range must hold as many samples{' of each class' if classes else ''} as "
+                        f"the others, or their spread mixes FIDs of other sample counts (a multiple of {unit}: {per})"
+                    )
         return found
 
     found = problems(n)
@@ -708,8 +747,25 @@ def _check_sample_counts(params: Params) -> None:
     else:  # uneven ranges: a larger count can fail where a smaller one works
         hint = f"give e.g. sample.n_samples = {next(c for c in range(n + 1, 10**7) if not problems(c))}"
     if any("evaluate.seed_ranges" in why for why in found):
-        hint += " (a multiple of evaluate.seed_ranges splits evenly) or fewer evaluate.seed_ranges"
-    raise ParamsError(f"sample.n_samples = {n} is too few for evaluate: {'; '.join(found)}: {hint}")
+        hint += f" (a multiple of {unit} splits evenly) or other evaluate.seed_ranges"
+    what = "is too few for evaluate" if lowest > n else "does not split evenly for evaluate"
+    raise ParamsError(f"sample.n_samples = {n} {what}: {'; '.join(found)}: {hint}")
+
+
+def _check_reference_counts(params: Params) -> None:
+    """data.max_test leaves the reference statistics (the test split's first images) what every metric of
+    evaluate.metrics needs of them; checked here, not in evaluate after every model was trained and sampled."""
+    m = params.data.max_test
+    if m is None:
+        return
+    needs = [(least, why) for least, _, reference, why in _sample_needs(params) if reference]
+    short = [why for least, why in needs if m < least]
+    if short:
+        least = max(least for least, _ in needs)
+        raise ParamsError(
+            f"data.max_test = {m} is too few for evaluate's reference statistics (the test split's first "
+            f"images): {'; '.join(short)}: give data.max_test >= {least}, or null (the whole test split)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -952,6 +1008,8 @@ def check_memory(params: Params, *, host_bytes: int | None = None, device_bytes:
             continue
         need, total, _, has = max(over, key=lambda m: m[1] / m[2])
         fit = min(max(0, int((have - n.fixed) // n.per_unit)) for n, _, have, _ in mine)
+        if key == "sample.n_samples":  # a count that evaluate's seed ranges split evenly
+            fit -= fit % _n_samples_unit(params)
         where = "GPU memory" if need.on_device and kind == "cuda" else "memory"
         raise ParamsError(
             f"{key} = {value} needs at least ~{_size(total)} of {where} for {need.how}; {has}: lower {key} "
@@ -964,7 +1022,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     every error names the file, key, value and what is allowed."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"parameter file {str(path)!r} not found") from None
     try:

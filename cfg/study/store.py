@@ -58,9 +58,9 @@ def local_settings(root: str | Path | None = None) -> dict[str, Any]:
     path = (Path(root) if root else project_root()) / LOCAL_SETTINGS
     if not path.is_file():
         return {}
-    import yaml
+    from cfg.io import load_yaml
 
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text()) or {}
     if not isinstance(data, dict) or set(data) - {"tracking_uri"}:
         raise SystemExit(f"error: {path}: a mapping with the key tracking_uri, got {sorted(data)!r}")
     if path.stat().st_mode & 0o077:

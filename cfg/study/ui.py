@@ -141,10 +141,10 @@ def view_urls(client, experiment: str, base: str, study: str | None = None) -> d
 
 def default_experiment(root: Path) -> str:
     """tracking.experiment of the project's params.yaml (cfg-lab without one)."""
-    import yaml
+    from cfg.io import load_yaml
 
     path = root / "params.yaml"
-    raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    raw = load_yaml(path.read_text()) if path.is_file() else {}
     return ((raw or {}).get("tracking") or {}).get("experiment", "cfg-lab")
 
 
