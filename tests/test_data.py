@@ -447,3 +447,90 @@ def test_fingerprint_is_pinned() -> None:
     x = from_uint8(torch.arange(2 * 1 * 2 * 2, dtype=torch.uint8).reshape(2, 1, 2, 2) * 17)
     ds = ImageDataset("pinned", x, torch.tensor([0, 1]), x[:1], torch.tensor([1]), classes=["a", "b"])
     assert ds.fingerprint() == "0c4f7c5f18d9d08fd93e0a78ac6c3d464345d5608783505057ab8dc8aba483ae"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cfg.data.sources: the files outside the repository, hashed by the `inputs` stage for DVC
+
+
+def write_fashion_mnist(root: Path, *, n_train: int = 40, n_test: int = 20, shift: int = 0) -> Path:
+    """A small Fashion-MNIST in its original layout (raw/*.gz), labels i mod 10 (+ shift)."""
+    rng = np.random.default_rng(0)
+    raw = root / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), compress=True)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) + shift) % 10, compress=True)
+    return root
+
+
+def test_data_records_name_each_file_by_its_place_under_the_root_and_hash_its_bytes(tmp_path):
+    import hashlib
+
+    from cfg.data.sources import data_record, weights_record
+
+    a = write_fashion_mnist(tmp_path / "a")
+    record = data_record("fashion_mnist", a)
+    files = sorted(p.relative_to(a).as_posix() for p in a.rglob("*.gz"))
+    assert sorted(record["files"]) == files and len(files) == 4
+    for name, digest in record["files"].items():
+        assert digest == hashlib.sha256((a / name).read_bytes()).hexdigest()
+    # the same bytes elsewhere are the same inputs; one changed label file is another
+    b = write_fashion_mnist(tmp_path / "b")
+    assert data_record("fashion_mnist", b) == record
+    write_fashion_mnist(tmp_path / "b", shift=1)
+    changed = {k for k, v in data_record("fashion_mnist", b)["files"].items() if record["files"][k] != v}
+    assert changed == {"raw/train-labels-idx1-ubyte.gz", "raw/t10k-labels-idx1-ubyte.gz"}
+    # a root that does not exist yet (data.download fetches into it) holds nothing
+    assert data_record("fashion_mnist", tmp_path / "absent") == {"data": "fashion_mnist", "files": {}}
+    # the digits come from scikit-learn's own file, whatever data.root says
+    digits = data_record("digits", None)["files"]
+    assert list(digits) == ["sklearn/datasets/data/digits.csv.gz"]
+    import sklearn
+
+    sk_file = Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"
+    assert digits["sklearn/datasets/data/digits.csv.gz"] == hashlib.sha256(sk_file.read_bytes()).hexdigest()
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")
+    assert weights_record(weights) == {"inception_weights": hashlib.sha256(b"weights").hexdigest()}
+    assert weights_record(None) == weights_record(tmp_path / "absent.pth") == {"inception_weights": None}
+
+
+@pytest.mark.slow
+def test_a_changed_data_file_reruns_prepare_and_unchanged_files_rerun_nothing(project, tmp_path):
+    # data.root lies outside the repository and is a param only: replacing its files at the same path used to
+    # leave `dvc repro` with nothing to do, and the old prepared data (and all it fed) in place
+    import json
+
+    from .conftest import run, shrink_params
+    from .test_pipeline_e2e import stages_run
+
+    root = write_fashion_mnist(tmp_path / "fashion")
+    shrink_params(
+        project / "params.yaml",
+        {
+            "data": {
+                "name": "fashion_mnist",
+                "root": str(root),
+                "image_size": None,
+                "max_train": 40,
+                "max_test": 20,
+            }
+        },
+    )
+    first = run(["dvc", "repro", "prepare"], project)
+    assert stages_run(first.stdout) == {"inputs", "prepare"}
+    fingerprint = json.loads((project / "data/prepared.json").read_text())["fingerprint"]
+
+    again = run(["dvc", "repro", "prepare"], project)
+    assert stages_run(again.stdout) == {"inputs"}, again.stdout
+    assert "Stage 'prepare' didn't change, skipping" in again.stdout
+    status = run(["dvc", "status", "--with-deps", "prepare"], project).stdout
+    assert status.split() == ["inputs:", "always", "changed"], status  # the only entry, on every repro
+
+    write_fashion_mnist(root, shift=1)  # the same path, other labels: still valid IDX files
+    third = run(["dvc", "repro", "prepare"], project)
+    assert stages_run(third.stdout) == {"inputs", "prepare"}, third.stdout
+    assert json.loads((project / "data/prepared.json").read_text())["fingerprint"] != fingerprint
+    record = json.loads((project / "data/inputs/data.json").read_text())
+    assert sorted(record["files"]) == sorted(p.relative_to(root).as_posix() for p in root.rglob("*.gz"))
