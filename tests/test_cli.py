@@ -54,6 +54,7 @@ def test_repro_with_overrides_is_a_validated_exp_run(monkeypatch, capsys):
         (["-S", "sample.steps=1"], "sample.steps = 1 is out of range: allowed value >= 2"),
         (["-S", "sample.stepz=8"], "sample.stepz"),
         (["-S", "sample.steps"], "-S 'sample.steps' is not KEY=VALUE"),
+        (["-S", "sample.w.x=1"], "-S sample.w.x: sample.w is [-1.0, 0.0"),
         (["--preset", "presets/none.yaml"], "preset 'presets/none.yaml' not found"),
     ],
 )
@@ -63,6 +64,125 @@ def test_bad_overrides_stop_before_dvc_runs(args, message, monkeypatch, capsys):
         cli.main(["repro", "--dry-run", *args])
     assert message in str(stop.value)
     assert "dvc exp run" not in capsys.readouterr().out
+
+
+# `-S` values whose meaning DVC's Hydra grammar would change: a mapping (DVC merges it into the one there, or
+# refuses its new keys), a string with `,` (a sweep) or `=` (an error). Each is what cfg-lab checks, what `dvc exp
+# run -S` writes and what `repro --parallel` writes: the value replaces what was there.
+AWKWARD_SETS = {
+    "new guidance entries": ["sample.guidance={cfg: {}, interval: {}}"],
+    "metrics without their options": ["evaluate.metrics=[fid, is]", "evaluate.metric_options={}"],
+    "no sampler options": ["sample.sampler_options={}"],
+    "a comma": ["data.root=/data/a,b"],
+    "an equals sign": ["tracking.experiment=study w=2"],
+    "an exponent": ["sample.w=[0.0, 1e-5]"],  # a float to DVC (YAML 1.2, Hydra), not the string '1e-5'
+}
+
+
+def _exp_project(root: Path) -> Path:
+    """A git + DVC project of params.yaml and one stage reading it: the pipeline `dvc exp run` applies -S to."""
+    root.mkdir()
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    (root / "dvc.yaml").write_text(
+        "stages:\n  look:\n    cmd: cp params.yaml seen.yaml\n    params: [sample]\n"
+    )
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (
+        ["git", "init", "-q"],
+        [DVC, "init", "-q"],
+        [*git, "add", "-A"],
+        [*git, "commit", "-qm", "p"],
+    ):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+    return root
+
+
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+@pytest.mark.parametrize("sets", AWKWARD_SETS.values(), ids=AWKWARD_SETS.keys())
+def test_an_override_means_what_cfg_lab_checked_in_dvc(sets, tmp_path):
+    """The `-S` flags cfg-lab passes to `dvc exp run`, applied by DVC's own code (`dvc.utils.hydra`, what
+    `dvc exp run -S` runs on params.yaml, sweep detection included), give params.yaml as cfg-lab validated it:
+    every key set to its value, a mapping replaced."""
+    import yaml
+    from dvc.utils.hydra import apply_overrides, to_hydra_overrides
+
+    from cfg.io import load_yaml
+    from cfg.study.presets import exp_run_command, merged_params, parse_set
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    overrides = parse_set(sets)
+    checked = merged_params(yaml.safe_load(params.read_text()), overrides)
+    cmd = exp_run_command(overrides, params_file=params)  # validated: else ParamsError
+    flags = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-S"]
+    assert not [f for f in to_hydra_overrides(flags) if f.is_sweep_override()], f"a sweep: {flags}"
+    apply_overrides(str(params), flags)
+    written = load_yaml(params.read_text())
+    assert written == checked
+    for key, value in overrides.items():
+        node = written
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+
+
+def test_a_preset_can_empty_a_mapping_or_add_an_entry_with_its_defaults():
+    from cfg.study.presets import flat_overrides
+
+    preset = {"sample": {"sampler_options": {}, "guidance": {"interval": {}, "rescale": {"phi": 0.7}}}}
+    assert flat_overrides(preset) == {
+        "sample.sampler_options": {},
+        "sample.guidance.interval": {},
+        "sample.guidance.rescale.phi": 0.7,
+    }
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_and_repro_parallel_write_what_cfg_lab_checked(tmp_path):
+    """Every awkward -S at once through a real `dvc exp run` (the command cfg-lab prints and runs) and through a
+    real `cfg-lab repro --parallel` (its stages copy params.yaml as they see it): both end with the same
+    params.yaml, byte for byte (DVC's writer: comments kept), whose values are the ones cfg-lab checked."""
+    import yaml
+
+    from cfg.io import load_yaml
+    from cfg.study.presets import exp_run_command, merged_params, parse_set
+
+    sets = [s for group in AWKWARD_SETS.values() for s in group]
+    overrides = parse_set(sets)
+    checked = merged_params(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    exp = _exp_project(tmp_path / "exp")
+    cmd = exp_run_command(overrides, params_file=exp / "params.yaml")
+    out = subprocess.run(cmd, cwd=exp, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    by_dvc = (exp / "params.yaml").read_text()
+    assert load_yaml(by_dvc) == checked
+    assert (exp / "seen.yaml").read_text() == by_dvc, "the stage ran on it"
+
+    par = tmp_path / "parallel"  # one arm, on CPU, copying params.yaml
+    par.mkdir()
+    stages = {"train": {"foreach": ["0.1"], "do": {"cmd": "cp params.yaml seen.yaml"}}}
+    (par / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (par / "params.yaml").write_text(
+        (ROOT / "params.yaml").read_text().replace("device: auto", "device: cpu", 1)
+    )
+    subprocess.run([DVC, "init", "-q", "--no-scm"], cwd=par, check=True)
+    args = [a for s in sets for a in ("-S", s)]
+    out = subprocess.run(
+        [str(CFG_LAB), "repro", "--parallel", *args],
+        cwd=par,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (par / "params.yaml").read_text() == by_dvc.replace("device: auto", "device: cpu", 1)
+    assert (par / "seen.yaml").read_text() == (par / "params.yaml").read_text()
 
 
 def test_outside_a_project_the_command_says_so(tmp_path, monkeypatch):

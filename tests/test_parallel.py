@@ -13,7 +13,7 @@ import yaml
 
 from cfg.study.parallel import ArmResult, ParallelError, plan, run_arms, summary
 
-from .conftest import VENV_BIN, run
+from .conftest import VENV_BIN, run, up_to_date
 
 # the study's DAG as DVC gives it (stage -> every stage it depends on), three p_uncond and a guide network
 P = ("0.1", "0.2", "0.5")
@@ -63,6 +63,26 @@ def test_targets_run_only_the_arms_they_need():
     assert p.upstream == sorted(UP)
     with pytest.raises(ParallelError, match=r"no stage 'sample@0\.3' in dvc\.yaml; stages: classifier, "):
         plan(GRAPH, targets=["sample@0.3"], kind="cpu", train_devices=1, sample_devices=1)
+
+
+def test_a_foreach_group_as_target_means_all_its_arms():
+    """`dvc repro train` runs every train@<p>: so does `repro --parallel train` (its own help's example)."""
+    p = plan(GRAPH, targets=["train"], kind="cpu", train_devices=1, sample_devices=1)
+    assert p.train == [f"train@{q}" for q in P] and p.sample == [] and p.upstream == sorted(UP)
+    p = plan(GRAPH, targets=["train", "sample"], kind="cpu", train_devices=1, sample_devices=1)
+    assert p.train == ["train_guide", *(f"train@{q}" for q in P)] and p.sample == [f"sample@{q}" for q in P]
+    with pytest.raises(
+        ParallelError, match=r"no stage 'tra' in dvc\.yaml; .* \(or a group of them: sample, train\)"
+    ):
+        plan(GRAPH, targets=["tra"], kind="cpu", train_devices=1, sample_devices=1)
+
+
+def test_a_group_target_through_the_command_and_dvc(tmp_path):
+    project = tmp_path / "sleepy"
+    _sleeping_project(project, ("0.1", "0.2", "0.5"))
+    out = run([f"{VENV_BIN}/cfg-lab", "repro", "--parallel", "--dry-run", "train"], project)
+    assert "train arms: train@0.1 train@0.2 train@0.5 " in out.stdout, out.stdout + out.stderr
+    assert out.stdout.rstrip().endswith("then: dvc repro train")
 
 
 def test_cpu_runs_arms_side_by_side_without_pinning():
@@ -234,6 +254,30 @@ def test_sample_arms_in_slots_take_one_slot_each():
                 del running[slot]
 
 
+def test_shared_sample_arms_put_at_most_three_arms_on_a_gpu():
+    """Six p_uncond on one GPU with `sample.devices: all`: the sample arms wait for their turn rather than all
+    sharing the GPU, at most two beside the model in training and three once none trains."""
+    ps = ("0.0", "0.05", "0.1", "0.2", "0.3", "0.5")
+    graph = {"prepare": set(), "train_guide": {"prepare"}}
+    for q in ps:
+        graph[f"train@{q}"] = {"prepare"}
+        graph[f"sample@{q}"] = {"prepare", f"train@{q}", "train_guide"}
+    p = plan(graph, kind="cuda", train_devices=1, sample_devices="all", gpus=["0"])
+    assert p.sample_shared
+    arms = Arms({**{f"train@{q}": 0.3 for q in ps}, **{f"sample@{q}": 1.0 for q in ps}})
+    results = run_arms(p, None, runner=arms, gap=0)
+    assert all(r.status == "ok" for r in results)
+    live: set[str] = set()
+    most = {"beside a model": 0, "alone": 0}
+    for what, stage in arms.events:
+        (live.add if what == "start" else live.discard)(stage)
+        samples = sum(s.startswith("sample@") for s in live)
+        training = any(s.startswith("train") for s in live)
+        key = "beside a model" if training else "alone"
+        most[key] = max(most[key], samples)
+    assert most == {"beside a model": 2, "alone": 3}, most
+
+
 @pytest.mark.slow
 def test_parallel_arms_end_where_a_sequential_repro_ends(project):
     """The arms side by side through real `dvc repro` processes on CPU: dvc.lock then records every stage
@@ -243,7 +287,7 @@ def test_parallel_arms_end_where_a_sequential_repro_ends(project):
     out = run([f"{VENV_BIN}/cfg-lab", "repro", "--parallel"], project)
     assert "wall time per part: upstream" in out.stderr and "rest" in out.stderr
     status = run(["dvc", "status"], project).stdout
-    assert "Data and pipelines are up to date" in status, status
+    assert up_to_date(status), status
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     for p in ("0.1", "0.5"):
         assert {f"train@{p}", f"sample@{p}"} <= set(lock)
@@ -342,7 +386,7 @@ def test_a_stopped_parallel_run_stops_its_arms_and_a_rerun_completes(project):
 
     out = run([f"{VENV_BIN}/cfg-lab", "repro", "--parallel", "-S", "train.steps=30"], project)
     assert "wall time per part" in out.stderr
-    assert "Data and pipelines are up to date" in run(["dvc", "status"], project).stdout
+    assert up_to_date(run(["dvc", "status"], project).stdout)
 
 
 def test_dry_run_plans_with_the_overrides_and_writes_nothing(project):
@@ -516,3 +560,93 @@ def test_no_warm_up_outlives_a_run_that_ends_in_an_error(monkeypatch, tmp_path):
         _warm_run(monkeypatch, tmp_path, warm_s=(0.1, 60), arms=broken)
     left = [q for q in psutil.Process().children(recursive=True) if q.pid not in before and q.is_running()]
     assert not [q for q in left if q.status() != psutil.STATUS_ZOMBIE], left
+
+
+def _sleeping_project(root, p_uncond=("0.1", "0.5")):
+    """A real DVC project whose train@<p> stages record their pid and sleep 300 s: arms that run until stopped."""
+    import shutil
+    import subprocess
+
+    from .conftest import ROOT
+
+    root.mkdir()
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(device="cpu", p_uncond=[float(p) for p in p_uncond])
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = {"train": {"foreach": list(p_uncond), "do": {"cmd": "echo $$ >> pids; exec sleep 300"}}}
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    subprocess.run([f"{VENV_BIN}/dvc", "init", "-q", "--no-scm"], cwd=root, check=True)
+
+
+@pytest.mark.slow
+def test_a_hung_up_terminal_stops_every_arm(tmp_path):
+    """`cfg-lab repro --parallel` in a real terminal (a pty, the process its session leader) that goes away, as a
+    closed window or a dropped ssh connection: SIGHUP, and every write to the terminal fails (EIO). The arms run
+    in sessions of their own, so no SIGHUP reaches them: the command must stop them, although it cannot say so."""
+    import os
+    import pty
+    import select
+    import signal
+
+    import psutil
+
+    project = tmp_path / "sleepy"
+    _sleeping_project(project)
+    env = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ["PATH"]}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: cfg-lab on the pty's slave, its controlling terminal
+        try:
+            os.chdir(project)
+            os.execve(f"{VENV_BIN}/cfg-lab", ["cfg-lab", "repro", "--parallel"], env)
+        finally:
+            os._exit(127)
+    pids = project / "pids"
+    seen: dict[int, psutil.Process] = {}  # cfg-lab's processes: its dvc repro and their stages
+    out = b""
+    try:
+        deadline = time.monotonic() + 120
+        while (
+            time.monotonic() < deadline
+        ):  # read the terminal (a full one would block cfg-lab) until both sleep
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:
+                    break
+            try:
+                seen.update({q.pid: q for q in psutil.Process(pid).children(recursive=True)})
+            except psutil.Error:
+                pass
+            if pids.exists() and len(pids.read_text().split()) == 2:
+                break
+        stages = [int(x) for x in pids.read_text().split()] if pids.exists() else []
+        assert len(stages) == 2, f"the two arms never ran:\n{out.decode(errors='replace')}"
+        seen.update({q: psutil.Process(q) for q in stages})
+        assert all("sleep" in seen[q].name() for q in stages)
+        os.close(fd)  # the terminal goes away: the kernel sends SIGHUP to its session leader, cfg-lab
+        fd = -1
+        deadline = time.monotonic() + 90  # stop_all: SIGINT, which ends a sleep at once (at most 10 + 45 s)
+        status = None
+        while status is None and time.monotonic() < deadline:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            status = code if done else None
+            time.sleep(0.2)
+        assert status is not None, "cfg-lab did not end after SIGHUP"
+        left = [q for q in seen.values() if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"still running after SIGHUP: {[q.cmdline() for q in left]}"
+        assert os.waitstatus_to_exitcode(status) == 130, os.waitstatus_to_exitcode(status)
+    finally:  # whatever failed above, nothing of this run outlives the test
+        if fd >= 0:
+            os.close(fd)
+        for q in [*seen.values()]:
+            try:
+                q.kill()
+            except psutil.Error:
+                pass
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass

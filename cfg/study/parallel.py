@@ -16,7 +16,8 @@ three parts, each a set of `dvc repro` calls:
                     train   `train@<p>` and `train_guide`, each pinned by CUDA_VISIBLE_DEVICES to its own slot
                             of `train.devices` GPUs; more arms than slots queue for the next free slot
                     sample  `sample@<p>`: with `sample.devices: all` every arm shards over every GPU (the GPUs
-                            are shared, no slot to wait for), with `sample.devices: N` an arm takes a slot of N
+                            are shared: no slot, but at most ARMS_PER_GPU arms on a GPU, a training model's
+                            included), with `sample.devices: N` an arm takes a slot of N
     3. the rest   `dvc repro [TARGETS]`: evaluate and report, on every GPU
 
 Why the train arms go to disjoint GPUs and not each over all of them: at the preset's model size a training
@@ -56,6 +57,13 @@ from cfg.study.store import STUDY_PID_ENV
 TRAIN_ARMS = ("train@", "train_guide")
 SAMPLE_ARMS = ("sample@",)
 
+# With `sample.devices: all` the sample arms share every GPU, so the number of them running at once is what bounds
+# a GPU's processes: at most this many arms on a GPU at once, a training model's counting as one (two sample arms
+# beside a model, three when none trains; more p_uncond wait their turn). Three sample arms of the preset's batch
+# fitted an 80 GB H100, and sampled no faster together (473 images/s) than one process alone (506): a fourth
+# would only add a process's memory (model, compiled graphs, batch) to the GPU, and risk running out of it.
+ARMS_PER_GPU = 3
+
 
 class ParallelError(ValueError):
     """A setting the parallel run cannot use, found before any stage runs."""
@@ -80,6 +88,8 @@ class Plan:
     # of a sample arm (one process per device index, as its ranks)
     warm: list[str] = field(default_factory=list)
     warm_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    # sample_shared: how many arms may run on a GPU at once, a training model included (ARMS_PER_GPU)
+    arms_per_gpu: int = ARMS_PER_GPU
 
 
 def _is(name: str, prefixes: Sequence[str]) -> bool:
@@ -94,6 +104,13 @@ def stage_graph(root: Path) -> dict[str, set[str]]:
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges from a stage to the stages it depends on
         return {s.addressing: {d.addressing for d in nx.descendants(graph, s)} for s in graph.nodes}
+
+
+def _stages_of(target: str, graph: dict[str, set[str]]) -> list[str]:
+    """The stages a target names: itself, or every item of the foreach group of that name."""
+    if target in graph:
+        return [target]
+    return sorted(s for s in graph if s.startswith(f"{target}@"))
 
 
 def _slots(gpus: list[str], size: int, what: str) -> list[dict[str, str]]:
@@ -124,13 +141,17 @@ def plan(
     gpus: list[str] | None = None,  # CUDA: the GPUs to use (default: visible_gpus())
     jobs: int | None = None,  # CPU: arms at a time, train and sample alike (default: as many as train arms)
 ) -> Plan:
-    """Which stages run in which part, after which arms, and on which GPUs."""
-    unknown = [t for t in targets if t not in graph]
+    """Which stages run in which part, after which arms, and on which GPUs. A target is a stage or, as for
+    `dvc repro`, a foreach group's name (`train`: every `train@<p>`)."""
+    stages = [s for t in targets for s in _stages_of(t, graph)]
+    unknown = [t for t in targets if not _stages_of(t, graph)]
     if unknown:
+        groups = sorted({s.partition("@")[0] for s in graph if "@" in s})
         raise ParallelError(
             f"no stage {', '.join(map(repr, unknown))} in dvc.yaml; stages: {', '.join(sorted(graph))}"
+            + (f" (or a group of them: {', '.join(groups)})" if groups else "")
         )
-    needed = set(graph) if not targets else set(targets).union(*(graph[t] for t in targets))
+    needed = set(graph) if not targets else set(stages).union(*(graph[t] for t in stages))
     train = sorted((s for s in needed if _is(s, TRAIN_ARMS)), key=lambda s: (s != "train_guide", s))
     sample = sorted(s for s in needed if _is(s, SAMPLE_ARMS))
     if not train:
@@ -180,11 +201,25 @@ class ArmResult:
         return "ok" if self.returncode == 0 else f"exit {self.returncode}"
 
 
+def _say(*text: str) -> None:
+    """A status line to stderr, never raising for it: stderr may be a terminal that hung up (SIGHUP, the ssh
+    connection dropped: EIO) or a closed pipe, and the run must still stop its arms and account for them."""
+    try:
+        print(*text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 def _stream(proc: subprocess.Popen, prefix: str, on_line: Callable[[str], None] | None = None) -> None:
+    """Each line of `proc`'s output to stderr, prefixed; read to the end whether or not stderr takes it (a stage
+    whose pipe is not drained would block on its next line)."""
     assert proc.stdout is not None
     for line in proc.stdout:
-        sys.stderr.write(f"[{prefix}] {line}")
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(f"[{prefix}] {line}")
+            sys.stderr.flush()
+        except OSError:
+            pass
         if on_line is not None:
             on_line(line)
 
@@ -275,7 +310,7 @@ def start_logged(cmd: list[str], root: Path, env: dict[str, str]) -> subprocess.
     """Start `cmd` (printed first, with the wall-clock time) in `env` on top of ours, in a process group of its own
     registered for `stop_all`; SystemExit when the run is being stopped or the program is missing."""
     where = f" [{', '.join(f'{k}={v}' for k, v in env.items())}]" if env else ""
-    print(f"+ {time.strftime('%H:%M:%S')} {shlex.join(cmd)}{where}", file=sys.stderr, flush=True)
+    _say(f"+ {time.strftime('%H:%M:%S')} {shlex.join(cmd)}{where}")
     bin_dir = str(Path(sys.executable).parent)
     full = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **env}
     full["PYTHONUNBUFFERED"] = "1"
@@ -309,7 +344,7 @@ def finish_logged(proc: subprocess.Popen, tag: str, on_line: Callable[[str], Non
     code = proc.wait()
     with _RUNNING_LOCK:
         _RUNNING.discard(proc)
-    print(f"[{tag}] ended {time.strftime('%H:%M:%S')}, exit {code}", file=sys.stderr, flush=True)
+    _say(f"[{tag}] ended {time.strftime('%H:%M:%S')}, exit {code}")
     return code
 
 
@@ -324,7 +359,8 @@ def run_arms(p: Plan, root: Path, *, runner: Runner = _dvc_arm, gap: float = 0.5
     """Every arm of `p` as its own `dvc repro --single-item` (`runner`), each started once the arms it needs
     (`p.needs`) have succeeded and a slot of its pool is free: train arms take `p.train_slots`; sample arms take
     `p.sample_slots`, or all run in `p.sample_slots[0]` when `p.sample_shared`; with `p.one_pool` both kinds
-    take `p.train_slots`. An arm that needs a failed one is not started. Arms become ready in plan order
+    take `p.train_slots`; shared sample arms run at most `p.arms_per_gpu` at once, one fewer while a train
+    arm runs. An arm that needs a failed one is not started. Arms become ready in plan order
     (train arms first); consecutive starts are `gap` seconds apart, since DVC reads the pipeline under its lock
     and arms starting together only queue for it. Returns the results in plan order once every arm has ended."""
     t0 = time.perf_counter()
@@ -335,6 +371,18 @@ def run_arms(p: Plan, root: Path, *, runner: Runner = _dvc_arm, gap: float = 0.5
     def pool_of(stage: str) -> list[dict[str, str]] | None:  # None: no slot to wait for
         return train_pool if stage in is_train else sample_pool
 
+    live = {"train": 0, "sample": 0}  # arms running now, of each kind
+
+    def kind(stage: str) -> str:
+        return "train" if stage in is_train else "sample"
+
+    def gpus_full(stage: str) -> bool:  # a shared sample arm would put more than arms_per_gpu arms on a GPU
+        return (
+            p.sample_shared
+            and kind(stage) == "sample"
+            and live["sample"] + min(1, live["train"]) >= p.arms_per_gpu
+        )
+
     finished: Queue[ArmResult] = Queue()
 
     def work(stage: str, env: dict[str, str], start: float) -> None:
@@ -342,7 +390,7 @@ def run_arms(p: Plan, root: Path, *, runner: Runner = _dvc_arm, gap: float = 0.5
         try:
             r = runner([stage], root, env)
         except (Exception, SystemExit) as e:  # recorded as failed; the other arms go on
-            print(f"[{stage}] could not run: {e}", file=sys.stderr, flush=True)
+            _say(f"[{stage}] could not run: {e}")
         finally:  # always a result for this stage and this slot: the scheduler waits for one per started arm
             if not isinstance(r, ArmResult):
                 r = ArmResult(stage, 1, 0.0, env)
@@ -364,7 +412,7 @@ def run_arms(p: Plan, root: Path, *, runner: Runner = _dvc_arm, gap: float = 0.5
                 results[stage] = ArmResult(stage, 1, 0.0, {}, time.perf_counter() - t0, failed)
                 continue
             pool = pool_of(stage)
-            if any(n not in results for n in needs) or pool == []:
+            if any(n not in results for n in needs) or pool == [] or gpus_full(stage):
                 continue
             env = pool.pop(0) if pool is not None else p.sample_slots[0]
             pending.remove(stage)
@@ -373,12 +421,14 @@ def run_arms(p: Plan, root: Path, *, runner: Runner = _dvc_arm, gap: float = 0.5
             last_start = time.perf_counter()
             threading.Thread(target=work, args=(stage, env, last_start - t0), daemon=True).start()
             running += 1
+            live[kind(stage)] += 1
         if not running:
             if pending:  # cannot happen (train arms need no arm, and an idle pool is full): say so if it does
                 raise RuntimeError(f"arms {pending} can never start: {p}")
             break  # the last arms were not started: nothing left to wait for
         r = finished.get()
         running -= 1
+        live[kind(r.stage)] -= 1
         results[r.stage] = r
         pool = pool_of(r.stage)
         if pool is not None:
@@ -421,9 +471,11 @@ def stale_stages(root: Path, graph: dict[str, set[str]]) -> set[str] | None:
 
     try:
         with Repo(str(root)) as repo:
-            changed = set(repo.status())
+            # `inputs` runs on every repro (always_changed) and reruns nothing when the files it hashes are the
+            # same: counted only for another change (a changed data file is then not foreseen: no warm-up)
+            changed = {s for s, why in repo.status().items() if any(w != "always changed" for w in why)}
     except Exception as e:  # a broken workspace fails in the stages themselves, with DVC's message
-        print(f"[warmup] dvc status failed ({e}): compiling ahead for every arm", file=sys.stderr)
+        _say(f"[warmup] dvc status failed ({e}): compiling ahead for every arm")
         return None
     return {s for s, below in graph.items() if s in changed or below & changed}
 
@@ -440,17 +492,6 @@ def warm_plan(parts: list[str], p: Plan, stale: set[str] | None) -> list[str]:
     return [part for part in parts if keep[part]]
 
 
-def _write_overrides(params_file: Path, overrides: dict) -> None:
-    """Dotted overrides into params.yaml as `dvc exp run -S` does in the workspace (DVC's YAML writer: comments
-    and order kept)."""
-    from dvc.utils.serialize import modify_yaml
-
-    from cfg.study.presets import apply_overrides
-
-    with modify_yaml(params_file) as data:
-        apply_overrides(data, overrides)
-
-
 def repro_parallel(
     root: Path,
     targets: list[str],
@@ -458,30 +499,28 @@ def repro_parallel(
     gpus: list[str] | None = None,
     jobs: int | None = None,
     dry_run: bool = False,
-    overrides: dict | None = None,  # dotted key -> value, written into params.yaml (kept if the plan stands)
+    # dotted key -> value, written into params.yaml as `dvc exp run -S` writes them (kept if the plan stands)
+    overrides: dict | None = None,
     warmup: bool = True,  # CUDA: compile the arms' networks ahead, beside the upstream stages (cfg.engine.warmup)
 ) -> int:
     """The three parts of the module docstring; returns 0 when every `dvc repro` succeeded."""
-    import yaml
-
     from cfg.engine.device import resolve_device
     from cfg.engine.warmup import warm_parts
+    from cfg.io import load_yaml
     from cfg.study.config import ParamsError, params_from_dict
-    from cfg.study.presets import merged_params
+    from cfg.study.presets import dvc_applied
 
     params_file = root / "params.yaml"
     original = params_file.read_text()
     try:
-        raw = merged_params(yaml.safe_load(original), overrides or {})
-        try:
-            params = params_from_dict(raw)
-        except ParamsError as e:
-            raise ParamsError(
-                f"override would make params.yaml invalid: {e}" if overrides else str(e)
-            ) from None
+        if overrides:  # applied and checked as DVC applies them (one code path with `cfg-lab exp run -S`)
+            applied = dvc_applied(params_file, overrides)
+            params = applied.params
+        else:
+            params = params_from_dict(load_yaml(original) or {})
         kind = resolve_device(params.train.device).type
         if overrides:  # the DAG's arms come from params.yaml (foreach over train.p_uncond): write them first
-            _write_overrides(params_file, overrides)
+            params_file.write_text(applied.text)
         graph = stage_graph(root)
         p = plan(
             graph,
@@ -507,7 +546,13 @@ def repro_parallel(
         print(
             f"train arms: {' '.join(p.train)} in slots {[s.get('CUDA_VISIBLE_DEVICES', 'cpu') for s in p.train_slots]}"
         )
-        mode = "sharing" if p.sample_shared else "the train arms' slots" if p.one_pool else "in slots"
+        mode = (
+            f"sharing (at most {p.arms_per_gpu} arms on a GPU at once, a training model's included)"
+            if p.sample_shared
+            else "the train arms' slots"
+            if p.one_pool
+            else "in slots"
+        )
         slots = [s.get("CUDA_VISIBLE_DEVICES", "cpu") for s in p.sample_slots]
         after = "; ".join(f"{s} after {' '.join(n)}" for s, n in p.needs.items() if n)
         print(f"sample arms: {' '.join(p.sample)} {mode} {slots}, each once it may start ({after})")
@@ -523,7 +568,7 @@ def repro_parallel(
         print(f"then: dvc repro {' '.join(targets)}".rstrip())
         return 0
     if overrides:
-        print(f"params.yaml: {len(overrides)} override(s) applied", file=sys.stderr)
+        _say(f"params.yaml: {len(overrides)} override(s) applied")
 
     def terminated(signum, frame):  # SIGTERM (a job scheduler, `kill`), SIGHUP (the terminal went): as Ctrl-C
         raise KeyboardInterrupt
@@ -538,18 +583,18 @@ def repro_parallel(
     except KeyboardInterrupt:
         for sig in stops:  # a second Ctrl-C must not cut the stopping short
             signal.signal(sig, signal.SIG_IGN)
-        print(
-            "\ninterrupted: stopping the running dvc repro (each with its stage) ...",
-            file=sys.stderr,
-            flush=True,
-        )
-        n = stop_all()
-        print(
+        try:  # `_say` does not raise for a hung-up terminal; whatever else happens, the arms are stopped
+            _say("\ninterrupted: stopping the running dvc repro (each with its stage) ...")
+        finally:
+            n = stop_all()
+        _say(
             f"interrupted: {n} running dvc repro stopped; what had finished is recorded in dvc.lock, so rerunning "
             "repeats only the rest",
-            file=sys.stderr,
         )
         return 130
+    except Exception:  # the run's own error: no `dvc repro` outlives it either
+        stop_all()
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -599,7 +644,7 @@ class Warmup:
             end = time.perf_counter()
             self.results.append(ArmResult(tag, code, end - start, env, start - self.t0))
             if code and not self._stopped:
-                print(f"[{tag}] exit {code}: its arms compile for themselves", file=sys.stderr, flush=True)
+                _say(f"[{tag}] exit {code}: its arms compile for themselves")
             if part == "train":
                 self.train_ready.set()
 
@@ -615,7 +660,7 @@ class Warmup:
                     try:
                         proc = start_logged(cmd, self.root, env)
                     except (Exception, SystemExit) as e:  # the study goes on without it
-                        print(f"[{tag}] could not start: {e}", file=sys.stderr, flush=True)
+                        _say(f"[{tag}] could not start: {e}")
                         if part == "train":
                             self.train_ready.set()
                         continue
@@ -687,27 +732,15 @@ def _parts(p: Plan, root: Path, targets: list[str], warm: Warmup | None) -> int:
         parts.append(("upstream", done, time.perf_counter() - t0))
     failed_upstream = next((r for r in done if r.returncode), None)
     if failed_upstream is not None:  # _run_parts stops the warm-up
-        print(summary(parts), file=sys.stderr)
+        _say(summary(parts))
         return failed_upstream.returncode
     if warm is not None and not warm.train_ready.is_set():
         t_wait = time.perf_counter()
-        print(
-            "[warmup] the train arms start once the training step is compiled ...",
-            file=sys.stderr,
-            flush=True,
-        )
+        _say("[warmup] the train arms start once the training step is compiled ...")
         if not warm.train_ready.wait(WARM_TRAIN_WAIT_S):
-            print(
-                f"[warmup] the training step not compiled after {WARM_TRAIN_WAIT_S:.0f} s: stopped",
-                file=sys.stderr,
-                flush=True,
-            )
+            _say(f"[warmup] the training step not compiled after {WARM_TRAIN_WAIT_S:.0f} s: stopped")
             warm.stop(part="train")
-        print(
-            f"[warmup] the arms waited {time.perf_counter() - t_wait:.1f} s for it",
-            file=sys.stderr,
-            flush=True,
-        )
+        _say(f"[warmup] the arms waited {time.perf_counter() - t_wait:.1f} s for it")
     t1 = time.perf_counter()
     results = run_arms(p, root)
     arms_s = time.perf_counter() - t1
@@ -721,18 +754,17 @@ def _parts(p: Plan, root: Path, targets: list[str], warm: Warmup | None) -> int:
     failed = [r.stage for r in results if r.returncode and not r.not_run]
     if failed:
         skipped = [r.stage for r in results if r.not_run]
-        print(summary(parts), file=sys.stderr)
-        print(
+        _say(summary(parts))
+        _say(
             f"error: {', '.join(failed)} failed (output above)"
             + (f"; not started, as they need a failed arm: {', '.join(skipped)}" if skipped else "")
             + "; evaluate and the rest did not run. The arms that succeeded are recorded in dvc.lock, so rerunning "
             "repeats only the others",
-            file=sys.stderr,
         )
         return 1
     t1 = time.perf_counter()
     r = dvc_repro(targets, root, p.everything, single=False, tag="rest")
     parts.append(("rest", [r], time.perf_counter() - t1))
-    print(summary(parts), file=sys.stderr)
-    print(f"total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    _say(summary(parts))
+    _say(f"total {time.perf_counter() - t0:.1f} s")
     return r.returncode
