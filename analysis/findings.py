@@ -10,7 +10,9 @@ behind it. It is a report, not a gate: the command line exits 0 whatever the ver
     .venv/bin/python -m analysis.findings run0/ run1/ run2/     # several trainings of one study (below)
 
 Which cells. The cfg cells (guidance `cfg` without options) with w >= 0, the paper's range (w = -1, the
-unconditional model, is left out of every finding), one row per (p_uncond, w) and one metric fingerprint.
+unconditional model, is left out of every finding), one row per (p_uncond, w) and one metric fingerprint. A cell
+whose metric is missing (NaN: its FID or IS failed) is left out of the findings that need that metric and named
+in their numbers ("FID missing at w = 0.5 (left out)"; `missing_w` in the detail): it is never a curve's best.
 
 The spread. Every cell has FID and IS on all its N = R * n samples (`fid`, `is`: the estimates used below)
 and on each of R disjoint example ranges of n samples (`fid_range_std`, `is_range_std`: the sd over ranges;
@@ -83,7 +85,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.columns import type_cells
-from analysis.selection import require_comparable
+from analysis.selection import PAPER_METHOD, guidance_methods, require_comparable
 from cfg.eval.fingerprint import FingerprintMismatch
 from cfg.study.frontier import degenerate_rows, hypervolume_shares
 from cfg.study.records import ID_DTYPES, guidance_name
@@ -208,7 +210,7 @@ def _pm(d: float, se: float) -> str:
 def _fid_u(g: pd.DataFrame, k: float) -> tuple[str, str, dict]:
     w = g["w"].to_numpy()
     if not np.isclose(w, 0).any():
-        return "not testable", "no w = 0 in the grid", {}
+        return "not testable", "no w = 0 cell with an FID in the grid", {}
     i = int(np.argmin(g["fid"].to_numpy()))
     best, ws = g.iloc[i], float(w[i])
     zero, last = g.iloc[int(np.argmin(np.abs(w)))], g.iloc[-1]
@@ -309,16 +311,20 @@ def _frontier(
         return "not testable", f"p_uncond present: {', '.join(f'{p:g}' for p in have)}", {"p_uncond": have}
     sub = cells[cells["p_uncond"].isin(list(paper.values()))].reset_index(drop=True)
     n_w = int(sub.groupby("p_uncond").size().max())
+    # cells without FID or IS (a failed metric) are no point of a front: out, named
+    gap = (sub["fid"].isna() | sub["is"].isna()).to_numpy()
+    missing = [f"p_uncond={r.p_uncond:g} w={r.w:g}" for r in sub[gap].itertuples()]
+    sub = sub[~gap].reset_index(drop=True)
     # degenerate cells say nothing about guidance: out of the fronts and the reference point, named
     bad = degenerate_rows(sub).to_numpy()
     left_out = [f"p_uncond={r.p_uncond:g} w={r.w:g}" for r in sub[bad].itertuples()]
     sub = sub[~bad].reset_index(drop=True)
     gone = [q for q, v in paper.items() if not np.isclose(sub["p_uncond"], v).any()]
     if gone:
-        text = (
-            f"every cell of p_uncond {', '.join(f'{q:g}' for q in gone)} degenerate ({', '.join(left_out)})"
-        )
-        return "not testable", text, {"degenerate": left_out}
+        why = [f"degenerate ({', '.join(left_out)})"] if left_out else []
+        why += [f"missing FID or IS ({', '.join(missing)})"] if missing else []
+        text = f"every cell of p_uncond {', '.join(f'{q:g}' for q in gone)} {' or '.join(why)}"
+        return "not testable", text, {"degenerate": left_out, "missing": missing}
     p = sub["p_uncond"].map({v: q for q, v in paper.items()}).to_numpy(float)
     fid, is_ = sub["fid"].to_numpy(float), sub["is"].to_numpy(float)
     hv, ref = hypervolume_shares(fid, is_, p, n_w)
@@ -360,6 +366,7 @@ def _frontier(
         f"0.1−0.5 {_pm(d[0.1], se[0.1])}; 0.2−0.5 {_pm(d[0.2], se[0.2])} ({how}); "
         f"reference point FID {ref[0]:.4g}, IS {ref[1]:.4g}"
         + (f"; degenerate, left out: {', '.join(left_out)}" if left_out else "")
+        + (f"; missing FID or IS, left out: {', '.join(missing)}" if missing else "")
     )
     detail = {
         "hypervolume": {f"{q:g}": hv[q] for q in PAPER_P},
@@ -369,6 +376,7 @@ def _frontier(
         "ref_fid": ref[0],
         "ref_is": ref[1],
         "degenerate": left_out,
+        "missing": missing,
     }
     signs = [_beyond(d[q], se[q], k) for q in d]
     if any(s < 0 for s in signs):
@@ -379,14 +387,7 @@ def _frontier(
 
 
 def _cfg_cells(df: pd.DataFrame) -> pd.DataFrame:
-    out = df
-    if "guidance" in out:
-        opts = out["guidance_options"] if "guidance_options" in out else pd.Series(None, index=out.index)
-        name = [
-            guidance_name(g, json.loads(o) if isinstance(o, str) else dict(o or {}))
-            for g, o in zip(out["guidance"], opts, strict=True)
-        ]
-        out = out[np.asarray(name) == "cfg"]
+    out = df[guidance_methods(df) == PAPER_METHOD]
     out = out[out["w"] >= 0]
     dup = out.duplicated(["p_uncond", "w"])
     if dup.any():
@@ -488,9 +489,15 @@ def check_findings(df: pd.DataFrame, k: float = K, n_boot: int = 2000, seed: int
     if cells.empty:
         raise ValueError("no cfg cells with w >= 0 in the frame")
     rows = []
-    for finding, check in ((1, _fid_u), (2, _is_rises)):
+    for finding, check, metric in ((1, _fid_u, "fid"), (2, _is_rises, "is")):
         for p, g in cells.groupby("p_uncond"):
-            verdict, numbers, detail = check(g.reset_index(drop=True), k)
+            missing = g["w"][g[metric].isna()].tolist()  # a failed metric: left out and named, never the best
+            verdict, numbers, detail = check(g[g[metric].notna()].reset_index(drop=True), k)
+            if missing:
+                numbers += (
+                    f"; {metric.upper()} missing at w = {', '.join(f'{w:g}' for w in missing)} (left out)"
+                )
+                detail = detail | {"missing_w": missing}
             rows.append(
                 {
                     "finding": FINDINGS[finding],

@@ -1,7 +1,9 @@
 """Frontiers and curve shapes of one study: FID (lower is better) against IS (higher is better), per p_uncond.
 
 Pure numpy / pandas; every function that sets rows side by side first refuses mixed metric fingerprints
-(`analysis.selection.require_comparable`).
+(`analysis.selection.require_comparable`) and several rows of one (p_uncond, w), as a study of several guidance
+methods has: pass one method's rows (`analysis.selection.method_rows`). A cell without FID or IS (a failed metric:
+NaN) is no point of any front, never a curve's best, and is named (`fid_missing_w`, `is_missing_w`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.selection import require_comparable
+from analysis.selection import guidance_methods, require_comparable
 from cfg.study.frontier import (  # one implementation: the report's
     hypervolume,
     hypervolume_shares,
@@ -23,10 +25,14 @@ def _curves(df: pd.DataFrame, by: str) -> pd.DataFrame:
     require_comparable(df)
     dup = df.duplicated([by, "w"])
     if dup.any():
-        raise ValueError(
-            f"several rows for the same ({by}, w), e.g. {df.loc[dup, [by, 'w']].iloc[0].tolist()}: "
-            "pick one study first with select(df, ...)"
-        )
+        methods = list(dict.fromkeys(guidance_methods(df)))
+        example = f"several rows for the same ({by}, w), e.g. {df.loc[dup, [by, 'w']].iloc[0].tolist()}"
+        if len(methods) > 1:
+            raise ValueError(
+                f"{example}: the study has {len(methods)} guidance methods ({', '.join(methods)}); pass one "
+                "method's curves, method_rows(df, 'cfg'), or compare the methods with compare_methods(df)"
+            )
+        raise ValueError(f"{example}: pick one study first with select(df, ...)")
     return df.sort_values([by, "w"]).reset_index(drop=True)
 
 
@@ -34,9 +40,14 @@ def frontiers(df: pd.DataFrame, by: str = "p_uncond") -> pd.DataFrame:
     """`df` (one study) with a `pareto` column: whether the cell is on its `by` curve's FID-vs-IS frontier."""
     out = _curves(df, by)
     out["pareto"] = False
-    for _, g in out.groupby(by):
+    for _, g in out[_measured(out)].groupby(by):
         out.loc[g.index, "pareto"] = pareto_mask(g["fid"].to_numpy(), g["is"].to_numpy())
     return out
+
+
+def _measured(df: pd.DataFrame) -> pd.Series:
+    """Rows with both FID and IS (a failed metric leaves NaN): the only ones a front or a ranking can hold."""
+    return df["fid"].notna() & df["is"].notna()
 
 
 def frontier_fid(front_fid: np.ndarray, front_is: np.ndarray, is_lo: float, is_hi: float) -> float:
@@ -64,7 +75,12 @@ def rank_frontiers(df: pd.DataFrame, by: str = "p_uncond") -> pd.DataFrame:
     # the methods report's reference point (cfg.study.frontier.reference_point): 1 / (n_w - 1) of the span beyond
     # the nadir of all curves' joint front, so that cells far behind every front do not set the box
     n_w = int(f.groupby(by).size().max())
-    shares, _ = hypervolume_shares(f["fid"].to_numpy(), f["is"].to_numpy(), f[by].to_numpy(), n_w)
+    ok = f[_measured(f)]
+    shares = (
+        hypervolume_shares(ok["fid"].to_numpy(), ok["is"].to_numpy(), ok[by].to_numpy(), n_w)[0]
+        if not ok.empty
+        else {}
+    )
     front = f[f["pareto"]]
     spans = front.groupby(by)["is"].agg(["min", "max"])
     is_lo, is_hi = spans["min"].max(), spans["max"].min()
@@ -87,7 +103,7 @@ def rank_frontiers(df: pd.DataFrame, by: str = "p_uncond") -> pd.DataFrame:
             "n_pareto": len(mine),
             "pareto_w": mine["w"].tolist(),
             "frontier_fid": frontier_fid(mine["fid"].to_numpy(), mine["is"].to_numpy(), is_lo, is_hi),
-            "hypervolume": shares[key],
+            "hypervolume": shares.get(key, np.nan),
             "dominated_share": float(np.mean(dominated)) if dominated else np.nan,
         }
     out = pd.DataFrame.from_dict(rows, orient="index").rename_axis(by)
@@ -105,27 +121,51 @@ def curve_shapes(df: pd.DataFrame, by: str = "p_uncond") -> pd.DataFrame:
     """Per `by` curve: where FID is lowest and whether the minimum lies inside the w grid with FID falling
     before and rising after it (U shape), how far the best FID is from the next best in units of its
     uncertainty (fid_range_std), whether IS rises monotonically with w (and where it falls), and the frontier
-    columns of `rank_frontiers`."""
+    columns of `rank_frontiers`. Cells whose FID (IS) is missing are left out of FID's (IS's) columns and listed
+    in `fid_missing_w` (`is_missing_w`); a curve with no FID at all has NaN there."""
     rows = {}
     for key, g in _curves(df, by).groupby(by):
-        fid, is_, w = g["fid"].to_numpy(), g["is"].to_numpy(), g["w"].to_numpy()
-        k = int(np.argmin(fid))
-        second = np.sort(fid)[1] if len(fid) > 1 else np.nan
-        sd = g["fid_range_std"].iloc[k] if "fid_range_std" in g else np.nan
-        drops = [f"{w[i]:g}->{w[i + 1]:g}" for i in range(len(w) - 1) if is_[i + 1] < is_[i]]
-        rows[key] = {
-            "w_grid": w.tolist(),
-            "best_fid": fid[k],
-            "best_fid_w": w[k],
-            "fid_min_inside": 0 < k < len(w) - 1,
-            "fid_u_shaped": bool(
-                0 < k < len(w) - 1 and np.all(np.diff(fid[: k + 1]) <= 0) and np.all(np.diff(fid[k:]) >= 0)
-            ),
-            "best_fid_margin_sd": (second - fid[k]) / sd if sd and sd > 0 else np.nan,
-            "max_is": is_.max(),
-            "max_is_w": w[int(np.argmax(is_))],
-            "is_monotonic": not drops,
+        has_fid, has_is = g["fid"].notna().to_numpy(), g["is"].notna().to_numpy()
+        w_all = g["w"].to_numpy()
+        row = {
+            "w_grid": w_all.tolist(),
+            "fid_missing_w": w_all[~has_fid].tolist(),
+            "is_missing_w": w_all[~has_is].tolist(),
+        }
+        f = g[has_fid]
+        fid, w = f["fid"].to_numpy(), f["w"].to_numpy()
+        if len(fid):
+            k = int(np.argmin(fid))
+            second = np.sort(fid)[1] if len(fid) > 1 else np.nan
+            sd = f["fid_range_std"].iloc[k] if "fid_range_std" in f else np.nan
+            row |= {
+                "best_fid": fid[k],
+                "best_fid_w": w[k],
+                "fid_min_inside": 0 < k < len(w) - 1,
+                "fid_u_shaped": bool(
+                    0 < k < len(w) - 1
+                    and np.all(np.diff(fid[: k + 1]) <= 0)
+                    and np.all(np.diff(fid[k:]) >= 0)
+                ),
+                "best_fid_margin_sd": (second - fid[k]) / sd if sd and sd > 0 else np.nan,
+            }
+        else:
+            row |= {
+                "best_fid": np.nan,
+                "best_fid_w": np.nan,
+                "fid_min_inside": False,
+                "fid_u_shaped": False,
+                "best_fid_margin_sd": np.nan,
+            }
+        i = g[has_is]
+        is_, wi = i["is"].to_numpy(), i["w"].to_numpy()
+        drops = [f"{wi[j]:g}->{wi[j + 1]:g}" for j in range(len(wi) - 1) if is_[j + 1] < is_[j]]
+        row |= {
+            "max_is": is_.max() if len(is_) else np.nan,
+            "max_is_w": wi[int(np.argmax(is_))] if len(is_) else np.nan,
+            "is_monotonic": bool(len(is_)) and not drops,
             "is_drops": ", ".join(drops),
         }
+        rows[key] = row
     shapes = pd.DataFrame.from_dict(rows, orient="index").rename_axis(by)
     return shapes.join(rank_frontiers(df, by))

@@ -37,6 +37,7 @@ from analysis.columns import (
 )
 from cfg.study.records import ID_DTYPES, p_uncond_name, read_cells
 from cfg.study.store import project_root, tracking_uri
+from cfg.study.ui import default_experiment
 
 
 def mlflow_frame(uri: str, experiment: str = "cfg-lab") -> pd.DataFrame:
@@ -214,7 +215,9 @@ def tidy_dvc(revisions: list[dict], tables: dict[str, pd.DataFrame]) -> pd.DataF
 
 def merge_sources(mlflow_cells: pd.DataFrame, dvc_rows: pd.DataFrame) -> pd.DataFrame:
     """MLflow cells with the DVC revisions that list them (`dvc_exps`, `dvc_revs`, `in_workspace`) and the
-    params.yaml keys MLflow lacks; DVC rows whose run is not in the store are kept with source 'dvc'."""
+    params.yaml keys MLflow lacks; DVC rows whose run is not in the store are kept with source 'dvc'. Without
+    any MLflow cell (no store, as in a clone that only pulled from DVC; another experiment; offline tracking)
+    the DVC rows alone, with the MLflow frame's columns. The cell settings typed as both sources type them."""
     m = mlflow_cells.copy()
     if dvc_rows.empty:
         m["dvc_exps"], m["dvc_revs"], m["in_workspace"] = None, None, False
@@ -227,13 +230,18 @@ def merge_sources(mlflow_cells: pd.DataFrame, dvc_rows: pd.DataFrame) -> pd.Data
         in_workspace=("dvc_rev", lambda s: bool((s == "workspace").any())),
     )
     first = d.drop(columns=["dvc_exp", "dvc_rev"]).drop_duplicates("run_id").set_index("run_id")
-    m = m.join(member, on="run_id")
-    for col in first.columns.difference(m.columns):
-        m[col] = m["run_id"].map(first[col])
-    only_dvc = first.loc[~first.index.isin(m["run_id"])].join(member).reset_index()
-    df = pd.concat([m, only_dvc], ignore_index=True) if not only_dvc.empty else m
+    if m.empty:  # the DVC rows, typed as read (an empty frame's object columns would untype them in a concat)
+        df = first.join(member).reset_index()
+        df = df.reindex(columns=[*df.columns, *m.columns.difference(df.columns)])
+    else:
+        # the membership columns come from DVC; an MLflow frame may carry them (tidy_mlflow's empty one does)
+        m = m.drop(columns=list(member.columns), errors="ignore").join(member, on="run_id")
+        for col in first.columns.difference(m.columns):
+            m[col] = m["run_id"].map(first[col])
+        only_dvc = first.loc[~first.index.isin(m["run_id"])].join(member).reset_index()
+        df = pd.concat([m, only_dvc], ignore_index=True) if not only_dvc.empty else m
     df["in_workspace"] = df["in_workspace"].fillna(False).astype(bool)
-    return df
+    return type_cells(df)
 
 
 def cell_records(folder: str | Path) -> pd.DataFrame:
@@ -260,7 +268,8 @@ def load_runs(
     uri: str
     | None = None,  # MLflow tracking URI; default: the project's store (cfg.study.tracking.tracking_uri)
     project_dir: str | Path | None = None,  # the DVC project; default: the one around the working directory
-    experiment: str = "cfg-lab",  # MLflow experiment name (params.yaml: tracking.experiment)
+    experiment: str
+    | None = None,  # MLflow experiment name; default: tracking.experiment of the project's params.yaml
     *,
     dvc: bool = True,  # also read `dvc exp show --json` and each revision's trade-off table
     table: str = "results/tradeoff.csv",  # the report stage's table (dvc.yaml), relative to project_dir
@@ -271,6 +280,7 @@ def load_runs(
     provenance; method options as one JSON column each and expanded (`sampler_options.v`)."""
     root = Path(project_dir).resolve() if project_dir else project_root()
     uri = uri or tracking_uri(root=root)
+    experiment = experiment or default_experiment(root)
     m = tidy_mlflow(mlflow_frame(uri, experiment))
     d = pd.DataFrame(columns=["run_id"])
     if dvc and (root / "dvc.yaml").exists():

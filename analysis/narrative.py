@@ -7,6 +7,7 @@ import pandas as pd
 
 from analysis.frontiers import curve_shapes, rank_frontiers
 from analysis.paper import compare_to_paper
+from analysis.selection import guidance_methods
 
 
 def _ps(values) -> str:
@@ -30,15 +31,17 @@ def _ranking(r: pd.DataFrame) -> str:
 
 
 def narrative(df: pd.DataFrame, paper: pd.DataFrame | None = None) -> str:
-    """A short markdown account of one study, generated from its numbers: best FID and its w, IS monotonicity,
-    the p_uncond ranking by frontier, and how the curves' shape compares with the paper's Table 1."""
+    """A short markdown account of one study's curves (one guidance method: `analysis.selection.method_rows`),
+    generated from its numbers: best FID and its w, cells whose metrics are missing, IS monotonicity, the p_uncond
+    ranking by frontier, and how the curves' shape compares with the paper's Table 1."""
     shapes = curve_shapes(df)
     ranks = rank_frontiers(df)
     best = df.loc[df["fid"].idxmin()]
     n = f"{int(best['n_samples'])} samples each, " if pd.notna(best.get("n_samples")) else ""
+    method = f"guidance `{guidance_methods(df).iloc[0]}`, " if "guidance" in df else ""
     lines = [
         f"- **Best FID {best['fid']:.4g}** at w = {best['w']:g}, p_uncond = {best['p_uncond']:g} "
-        f"({len(df)} cells, {n}fingerprint `{best['fingerprint']}`).",
+        f"({len(df)} cells, {n}{method}fingerprint `{best['fingerprint']}`).",
     ]
     where = {
         p: "inside the grid, U-shaped"
@@ -51,6 +54,14 @@ def narrative(df: pd.DataFrame, paper: pd.DataFrame | None = None) -> str:
         + "; ".join(f"w = {s.best_fid_w:g} for p_uncond {p:g} ({where[p]})" for p, s in shapes.iterrows())
         + "."
     )
+    missing = [
+        f"{m.upper()} at w = {_ps(s[f'{m}_missing_w'])} for p_uncond {p:g}"
+        for p, s in shapes.iterrows()
+        for m in ("fid", "is")
+        if s[f"{m}_missing_w"]
+    ]
+    if missing:
+        lines.append(f"- Missing (left out of the shapes and fronts): {'; '.join(missing)}.")
     margins = shapes["best_fid_margin_sd"].dropna()
     if not margins.empty:
         within = [p for p, m in margins.items() if m < 1]

@@ -1,8 +1,9 @@
 """Run analysis/tradeoff.ipynb headless against a store, with its parameters set.
 
-`python -m analysis.notebook [--uri URI] [--project DIR] [--select S] [--figures DIR] [--out PATH]` (or
-`cfg-lab notebook ...`) executes the notebook in a kernel of this Python and writes the executed copy, outputs
-and all, to results/notebook/tradeoff.ipynb (OUT): the tracked analysis/tradeoff.ipynb stays without outputs.
+`python -m analysis.notebook [--uri URI] [--project DIR] [--experiment E] [--select S] [--method M]
+[--figures DIR] [--out PATH]` (or `cfg-lab notebook ...`) executes the notebook in a kernel of this Python and
+writes the executed copy, outputs and all, to results/notebook/tradeoff.ipynb (OUT): the tracked
+analysis/tradeoff.ipynb stays without outputs.
 """
 
 from __future__ import annotations
@@ -75,8 +76,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m analysis.notebook", description=__doc__.splitlines()[0])
     ap.add_argument("--uri", help="MLflow tracking URI (default: sqlite:///<project>/mlflow.db)")
     ap.add_argument("--project", help="DVC project directory (default: this notebook's project)")
-    ap.add_argument("--experiment", default=None, help="MLflow experiment name (default: cfg-lab)")
+    ap.add_argument(
+        "--experiment",
+        default=None,
+        help="MLflow experiment name (default: tracking.experiment of the project's params.yaml, else cfg-lab)",
+    )
     ap.add_argument("--select", default=None, help="'workspace', 'latest' or a DVC experiment name")
+    ap.add_argument(
+        "--method",
+        default=None,
+        help="the guidance method whose curves the figures, frontiers and findings read (default: cfg, or the "
+        "study's only method)",
+    )
     ap.add_argument("--figures", help="also save the figures as PNG in this folder")
     ap.add_argument("--out", help=f"write the executed notebook here (default: {OUT}, under --project)")
     args = ap.parse_args(argv)
@@ -85,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         "PROJECT_DIR": str(Path(args.project).resolve()) if args.project else None,
         "EXPERIMENT": args.experiment,
         "SELECT": args.select,
+        "METHOD": args.method,
         "FIGURES_DIR": str(Path(args.figures).resolve()) if args.figures else None,
     }
     out = Path(args.out) if args.out else Path(args.project or NOTEBOOK.parent.parent) / OUT

@@ -10,11 +10,15 @@ or loop over `df.groupby("fingerprint")`.
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from analysis.columns import FINGERPRINT_FIELDS
 from cfg.eval.fingerprint import FingerprintMismatch, check_comparable
-from cfg.study.records import CELL_KEY
+from cfg.study.records import CELL_KEY, guidance_name
+
+PAPER_METHOD = "cfg"  # Ho & Salimans' guidance, without options: the method the paper's Table 1 measured
 
 
 def fingerprint_groups(df: pd.DataFrame) -> pd.DataFrame:
@@ -61,16 +65,18 @@ def require_comparable(df: pd.DataFrame) -> None:
 
 def select(
     df: pd.DataFrame,
-    which: str = "workspace",  # 'workspace', 'latest', or a DVC experiment name / revision prefix
+    which: str = "workspace",  # 'workspace', 'latest', a DVC experiment's name (exact) or a revision (hash prefix)
     *,
     fingerprint: str | None = None,  # keep only rows with this fingerprint key first
 ) -> pd.DataFrame:
-    """The cells of one study, one row per (p_uncond, w).
+    """The cells of one study, one row per (p_uncond, w) of each guidance method.
 
     'workspace': the rows of the workspace's trade-off table (what the report shows), else 'latest';
     'latest': the newest evaluate batch, i.e. the rows sharing the newest row's fingerprint, parameters hash and
-    commit; otherwise the rows of the DVC experiment or revision named `which`. Within the choice the newest row
-    of each cell (its settings, `cfg.study.records.CELL_KEY`) is kept.
+    commit; otherwise the rows of the DVC experiment named `which` (the whole name: `wide` is not `wide-w`), else
+    of the revision whose hash starts with `which` (refused, naming the candidates, when several do). Within the
+    choice the newest row of each cell (its settings, `cfg.study.records.CELL_KEY`) is kept, so a study of
+    several guidance methods keeps one row per (p_uncond, w, method): `method_rows` picks one method's curves.
     """
     if fingerprint is not None:
         df = df[df["fingerprint"] == fingerprint]
@@ -86,15 +92,42 @@ def select(
             if col in df and pd.notna(newest[col]):
                 batch = batch[batch[col] == newest[col]]
         return _newest_per_cell(batch)
-    hits = pd.Series(False, index=df.index)
-    for col in ("dvc_exps", "dvc_revs"):
-        if col in df:
-            names = df[col].fillna("").str.split(", ")
-            hits |= names.map(lambda ns: any(n == which or n.startswith(which) for n in ns if n))
-    if not hits.any():
-        known = sorted({n for s in df.get("dvc_exps", pd.Series()).dropna() for n in s.split(", ")})
+    return _newest_per_cell(df[_rows_of(df, which)])
+
+
+def _names(df: pd.DataFrame, col: str) -> pd.Series:
+    """Each row's names in `col` ('dvc_exps' or 'dvc_revs', comma-separated), as lists."""
+    if col not in df:
+        return pd.Series([[] for _ in range(len(df))], index=df.index, dtype=object)
+    return df[col].fillna("").map(lambda s: [n for n in s.split(", ") if n])
+
+
+def _rows_of(df: pd.DataFrame, which: str) -> pd.Series:
+    """The rows of the DVC experiment named `which` exactly (`wide` is not `wide-w`), or of the revision whose
+    full hash is `which` or the only one that starts with it; an ambiguous prefix is refused naming the
+    candidates."""
+    exps, revs = _names(df, "dvc_exps"), _names(df, "dvc_revs")
+    hits = exps.map(lambda ns: which in ns) | revs.map(lambda ns: which in ns)
+    if hits.any():
+        return hits
+    # a revision hash's prefix ('workspace' is a name, not a hash)
+    candidates = sorted({n for ns in revs for n in ns if n != "workspace" and n.startswith(which)})
+    if len(candidates) > 1:
+        named: dict[str, set[str]] = {rev: set() for rev in candidates}
+        for es, rs in zip(exps, revs, strict=True):  # a row's names pair with its revisions where they align
+            for rev in named.keys() & set(rs):
+                named[rev] |= {es[rs.index(rev)]} if len(es) == len(rs) else set(es)
+        raise ValueError(
+            f"revision prefix {which!r} is ambiguous: "
+            + "; ".join(
+                f"{rev} ({', '.join(sorted(ns)) or 'no experiment name'})" for rev, ns in named.items()
+            )
+            + "; give more of the hash or the experiment's name"
+        )
+    if not candidates:
+        known = sorted({n for ns in exps for n in ns})
         raise ValueError(f"no rows of DVC experiment or revision {which!r}; known: {known}")
-    return _newest_per_cell(df[hits])
+    return revs.map(lambda ns: candidates[0] in ns)
 
 
 def _newest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
@@ -105,3 +138,40 @@ def _newest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
         .sort_values(["p_uncond", "w"])
         .reset_index(drop=True)
     )
+
+
+def guidance_methods(df: pd.DataFrame) -> pd.Series:
+    """Each row's guidance method with its options (`cfg.study.records.guidance_name`: `cfg`, `rescale phi=0.7`),
+    as the methods report names them; `cfg` for a frame without a guidance column."""
+    if "guidance" not in df:
+        return pd.Series(PAPER_METHOD, index=df.index, dtype=object)
+    options = df["guidance_options"] if "guidance_options" in df else pd.Series(None, index=df.index)
+    return pd.Series(
+        [
+            guidance_name(g, json.loads(o) if isinstance(o, str) else dict(o or {}))
+            for g, o in zip(df["guidance"], options, strict=True)
+        ],
+        index=df.index,
+        dtype=object,
+    )
+
+
+def method_rows(df: pd.DataFrame, method: str | None = None) -> pd.DataFrame:
+    """The rows of one guidance method (a `guidance_methods` name): the curves that frontiers, curve shapes, the
+    paper comparison and the narrative read, one per p_uncond. None: the frame's only method, else `cfg` (the
+    paper's method, as the report's headline numbers in the guidance-methods preset); a study of several methods
+    without cfg must name one. attrs: `method` (the one picked) and `methods` (all of the frame's, in order)."""
+    names = guidance_methods(df)
+    present = list(dict.fromkeys(names))
+    if method is None:
+        method = present[0] if len(present) == 1 else PAPER_METHOD
+        if method not in present:
+            raise ValueError(
+                f"{len(present)} guidance methods and no {PAPER_METHOD!r} among them ({', '.join(present)}): "
+                "name one, method_rows(df, METHOD)"
+            )
+    if method not in present:
+        raise ValueError(f"no rows of guidance method {method!r}; the frame has {present}")
+    out = df[names == method].reset_index(drop=True)
+    out.attrs = {**df.attrs, "method": method, "methods": present}
+    return out

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))  # `analysis` from this checkout
 from analysis.mlflow_ui import chromium_page, mlflow_server  # noqa: E402
 from analysis.tradeoff import load_runs, select  # noqa: E402
 from cfg.study.store import tracking_uri  # noqa: E402
-from cfg.study.ui import view_urls  # noqa: E402
+from cfg.study.ui import default_experiment, view_urls  # noqa: E402
 
 # the page is drawn: the three scatter plots (plotly; the parallel coordinates are not) and the sample grids (of
 # the first 10 cells: the UI's image card shows no more)
@@ -52,7 +52,7 @@ def screenshot(
     project: str | Path | None = None,  # DVC project; default: this checkout
     which: str = "workspace",  # the study (analysis.tradeoff.select)
     out: str | Path = ROOT / "docs" / "mlflow_compare.png",
-    experiment: str = "cfg-lab",
+    experiment: str | None = None,  # default: the project's tracking.experiment
     width: int = 1400,  # viewport, pixels
     height: int = 1700,
 ) -> Path:
@@ -61,6 +61,7 @@ def screenshot(
 
     project = Path(project).resolve() if project else ROOT
     uri = uri or tracking_uri(root=project)
+    experiment = experiment or default_experiment(project)
     study = select(load_runs(uri, project, experiment), which)
     run_ids = study.loc[study["source"] == "mlflow", "run_id"].tolist()
     if not run_ids:
@@ -78,7 +79,9 @@ def main() -> None:
     ap.add_argument("--project", help="DVC project directory (default: this checkout)")
     ap.add_argument("--select", default="workspace", help="'workspace', 'latest' or a DVC experiment name")
     ap.add_argument("--out", default=str(ROOT / "docs" / "mlflow_compare.png"), help="PNG to write")
-    ap.add_argument("--experiment", default="cfg-lab", help="MLflow experiment name")
+    ap.add_argument(
+        "--experiment", help="MLflow experiment name (default: the project's tracking.experiment)"
+    )
     args = ap.parse_args()
     path = screenshot(args.uri, args.project, args.select, args.out, args.experiment)
     print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")

@@ -290,6 +290,186 @@ def test_sample_grid_image_of_the_workspace_is_found_by_p_uncond_name(tmp_path, 
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Projects whose store has no cell runs, experiment names, several guidance methods
+
+
+def dvc_project(root: Path, tradeoff: pd.DataFrame, experiment: str = "cfg-lab") -> Path:
+    """A git + DVC project with `tradeoff` as its committed results/tradeoff.csv and tracking.experiment set,
+    as a clone that only did `git pull && dvc pull` has it: no MLflow store."""
+    root.mkdir(parents=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"experiment": experiment}}))
+    (root / "results").mkdir()
+    tradeoff.to_csv(root / "results" / "tradeoff.csv", index=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    run(["git", "-c", "init.defaultBranch=main", "init", "-q"], root)
+    run(["dvc", "init", "-q"], root)
+    run([*git, "add", "-A"], root)
+    run([*git, "commit", "-qm", "study"], root)
+    return root
+
+
+def log_study(client, experiment: str, records: list[CellRecord]) -> list[str]:
+    """Log `records` into `experiment` of a real MLflow store as the pipeline does (a train run per p_uncond, a
+    FINISHED cell run under it with the record's params, metrics and tags: `cell_run`); the cell run ids."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    trains, ids = {}, []
+    for rec in records:
+        if rec.p_uncond not in trains:
+            train = client.create_run(exp_id, tags={"run_kind": "train"}, run_name=f"train {rec.p_uncond}")
+            client.log_param(train.info.run_id, "train.steps", "30")
+            client.set_terminated(train.info.run_id)
+            trains[rec.p_uncond] = train.info.run_id
+        row = cell_run(rec) | {"tags.mlflow.parentRunId": trains[rec.p_uncond]}
+        cell = client.create_run(exp_id, run_name=rec.name)
+        client.log_batch(
+            cell.info.run_id,
+            metrics=[Metric(k[8:], v, 0, 0) for k, v in row.items() if k.startswith("metrics.")],
+            params=[Param(k[7:], v) for k, v in row.items() if k.startswith("params.")],
+            tags=[RunTag(k[5:], str(v)) for k, v in row.items() if k.startswith("tags.")],
+        )
+        client.set_terminated(cell.info.run_id)
+        ids.append(cell.info.run_id)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A real SQLite MLflow store: experiment `other` holds the cells of p_uncond 0.1 (w 0, 1), `cfg-lab` one
+    cell of p_uncond 0.5."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    log_study(client, "other", [record(0.1, 0.0, 3.0, 2.0, None), record(0.1, 1.0, 4.0, 3.0, None)])
+    log_study(client, "cfg-lab", [record(0.5, 0.0, 7.0, 1.0, None)])
+    return uri
+
+
+@pytest.mark.parametrize("case", ["no store", "no such experiment"])
+def test_load_runs_without_cell_runs_in_the_store_reads_the_dvc_tables_typed(
+    tmp_path, store, case, monkeypatch
+):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    records = [record(p, w, 3.0 + w + p, 2.0 + w, f"r-{p}-{w}") for p in (0.1, 0.5) for w in (0.0, 1.0, 2.0)]
+    project = dvc_project(tmp_path / "clone", table(records))
+    uri = None if case == "no store" else store  # None: the project's sqlite:///<project>/mlflow.db, absent
+    with pytest.warns(
+        UserWarning, match="no MLflow store" if case == "no store" else "no experiment 'absent'"
+    ):
+        runs = T.load_runs(uri, project, "absent")
+    assert len(runs) == 6 and (runs["source"] == "dvc").all() and runs["in_workspace"].all()
+    assert set(runs["dvc_exps"]) == {"main, workspace"}, "the committed table and the workspace's"
+    # the cell settings typed as from MLflow (an empty MLflow frame's object columns must not untype them)
+    assert runs["p_uncond"].dtype == float and runs["w"].dtype == float and runs["n_samples"].dtype == "Int64"
+    assert runs["fid"].dtype == float and runs["sampler_options.v"].tolist() == [0.3] * 6
+    assert "train_run_id" in runs, "the MLflow frame's columns stay (the notebook counts trained models)"
+    study = T.select(runs)
+    assert study["run_id"].tolist() == [r.mlflow_run_id for r in records]
+    plt.close(plots.tradeoff_figure(study))  # the notebook's first figure: np.isfinite of those columns
+
+
+def test_load_runs_defaults_to_the_projects_tracking_experiment(tmp_path, store):
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump({"tracking": {"experiment": "other"}}))
+    runs = T.load_runs(store, project, dvc=False)
+    assert runs["p_uncond"].tolist() == [0.1, 0.1] and runs["w"].tolist() == [0.0, 1.0]
+    assert runs["fid"].tolist() == [3.0, 4.0] and runs["train.steps"].tolist() == [30, 30]
+    assert T.load_runs(store, project, "cfg-lab", dvc=False)["p_uncond"].tolist() == [0.5]
+    assert T.default_experiment(project) == "other" and T.default_experiment(tmp_path) == "cfg-lab"
+    # the notebook takes it from the project too, unless EXPERIMENT is set (cfg-lab notebook --experiment)
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    defaults: dict = {}
+    exec(next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])).source, {}, defaults)
+    assert defaults["EXPERIMENT"] is None
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "experiment = EXPERIMENT or T.default_experiment(project)" in code
+    assert "T.load_runs(uri, project, experiment)" in code
+
+
+def test_select_matches_experiment_names_exactly_and_revision_prefixes_unambiguously():
+    wide = [record(0.1, w, 3.0 + w, 2.0, f"a{w}") for w in (0.0, 1.0, 2.0, 4.0)]
+    wide_w = [record(0.1, w, 103.0 + w, 2.0, f"b{w}") for w in (0.0, 1.0)]
+    revs = [
+        {"rev": "abc1" + "0" * 36, "name": "wide", "timestamp": "2026-01-01T00:00:00", "params": {}},
+        {"rev": "abc2" + "0" * 36, "name": "wide-w", "timestamp": "2026-01-02T00:00:00", "params": {}},
+    ]
+    d = T.tidy_dvc(revs, {revs[0]["rev"]: table(wide), revs[1]["rev"]: table(wide_w)})
+    df = T.merge_sources(pd.DataFrame(columns=["run_id"]), d)
+    # `wide` is not a prefix of the names it selects: the newer `wide-w` may not replace its cells
+    got = T.select(df, "wide")
+    assert got["run_id"].tolist() == ["a0.0", "a1.0", "a2.0", "a4.0"] and set(got["dvc_exps"]) == {"wide"}
+    assert T.select(df, "wide-w")["run_id"].tolist() == ["b0.0", "b1.0"]
+    assert T.select(df, "abc1")["run_id"].tolist() == got["run_id"].tolist(), "a revision prefix selects"
+    assert T.select(df, revs[1]["rev"])["run_id"].tolist() == ["b0.0", "b1.0"], "so does the whole hash"
+    with pytest.raises(
+        ValueError, match=r"revision prefix 'abc' is ambiguous: abc10+ \(wide\); abc20+ \(wide-w\)"
+    ):
+        T.select(df, "abc")
+    with pytest.raises(
+        ValueError, match=r"no rows of DVC experiment or revision 'wid'; known: \['wide', 'wide-w'\]"
+    ):
+        T.select(df, "wid")
+
+
+def test_a_study_of_several_guidance_methods_is_analysed_on_one_methods_curves():
+    # the committed guidance-methods study as load_runs reads it from a DVC revision's table
+    t = pd.read_csv(ROOT / "docs" / "results" / "guidance_methods_digits" / "tradeoff.csv")
+    ws = {"rev": "workspace", "name": "workspace", "timestamp": None, "params": {}}
+    study = T.select(T.merge_sources(pd.DataFrame(columns=["run_id"]), T.tidy_dvc([ws], {"workspace": t})))
+    assert len(study) == 81 and study["guidance"].nunique() == 9  # one row per (p_uncond, w, method)
+    # the p_uncond curves of several methods at once mean nothing: refused, naming the methods and the way out
+    for analyse in (T.frontiers, T.curve_shapes, T.compare_to_paper, T.narrative):
+        with pytest.raises(
+            ValueError, match=r"9 guidance methods \(cfg, .*rescale phi=0.7.*method_rows\(df, 'cfg'\)"
+        ):
+            analyse(study)
+    curves = T.method_rows(study)  # cfg, the paper's method
+    assert len(curves) == 9 and (curves["guidance"] == "cfg").all() and curves.attrs["method"] == "cfg"
+    assert len(curves.attrs["methods"]) == 9 and "rescale phi=0.7" in curves.attrs["methods"]
+    fronts = T.frontiers(curves)
+    assert fronts["pareto"].any() and not fronts.duplicated(["p_uncond", "w"]).any()
+    shapes = T.curve_shapes(curves)
+    assert shapes.loc[0.2, "best_fid_w"] == 0.2 and shapes.loc[0.2, "best_fid"] == pytest.approx(
+        8.388, abs=1e-3
+    )
+    assert T.compare_to_paper(curves).loc[0.2, "best_fid_w_ours"] == 0.2
+    assert "guidance `cfg`" in T.narrative(curves)
+    rescale = T.method_rows(study, "rescale phi=0.7")
+    assert len(rescale) == 9 and T.curve_shapes(rescale).loc[0.2, "best_fid_w"] == 0.2
+    with pytest.raises(ValueError, match="no rows of guidance method 'rescale'; the frame has \\['cfg'"):
+        T.method_rows(study, "rescale")
+    others = study[study["guidance"].isin(["rescale", "apg"])]
+    with pytest.raises(ValueError, match="2 guidance methods and no 'cfg' among them"):
+        T.method_rows(others)
+    one = study[study["guidance"] == "apg"]
+    assert T.method_rows(one).attrs["method"] == "apg eta=0 momentum=-0.75 norm_threshold=2.5"
+
+
+def test_a_missing_fid_is_never_the_best_cell_and_is_named():
+    curve = [(0.0, 5.0, 2.0), (0.2, 3.0, 3.0), (0.5, np.nan, 4.0), (1.0, 4.0, 5.0), (2.0, 6.0, 6.0)]
+    df = study({0.1: curve, 0.5: [(w, f + 1.0, i) for w, f, i in curve if np.isfinite(f)]})
+    shapes = T.curve_shapes(df)
+    s = shapes.loc[0.1]
+    assert (s["best_fid"], s["best_fid_w"]) == (3.0, 0.2), "the measured minimum, not the NaN"
+    assert s["fid_u_shaped"] and s["fid_missing_w"] == [0.5] and s["is_missing_w"] == []
+    assert shapes.loc[0.5, "fid_missing_w"] == [] and shapes.loc[0.5, "best_fid_w"] == 0.2
+    fronts = T.frontiers(df)
+    assert not fronts.loc[fronts["fid"].isna(), "pareto"].any(), "a cell without FID is on no front"
+    assert shapes["hypervolume"].notna().all() and shapes["rank"].notna().all()
+    text = T.narrative(df)
+    assert "w = 0.2 for p_uncond 0.1 (inside the grid, U-shaped)" in text
+    assert "- Missing (left out of the shapes and fronts): FID at w = 0.5 for p_uncond 0.1." in text
+    assert "nan" not in text.lower()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Comparability: labelled when loaded, refused when compared
 
 
@@ -577,3 +757,36 @@ def test_notebook_runs_headless_on_the_tiny_pipeline(tiny, tmp_path):
     )
     assert f"kernel {sys.executable}" in text, "the kernel runs this test's Python"
     assert "Best FID" in text and "Against the paper's Table 1" in text
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_a_dvc_only_study_of_several_guidance_methods(tmp_path, monkeypatch):
+    """The committed guidance-methods study as a clone without MLflow store has it (results/ and samples/ from
+    DVC), its project's experiment not cfg-lab: every cell runs, the paper cells on the cfg curves."""
+    from PIL import Image
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    t = pd.read_csv(ROOT / "docs" / "results" / "guidance_methods_digits" / "tradeoff.csv")
+    project = dvc_project(tmp_path / "methods", t, experiment="other")
+    folder = project / "samples" / p_uncond_name(0.2)
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((40, 10 * len(t)), 128, dtype=np.uint8)).save(folder / "grid.png")
+    (folder / "sample.json").write_text(json.dumps({"w": t["w"].tolist()}))
+    figures = tmp_path / "figures"
+    nb = execute({"PROJECT_DIR": str(project), "FIGURES_DIR": str(figures)})
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert sorted(p.name for p in figures.glob("*.png")) == [
+        "frontiers.png",
+        "methods.png",
+        "samples.png",
+        "tradeoff.png",
+        "uncertainty.png",
+    ]
+    text = "\n".join(
+        o.get("text", "") + o.get("data", {}).get("text/markdown", "")
+        for c in nb.cells
+        for o in c.get("outputs", [])
+    )
+    assert "(experiment 'other')" in text, "the project's tracking.experiment"
+    assert "the 9 cells of `cfg` (9 methods, 81 cells)" in text
+    assert "guidance `cfg`" in text and "Against the paper's Table 1" in text

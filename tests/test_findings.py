@@ -204,6 +204,32 @@ def test_other_methods_and_negative_w_are_left_out():
     assert out.attrs["w"] == W
 
 
+def test_a_missing_metric_is_left_out_named_and_never_the_best():
+    # FID failed at the curve's minimum (w = 0.3): w* is the measured minimum, w = 0.5 (7.0), not the NaN
+    fid = [np.nan if w == 0.3 else f for w, f in zip(W, U_FID, strict=True)]
+    is_ = [np.nan if w == 1.0 else i for w, i in zip(W, RISING_IS, strict=True)]
+    out = F.check_findings(frame({0.1: (fid, is_)}))
+    row = out[out["finding"] == F.FINDINGS[1]].iloc[0]
+    assert row["verdict"] == F.REPRODUCED
+    assert (row["detail"]["w_star"], row["detail"]["fid_star"]) == (0.5, 7.0)
+    assert row["detail"]["missing_w"] == [0.3] and row["numbers"].startswith("w*=0.5, FID 7;")
+    assert row["numbers"].endswith("; FID missing at w = 0.3 (left out)") and "nan" not in row["numbers"]
+    row = out[out["finding"] == F.FINDINGS[2]].iloc[0]
+    assert row["verdict"] == F.REPRODUCED and row["detail"]["missing_w"] == [1.0]
+    assert row["numbers"].endswith("; IS missing at w = 1 (left out)")
+    # no FID at w = 0: nothing to measure the U's left arm against
+    zero = F.check_findings(frame({0.1: ([np.nan, *U_FID[1:]], RISING_IS)}))
+    assert verdict(zero, 1, "0.1") == "not testable"
+    assert zero.iloc[0]["numbers"] == "no w = 0 cell with an FID in the grid; FID missing at w = 0 (left out)"
+    # the frontier: the cell is on no front and out of the reference point, named; the verdict stands
+    curves = frontier_curves(3.0)
+    curves[0.5] = ([np.nan, *curves[0.5][0][1:]], RISING_IS)
+    out = F.check_findings(frame(curves)).iloc[-1]
+    assert out["verdict"] == F.REPRODUCED and out["detail"]["missing"] == ["p_uncond=0.5 w=0"]
+    assert "missing FID or IS, left out: p_uncond=0.5 w=0" in out["numbers"]
+    assert all(np.isfinite(v) for v in out["detail"]["hypervolume"].values())
+
+
 def test_committed_embedded_default_results(tmp_path, capsys):
     df = F.load_tradeoff(ROOT / "results")
     # results/cells is a DVC output: absent from a fresh clone, present after dvc repro
