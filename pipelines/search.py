@@ -19,20 +19,19 @@ from pathlib import Path
 
 import optuna
 import torch
-import yaml
 
 from cfg.data.datasets import load_prepared
 from cfg.engine.device import resolve_device
 from cfg.eval.stats import load_reference_stats
-from cfg.io import atomic_write_text, write_json
+from cfg.io import atomic_write_text, load_yaml, write_json
 from cfg.log import get_logger, setup
 from cfg.search.objective import SearchInputs
 from cfg.search.results import best_params_yaml, best_trials, summary
-from cfg.search.space import SearchError, check_search
+from cfg.search.space import SearchError, read_search
 from cfg.search.storage import storage_url
 from cfg.search.worker import quiet_optuna, run_worker, worker_slots
 from cfg.study.config import ParamsError
-from cfg.study.presets import exp_run_command, flat_overrides, merged_params, parse_set
+from cfg.study.presets import exp_run_command, flat_overrides
 from cfg.study.stage import make_extractor
 from cfg.study.store import masked
 from cfg.study.tracking import Tracker
@@ -42,17 +41,11 @@ log = get_logger("search")
 
 def _spec(path: str, args=None):
     """The validated params file and search section with the command line's overrides (`-S key=value`,
-    `--n-trials`), or exit(2) with the one-line error."""
+    `--n-trials`), or exit with the one-line error."""
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        overrides = parse_set(getattr(args, "set", None) or [])
-        if getattr(args, "n_trials", None) is not None:
-            overrides["search.n_trials"] = args.n_trials
-        return check_search(merged_params(raw, overrides))
-    except FileNotFoundError:
-        raise SystemExit(f"error: parameter file {path!r} not found") from None
-    except (ParamsError, SearchError) as e:
-        raise SystemExit(f"error: {Path(path).name}: {e}") from None
+        return read_search(path, getattr(args, "set", None), getattr(args, "n_trials", None))
+    except SearchError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def write_results(study: optuna.Study, out_dir: Path, params, trial_number: int | None = None) -> None:
@@ -129,9 +122,11 @@ def cmd_run(args) -> None:
     spec = _spec(args.params, args)
     device = resolve_device(spec.params.train.device)
     if args.gpus or args.workers != 1:  # the launcher of this machine's workers
-        visible = -1 if "CUDA_VISIBLE_DEVICES" in os.environ else torch.cuda.device_count()
+        count = torch.cuda.device_count()  # of CUDA_VISIBLE_DEVICES's list, where it is set
         try:
-            slots = worker_slots(args.gpus, args.workers, device.type, visible)
+            slots = worker_slots(
+                args.gpus, args.workers, device.type, count, os.environ.get("CUDA_VISIBLE_DEVICES")
+            )
         except SearchError as err:
             raise SystemExit(f"error: {err}") from None
         raise SystemExit(run_workers(slots))
@@ -142,11 +137,18 @@ def cmd_run(args) -> None:
         reference=load_reference_stats(args.reference),
         device=device,
     )
+    try:
+        inputs.check(args.classifier if e.extractor == "classifier" else e.inception_weights, args.reference)
+    except SearchError as err:
+        raise SystemExit(f"error: {err}") from None
     t0 = time.perf_counter()
     try:
         study = run_worker(spec, inputs, storage=args.storage)
     except SearchError as err:
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:  # Ctrl-C: a trial it was running is queued again (Objective)
+        log.warning(f"worker interrupted after {time.perf_counter() - t0:.0f}s")
+        raise SystemExit(128 + signal.SIGINT) from None
     log.info(f"worker done in {time.perf_counter() - t0:.0f}s")
     write_results(study, Path(args.out_dir), spec.params)
 
@@ -165,7 +167,7 @@ def cmd_best(args) -> None:
 
 
 def cmd_apply(args) -> None:
-    overrides = flat_overrides(yaml.safe_load(Path(args.file).read_text()) or {})
+    overrides = flat_overrides(load_yaml(Path(args.file).read_text()) or {})
     try:
         cmd = exp_run_command(overrides, params_file=args.params, name=args.name, extra=args.dvc_args)
     except ParamsError as e:
@@ -210,7 +212,8 @@ def main() -> None:
     run.add_argument("--storage", help="SQLAlchemy URL of the study; overrides search.storage")
     run.add_argument(
         "--gpus",
-        help="one worker per listed GPU, pinned to it by CUDA_VISIBLE_DEVICES, e.g. 0,1 (make GPUS=0,1)",
+        help="one worker per listed GPU, pinned to it by CUDA_VISIBLE_DEVICES, e.g. 0,1 (make GPUS=0,1); where "
+        "CUDA_VISIBLE_DEVICES is set, indices of its list",
     )
     run.add_argument(
         "--workers",

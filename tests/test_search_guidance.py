@@ -262,6 +262,6 @@ def test_a_study_searches_two_guidance_entries_at_once(tmp_path, inputs):  # noq
     text = best_params_yaml(study, best)
     assert f"with guidance entry '{trial_guidance(best)}'" in text
     overrides = yaml.safe_load(text)
-    assert GUIDANCE_KEY not in overrides and overrides == trial_overrides(best)
+    assert GUIDANCE_KEY not in overrides and overrides == trial_overrides(study, best)
     again = trial_params(spec, best.user_attrs["overrides"])
     assert list(again.sample.guidance) == [trial_guidance(best)]

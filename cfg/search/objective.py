@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import optuna
 import torch
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import Trial, TrialState
 
 from cfg.data.datasets import ImageDataset
@@ -27,8 +28,8 @@ from cfg.eval.features import FeatureExtractor
 from cfg.eval.stats import ReferenceStats
 from cfg.nets.unet import UNetConfig
 from cfg.progress import Progress
-from cfg.search.space import SearchSpec, trial_params
-from cfg.search.storage import retry_of
+from cfg.search.space import SearchError, SearchSpec, trial_params
+from cfg.search.storage import experimental_ok, retry_of
 from cfg.study.config import Params
 from cfg.study.store import flatten
 from cfg.study.tracking import Tracker
@@ -52,6 +53,21 @@ class SearchInputs:
     def fingerprint(self) -> str:
         """Identity of the inputs: every worker of a study must score against the same ones."""
         return f"data {self.data.fingerprint()[:16]} reference {self.reference.hash}"
+
+    def check(self, extractor_file: str | None, reference_file: str) -> None:
+        """The evaluation network is the one the reference statistics were computed with (else every FID of
+        the study would be refused or meaningless); raises SearchError naming both files and their weights.
+        `extractor_file`: where the network's weights came from (None: torch-fidelity's Inception download)."""
+        ext, ref = self.extractor, self.reference
+        # a reference that does not record its weights ("") is scored as it is, as cfg.eval.fingerprint does
+        if not ref.weights_hash or ext.weights_hash == ref.weights_hash:
+            return
+        source = extractor_file or "torch-fidelity's Inception weights"
+        raise SearchError(
+            f"the evaluation network {source} ({ext.name}, weights {ext.weights_hash}) is not the one the "
+            f"reference statistics {reference_file} were computed with ({ref.extractor_name}, weights "
+            f"{ref.weights_hash}): give the matching files (dvc repro classifier reference, or dvc pull)"
+        )
 
 
 def score_w_grid(
@@ -88,6 +104,17 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def requeue_interrupted(trial: Trial) -> None:
+    """Queue a trial stopped by Ctrl-C (SIGINT) to run again, with its values, as a retry of it: what
+    RetryHeartbeatStaleTrialCallback does for a lost worker's trial (the `failed_trial` system attribute), so
+    the retry is not counted against search.n_trials. Always: an interrupt says nothing against the trial, so
+    search.max_retry (crashes) does not stop it. SIGTERM and SIGHUP leave the trial RUNNING instead, for the
+    heartbeat to fail and retry it."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    with experimental_ok():
+        RetryHeartbeatStaleTrialCallback(max_retry=None)(trial.study, frozen)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The objective
 
@@ -101,6 +128,14 @@ class Objective:
 
     def __call__(self, trial: Trial) -> float | tuple[float, float]:
         self.lock.release()  # the trial exists and counts: other workers may start theirs
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:  # Optuna fails the trial on the way out: it is queued again first
+            requeue_interrupted(trial)
+            self.log(f"trial {trial.number} interrupted: queued to run again (not counted against n_trials)")
+            raise
+
+    def _run(self, trial: Trial) -> float | tuple[float, float]:
         overrides = self.spec.suggest(trial)
         p = trial_params(self.spec, overrides)
         w_values = p.sample.w if "sample.w" in overrides else p.search.w
@@ -115,8 +150,10 @@ class Objective:
             self._end_run(run_id, "PRUNED", "KILLED")
             self.log(f"trial {trial.number} pruned: {e}")
             raise
-        except BaseException:
-            self._end_run(run_id, "FAIL", "FAILED")
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                self.tracker.log(run_id, tags={"failure": "interrupted (SIGINT): queued to run again"})
+            self._end_run(run_id, "FAIL", "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
         self._end_run(run_id, "COMPLETE", "FINISHED")
         return values

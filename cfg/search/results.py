@@ -9,11 +9,12 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from cfg.search.space import GUIDANCE_KEY
-from cfg.search.storage import retry_of
+from cfg.search.storage import STUDY_OVERRIDES, retry_of
 
 
-def trial_overrides(trial: FrozenTrial) -> dict[str, Any]:
-    """The params.yaml overrides that reproduce a trial, sample.w being the w values it was scored at.
+def trial_overrides(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """The params.yaml overrides that reproduce a trial: the study's -S overrides (`study_overrides`), under the
+    trial's own values, sample.w being the w values it was scored at.
 
     The whole grid, not only its best w: the sample stage then draws the very batches and noise the trial drew
     (generate_w_grid batches by the number of w), so the pipeline's cell at the best w has the trial's FID.
@@ -21,7 +22,13 @@ def trial_overrides(trial: FrozenTrial) -> dict[str, Any]:
     sample.guidance, each with the same noise, so that entry's cells are the trial's and the others' compare.
     """
     overrides = {k: v for k, v in trial.user_attrs["overrides"].items() if k != GUIDANCE_KEY}
-    return {**overrides, "sample.w": trial.user_attrs["w_grid"]}
+    return {**study_overrides(study), **overrides, "sample.w": trial.user_attrs["w_grid"]}
+
+
+def study_overrides(study: optuna.Study) -> dict[str, Any]:
+    """The -S overrides of params.yaml the study's trials ran with (`SearchSpec.pipeline_overrides`, recorded
+    by its workers as they join)."""
+    return dict(study.user_attrs.get(STUDY_OVERRIDES) or {})
 
 
 def trial_guidance(trial: FrozenTrial) -> str | None:
@@ -50,7 +57,7 @@ def summary(study: optuna.Study) -> dict:
             **dict(zip(names, t.values, strict=True)),
             "w": t.user_attrs["w"],
             **({"guidance": trial_guidance(t)} if trial_guidance(t) else {}),
-            "overrides": trial_overrides(t),
+            "overrides": trial_overrides(study, t),
             "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
             "seconds": (t.datetime_complete - t.datetime_start).total_seconds(),
         }
@@ -71,6 +78,7 @@ def best_params_yaml(study: optuna.Study, trial: FrozenTrial) -> str:
     """A params file of dotted overrides reproducing `trial` through the pipeline (cfg.study.presets applies it)."""
     values = ", ".join(f"{n} {v:.4g}" for n, v in zip(("FID", "IS"), trial.values, strict=False))
     label = trial_guidance(trial)
+    ran_with = [k for k in study_overrides(study) if k not in trial.user_attrs["overrides"]]
     header = (
         f"# Trial {trial.number} of Optuna study {study.study_name!r}: {values} at w = {trial.user_attrs['w']:g}"
         + (f" with guidance entry {label!r}" if label else "")
@@ -82,5 +90,10 @@ def best_params_yaml(study: optuna.Study, trial: FrozenTrial) -> str:
             if label
             else ""
         )
+        + (
+            f"# With the search's own -S overrides of params.yaml: {', '.join(ran_with)}.\n"
+            if ran_with
+            else ""
+        )
     )
-    return header + yaml.safe_dump(trial_overrides(trial), sort_keys=False, default_flow_style=None)
+    return header + yaml.safe_dump(trial_overrides(study, trial), sort_keys=False, default_flow_style=None)

@@ -1,7 +1,8 @@
 """The search space and the validated search section, checked before anything is trained.
 
 `parse_space` turns search.space into `Dimension`s, each a params.yaml key with its range or choices, checked
-against the params schema; `check_search` validates the whole params file into a `SearchSpec`; `trial_params`
+against the params schema; `check_search` validates the whole params file (with the command line's `-S`
+overrides) into a `SearchSpec`, `read_search` a params file and the command line's arguments; `trial_params`
 applies a trial's values to it.
 
 A trial scores one guidance method. With several entries in sample.guidance, the trial picks one: the categorical
@@ -16,9 +17,11 @@ import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cfg.io import load_yaml
 from cfg.search.registry import PRUNERS, SAMPLERS
 from cfg.study.config import (
     ModelParams,
@@ -29,7 +32,7 @@ from cfg.study.config import (
     TrainParams,
     params_from_dict,
 )
-from cfg.study.presets import merged_params
+from cfg.study.presets import merged_params, parse_set
 
 if TYPE_CHECKING:
     from optuna.pruners import BasePruner
@@ -45,6 +48,9 @@ _FIXED_KEYS = ("sample.n_samples",)
 _SPEC_FIELDS = {"low", "high", "log", "step", "choices"}
 # the categorical dimension over sample.guidance's labels: the entry a trial scores
 GUIDANCE_KEY = "sample.guidance"
+# keys no pipeline stage's result depends on (nor the settings hash): a study's -S overrides of them are not
+# part of reproducing its trials, and its workers may differ in them
+_NOT_REPRODUCED = ("search.", "tracking.", "train.device")
 
 
 class SearchError(ValueError):
@@ -252,11 +258,19 @@ def _merged(raw_params: dict, overrides: dict[str, Any]) -> dict:
 
 @dataclass(frozen=True)
 class SearchSpec:
-    """params.yaml (as read, and validated) with its checked search space."""
+    """params.yaml (as read, with the command line's overrides, and validated) with its checked search space."""
 
-    raw: dict  # params.yaml as read: each trial applies its values to it
+    raw: dict  # params.yaml as read with the -S overrides applied: each trial applies its values to it
     params: Params  # the validated base parameters
     space: list[Dimension]
+    overrides: dict[str, Any] = field(default_factory=dict)  # the command line's -S / --n-trials, dotted keys
+
+    @property
+    def pipeline_overrides(self) -> dict[str, Any]:
+        """The -S overrides a trial's model and scores depend on: what `dvc exp run` needs besides the trial's
+        own values to reproduce it (search.*, tracking.* and train.device left out: no stage's result, nor the
+        settings hash, depends on them)."""
+        return {k: v for k, v in self.overrides.items() if not k.startswith(_NOT_REPRODUCED)}
 
     @property
     def search(self) -> SearchParams:
@@ -324,8 +338,11 @@ def make_pruner(s: SearchParams) -> BasePruner:
         ) from None
 
 
-def check_search(raw: dict) -> SearchSpec:
-    """Validate params.yaml and its search section before anything is trained; raises ParamsError / SearchError."""
+def check_search(raw: dict, overrides: dict[str, Any] | None = None) -> SearchSpec:
+    """Validate params.yaml with dotted `overrides` (the command line's -S) applied, and its search section,
+    before anything is trained; raises ParamsError / SearchError."""
+    overrides = dict(overrides or {})
+    raw = merged_params(raw, overrides) if overrides else raw
     params = params_from_dict(raw)
     s = params.search
     space = parse_space(s.space, raw)
@@ -373,7 +390,25 @@ def check_search(raw: dict) -> SearchSpec:
         )
     make_sampler(s)
     make_pruner(s)
-    return SearchSpec(raw=raw, params=params, space=space)
+    return SearchSpec(raw=raw, params=params, space=space, overrides=overrides)
+
+
+def read_search(path: str | Path, sets: list[str] | None = None, n_trials: int | None = None) -> SearchSpec:
+    """The validated search of a params file with the command line's `-S key=value` items and --n-trials:
+    what `pipelines/search.py` runs with, and what `cfg-lab search` checks before it builds the inputs.
+    Raises SearchError, naming the file."""
+    path = Path(path)
+    try:
+        raw = load_yaml(path.read_text()) or {}
+    except FileNotFoundError:
+        raise SearchError(f"parameter file {str(path)!r} not found") from None
+    try:
+        overrides = parse_set(sets or [])
+        if n_trials is not None:
+            overrides["search.n_trials"] = n_trials
+        return check_search(raw, overrides)
+    except (ParamsError, SearchError) as e:
+        raise SearchError(f"{path.name}: {e}") from None
 
 
 def trial_params(spec: SearchSpec, overrides: dict[str, Any]) -> Params:

@@ -19,9 +19,14 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from cfg.log import get_logger
 from cfg.search.space import SearchError
 from cfg.study.config import SearchParams
 from cfg.study.store import create_private_store, masked, project_root
+
+# the study's user attribute holding the -S overrides of params.yaml its trials ran with
+# (SearchSpec.pipeline_overrides): best_params.yaml puts each trial's values on top of them
+STUDY_OVERRIDES = "overrides"
 
 
 @contextlib.contextmanager
@@ -70,30 +75,63 @@ class _FileLock:
 
 
 class _AdvisoryLock:
-    """A PostgreSQL session advisory lock keyed by the study name; the server drops it when a worker dies."""
+    """A PostgreSQL session advisory lock keyed by the study name; the server drops it when a worker dies.
+
+    Its session survives a server restart the way Optuna's pooled connections do (pool_pre_ping): a connection
+    the server closed is replaced, and the lock taken again on the new one. A lock held when the server went
+    was released with its session: `release` then has nothing left to do."""
 
     def __init__(self, url: str, study_name: str):
         import sqlalchemy
         from sqlalchemy.pool import NullPool
 
-        engine = sqlalchemy.create_engine(url, poolclass=NullPool)
-        self._conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = sqlalchemy.create_engine(url, poolclass=NullPool)
         self._key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
         self._text = sqlalchemy.text
+        self._conn = None
+        self._execute("SELECT 1")  # the server answers, or the worker stops here
         self.held = False
 
+    def _execute(self, sql: str) -> None:
+        if self._conn is None:
+            self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._conn.execute(self._text(sql), {"k": self._key})
+
+    def _lost(self, error: Exception) -> bool:
+        """Whether `error` says the server closed the session (restart, failover); its connection is dropped."""
+        from sqlalchemy.exc import DBAPIError
+
+        if not (isinstance(error, DBAPIError) and error.connection_invalidated):
+            return False
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        return True
+
     def acquire(self) -> None:
-        self._conn.execute(self._text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+        try:
+            self._execute("SELECT pg_advisory_lock(:k)")
+        except Exception as e:
+            if not self._lost(e):
+                raise
+            self._execute("SELECT pg_advisory_lock(:k)")  # once more, on a new session
         self.held = True
 
     def release(self) -> None:
-        if self.held:
-            self._conn.execute(self._text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
-            self.held = False
+        if not self.held:
+            return
+        try:
+            self._execute("SELECT pg_advisory_unlock(:k)")
+        except Exception as e:
+            if not self._lost(e):  # lost: the lock went with its session
+                raise
+        self.held = False
 
     def close(self) -> None:
         self.release()
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
+        self._engine.dispose()
 
 
 # what study_lock returns: both release the lock when their process dies
@@ -139,13 +177,29 @@ class Budget:
         )
 
 
+class _Storage(optuna.storages.RDBStorage):
+    """RDBStorage whose trials keep their heartbeats through a storage outage (a PostgreSQL restart): Optuna's
+    heartbeat thread ends at its first error, and the trial, alive, would be failed as stale after
+    search.grace_period and run twice. A beat that fails is reported; the next one, heartbeat_interval later,
+    goes to the server again (the engine's pool_pre_ping reconnects)."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except optuna.exceptions.StorageInternalError as e:
+            reason = str(e.__cause__ or e).splitlines()[0]
+            get_logger("search").warning(
+                f"heartbeat of trial id {trial_id} not recorded ({reason}); next in {self.heartbeat_interval}s"
+            )
+
+
 def open_storage(
     url: str, s: SearchParams, on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None
 ) -> optuna.storages.RDBStorage:
     """The study's storage with heartbeats: a trial silent for search.grace_period seconds is failed."""
     sqlite = url.startswith("sqlite")
     with experimental_ok():
-        return optuna.storages.RDBStorage(
+        return _Storage(
             url,
             engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True},
             heartbeat_interval=s.heartbeat_interval,

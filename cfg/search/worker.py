@@ -22,17 +22,30 @@ from optuna.trial import FrozenTrial
 from cfg.log import get_logger
 from cfg.search.objective import Log, Objective, SearchInputs, worker_id
 from cfg.search.space import SearchError, SearchSpec, make_pruner, make_sampler
-from cfg.search.storage import Budget, StudyLock, experimental_ok, open_storage, storage_url, study_lock
+from cfg.search.storage import (
+    STUDY_OVERRIDES,
+    Budget,
+    StudyLock,
+    experimental_ok,
+    open_storage,
+    storage_url,
+    study_lock,
+)
 from cfg.study.config import SearchParams
 from cfg.study.store import flatten, masked
 from cfg.study.tracking import Tracker
 
 
-def worker_slots(gpus: str | None, workers: int, device: str, cuda_count: int) -> list[dict[str, str]]:
+def worker_slots(
+    gpus: str | None, workers: int, device: str, cuda_count: int, visible: str | None = None
+) -> list[dict[str, str]]:
     """The environment each worker process of this machine gets: `workers` processes per device of `gpus`
     ("0,1": CUDA_VISIBLE_DEVICES=0 and =1, in CUDA's order unless CUDA_DEVICE_ORDER=PCI_BUS_ID; or GPU UUIDs),
     or without `gpus` `workers` processes on `device` (train.device resolved: "cpu" or "cuda") sharing the CPU's
-    threads. `cuda_count`: the GPUs this process sees (the range check of numeric indices; -1 skips it)."""
+    threads. `cuda_count`: the GPUs this process sees (the range check of numeric indices; -1 skips it).
+    `visible`: this process's CUDA_VISIBLE_DEVICES, if set: numeric indices of `gpus` then index that list, as
+    torch's device numbers do ("0,1" under CUDA_VISIBLE_DEVICES=2,3: the workers get 2 and 3); UUIDs pass as
+    they are."""
     if workers < 1:
         raise SearchError(f"WORKERS = {workers}: give 1 or more worker processes per device")
     if not gpus:
@@ -46,11 +59,24 @@ def worker_slots(gpus: str | None, workers: int, device: str, cuda_count: int) -
             f"GPUS = {gpus!r} but train.device resolves to {device} here (torch sees no CUDA GPU): leave GPUS "
             "out for one worker, or give WORKERS=N for N CPU workers"
         )
-    beyond = [g for g in devices if g.isdigit() and cuda_count >= 0 and int(g) >= cuda_count]
-    if beyond:
-        raise SearchError(
-            f"GPUS = {gpus!r}: device {beyond[0]} does not exist, this host has {cuda_count} GPUs"
-        )
+    if visible is None:
+        beyond = [g for g in devices if g.isdigit() and cuda_count >= 0 and int(g) >= cuda_count]
+        if beyond:
+            raise SearchError(
+                f"GPUS = {gpus!r}: device {beyond[0]} does not exist, this host has {cuda_count} GPUs"
+            )
+    else:
+        parent = [g.strip() for g in visible.split(",")]
+        count = len(parent) if cuda_count < 0 else min(cuda_count, len(parent))
+        beyond = [g for g in devices if g.isdigit() and int(g) >= count]
+        if beyond:
+            raise SearchError(
+                f"GPUS = {gpus!r}: index {beyond[0]} is outside CUDA_VISIBLE_DEVICES = {visible!r} of this "
+                f"command: GPUS takes indices into that list ({', '.join(map(str, range(count)))}) or GPU UUIDs"
+            )
+        devices = [parent[int(g)] if g.isdigit() else g for g in devices]
+        if len(set(devices)) < len(devices):
+            raise SearchError(f"GPUS = {gpus!r} gives a GPU of CUDA_VISIBLE_DEVICES = {visible!r} twice")
     return [{"CUDA_VISIBLE_DEVICES": g} for g in devices for _ in range(workers)]
 
 
@@ -113,6 +139,11 @@ def _join(study: optuna.Study, spec: SearchSpec, inputs: SearchInputs, url: str,
             f"study {study.study_name!r} was created with directions {[d.name.lower() for d in study.directions]}, "
             f"search.objective {spec.search.objective!r} needs {spec.directions}; use another search.study_name"
         )
+    # the -S overrides of every worker: they agree where they meet (the settings hash), and best_params.yaml
+    # needs each one that made params.yaml what the trials ran with
+    overrides = {**(attrs.get(STUDY_OVERRIDES) or {}), **spec.pipeline_overrides}
+    if overrides != attrs.get(STUDY_OVERRIDES):
+        study.set_user_attr(STUDY_OVERRIDES, overrides)
     joined = attrs.get("workers_joined", 0)
     study.set_user_attr("workers_joined", joined + 1)
     return joined
