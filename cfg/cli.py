@@ -87,8 +87,7 @@ def call(cmd: list[str], root: Path) -> int:
 
 
 def _overrides(args, root: Path) -> dict:
-    import yaml
-
+    from cfg.io import load_yaml
     from cfg.study.config import ParamsError
     from cfg.study.presets import flat_overrides, parse_set
 
@@ -98,7 +97,7 @@ def _overrides(args, root: Path) -> dict:
         path = path if path.is_file() else root / preset  # from here, else from the project root
         if not path.is_file():
             raise SystemExit(f"error: preset {preset!r} not found (presets/ holds the shipped ones)")
-        overrides |= flat_overrides(yaml.safe_load(path.read_text()) or {})
+        overrides |= flat_overrides(load_yaml(path.read_text()) or {})
     try:
         overrides |= parse_set(args.set or [])
     except ParamsError as e:
@@ -158,7 +157,16 @@ def cmd_exp(args, rest: list[str]) -> int:
         return _exp_run(args, root, extra)
     if args.action == "show":
         return call(exp_show_command(args.all, rest), root)
-    return call(["dvc", "exp", args.action, *rest], root)
+    if args.set or args.preset:
+        raise SystemExit(f"error: -S/--preset apply to `cfg-lab exp run` (or repro), not `exp {args.action}`")
+    # the flags this parser took for exp run / show are the other subcommands' own: passed on as given
+    passed = [*(["--name", args.name] if args.name else []), *(["--queue"] if args.queue else [])]
+    passed += [*(["--temp"] if args.temp else []), *(["--all"] if args.all else [])]
+    cmd = ["dvc", "exp", args.action, *passed, *rest]
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    return call(cmd, root)
 
 
 def exp_show_command(every_column: bool, rest: list[str]) -> list[str]:
@@ -242,6 +250,21 @@ SEARCH_INPUTS = [
 ]
 
 
+def _check_search(root: Path, rest: list[str]) -> None:
+    """params.yaml with the -S overrides and --n-trials among `rest` (the worker's arguments), validated as the
+    worker validates them (cfg.search.space.read_search); exits with the one-line error."""
+    from cfg.search.space import SearchError, read_search
+
+    ap = argparse.ArgumentParser(prog="cfg-lab search", add_help=False, allow_abbrev=False)
+    ap.add_argument("-S", "--set", action="append")
+    ap.add_argument("--n-trials", type=int)
+    known, _ = ap.parse_known_args(rest)
+    try:
+        read_search(root / "params.yaml", known.set, known.n_trials)
+    except SearchError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def cmd_search(args, rest: list[str]) -> int:
     """`cfg-lab search` = build the inputs with DVC, then `pipelines/search.py run` with the inputs' paths;
     `cfg-lab search best|apply|dashboard ...` passes through to pipelines/search.py."""
@@ -253,6 +276,7 @@ def cmd_search(args, rest: list[str]) -> int:
         return call([*script, *rest], root)
     if rest and rest[0] == "run":
         rest = rest[1:]
+    _check_search(root, rest)  # before the stages: a bad search section is not reported a minute later
     if not args.no_inputs:
         code = call(["dvc", "repro", "prepare", "classifier", "reference"], root)
         if code:
@@ -317,13 +341,19 @@ def cmd_bench(args, rest: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    # allow_abbrev off, here and in every subcommand: the unknown flags go on to DVC, and an abbreviation would
+    # turn DVC's own `--dry` into cfg-lab's `--dry-run` (which prints the command instead of running DVC's dry run)
     ap = argparse.ArgumentParser(
         prog="cfg-lab",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     ap.epilog = __doc__.split("\n\n", 1)[1]
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, allow_abbrev=False, **kw)
 
     def overrides(p):
         p.add_argument(
@@ -340,7 +370,7 @@ def parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--dry-run", action="store_true", help="print the dvc command, do not run it")
 
-    p = sub.add_parser("repro", help="dvc repro (with -S/--preset: dvc exp run in the workspace)")
+    p = command("repro", help="dvc repro (with -S/--preset: dvc exp run in the workspace)")
     p.add_argument("targets", nargs="*", help="stages, e.g. train sample")
     overrides(p)
     p.add_argument(
@@ -364,9 +394,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_repro)
 
-    p = sub.add_parser(
-        "exp", help="dvc exp run (validated overrides) | show (readable columns) | other dvc exp"
-    )
+    p = command("exp", help="dvc exp run (validated overrides) | show (readable columns) | other dvc exp")
     p.add_argument("action", help="run, show, or any other `dvc exp` subcommand (passed on)")
     overrides(p)
     p.add_argument("--name", help="experiment name (exp run)")
@@ -375,9 +403,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every column (exp show)")
     p.set_defaults(func=cmd_exp)
 
-    p = sub.add_parser(
-        "compare", help="did my run reproduce the committed one? per cell, against seed spread"
-    )
+    p = command("compare", help="did my run reproduce the committed one? per cell, against seed spread")
     p.add_argument("ref", nargs="?", default="HEAD", help="git revision, folder or CSV (default: HEAD)")
     p.add_argument(
         "mine", nargs="?", default="results", help="folder or CSV (default: the workspace's results/)"
@@ -393,33 +419,31 @@ def parser() -> argparse.ArgumentParser:
         ("ui", "the MLflow UI on the project's store"),
         ("sync", "replay queued MLflow logging"),
     ):
-        p = sub.add_parser(verb, help=text, add_help=False)
+        p = command(verb, help=text, add_help=False)
         p.set_defaults(func=cmd_tracking)
 
-    p = sub.add_parser(
+    p = command(
         "notebook",
         help="run analysis/tradeoff.ipynb headless; the executed copy goes to results/",
         add_help=False,
     )
     p.set_defaults(func=cmd_notebook)
-    p = sub.add_parser("lab", help="JupyterLab on analysis/tradeoff.ipynb with this environment's kernel")
+    p = command("lab", help="JupyterLab on analysis/tradeoff.ipynb with this environment's kernel")
     p.set_defaults(func=cmd_lab)
 
-    p = sub.add_parser(
-        "search", help="make the inputs and run an Optuna worker (or: search best|apply|dashboard)"
-    )
+    p = command("search", help="make the inputs and run an Optuna worker (or: search best|apply|dashboard)")
     p.add_argument("--out-dir", default="results/search", help="best_params.yaml, summary.json, trials.csv")
     p.add_argument("--no-inputs", action="store_true", help="skip `dvc repro prepare classifier reference`")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("plots", help="dvc plots show, working offline (vega scripts inlined)")
+    p = command("plots", help="dvc plots show, working offline (vega scripts inlined)")
     p.add_argument(
         "--vega-dir", help="folder of vega.min.js, vega-lite.min.js, vega-embed.min.js (default .cache/vega)"
     )
     p.add_argument("-o", "--out", default="dvc_plots", help="output folder (dvc_plots/index.html)")
     p.set_defaults(func=cmd_plots)
 
-    p = sub.add_parser("bench", help="benchmarks/bench_throughput.py (images/s and MFU)", add_help=False)
+    p = command("bench", help="benchmarks/bench_throughput.py (images/s and MFU)", add_help=False)
     p.set_defaults(func=cmd_bench)
     return ap
 

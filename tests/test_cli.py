@@ -354,3 +354,24 @@ def test_lab_serves_the_project_and_opens_the_notebook_with_this_environments_ke
     finally:  # cfg-lab and the jupyter-lab it started: the whole process group
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_exp_subcommands_keep_their_flags_and_dvcs_own_flags_reach_dvc(project, monkeypatch, capfd):
+    # the exp parser took --name/--queue/--temp/--all for exp run and show, and dropped them for other subcommands
+    # (exp save --name baseline saved under a random name); abbreviations turned DVC's --dry into --dry-run
+    monkeypatch.chdir(project)
+    for argv, printed in (
+        (["exp", "save", "--name", "baseline"], "dvc exp save --name baseline"),
+        (["exp", "remove", "--queue"], "dvc exp remove --queue"),
+        (["exp", "diff", "--all", "HEAD"], "dvc exp diff --all HEAD"),
+    ):
+        assert cli.main([*argv, "--dry-run"]) == 0
+        assert capfd.readouterr().out.strip() == printed
+    with pytest.raises(SystemExit, match=r"-S/--preset apply to `cfg-lab exp run` .*not `exp save`"):
+        cli.main(["exp", "save", "-S", "train.steps=3"])
+    # `repro --dry` is DVC's dry run (real dvc): it names the stages it would run and runs none
+    capfd.readouterr()
+    assert cli.main(["repro", "--dry", "inputs"]) == 0
+    out = capfd.readouterr().out
+    assert "Running stage 'inputs'" in out and "> python pipelines/inputs.py" in out, out
+    assert not (project / "data" / "inputs").exists()

@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", help="experiment name")
     ap.add_argument("--queue", action="store_true", help="queue the experiment (dvc exp run --queue)")
     args = ap.parse_args(argv)
-    overrides = flat_overrides(yaml.safe_load(Path(args.preset).read_text()) or {})
+    overrides = flat_overrides(load_yaml(Path(args.preset).read_text()) or {})
     try:
         cmd = exp_run_command(overrides, name=args.name, extra=["--queue"] if args.queue else None)
     except ParamsError as e:
