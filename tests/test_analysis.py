@@ -736,6 +736,15 @@ def test_load_runs_on_the_tiny_pipeline(tiny):
     assert "Best FID" in T.narrative(ws)
 
 
+def printed(nb) -> str:
+    """What an executed notebook's cells printed: streams and markdown displays."""
+    return "\n".join(
+        o.get("text", "") + o.get("data", {}).get("text/markdown", "")
+        for c in nb.cells
+        for o in c.get("outputs", [])
+    )
+
+
 @pytest.mark.slow
 def test_notebook_runs_headless_on_the_tiny_pipeline(tiny, tmp_path):
     figures = tmp_path / "figures"
@@ -750,11 +759,7 @@ def test_notebook_runs_headless_on_the_tiny_pipeline(tiny, tmp_path):
         "tradeoff.png",
         "uncertainty.png",
     ]
-    text = "\n".join(
-        o.get("text", "") + o.get("data", {}).get("text/markdown", "")
-        for c in nb.cells
-        for o in c.get("outputs", [])
-    )
+    text = printed(nb)
     assert f"kernel {sys.executable}" in text, "the kernel runs this test's Python"
     assert "Best FID" in text and "Against the paper's Table 1" in text
 
@@ -782,11 +787,7 @@ def test_notebook_runs_on_a_dvc_only_study_of_several_guidance_methods(tmp_path,
         "tradeoff.png",
         "uncertainty.png",
     ]
-    text = "\n".join(
-        o.get("text", "") + o.get("data", {}).get("text/markdown", "")
-        for c in nb.cells
-        for o in c.get("outputs", [])
-    )
+    text = printed(nb)
     assert "(experiment 'other')" in text, "the project's tracking.experiment"
     assert "the 9 cells of `cfg` (9 methods, 81 cells)" in text
     assert "guidance `cfg`" in text and "Against the paper's Table 1" in text
