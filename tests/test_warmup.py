@@ -133,9 +133,10 @@ def digits():
     return load_dataset("digits", image_size=8, max_train=300, max_test=100)
 
 
-# n_samples 50 is not a multiple of the 40 examples a batch of 120 rows holds at 3 w: the sample stage's last
-# batch is shorter (another shape), and the warm-up must meet it too, after a full one
-CELL = {"w": [-1.0, 0.0, 1.0], "steps": 3, "n_samples": 50, "batch_size": 120}
+# n_samples 60 is not a multiple of the 40 examples a batch of 120 rows holds at 3 w: the sample stage's last
+# batch is shorter (another shape), and the warm-up must meet it too, after a full one (60 and 140: multiples of the
+# 20 that 2 seed ranges of digits' 10 classes need)
+CELL = {"w": [-1.0, 0.0, 1.0], "steps": 3, "n_samples": 60, "batch_size": 120}
 
 
 def test_the_warm_up_runs_the_networks_the_train_and_sample_stages_run_in_their_order(digits, tmp_path):
@@ -177,7 +178,7 @@ def test_with_several_guidance_methods_and_one_whose_passes_change_with_the_step
     assert warm["sample"] == stage["sample"]
 
 
-@pytest.mark.parametrize(("n_samples", "world"), [(50, 2), (130, 2), (130, 4), (40, 3)])
+@pytest.mark.parametrize(("n_samples", "world"), [(60, 2), (140, 2), (140, 4), (40, 3)])
 def test_each_sampling_rank_is_warmed_with_the_batches_of_its_own_shard(
     digits, tmp_path, monkeypatch, n_samples, world
 ):
