@@ -439,11 +439,23 @@ def test_seed_ranges_of_unequal_size_or_class_mix_are_refused_before_any_work(te
             rf"splits them into ranges of {re.escape(sizes)} .*a multiple of 20: 2 ranges x 10 classes of digits",
         ):
             params_from_dict(raw)
-        # and evaluate itself refuses them (a library caller, no schema)
-        with pytest.raises(ValueError, match=rf"^{n} samples do not split into 2 seed ranges of equal size"):
-            _evaluate_as_the_stage_does(valid, n, *ten_class_extractor)
+    # evaluate itself (a library caller, no schema) refuses unequal sizes, and warns of unequal class mixes: the
+    # schema cannot know the classes of every data set (image_folder's come from its folders)
+    with pytest.raises(ValueError, match=r"^401 samples do not split into 2 seed ranges of equal size"):
+        _evaluate_as_the_stage_does(valid, 401, *ten_class_extractor)
+    with pytest.warns(
+        RuntimeWarning, match=r"the 2 seed ranges of 15 samples hold the 10 classes in other propor"
+    ):
+        _evaluate_as_the_stage_does(valid, 30, *ten_class_extractor)
     raw["sample"]["n_samples"] = 420
     assert params_from_dict(raw).sample.n_samples == 420
+    # image_folder: its classes are its folders, so the schema asks only for equal sizes
+    raw["data"] |= {"name": "image_folder", "root": "/nowhere", "image_size": 8}
+    raw["sample"]["n_samples"] = 402
+    assert params_from_dict(raw).sample.n_samples == 402
+    raw["sample"]["n_samples"] = 401
+    with pytest.raises(ParamsError, match=r"a multiple of 2: 2 ranges\)"):
+        params_from_dict(raw)
 
 
 def test_data_shapes_match_the_loaders():

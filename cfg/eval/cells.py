@@ -7,6 +7,7 @@ The evaluate stage and the search both score through `evaluate_samples`, so a tr
 from __future__ import annotations
 
 import statistics
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -51,14 +52,22 @@ def _seed_ranges(
     (mean and sd columns, the values per range, samples per range)."""
     index = torch.arange(len(gen))
     parts = [torch.isin(index, r) for r in index.chunk(ranges)]
-    # FID's bias depends on the count, and the classes' mix moves it too: ranges must match in both to give a spread
-    counts = [
-        labels[p].bincount(minlength=int(labels.max()) + 1 if len(labels) else 0).tolist() for p in parts
-    ]
-    if len(parts) != ranges or any(c != counts[0] for c in counts):
+    # FID's bias depends on the count: the ranges must be of one size to give a spread (the schema refuses other
+    # sample counts); the classes' mix moves it too, which the schema checks where it knows the data's classes
+    sizes = [int(p.sum()) for p in parts]
+    if len(parts) != ranges or len(set(sizes)) > 1:
         raise ValueError(
-            f"{len(gen)} samples do not split into {ranges} seed ranges of equal size and class mix (torch.chunk "
-            f"gives {[int(p.sum()) for p in parts]} samples); give a multiple of {ranges} x the number of classes"
+            f"{len(gen)} samples do not split into {ranges} seed ranges of equal size (torch.chunk gives {sizes} "
+            f"samples); give a multiple of {ranges}, and of {ranges} x the number of classes for equal class mixes"
+        )
+    classes = int(labels.max()) + 1 if len(labels) else 0
+    counts = [labels[p].bincount(minlength=classes).tolist() for p in parts]
+    if any(c != counts[0] for c in counts):
+        warnings.warn(
+            f"the {ranges} seed ranges of {sizes[0]} samples hold the {classes} classes in other proportions "
+            f"({counts}), which their spread mixes in; give a multiple of {ranges * classes} samples",
+            RuntimeWarning,
+            stacklevel=3,
         )
     wanted = {m: metrics[m] for m in RANGE_METRICS if m in metrics}
     per = [score(gen.select(p), labels[p], ref, wanted, class_logits=None, **kw) for p in parts]

@@ -730,7 +730,7 @@ def _check_sample_counts(params: Params) -> None:
                     per = (
                         f"{e.seed_ranges} ranges x {classes} classes of {params.data.name}"
                         if classes
-                        else "ranges"
+                        else f"{e.seed_ranges} ranges"
                     )
                     found.append(
                         f"{split}: each range must hold as many samples{' of each class' if classes else ''} as "
