@@ -2,10 +2,23 @@
 Inception weights, into the JSON files that `prepare` and `reference` depend on (cfg.data.sources says why)."""
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 from cfg.data.sources import data_record, weights_record
-from cfg.io import write_json
-from cfg.study.stage import data_root, stage_params
+from cfg.io import load_yaml, write_json
+from cfg.study.store import data_root, project_root
+
+# the hashes of files already read ({path: [size, mtime_ns, digest]}), per checkout (.cache/ is not in git)
+HASH_CACHE = Path(".cache") / "inputs-sha256.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def main() -> None:
@@ -15,13 +28,30 @@ def main() -> None:
         "--weights", required=True, help="JSON record of the Inception weights (a dep of reference)"
     )
     args = ap.parse_args()
-    params = stage_params()  # the first stage: a bad params.yaml stops here, before any other
-    d = params.data
-    data = data_record(d.name, data_root(d.root))
+    # three keys, read without the schema (which imports torch: seconds on every repro); prepare, the next stage,
+    # validates all of params.yaml
+    raw = load_yaml(Path("params.yaml").read_text()) or {}
+    d, e = raw.get("data") or {}, raw.get("evaluate") or {}
+    name, root = d.get("name"), d.get("root")
+    cache_file = project_root() / HASH_CACHE
+    cache = _read_json(cache_file)
+    data = data_record(name, data_root(root), cache)
+    kept = _read_json(
+        Path(args.data)
+    )  # the record DVC left in place (persist: the one pulled or last written)
+    if not data["files"] and kept.get("data") == name and kept.get("files"):
+        # no data here (a machine that pulled the outputs to analyse them): the pulled record stands, so nothing
+        # reruns for its absence; should prepare have to run, it stops naming the missing files
+        print(
+            f"[inputs] no {name} files under {root}: kept the {len(kept['files'])} recorded", file=sys.stderr
+        )
+        data = kept
     write_json(args.data, data)
-    write_json(args.weights, weights_record(data_root(params.evaluate.inception_weights)))
-    where = f" under {d.root}" if d.root else ""
-    print(f"[inputs] {d.name}: {len(data['files'])} file(s){where} hashed")
+    write_json(args.weights, weights_record(data_root(e.get("inception_weights")), cache))
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(cache_file, cache)
+    where = f" under {root}" if root else ""
+    print(f"[inputs] {name}: {len(data['files'])} file(s){where} hashed")
 
 
 if __name__ == "__main__":

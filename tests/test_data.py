@@ -490,6 +490,17 @@ def test_data_records_name_each_file_by_its_place_under_the_root_and_hash_its_by
 
     sk_file = Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"
     assert digits["sklearn/datasets/data/digits.csv.gz"] == hashlib.sha256(sk_file.read_bytes()).hexdigest()
+    # a file is read again only when its size or modification time changed (a cache, as DVC keeps its own)
+    from cfg.data.sources import sha256
+
+    cache: dict = {}
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"one")
+    assert sha256(f, cache) == hashlib.sha256(b"one").hexdigest() and len(cache) == 1
+    cache[str(f.resolve())][2] = "from the cache"
+    assert sha256(f, cache) == "from the cache"
+    f.write_bytes(b"three")  # another size
+    assert sha256(f, cache) == hashlib.sha256(b"three").hexdigest()
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"weights")
     assert weights_record(weights) == {"inception_weights": hashlib.sha256(b"weights").hexdigest()}
@@ -534,3 +545,10 @@ def test_a_changed_data_file_reruns_prepare_and_unchanged_files_rerun_nothing(pr
     assert json.loads((project / "data/prepared.json").read_text())["fingerprint"] != fingerprint
     record = json.loads((project / "data/inputs/data.json").read_text())
     assert sorted(record["files"]) == sorted(p.relative_to(root).as_posix() for p in root.rglob("*.gz"))
+
+    # a machine without the data (it pulled the outputs to analyse them) keeps the record, and reruns nothing
+    root.rename(tmp_path / "elsewhere")
+    fourth = run(["dvc", "repro", "prepare"], project)
+    assert stages_run(fourth.stdout) == {"inputs"}, fourth.stdout
+    assert "no fashion_mnist files under" in fourth.stderr and "kept the 4 recorded" in fourth.stderr
+    assert json.loads((project / "data/inputs/data.json").read_text()) == record

@@ -4,7 +4,7 @@ DVC hashes the files a stage lists as deps, all inside the workspace. The data (
 outside it, or scikit-learn's copy of the digits) and the Inception weights (`evaluate.inception_weights`) are named
 by params only: replacing them at the same path (a corrected copy, another download) changed nothing DVC could see,
 and `dvc repro` kept the old prepared data, models and metrics. Their paths cannot be deps themselves: `data.root`
-is null for the digits, and a relative root is taken from the project root (`cfg.study.stage.data_root`), which DVC
+is null for the digits, and a relative root is taken from the project root (`cfg.study.store.data_root`), which DVC
 would resolve inside its temporary experiment copies instead.
 
 So the `inputs` stage (`always_changed` in dvc.yaml) hashes them on every `dvc repro` into two small JSON files,
@@ -13,7 +13,10 @@ so a byte changed in the data reruns `prepare` and what its output feeds, and an
 past `inputs`. The records hold file names relative to the root, not where the root lies: the same files elsewhere
 (another machine, a moved folder) are the same inputs.
 
-Light on purpose: `inputs` runs on every `dvc repro`, so this module imports neither torch nor scikit-learn.
+Light on purpose, as `inputs` runs on every `dvc repro`: neither this module nor the stage imports torch or
+scikit-learn, and a file's hash is read again only when its size or modification time changed (`sha256`'s cache,
+kept by the stage in the project's .cache/, as DVC keeps its own). A machine without the data (one that pulled the
+outputs to analyse them) keeps the record it pulled (pipelines/inputs.py), so that nothing reruns there.
 """
 
 from __future__ import annotations
@@ -26,12 +29,20 @@ from pathlib import Path
 _DIGITS_FILE = ("datasets", "data", "digits.csv.gz")
 
 
-def sha256(path: str | Path) -> str:
-    """The file's SHA-256, read in 1 MiB blocks."""
+def sha256(path: str | Path, cache: dict | None = None) -> str:
+    """The file's SHA-256, read in 1 MiB blocks; with `cache` ({resolved path: [size, mtime_ns, digest]}, updated
+    here), read only when the file's size or modification time differ from the cached ones."""
+    path = Path(path)
+    stat = path.stat()
+    key, seen = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    if cache is not None and cache.get(key, [None, None])[:2] == seen:
+        return cache[key][2]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    if cache is not None:
+        cache[key] = [*seen, h.hexdigest()]
     return h.hexdigest()
 
 
@@ -55,15 +66,15 @@ def data_files(name: str, root: str | Path | None) -> dict[str, Path]:
     return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def data_record(name: str, root: str | Path | None) -> dict:
+def data_record(name: str, root: str | Path | None, cache: dict | None = None) -> dict:
     """What `prepare` depends on: the data set's name and the SHA-256 of each of its files (`data_files`)."""
     files = data_files(name, root)
-    return {"data": name, "files": {key: sha256(path) for key, path in files.items()}}
+    return {"data": name, "files": {key: sha256(path, cache) for key, path in files.items()}}
 
 
-def weights_record(path: str | Path | None) -> dict:
+def weights_record(path: str | Path | None, cache: dict | None = None) -> dict:
     """What `reference` depends on: the SHA-256 of the Inception weights file (none: no file, or none given)."""
     if path is None:
         return {"inception_weights": None}
     path = Path(path).expanduser()
-    return {"inception_weights": sha256(path) if path.is_file() else None}
+    return {"inception_weights": sha256(path, cache) if path.is_file() else None}

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from cfg.study.config import Params, ParamsError, load_params
-from cfg.study.store import project_root
+from cfg.study.store import data_root, project_root  # noqa: F401 - data_root: the stages' import of it
 
 
 def stage_params(path: str | Path = "params.yaml") -> Params:
@@ -20,13 +20,6 @@ def stage_params(path: str | Path = "params.yaml") -> Params:
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def data_root(root: str | None) -> str | None:
-    """A relative data root is taken from the project root (also inside DVC's temporary experiment copies)."""
-    if root is None or Path(root).is_absolute():
-        return root
-    return str((project_root() / root).resolve())
 
 
 def make_extractor(name: str, classifier_path: str | Path, inception_weights: str | None, device):

@@ -49,6 +49,14 @@ def project_root(start: str | Path | None = None) -> Path:
     return here
 
 
+def data_root(root: str | None) -> str | None:
+    """A relative data root (or weights file) is taken from the project root, also inside DVC's temporary
+    experiment copies."""
+    if root is None or Path(root).is_absolute():
+        return root
+    return str((project_root() / root).resolve())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Where: the store, its credentials kept out of sight
 
