@@ -10,13 +10,12 @@ or loop over `df.groupby("fingerprint")`.
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 
 from analysis.columns import FINGERPRINT_FIELDS
 from cfg.eval.fingerprint import FingerprintMismatch, check_comparable
-from cfg.study.records import CELL_KEY, guidance_name
+from cfg.study.records import CELL_KEY
+from cfg.study.report import method_column
 
 PAPER_METHOD = "cfg"  # Ho & Salimans' guidance, without options: the method the paper's Table 1 measured
 
@@ -141,19 +140,9 @@ def _newest_per_cell(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def guidance_methods(df: pd.DataFrame) -> pd.Series:
-    """Each row's guidance method with its options (`cfg.study.records.guidance_name`: `cfg`, `rescale phi=0.7`),
-    as the methods report names them; `cfg` for a frame without a guidance column."""
-    if "guidance" not in df:
-        return pd.Series(PAPER_METHOD, index=df.index, dtype=object)
-    options = df["guidance_options"] if "guidance_options" in df else pd.Series(None, index=df.index)
-    return pd.Series(
-        [
-            guidance_name(g, json.loads(o) if isinstance(o, str) else dict(o or {}))
-            for g, o in zip(df["guidance"], options, strict=True)
-        ],
-        index=df.index,
-        dtype=object,
-    )
+    """Each row's guidance method with its options, as the report and the methods report name them
+    (`cfg.study.report.method_column`: `cfg`, `rescale phi=0.7`; `cfg` for a frame without a guidance column)."""
+    return method_column(df)
 
 
 def method_rows(df: pd.DataFrame, method: str | None = None) -> pd.DataFrame:

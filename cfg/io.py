@@ -166,8 +166,10 @@ def write_csv(path: str | Path, rows: list[dict], fieldnames: list[str]) -> None
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's floats: `1e-4` and `2E5` are numbers, as DVC (ruamel.yaml) and
-    Hydra's `-S` read them; YAML 1.1, PyYAML's own, wants a dot and read them as strings."""
+    """PyYAML's safe loader with YAML 1.2's exponent floats: `1e-4` and `2E5` are numbers, as DVC (ruamel.yaml)
+    and Hydra's `-S` read them; YAML 1.1, PyYAML's own, wants a dot and read them as strings. The rest stays
+    YAML 1.1 (`on`, `yes` are booleans, `017` is octal, `1:30` sexagesimal), where ruamel reads strings and 17:
+    `cfg.study.presets.dvc_applied` refuses an override that DVC would write as such a value."""
 
 
 _Yaml12Loader.add_implicit_resolver(  # after the int resolver: 10 stays an int
@@ -178,5 +180,6 @@ _Yaml12Loader.add_implicit_resolver(  # after the int resolver: 10 stays an int
 
 
 def load_yaml(text: str) -> Any:
-    """YAML text as DVC reads params.yaml: PyYAML's safe loader with YAML 1.2's exponent floats (`_Yaml12Loader`)."""
+    """YAML text, numbers as DVC reads params.yaml: PyYAML's safe loader with YAML 1.2's exponent floats
+    (`_Yaml12Loader`)."""
     return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass

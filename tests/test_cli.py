@@ -375,3 +375,16 @@ def test_exp_subcommands_keep_their_flags_and_dvcs_own_flags_reach_dvc(project, 
     out = capfd.readouterr().out
     assert "Running stage 'inputs'" in out and "> python pipelines/inputs.py" in out, out
     assert not (project / "data" / "inputs").exists()
+
+
+def test_an_override_that_dvc_would_write_otherwise_is_refused_naming_only_it():
+    # DVC writes `experiment: on` unquoted, which params.yaml's readers take for True; the refusal listed every key
+    # of params.yaml (dotted search.space keys among them) instead of the one override
+    from cfg.study.config import ParamsError
+    from cfg.study.presets import dvc_applied, parse_set
+
+    with pytest.raises(
+        ParamsError,
+        match=r"^DVC would not apply the overrides as given: tracking\.experiment = True, not 'on'$",
+    ):
+        dvc_applied(ROOT / "params.yaml", parse_set(["tracking.experiment='on'", "train.steps=3"]))

@@ -433,3 +433,21 @@ def test_best_params_reproduce_the_trial_through_dvc_exp_run(project):
     assert [c.w for c in cells] == overrides["sample.w"] == [0.0, 1.0]
     (cell,) = [c for c in cells if c.w == best["w"]]
     assert cell.metrics["fid"] == pytest.approx(best["fid"], rel=1e-9), "the same model, samples and features"
+
+
+def test_the_overrides_a_trial_is_reproduced_with_leave_out_only_what_no_result_depends_on():
+    # train.device (where it runs), tracking.* and search.* are left out of best_params.yaml; train.devices was
+    # too, by a prefix match, although the processes' gradient sum changes the weights
+    from cfg.search.space import read_search
+
+    from .conftest import ROOT
+
+    sets = [
+        "train.steps=3",
+        "train.device=cpu",
+        "train.devices=2",
+        "tracking.experiment=x",
+        "search.n_trials=2",
+    ]
+    spec = read_search(ROOT / "params.yaml", sets)
+    assert spec.pipeline_overrides == {"train.steps": 3, "train.devices": 2}

@@ -50,7 +50,8 @@ _SPEC_FIELDS = {"low", "high", "log", "step", "choices"}
 GUIDANCE_KEY = "sample.guidance"
 # keys no pipeline stage's result depends on (nor the settings hash): a study's -S overrides of them are not
 # part of reproducing its trials, and its workers may differ in them
-_NOT_REPRODUCED = ("search.", "tracking.", "train.device")
+_NOT_REPRODUCED = ("search.", "tracking.")  # sections
+_NOT_REPRODUCED_KEYS = frozenset({"train.device"})  # keys (train.devices is reproduced: it sums gradients)
 
 
 class SearchError(ValueError):
@@ -270,7 +271,11 @@ class SearchSpec:
         """The -S overrides a trial's model and scores depend on: what `dvc exp run` needs besides the trial's
         own values to reproduce it (search.*, tracking.* and train.device left out: no stage's result, nor the
         settings hash, depends on them)."""
-        return {k: v for k, v in self.overrides.items() if not k.startswith(_NOT_REPRODUCED)}
+        return {
+            k: v
+            for k, v in self.overrides.items()
+            if not k.startswith(_NOT_REPRODUCED) and k not in _NOT_REPRODUCED_KEYS
+        }
 
     @property
     def search(self) -> SearchParams:

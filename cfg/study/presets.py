@@ -79,7 +79,7 @@ def merged_params(base: dict, overrides: dict[str, object]) -> dict:
     return merged
 
 
-def hydra_overrides(overrides: dict[str, object], base: dict | None = None) -> list[str]:
+def hydra_overrides(overrides: dict[str, object], base: dict) -> list[str]:
     """The overrides as DVC's `dvc exp run -S` takes them (Hydra's override grammar), so that DVC applies each as
     `apply_overrides` does. DVC merges a mapping into the one there (`sample.sampler_options={}` would keep
     `v`; a new key in it is refused, as Hydra's config is in struct mode), so a mapping replacing a value of
@@ -87,13 +87,10 @@ def hydra_overrides(overrides: dict[str, object], base: dict | None = None) -> l
     (e.g. a new entry of sample.guidance). Values as YAML flow style ([a, b], {k: v}, null), a string quoted
     where Hydra would read it otherwise ('a,b' is a sweep over two experiments, 'a=b' an error, '1' a
     number)."""
-    state = None if base is None else json.loads(json.dumps(base))  # params.yaml after the overrides so far
+    state = json.loads(json.dumps(base))  # params.yaml after the overrides so far
     out: list[str] = []
     for key, value in overrides.items():
         item = f"{key}={_hydra_text(key, value)}"
-        if state is None:
-            out.append(item)
-            continue
         present, current = _lookup(state, key)
         if not present:
             out.append(f"+{item}")
@@ -103,12 +100,6 @@ def hydra_overrides(overrides: dict[str, object], base: dict | None = None) -> l
             out.append(item)
         apply_overrides(state, {key: value})
     return out
-
-
-def set_flags(overrides: dict[str, object], base: dict | None = None) -> list[str]:
-    """`-S` arguments for `dvc exp run` (`hydra_overrides`; with `base`, params.yaml, DVC replaces mappings and
-    adds new keys)."""
-    return [arg for item in hydra_overrides(overrides, base) for arg in ("-S", item)]
 
 
 def _hydra_text(key: str, value: object) -> str:
@@ -204,13 +195,15 @@ def dvc_applied(params_file: str | Path, overrides: dict[str, object]) -> Applie
     new = load_yaml(new_text) or {}
     want = merged_params(base, overrides)
     if not _same(new, want):
+        # the overrides that did not come out as given (read back as the stages read params.yaml: `on` is True)
+        wrong = [
+            f"{k} = {_lookup(new, k)[1]!r}, not {v!r}"
+            for k, v in overrides.items()
+            if not _same(_lookup(new, k)[1], v)
+        ]
         raise ParamsError(
             "DVC would not apply the overrides as given: "
-            + "; ".join(
-                f"{k} = {_lookup(new, k)[1]!r}, not {v!r}"
-                for k, v in flat_overrides(want).items()
-                if not _same(_lookup(new, k)[1], v)
-            )
+            + ("; ".join(wrong) or "params.yaml would change outside the keys overridden")
         )
     try:
         params = params_from_dict(new)

@@ -30,15 +30,21 @@ def _method(r: CellRecord) -> str:
 
 
 def method_column(df: pd.DataFrame) -> pd.Series:
-    """Each row's guidance method with its options (`guidance_name`), from the table's two columns."""
+    """Each row's guidance method with its options (`guidance_name`: `cfg`, `rescale phi=0.7`), from the table's
+    two columns (options as JSON text or a mapping; none: the defaults); `cfg` for a table without a guidance
+    column (one written before methods were kept)."""
     import json
 
+    if "guidance" not in df:
+        return pd.Series("cfg", index=df.index, dtype=object)
+    options = df["guidance_options"] if "guidance_options" in df else pd.Series(None, index=df.index)
     return pd.Series(
         [
-            guidance_name(g, json.loads(o))
-            for g, o in zip(df["guidance"], df["guidance_options"], strict=True)
+            guidance_name(g, json.loads(o) if isinstance(o, str) else dict(o or {}))
+            for g, o in zip(df["guidance"], options, strict=True)
         ],
         index=df.index,
+        dtype=object,
     )
 
 
