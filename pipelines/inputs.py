@@ -36,18 +36,23 @@ def main() -> None:
     cache_file = project_root() / HASH_CACHE
     cache = _read_json(cache_file)
     data = data_record(name, data_root(root), cache)
-    kept = _read_json(
-        Path(args.data)
-    )  # the record DVC left in place (persist: the one pulled or last written)
+    # the records DVC left in place (persist: the ones pulled or last written). Where the files are absent (a
+    # machine that pulled the outputs to analyse them) they stand, so that nothing reruns for the absence; should
+    # prepare or reference have to run, it stops naming the missing files
+    kept = _read_json(Path(args.data))
     if not data["files"] and kept.get("data") == name and kept.get("files"):
-        # no data here (a machine that pulled the outputs to analyse them): the pulled record stands, so nothing
-        # reruns for its absence; should prepare have to run, it stops naming the missing files
         print(
             f"[inputs] no {name} files under {root}: kept the {len(kept['files'])} recorded", file=sys.stderr
         )
         data = kept
+    weights_file = data_root(e.get("inception_weights"))
+    weights = weights_record(weights_file, cache)
+    kept = _read_json(Path(args.weights))
+    if weights_file and weights["inception_weights"] is None and kept.get("inception_weights"):
+        print(f"[inputs] no Inception weights at {weights_file}: kept the recorded hash", file=sys.stderr)
+        weights = kept
     write_json(args.data, data)
-    write_json(args.weights, weights_record(data_root(e.get("inception_weights")), cache))
+    write_json(args.weights, weights)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     write_json(cache_file, cache)
     where = f" under {root}" if root else ""

@@ -511,6 +511,7 @@ def test_data_records_name_each_file_by_its_place_under_the_root_and_hash_its_by
 def test_a_changed_data_file_reruns_prepare_and_unchanged_files_rerun_nothing(project, tmp_path):
     # data.root lies outside the repository and is a param only: replacing its files at the same path used to
     # leave `dvc repro` with nothing to do, and the old prepared data (and all it fed) in place
+    import hashlib
     import json
 
     from .conftest import run, shrink_params
@@ -552,3 +553,14 @@ def test_a_changed_data_file_reruns_prepare_and_unchanged_files_rerun_nothing(pr
     assert stages_run(fourth.stdout) == {"inputs"}, fourth.stdout
     assert "no fashion_mnist files under" in fourth.stderr and "kept the 4 recorded" in fourth.stderr
     assert json.loads((project / "data/inputs/data.json").read_text()) == record
+    # so does the Inception weights' record (`reference` depends on it) where the file is absent
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"weights")
+    shrink_params(project / "params.yaml", {"evaluate": {"inception_weights": str(weights)}})
+    run(["dvc", "repro", "--single-item", "inputs"], project)
+    recorded = json.loads((project / "data/inputs/weights.json").read_text())
+    assert recorded["inception_weights"] == hashlib.sha256(b"weights").hexdigest()
+    weights.unlink()
+    fifth = run(["dvc", "repro", "--single-item", "inputs"], project)
+    assert "no Inception weights at" in fifth.stderr and "kept the recorded hash" in fifth.stderr
+    assert json.loads((project / "data/inputs/weights.json").read_text()) == recorded
