@@ -85,6 +85,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.columns import type_cells
+from analysis.frontiers import measured
 from analysis.selection import PAPER_METHOD, guidance_methods, require_comparable
 from cfg.eval.fingerprint import FingerprintMismatch
 from cfg.study.frontier import degenerate_rows, hypervolume_shares
@@ -312,7 +313,7 @@ def _frontier(
     sub = cells[cells["p_uncond"].isin(list(paper.values()))].reset_index(drop=True)
     n_w = int(sub.groupby("p_uncond").size().max())
     # cells without FID or IS (a failed metric) are no point of a front: out, named
-    gap = (sub["fid"].isna() | sub["is"].isna()).to_numpy()
+    gap = (~measured(sub)).to_numpy()
     missing = [f"p_uncond={r.p_uncond:g} w={r.w:g}" for r in sub[gap].itertuples()]
     sub = sub[~gap].reset_index(drop=True)
     # degenerate cells say nothing about guidance: out of the fronts and the reference point, named

@@ -40,12 +40,12 @@ def frontiers(df: pd.DataFrame, by: str = "p_uncond") -> pd.DataFrame:
     """`df` (one study) with a `pareto` column: whether the cell is on its `by` curve's FID-vs-IS frontier."""
     out = _curves(df, by)
     out["pareto"] = False
-    for _, g in out[_measured(out)].groupby(by):
+    for _, g in out[measured(out)].groupby(by):
         out.loc[g.index, "pareto"] = pareto_mask(g["fid"].to_numpy(), g["is"].to_numpy())
     return out
 
 
-def _measured(df: pd.DataFrame) -> pd.Series:
+def measured(df: pd.DataFrame) -> pd.Series:
     """Rows with both FID and IS (a failed metric leaves NaN): the only ones a front or a ranking can hold."""
     return df["fid"].notna() & df["is"].notna()
 
@@ -75,7 +75,7 @@ def rank_frontiers(df: pd.DataFrame, by: str = "p_uncond") -> pd.DataFrame:
     # the methods report's reference point (cfg.study.frontier.reference_point): 1 / (n_w - 1) of the span beyond
     # the nadir of all curves' joint front, so that cells far behind every front do not set the box
     n_w = int(f.groupby(by).size().max())
-    ok = f[_measured(f)]
+    ok = f[measured(f)]
     shares = (
         hypervolume_shares(ok["fid"].to_numpy(), ok["is"].to_numpy(), ok[by].to_numpy(), n_w)[0]
         if not ok.empty

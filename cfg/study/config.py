@@ -493,11 +493,11 @@ def _warn_unmeant(params: Params) -> None:
             ParamsWarning,
             stacklevel=3,
         )
-    e, grid = params.evaluate, params.sample.w
-    if e.per_class_w is not None and not any(abs(w - e.per_class_w) < 1e-9 for w in grid):
+    e = params.evaluate
+    if e.per_class_w is not None and not _per_class_scored(params):
         warnings.warn(
-            f"evaluate.per_class_w = {e.per_class_w} is not in sample.w {grid}: no cell gets per-class FID; give "
-            "one of sample.w, or null to compute none",
+            f"evaluate.per_class_w = {e.per_class_w} is not in sample.w {params.sample.w}: no cell gets per-class "
+            "FID; give one of sample.w, or null to compute none",
             ParamsWarning,
             stacklevel=3,
         )
@@ -639,6 +639,12 @@ def _chunk_sizes(n: int, parts: int) -> list[int]:
     return [min(size, n - start) for start in range(0, n, size)]
 
 
+def _per_class_scored(params: Params) -> bool:
+    """Whether a cell of sample.w gets per-class FID: evaluate.per_class_w is set and one of the grid's w."""
+    e = params.evaluate
+    return e.per_class_w is not None and any(abs(w - e.per_class_w) < 1e-9 for w in params.sample.w)
+
+
 def _sample_needs(params: Params) -> list[tuple[int, bool, bool, str]]:
     """What evaluate computes from one cell of sample.n_samples images, as (fewest samples, whether in each seed
     range, whether the reference set needs as many, why), read from cfg.eval.metrics and the evaluate stage: the
@@ -674,7 +680,7 @@ def _sample_needs(params: Params) -> list[tuple[int, bool, bool, str]]:
             if e.seed_ranges > 1 and name in RANGE_METRICS:
                 needs.append((least, True, False, why))
     classes = DATA_SHAPES.get(params.data.name, (None, None, None))[2]
-    if classes and e.per_class_w is not None and any(abs(w - e.per_class_w) < 1e-9 for w in params.sample.w):
+    if classes and _per_class_scored(params):
         why = f"per-class FID (evaluate.per_class_w = {e.per_class_w}) fits a covariance per class, which needs "
         needs.append(
             (2 * classes, False, True, why + f">= 2 of each of the {classes} classes of {params.data.name}")

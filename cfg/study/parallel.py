@@ -401,9 +401,8 @@ def run_arms(p: Plan, root: Path, *, runner: Runner = _dvc_arm, gap: float = 0.5
 
     pending = [*p.train, *p.sample]
     results: dict[str, ArmResult] = {}
-    running = 0
     last_start: float | None = None  # consecutive starts `gap` apart, across passes of the loop
-    while pending or running:
+    while pending or any(live.values()):
         for stage in list(pending):
             needs = p.needs.get(stage, [])
             failed = [n for n in needs if n in results and results[n].returncode]
@@ -420,14 +419,12 @@ def run_arms(p: Plan, root: Path, *, runner: Runner = _dvc_arm, gap: float = 0.5
                 time.sleep(max(0.0, gap - (time.perf_counter() - last_start)))
             last_start = time.perf_counter()
             threading.Thread(target=work, args=(stage, env, last_start - t0), daemon=True).start()
-            running += 1
             live[kind(stage)] += 1
-        if not running:
+        if not any(live.values()):
             if pending:  # cannot happen (train arms need no arm, and an idle pool is full): say so if it does
                 raise RuntimeError(f"arms {pending} can never start: {p}")
             break  # the last arms were not started: nothing left to wait for
         r = finished.get()
-        running -= 1
         live[kind(r.stage)] -= 1
         results[r.stage] = r
         pool = pool_of(r.stage)
